@@ -1,0 +1,42 @@
+# Two entry points: `make demo` (set up, then the main job) and `make test` (set up, then the tests).
+# Set-up creates .venv once and re-runs only when pyproject.toml or requirements-nodeps.txt change.
+PYTHON ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed
+
+.PHONY: demo test test-all setup system-data heads bench clean
+
+demo: $(STAMP) system-data
+	$(BIN)/lifelong demo
+
+test: $(STAMP) system-data
+	$(BIN)/python -m pytest -q
+
+# Including the slower integration tests on the embedded real models.
+test-all: $(STAMP) system-data
+	$(BIN)/python -m pytest -q -m ""
+
+setup: $(STAMP) system-data
+
+$(STAMP): pyproject.toml requirements-nodeps.txt
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	# torch first and pinned: a looser spec would pull a multi-GB CUDA build.
+	$(BIN)/pip install --disable-pip-version-check -q torch==2.13.0
+	$(BIN)/pip install --disable-pip-version-check -q -e ".[dev]"
+	# Packages whose declared dependencies are broken or huge: installed without them.
+	$(BIN)/pip install --disable-pip-version-check -q --no-deps -r requirements-nodeps.txt
+	touch $(STAMP)
+
+# Debian's Fashion-MNIST (root only; otherwise the loader's error says how to get it).
+system-data:
+	@bash scripts/install_system_data.sh
+
+heads: $(STAMP)
+	$(BIN)/python scripts/fit_vlm_heads.py
+
+bench: $(STAMP) system-data
+	$(BIN)/python benchmarks/loop_overhead.py
+
+clean:
+	rm -rf $(VENV) runs .pytest_cache

@@ -1,0 +1,271 @@
+"""Typed, strict run configuration: YAML plus `a.b=c` overrides.
+
+Every section is a frozen dataclass. Unknown keys are errors that list the valid ones, and a value of
+the wrong type is an error that names its key, so a typo fails before any work starts.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from lifelong.errors import ConfigError
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    family: str = "vlm"
+    # "embedded" (EfficientNet-Lite0 + all-MiniLM-L6-v2 + the project's heads), a transformers CLIP
+    # model's hub name or local path, or "tiny-embedded" / "tiny-clip" (random, for tests).
+    name: str = "embedded"
+    resolution: int = 112
+    # The image tower trains its last `trainable_blocks` blocks (plus its head and projection); the
+    # blocks below are frozen and their outputs are computed once per image and cached.
+    trainable_blocks: int = 3
+    train_text_projection: bool = True
+
+
+@dataclass(frozen=True)
+class AdapterConfig:
+    kind: str = "none"  # "none" (train the trainable blocks fully) or "lora" (through peft)
+    rank: int = 8
+    alpha: float = 16.0
+    dropout: float = 0.0
+    tower: str = "image"  # "image", "text" or "both"
+    target_modules: tuple[str, ...] | None = None  # None: the family's default targets per tower
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    steps_per_task: int = 100
+    batch_size: int = 32
+    lr: float = 1e-4
+    weight_decay: float = 0.0
+    warmup_steps: int = 0
+    label_smoothing: float = 0.0
+    eval_batch_size: int = 256
+    grad_clip: float = 1.0
+    checkpoints: bool = True
+
+
+@dataclass(frozen=True)
+class MethodConfig:
+    """A method by name plus its own knobs, validated against the method's `Params` dataclass.
+
+    `adapter`, when set, replaces the run's adapter section for this method only (e.g. a LoRA row
+    beside full fine-tuning rows in one table).
+    """
+
+    name: str = "finetune"
+    label: str = ""  # the name in tables; defaults to the method name
+    adapter: AdapterConfig | None = None
+    params: dict = field(default_factory=dict)
+
+    @property
+    def display_name(self) -> str:
+        return self.label or self.name
+
+
+@dataclass(frozen=True)
+class RunConfig:
+    name: str = "run"
+    seed: int = 0
+    output_dir: str = "runs"
+    model: ModelConfig = ModelConfig()
+    stream: dict = field(default_factory=lambda: {"name": "mtil-mini"})
+    train: TrainConfig = TrainConfig()
+    adapter: AdapterConfig = AdapterConfig()
+    methods: tuple[MethodConfig, ...] = (MethodConfig(),)
+
+
+# ---------------------------------------------------------------------------------------------
+# Loading
+
+
+def load_config(path: str | Path | None, overrides: list[str] | tuple[str, ...] = ()) -> RunConfig:
+    """Read a YAML file (or start from defaults), apply `a.b=c` overrides, validate strictly."""
+    raw: dict[str, Any] = {}
+    if path is not None:
+        path = Path(path)
+        if not path.is_file():
+            raise ConfigError(f"config file not found: {path}")
+        try:
+            raw = yaml.safe_load(path.read_text()) or {}
+        except yaml.YAMLError as e:
+            raise ConfigError(f"{path} is not valid YAML: {e}") from None
+        if not isinstance(raw, dict):
+            raise ConfigError(f"{path}: the top level must be a mapping of keys, got {type(raw).__name__}")
+    for item in overrides:
+        apply_override(raw, item)
+    config = from_dict(RunConfig, raw, "")
+    validate(config)
+    return config
+
+
+def apply_override(raw: dict, item: str) -> None:
+    """Apply `a.b.c=value` (value parsed as YAML) to a nested dict; list items by index (`methods.0.lr=1`)."""
+    if "=" not in item:
+        raise ConfigError(f"override {item!r} must look like key.path=value (e.g. train.lr=1e-4)")
+    key, _, text = item.partition("=")
+    value = yaml.safe_load(text) if text else ""
+    parts = key.strip().split(".")
+    node: Any = raw
+    for i, part in enumerate(parts):
+        last = i == len(parts) - 1
+        if isinstance(node, list):
+            if not part.isdigit() or int(part) >= len(node):
+                raise ConfigError(f"override {item!r}: {'.'.join(parts[:i])} has {len(node)} items, no index {part}")
+            if last:
+                node[int(part)] = value
+            else:
+                if isinstance(node[int(part)], str):  # methods: [lwf] -> [{name: lwf}]
+                    node[int(part)] = {"name": node[int(part)]}
+                node = node[int(part)]
+        else:
+            if last:
+                node[part] = value
+            else:
+                node = node.setdefault(part, {})
+                if not isinstance(node, (dict, list)):
+                    raise ConfigError(f"override {item!r}: {'.'.join(parts[: i + 1])} is not a section")
+
+
+def from_dict(cls: type, raw: Any, where: str) -> Any:
+    """Build dataclass `cls` from a mapping, rejecting unknown keys and wrong types."""
+    if raw is None:
+        raw = {}
+    if cls is MethodConfig and isinstance(raw, str):
+        raw = {"name": raw}
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{where or 'config'} must be a mapping, got {raw!r}")
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    if cls is MethodConfig:  # a method's own knobs sit beside `name`; its Params class checks them
+        params = {k: v for k, v in raw.items() if k not in fields}
+        params.update(raw.get("params") or {})
+        raw = {"name": raw.get("name", "finetune"), "label": raw.get("label", ""),
+               "adapter": raw.get("adapter"), "params": params}
+    unknown = sorted(set(raw) - set(fields))
+    if unknown:
+        raise ConfigError(
+            f"unknown config key{'s' if len(unknown) > 1 else ''} {', '.join(_dotted(where, k) for k in unknown)}; "
+            f"valid keys{' in ' + where if where else ''}: {', '.join(fields)}"
+        )
+    hints = typing.get_type_hints(cls)
+    values = {k: _coerce(hints[k], v, _dotted(where, k)) for k, v in raw.items()}
+    return cls(**values)
+
+
+def _dotted(where: str, key: str) -> str:
+    return f"{where}.{key}" if where else key
+
+
+def _coerce(tp: Any, value: Any, where: str) -> Any:
+    origin = typing.get_origin(tp)
+    if dataclasses.is_dataclass(tp):
+        return from_dict(tp, value, where)
+    if origin in (typing.Union, types.UnionType):
+        args = typing.get_args(tp)
+        if value is None and type(None) in args:
+            return None
+        (inner,) = [a for a in args if a is not type(None)]
+        return _coerce(inner, value, where)
+    if origin is tuple:
+        (inner, _) = typing.get_args(tp)
+        if isinstance(value, (str, dict)) and dataclasses.is_dataclass(inner):
+            value = [value]
+        if isinstance(value, str):
+            value = [value]
+        if not isinstance(value, (list, tuple)):
+            raise ConfigError(f"{where} must be a list, got {value!r}")
+        return tuple(_coerce(inner, v, f"{where}.{i}") for i, v in enumerate(value))
+    if tp is dict:
+        if not isinstance(value, dict):
+            raise ConfigError(f"{where} must be a mapping, got {value!r}")
+        return value
+    if tp is bool:
+        if not isinstance(value, bool):
+            raise ConfigError(f"{where} must be true or false, got {value!r}")
+        return value
+    if tp is float:
+        if isinstance(value, str):  # YAML 1.1 reads 1e-3 (no dot) as a string
+            try:
+                value = float(value)
+            except ValueError:
+                pass
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise ConfigError(f"{where} must be a number, got {value!r}")
+        return float(value)
+    if tp is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ConfigError(f"{where} must be an integer, got {value!r}")
+        return value
+    if tp is str:
+        if not isinstance(value, (str, int, float)) or isinstance(value, bool):
+            raise ConfigError(f"{where} must be a string, got {value!r}")
+        return str(value)
+    return value
+
+
+def validate(config: RunConfig) -> None:
+    """Checks across sections, and each method's own knobs. Runs before any model or data is loaded."""
+    from lifelong.learn import METHODS, method_params
+
+    choices = {"model.family": (config.model.family, ("vlm",))}
+    for where, adapter in [("adapter", config.adapter)] + [
+        (f"methods.{i}.adapter", m.adapter) for i, m in enumerate(config.methods) if m.adapter is not None
+    ]:
+        choices[f"{where}.kind"] = (adapter.kind, ("none", "lora"))
+        choices[f"{where}.tower"] = (adapter.tower, ("image", "text", "both"))
+    for key, (value, valid) in choices.items():
+        if value not in valid:
+            raise ConfigError(f"{key}={value!r} is not one of: {', '.join(valid)}")
+    positive = {
+        "train.steps_per_task": config.train.steps_per_task,
+        "train.batch_size": config.train.batch_size,
+        "train.eval_batch_size": config.train.eval_batch_size,
+        "model.resolution": config.model.resolution,
+        "adapter.rank": config.adapter.rank,
+    }
+    for key, value in positive.items():
+        if value <= 0:
+            raise ConfigError(f"{key} must be positive, got {value}")
+    if config.train.lr <= 0:
+        raise ConfigError(f"train.lr must be positive, got {config.train.lr}")
+    if not config.methods:
+        raise ConfigError("methods is empty: name at least one of " + ", ".join(METHODS))
+    labels = [m.display_name for m in config.methods]
+    if len(set(labels)) != len(labels):
+        raise ConfigError(f"methods have duplicate names {labels}: give each a distinct `label`")
+    for i, m in enumerate(config.methods):
+        if m.name not in METHODS:
+            raise ConfigError(f"methods.{i}.name={m.name!r} is not a method; valid: {', '.join(METHODS)}")
+        method_params(m, f"methods.{i}")
+    resolve_stream(config.stream)
+
+
+def resolve_stream(raw: dict):
+    """The stream section -> a validated StreamSpec. `{name: <preset>, key: value}` is that preset with
+    overrides (seed, order, rotation, train_items, test_items); a section with `tasks` is a full spec."""
+    from lifelong.data.streams import PRESETS, stream_spec
+
+    raw = dict(raw)
+    if "tasks" not in raw and raw.get("name") in PRESETS:
+        return stream_spec(raw.pop("name"), **raw)
+    return stream_spec(raw)
+
+
+def to_dict(config: Any) -> Any:
+    """The resolved config as plain data (for YAML/JSON)."""
+    if dataclasses.is_dataclass(config):
+        return {f.name: to_dict(getattr(config, f.name)) for f in dataclasses.fields(config)}
+    if isinstance(config, (list, tuple)):
+        return [to_dict(v) for v in config]
+    if isinstance(config, dict):
+        return {k: to_dict(v) for k, v in config.items()}
+    return config

@@ -1,0 +1,10 @@
+"""Image data: offline sources (`load_source`) and continual-learning task streams (`build_stream`)."""
+
+from lifelong.data.base import ImageDataset, Stream, Task
+from lifelong.data.sources import SOURCES, load_source, source_names
+from lifelong.data.streams import PRESETS, StreamSpec, TaskSpec, build_stream, stream_spec
+
+__all__ = [
+    "ImageDataset", "Stream", "Task", "SOURCES", "load_source", "source_names",
+    "PRESETS", "StreamSpec", "TaskSpec", "build_stream", "stream_spec",
+]

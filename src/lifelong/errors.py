@@ -1,0 +1,23 @@
+"""Errors a user can fix. The CLI prints them without a traceback and exits with code 2."""
+
+
+class LifelongError(Exception):
+    """Base class for every error caused by user input (config, data, files)."""
+
+    exit_code = 2
+
+
+class ConfigError(LifelongError):
+    """A config key or value is invalid."""
+
+
+class DataNotFoundError(LifelongError):
+    """A dataset or model asset is not installed; the message says how to install it."""
+
+
+class DataFormatError(LifelongError):
+    """A dataset exists but is malformed; the message names the offending file."""
+
+
+class TrainingDivergedError(LifelongError):
+    """The loss became NaN or infinite; the last good checkpoint is kept."""

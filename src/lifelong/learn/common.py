@@ -1,0 +1,48 @@
+"""What every learning method sees of a task, and the math several methods share."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+from lifelong.data.base import Task
+
+
+@dataclass
+class TaskData:
+    """One task as the training loop hands it to a method.
+
+    inputs: the frozen stem's outputs for the task's training images (cached, never recomputed).
+    targets: each image's index into `class_names`, the label space the task trains on (the task's
+    own classes when task-incremental; every class seen so far when class-incremental).
+    seen_class_names: the label spaces of the tasks before this one, for distillation on old classes.
+    """
+
+    index: int
+    task: Task
+    inputs: torch.Tensor
+    targets: torch.Tensor
+    class_names: tuple[str, ...]
+    seen_class_names: tuple[str, ...]
+
+
+def classification_loss(model, batch: dict, data: TaskData, label_smoothing: float = 0.0) -> torch.Tensor:
+    """Cross-entropy of image-text logits over the task's label space."""
+    logits = model(batch["inputs"], data.class_names)  # (B, C)
+    return F.cross_entropy(logits, batch["targets"], label_smoothing=label_smoothing)
+
+
+def distillation_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor, temperature: float) -> torch.Tensor:
+    """Hinton et al. 2015: T^2 * KL(softmax(teacher / T) || softmax(student / T)), mean over the batch."""
+    t = temperature
+    teacher = F.log_softmax(teacher_logits / t, dim=-1)
+    student = F.log_softmax(student_logits / t, dim=-1)
+    return F.kl_div(student, teacher, log_target=True, reduction="batchmean") * t * t
+
+
+@torch.no_grad()
+def batched_logits(model, inputs: torch.Tensor, class_names: tuple[str, ...], batch_size: int = 512) -> torch.Tensor:
+    class_emb = model.class_embeddings(class_names)
+    return torch.cat([model.logits(inputs[i : i + batch_size], class_emb) for i in range(0, len(inputs), batch_size)])

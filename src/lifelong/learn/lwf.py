@@ -1,0 +1,60 @@
+"""Learning without Forgetting (Li & Hoiem, ECCV 2016; arXiv:1606.09282).
+
+L = CE(new task) + reg_weight * T^2 * KL(softmax(y_old / T) || softmax(y_hat_old / T)), T = 2,
+where y_old are the previous model's logits for the old tasks' classes on the *current* task's
+images, recorded before training the task, and y_hat_old the current model's.
+
+For a dual encoder the old tasks' "heads" are their class-name text embeddings, so the old outputs
+are the image-text logits over all classes seen before this task. On the first task there is no old
+head and the loss is plain CE.
+
+The teacher is frozen and the images are fixed, so its logits are computed once per task (one pass
+over the task's cached stem outputs) instead of on every step as a per-step teacher would.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from lifelong.learn.common import TaskData, batched_logits, classification_loss, distillation_loss
+
+
+@dataclass(frozen=True)
+class Params:
+    temperature: float = 2.0
+    reg_weight: float = 1.0
+    label_smoothing: float = 0.0
+
+
+class LwF:
+    Params = Params
+
+    def __init__(self, params: Params):
+        self.params = params
+        self.teacher_logits: torch.Tensor | None = None  # (N_train, C_old) for the current task
+
+    def prepare(self, model) -> None:
+        pass
+
+    def begin_task(self, model, data: TaskData) -> None:
+        old = data.seen_class_names
+        self.teacher_logits = batched_logits(model, data.inputs, old) if old else None
+
+    def loss(self, model, batch: dict, data: TaskData) -> tuple[torch.Tensor, dict[str, float]]:
+        ce = classification_loss(model, batch, data, self.params.label_smoothing)
+        if self.teacher_logits is None:
+            return ce, {"ce": ce.item()}
+        student = model(batch["inputs"], data.seen_class_names)
+        kd = distillation_loss(student, self.teacher_logits[batch["index"]], self.params.temperature)
+        return ce + self.params.reg_weight * kd, {"ce": ce.item(), "kd": kd.item()}
+
+    def end_task(self, model, data: TaskData) -> None:
+        self.teacher_logits = None
+
+    def state_dict(self) -> dict[str, torch.Tensor]:
+        return {} if self.teacher_logits is None else {"teacher_logits": self.teacher_logits}
+
+    def load_state_dict(self, state: dict[str, torch.Tensor]) -> None:
+        self.teacher_logits = state.get("teacher_logits")

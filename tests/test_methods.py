@@ -1,0 +1,105 @@
+"""The contract every learning method keeps (STYLE.md), run for each registered method in both the
+full fine-tuning and the LoRA mode: only its own parameters train, the loss drops on a fixed batch,
+its state round-trips, and the same seed gives the same numbers."""
+
+import copy
+
+import numpy as np
+import pytest
+import torch
+
+from lifelong.config import AdapterConfig, MethodConfig
+from lifelong.learn import METHODS, build_method
+from lifelong.learn.common import TaskData
+from lifelong.loop import label_spaces, run_stream, targets_in
+from lifelong.runner import prepare_trainable
+
+MODES = {"full": AdapterConfig(), "lora": AdapterConfig(kind="lora", rank=4, alpha=8)}
+CASES = [(m, mode) for m in METHODS for mode in MODES]
+
+
+def task_data(stream, stem, t):
+    seen = tuple(n for task in stream.tasks[:t] for n in task.class_names)
+    task = stream.tasks[t]
+    return TaskData(t, task, stem.train[t], targets_in(stream, t, task.train.labels), label_spaces(stream)[t], seen)
+
+
+def setup(model, config, name, mode):
+    prepare_trainable(model, config, MODES[mode])
+    method = build_method(MethodConfig(name=name))
+    return method
+
+
+def force_nonzero_lora(model):
+    # peft starts B at 0: make the adapter non-identity so tests cannot pass on a no-op adapter.
+    with torch.no_grad():
+        for n, p in model.named_parameters():
+            if "lora_B" in n:
+                p.normal_(0, 0.02)
+
+
+@pytest.mark.parametrize("name,mode", CASES)
+def test_only_its_own_parameters_train(name, mode, tiny_model, tiny_stream, tiny_stem, tiny_config):
+    method = setup(tiny_model, tiny_config, name, mode)
+    trainable = {n for n, p in tiny_model.named_parameters() if p.requires_grad}
+    if mode == "lora":
+        assert trainable and all("lora_" in n for n in trainable)
+    else:
+        assert trainable and all(n.startswith(("image_trunk.", "image_projection.", "text_projection.")) for n in trainable)
+    before = {n: p.detach().clone() for n, p in tiny_model.named_parameters()}
+    run_stream(tiny_model, method, tiny_stream, tiny_stem, tiny_config, checkpoint_dir=None)
+    after = dict(tiny_model.named_parameters())
+    changed = {n for n in before if not torch.equal(before[n], after[n])}
+    assert changed, "training changed nothing"
+    assert changed <= trainable, f"frozen parameters changed: {sorted(changed - trainable)[:5]}"
+
+
+@pytest.mark.parametrize("name,mode", CASES)
+def test_loss_drops_on_a_fixed_batch(name, mode, tiny_model, tiny_stream, tiny_stem, tiny_config):
+    method = setup(tiny_model, tiny_config, name, mode)
+    if mode == "lora":
+        force_nonzero_lora(tiny_model)
+    method.prepare(tiny_model)
+    # Finish task 1 so that the regularisers (LwF's teacher, EWC's Fisher) are active on task 2.
+    first = task_data(tiny_stream, tiny_stem, 0)
+    method.begin_task(tiny_model, first)
+    method.end_task(tiny_model, first)
+    data = task_data(tiny_stream, tiny_stem, 1)
+    method.begin_task(tiny_model, data)
+    index = torch.arange(8)
+    batch = {"inputs": data.inputs[index], "targets": data.targets[index], "index": index}
+    params = [p for p in tiny_model.parameters() if p.requires_grad]
+    opt = torch.optim.Adam(params, lr=1e-3)
+    losses = []
+    for _ in range(8):
+        loss, logs = method.loss(tiny_model, batch, data)
+        assert all(np.isfinite(v) for v in logs.values())
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        losses.append(loss.item())
+    assert losses[-1] < losses[0], losses
+
+
+@pytest.mark.parametrize("name", list(METHODS))
+def test_state_round_trips(name, tiny_model, tiny_stream, tiny_stem, tiny_config):
+    method = setup(tiny_model, tiny_config, name, "full")
+    run_stream(tiny_model, method, tiny_stream, tiny_stem, tiny_config, checkpoint_dir=None)
+    data = task_data(tiny_stream, tiny_stem, 1)
+    method.begin_task(tiny_model, data)
+    clone = build_method(MethodConfig(name=name))
+    clone.load_state_dict({k: v.clone() for k, v in method.state_dict().items()})
+    index = torch.arange(8)
+    batch = {"inputs": data.inputs[index], "targets": data.targets[index], "index": index}
+    assert method.loss(tiny_model, batch, data)[0].item() == clone.loss(tiny_model, batch, data)[0].item()
+
+
+@pytest.mark.parametrize("name", list(METHODS))
+def test_same_seed_same_numbers(name, tiny_model, tiny_stream, tiny_stem, tiny_config):
+    results = []
+    for _ in range(2):
+        model = copy.deepcopy(tiny_model)
+        method = setup(model, tiny_config, name, "full")
+        results.append(run_stream(model, method, tiny_stream, tiny_stem, tiny_config, checkpoint_dir=None))
+    assert results[0].losses == results[1].losses
+    np.testing.assert_array_equal(results[0].accuracy_matrix, results[1].accuracy_matrix)
