@@ -143,9 +143,11 @@ class DualEncoder(nn.Module):
     def logits(self, stem_out: torch.Tensor, class_emb: torch.Tensor) -> torch.Tensor:
         return self.logit_scale * self.image_embeddings(stem_out) @ class_emb.T  # (N, C)
 
-    def forward(self, stem_out: torch.Tensor, class_names: tuple[str, ...]) -> torch.Tensor:
-        """(N, C) logits of stem outputs against the named classes."""
-        return self.logits(stem_out, self.class_embeddings(class_names))
+    def forward(self, stem_out: torch.Tensor, classes: tuple[str, ...] | torch.Tensor) -> torch.Tensor:
+        """(N, C) logits of stem outputs against the named classes, or against given (C, D) class
+        embeddings (a pure tensor function then: what torch.func transforms need)."""
+        class_emb = classes if isinstance(classes, torch.Tensor) else self.class_embeddings(classes)
+        return self.logits(stem_out, class_emb)
 
     # -- parameters ---------------------------------------------------------------------------
     def default_trainable(self, train_text_projection: bool) -> None:
@@ -303,6 +305,9 @@ def build_embedded(config: ModelConfig, tiny: bool = False) -> DualEncoder:
     if tiny:
         torch.manual_seed(0)
         net = EfficientNet.from_name("efficientnet-lite0", image_size=config.resolution)
+        for m in net.modules():  # the package leaves torch's default init, under which activations vanish
+            if isinstance(m, nn.Conv2d):
+                nn.init.kaiming_normal_(m.weight, mode="fan_in", nonlinearity="relu")
         bert = BertModel(BertConfig(vocab_size=tokenizer.vocab_size, hidden_size=32, num_hidden_layers=2,
                                     num_attention_heads=2, intermediate_size=64, max_position_embeddings=64))
         dim, templates, scale = 32, ("a photo of a {}.", "a {}."), 10.0

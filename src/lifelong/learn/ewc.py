@@ -59,7 +59,7 @@ class EWC:
         penalty = sum(
             (self.fisher[n] * (p - self.anchor[n]).pow(2)).sum() for n, p in model.named_parameters() if n in self.fisher
         )
-        return ce + self.params.reg_weight / 2 * penalty, {"ce": ce.item(), "penalty": float(penalty)}
+        return ce + self.params.reg_weight / 2 * penalty, {"ce": ce.item(), "penalty": penalty.item()}
 
     def end_task(self, model, data: TaskData) -> None:
         g = torch.Generator().manual_seed(data.index)
@@ -81,27 +81,42 @@ class EWC:
 
 def diagonal_fisher(model, inputs: torch.Tensor, targets: torch.Tensor, class_names: tuple[str, ...],
                     mode: str = "exact", chunk: int = 32) -> dict[str, torch.Tensor]:
-    """Mean over samples of squared per-sample log-likelihood gradients, for every trainable parameter."""
-    params = {n: p.detach() for n, p in model.named_parameters() if p.requires_grad}
-    frozen = {n: p.detach() for n, p in model.named_parameters() if not p.requires_grad}
+    """Mean over samples of squared per-sample log-likelihood gradients, for every trainable parameter.
+
+    The image side is vectorised with vmap(grad) over a pure function of (image parameters, class
+    embeddings E, one stem output). Text-side parameters reach the loss only through E (C, D): their
+    per-sample gradients are the vector-Jacobian products of the per-sample dlogp/dE, batched in one
+    backward pass (`is_grads_batched`), so the text encoder runs once per chunk, not once per sample.
+    """
+    trainable = {n: p for n, p in model.named_parameters() if p.requires_grad}
+    text_names = [n for n in trainable if n.startswith(("text_encoder.", "text_projection."))]
+    image = {n: p.detach() for n, p in trainable.items() if n not in text_names}
+    frozen = {n: p.detach() for n, p in model.named_parameters() if n not in image}
     buffers = dict(model.named_buffers())
 
-    def log_prob(p, x, y):
-        logits = functional_call(model, (p, frozen, buffers), (x.unsqueeze(0), class_names))  # (1, C)
-        return F.log_softmax(logits, dim=-1)[0, y]
+    def log_prob(p, class_emb, x, y):
+        logits = functional_call(model, (p, frozen, buffers), (x.unsqueeze(0), class_emb))  # (1, C)
+        return F.log_softmax(logits, dim=-1)[0].gather(0, y.unsqueeze(0)).squeeze(0)
 
-    per_sample_grad = vmap(grad(log_prob), in_dims=(None, 0, 0))
-    fisher = {n: torch.zeros_like(p) for n, p in params.items()}
+    per_sample_grad = vmap(grad(log_prob, argnums=(0, 1)), in_dims=(None, None, 0, 0))
+    fisher = {n: torch.zeros_like(p) for n, p in trainable.items()}
     for i in range(0, len(inputs), chunk):
         x = inputs[i : i + chunk]
+        class_emb = model.class_embeddings(class_names)  # (C, D), with the graph to text parameters
         if mode == "empirical":
             weighted = [(targets[i : i + chunk], torch.ones(len(x)))]
         else:
             with torch.no_grad():
-                probs = F.softmax(model(x, class_names), dim=-1)  # (B, C)
+                probs = F.softmax(model(x, class_emb), dim=-1)  # (B, C)
             weighted = [(torch.full((len(x),), c), probs[:, c]) for c in range(len(class_names))]
         for y, w in weighted:
-            grads = per_sample_grad(params, x, y)
-            for n, g in grads.items():
+            g_image, g_emb = per_sample_grad(image, class_emb.detach(), x, y)  # g_emb: (B, C, D)
+            for n, g in g_image.items():
                 fisher[n] += torch.einsum("b,b...->...", w, g.pow(2))
+            if text_names:
+                g_text = torch.autograd.grad(class_emb, [trainable[n] for n in text_names], grad_outputs=g_emb,
+                                             is_grads_batched=True, retain_graph=True, allow_unused=True)
+                for n, g in zip(text_names, g_text):
+                    if g is not None:
+                        fisher[n] += torch.einsum("b,b...->...", w, g.pow(2))
     return {n: f / len(inputs) for n, f in fisher.items()}
