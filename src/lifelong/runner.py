@@ -31,19 +31,19 @@ from lifelong.metrics.cost import PeakMemory, count_parameters
 from lifelong.report.io import atomic_write_bytes, atomic_write_json, atomic_write_text
 
 TABLE_COLUMNS = [
-    ("method", "method", "{}"),
-    ("transfer", "Transfer", "{:.1f}"),
-    ("avg", "Avg", "{:.1f}"),
-    ("last", "Last", "{:.1f}"),
-    ("max_forgetting", "max forgetting", "{:.1f}"),
-    ("chaudhry_forgetting", "forgetting (Chaudhry)", "{:.1f}"),
-    ("zero_shot_degradation", "ZS degradation", "{:.1f}"),
-    ("bwt", "BWT", "{:.1f}"),
-    ("trainable_params", "trainable params", "{:,}"),
-    ("train_seconds", "time (s)", "{:.0f}"),
-    ("peak_rss_mb", "peak RSS (MiB)", "{:.0f}"),
+    ("method", "method", ""),
+    ("transfer", "Transfer", ".1f"),
+    ("avg", "Avg", ".1f"),
+    ("last", "Last", ".1f"),
+    ("max_forgetting", "max forgetting", ".1f"),
+    ("chaudhry_forgetting", "forgetting (Chaudhry)", ".1f"),
+    ("zero_shot_degradation", "ZS degradation", ".1f"),
+    ("bwt", "BWT", ".1f"),
+    ("trainable_params", "trainable params", ","),
+    ("train_seconds", "time (s)", ".0f"),
+    ("peak_rss_mb", "peak RSS (MiB)", ".0f"),
 ]
-INCREMENTAL_COLUMNS = [("avg_incremental_accuracy", "avg incr. acc", "{:.1f}"), ("final_seen_accuracy", "A_T", "{:.1f}")]
+INCREMENTAL_COLUMNS = [("avg_incremental_accuracy", "avg incr. acc", ".1f"), ("final_seen_accuracy", "A_T", ".1f")]
 
 
 @dataclass
