@@ -17,6 +17,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
+import torch.nn.functional as F
 
 from lifelong.learn.common import TaskData, batched_logits, classification_loss, distillation_loss
 
@@ -43,11 +44,14 @@ class LwF:
         self.teacher_logits = batched_logits(model, data.inputs, old) if old else None
 
     def loss(self, model, batch: dict, data: TaskData) -> tuple[torch.Tensor, dict[str, float]]:
-        ce = classification_loss(model, batch, data, self.params.label_smoothing)
         if self.teacher_logits is None:
+            ce = classification_loss(model, batch, data, self.params.label_smoothing)
             return ce, {"ce": ce.item()}
-        student = model(batch["inputs"], data.seen_class_names)
-        kd = distillation_loss(student, self.teacher_logits[batch["index"]], self.params.temperature)
+        # One pass of the image tower scores the new and the old classes together.
+        n_new = len(data.class_names)
+        logits = model(batch["inputs"], data.class_names + data.seen_class_names)
+        ce = F.cross_entropy(logits[:, :n_new], batch["targets"], label_smoothing=self.params.label_smoothing)
+        kd = distillation_loss(logits[:, n_new:], self.teacher_logits[batch["index"]], self.params.temperature)
         return ce + self.params.reg_weight * kd, {"ce": ce.item(), "kd": kd.item()}
 
     def end_task(self, model, data: TaskData) -> None:
