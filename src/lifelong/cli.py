@@ -13,7 +13,7 @@ CONFIG_DIR = Path(__file__).resolve().parent / "configs"
 
 EPILOG = """\
 examples:
-  lifelong demo                                   every method on mtil-mini, one table (~10 min on 2 CPU cores)
+  lifelong demo                                   every method on mtil-mini, one table (~12 min on 2 CPU cores)
   lifelong run configs/demo.yaml train.steps_per_task=50 methods=[finetune,lwf]
   lifelong run configs/split_fashion_mnist.yaml adapter.kind=lora adapter.rank=4
   lifelong methods                                the methods and their knobs
