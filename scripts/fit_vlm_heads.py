@@ -47,14 +47,8 @@ def normalise(x: np.ndarray) -> np.ndarray:
     return x / np.linalg.norm(x, axis=-1, keepdims=True)
 
 
-def embed(texts: list[str], batch_size: int = 128) -> np.ndarray:
+def embed(texts: list[str], tokenizer, encoder, batch_size: int = 128) -> np.ndarray:
     """MiniLM sentence embeddings (mean pooled, L2-normalised), exactly as the text tower computes them."""
-    from transformers import AutoModel, AutoTokenizer
-
-    from lifelong.families.vlm import MeanPoolTextEncoder, minilm_dir
-
-    tokenizer = AutoTokenizer.from_pretrained(minilm_dir())
-    encoder = MeanPoolTextEncoder(AutoModel.from_pretrained(minilm_dir())).eval()
     order = np.argsort([len(t) for t in texts])  # similar lengths per batch: less padding
     out = np.zeros((len(texts), 384), np.float64)
     with torch.no_grad():
@@ -181,9 +175,15 @@ def main() -> int:
 
     names, desc_text = imagenet_text()
     protos = prototypes()
-    prompts = embed([t.format(n) for n in names for t in TEMPLATES]).reshape(1000, len(TEMPLATES), 384)
+    from transformers import AutoModel, AutoTokenizer
+
+    from lifelong.families.vlm import MeanPoolTextEncoder, minilm_dir
+
+    tokenizer = AutoTokenizer.from_pretrained(minilm_dir())
+    encoder = MeanPoolTextEncoder(AutoModel.from_pretrained(minilm_dir())).eval()
+    prompts = embed([t.format(n) for n in names for t in TEMPLATES], tokenizer, encoder).reshape(1000, len(TEMPLATES), 384)
     desc_ids = sorted(desc_text)
-    descriptions = dict(zip(desc_ids, embed([desc_text[i] for i in desc_ids])))
+    descriptions = dict(zip(desc_ids, embed([desc_text[i] for i in desc_ids], tokenizer, encoder)))
     say(f"embedded {1000 * len(TEMPLATES)} prompts and {len(descriptions)} descriptions "
         f"({1000 - len(descriptions)} classes have none) in {time.perf_counter() - start:.0f} s")
 

@@ -100,9 +100,9 @@ def diagonal_fisher(model, inputs: torch.Tensor, targets: torch.Tensor, class_na
 
     per_sample_grad = vmap(grad(log_prob, argnums=(0, 1)), in_dims=(None, None, 0, 0))
     fisher = {n: torch.zeros_like(p) for n, p in trainable.items()}
+    class_emb = model.class_embeddings(class_names)  # (C, D), once, with the graph to text parameters
     for i in range(0, len(inputs), chunk):
         x = inputs[i : i + chunk]
-        class_emb = model.class_embeddings(class_names)  # (C, D), with the graph to text parameters
         if mode == "empirical":
             weighted = [(targets[i : i + chunk], torch.ones(len(x)))]
         else:
