@@ -21,3 +21,19 @@ class DataFormatError(LifelongError):
 
 class TrainingDivergedError(LifelongError):
     """The loss became NaN or infinite; the last good checkpoint is kept."""
+
+
+class LedgerError(LifelongError):
+    """A ledger operation cannot proceed (no such ledger or change, a pending change, bad arguments)."""
+
+
+class LedgerLockedError(LedgerError):
+    """Another process holds the ledger's write lock."""
+
+
+class LedgerCorruptError(LedgerError):
+    """A ledger file is missing, truncated or does not match its recorded SHA-256."""
+
+
+class UnsafeFileError(LifelongError):
+    """A file would need unrestricted pickle loading (which can run arbitrary code) and the user did not opt in."""
