@@ -7,7 +7,9 @@ of the stream, which fills one row of the accuracy matrix (row 0 is the model be
 
 from __future__ import annotations
 
+import json
 import math
+import random
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -61,6 +63,14 @@ def targets_in(stream: Stream, t: int, labels: np.ndarray) -> torch.Tensor:
 
 
 @torch.no_grad()
+def count_correct(model, stem_out: torch.Tensor, targets: torch.Tensor, class_names: tuple[str, ...], batch_size: int) -> int:
+    """How many stem outputs the model assigns to their target among `class_names` (top-1)."""
+    class_emb = model.class_embeddings(class_names)
+    pred = torch.cat([model.logits(stem_out[i : i + batch_size], class_emb).argmax(-1) for i in range(0, len(stem_out), batch_size)])
+    return int((pred == targets).sum())
+
+
+@torch.no_grad()
 def evaluate(model, stream: Stream, stem: StemFeatures, after_task: int, batch_size: int) -> tuple[list[float], float]:
     """Accuracy (%) on every task's test set after `after_task` tasks (0 = before training).
 
@@ -78,13 +88,10 @@ def evaluate(model, stream: Stream, stem: StemFeatures, after_task: int, batch_s
             offset = names.index(task.class_names[0])
         else:
             names, offset = task.class_names, 0
-        class_emb = model.class_embeddings(names)
-        x, y = stem.test[j], torch.as_tensor(task.test.labels) + offset
-        pred = torch.cat([model.logits(x[i : i + batch_size], class_emb).argmax(-1) for i in range(0, len(x), batch_size)])
-        correct = int((pred == y).sum())
-        row.append(100.0 * correct / len(y))
+        correct = count_correct(model, stem.test[j], torch.as_tensor(task.test.labels) + offset, names, batch_size)
+        row.append(100.0 * correct / len(task.test))
         if stream.scenario == "class" and j < after_task:
-            seen_correct, seen_total = seen_correct + correct, seen_total + len(y)
+            seen_correct, seen_total = seen_correct + correct, seen_total + len(task.test)
     return row, (100.0 * seen_correct / seen_total if seen_total else float("nan"))
 
 
@@ -94,7 +101,6 @@ def run_stream(model, method, stream: Stream, stem: StemFeatures, config: RunCon
     set_seed(config.seed)
     accelerator = Accelerator(cpu=not torch.cuda.is_available())
     method.prepare(model)
-    params = [p for p in model.parameters() if p.requires_grad]
 
     T = len(stream.tasks)
     matrix = np.zeros((T + 1, T))
@@ -105,7 +111,6 @@ def run_stream(model, method, stream: Stream, stem: StemFeatures, config: RunCon
 
     spaces = label_spaces(stream)
     seen: tuple[str, ...] = ()
-    last_good: Path | None = None
     for t, task in enumerate(stream.tasks):
         data = TaskData(
             index=t,
@@ -116,43 +121,137 @@ def run_stream(model, method, stream: Stream, stem: StemFeatures, config: RunCon
             seen_class_names=seen if stream.scenario == "task" else (spaces[t - 1] if t else ()),
         )
         t0 = time.perf_counter()
-        method.begin_task(model, data)
-        optimizer = torch.optim.AdamW(params, lr=train_cfg.lr, weight_decay=train_cfg.weight_decay)
-        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, cosine_with_warmup(train_cfg.warmup_steps, train_cfg.steps_per_task))
-        optimizer, scheduler = accelerator.prepare(optimizer, scheduler)
-        order = batch_order(len(data.inputs), train_cfg.batch_size, train_cfg.steps_per_task, seed=config.seed * 1000 + t)
-        losses = []
-        bar = tqdm(order, desc=f"task {t + 1}/{T} {task.name}", leave=False, disable=not accelerator.is_local_main_process)
-        for step, index in enumerate(bar):
-            batch = {"inputs": data.inputs[index], "targets": data.targets[index], "index": index}
-            loss, logs = method.loss(model, batch, data)
-            if not math.isfinite(loss.item()):
-                where = f"last good checkpoint: {last_good}" if last_good else "no checkpoint yet (it diverged in the first task)"
-                raise TrainingDivergedError(
-                    f"loss is {loss.item()} at task {t + 1} ({task.name}), step {step + 1} ({logs}); training stopped, "
-                    f"{where}. Lower train.lr (now {train_cfg.lr}) or the method's reg_weight."
-                )
-            accelerator.backward(loss)
-            if train_cfg.grad_clip > 0:
-                accelerator.clip_grad_norm_(params, train_cfg.grad_clip)
-            optimizer.step()
-            scheduler.step()
-            optimizer.zero_grad(set_to_none=True)
-            losses.append(loss.item())
-            if step % 10 == 0:
-                bar.set_postfix(loss=f"{loss.item():.3f}")
-        method.end_task(model, data)
+        losses = train_task(model, method, data, train_cfg, seed=config.seed * 1000 + t, accelerator=accelerator,
+                            desc=f"task {t + 1}/{T} {task.name}")
         result.losses.append(losses)
         result.train_seconds += time.perf_counter() - t0
         seen = seen + task.class_names
 
         if checkpoint_dir is not None and train_cfg.checkpoints:
-            last_good = save_checkpoint(checkpoint_dir / f"task_{t + 1}.safetensors", model, method, t + 1)
+            save_checkpoint(checkpoint_dir / f"task_{t + 1}.safetensors", model, method, t + 1)
         t0 = time.perf_counter()
         matrix[t + 1], seen_acc = evaluate(model, stream, stem, t + 1, train_cfg.eval_batch_size)
         result.seen_accuracy.append(seen_acc)
         result.eval_seconds += time.perf_counter() - t0
     return result
+
+
+def train_task(model, method, data: TaskData, train_cfg: TrainConfig, *, seed: int, accelerator: Accelerator | None = None,
+               desc: str = "", resume_from: Path | None = None, checkpoint_every: int = 0,
+               on_checkpoint=None) -> list[float]:
+    """One task: the method's begin_task, `steps_per_task` optimizer steps of its loss, its end_task.
+
+    Returns the per-step losses. With `on_checkpoint(state)`, a `TrainState` is handed over every
+    `checkpoint_every` steps and after the last step (the caller writes it atomically). With
+    `resume_from` (a file written from such a state), training continues exactly where that state
+    stopped: model, optimizer, scheduler, method state (teacher outputs, Fisher, buffers, weight
+    averages), RNG states and the position in the data order are restored, begin_task is not run
+    again, and the run ends with the same numbers as an uninterrupted one (bit-identical on CPU).
+    """
+    accelerator = accelerator or Accelerator(cpu=not torch.cuda.is_available())
+    params = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(params, lr=train_cfg.lr, weight_decay=train_cfg.weight_decay)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, cosine_with_warmup(train_cfg.warmup_steps, train_cfg.steps_per_task))
+    optimizer, scheduler = accelerator.prepare(optimizer, scheduler)
+    order = batch_order(len(data.inputs), train_cfg.batch_size, train_cfg.steps_per_task, seed=seed)
+    if resume_from is not None:
+        losses = TrainState.load(resume_from).restore(model, method, optimizer, scheduler)
+    else:
+        method.begin_task(model, data)
+        losses = []
+    start = len(losses)
+    bar = tqdm(range(start, len(order)), desc=desc, leave=False, initial=start, total=len(order),
+               disable=not accelerator.is_local_main_process)
+    for step in bar:
+        index = order[step]
+        batch = {"inputs": data.inputs[index], "targets": data.targets[index], "index": index}
+        loss, logs = method.loss(model, batch, data)
+        if not math.isfinite(loss.item()):
+            raise TrainingDivergedError(
+                f"loss is {loss.item()} at task {data.index + 1} ({data.task.name}), step {step + 1} ({logs}); training "
+                f"stopped, the model before this task is kept. Lower train.lr (now {train_cfg.lr}) or the method's reg_weight."
+            )
+        accelerator.backward(loss)
+        if train_cfg.grad_clip > 0:
+            accelerator.clip_grad_norm_(params, train_cfg.grad_clip)
+        optimizer.step()
+        scheduler.step()
+        optimizer.zero_grad(set_to_none=True)
+        losses.append(loss.item())
+        if step % 10 == 0:
+            bar.set_postfix(loss=f"{loss.item():.3f}")
+        done = step + 1
+        if on_checkpoint is not None and (done == len(order) or (checkpoint_every and done % checkpoint_every == 0)):
+            on_checkpoint(TrainState.capture(model, method, optimizer, scheduler, losses))
+    method.end_task(model, data)
+    return losses
+
+
+@dataclass
+class TrainState:
+    """Everything needed to continue a task exactly: one safetensors file (tensors + JSON metadata).
+
+    The position in the data order is `len(losses)`: the batch order is a pure function of the seed.
+    """
+
+    tensors: dict[str, torch.Tensor]
+    meta: dict
+
+    @classmethod
+    def capture(cls, model, method, optimizer, scheduler, losses: list[float]) -> TrainState:
+        tensors = {f"model.{k}": v for k, v in model.trainable_state().items()}
+        tensors.update({f"method.{k}": v.detach().clone() for k, v in method.state_dict().items()})
+        opt = optimizer.state_dict()
+        for i, s in opt["state"].items():
+            for k, v in s.items():
+                tensors[f"optim.{i}.{k}"] = v.detach().clone() if torch.is_tensor(v) else torch.tensor(v)
+        tensors["rng.torch"] = torch.get_rng_state()
+        np_state = np.random.get_state()
+        tensors["rng.numpy"] = torch.from_numpy(np_state[1].astype(np.int64))
+        meta = {
+            "losses": list(losses),
+            "param_groups": opt["param_groups"],
+            "optim_keys": {str(i): sorted(s) for i, s in opt["state"].items()},
+            "scheduler": scheduler.state_dict(),
+            "rng_numpy": [np_state[0], int(np_state[2]), int(np_state[3]), float(np_state[4])],
+            "rng_python": _python_rng_state(),
+        }
+        return cls(tensors, meta)
+
+    def to_bytes(self) -> bytes:
+        from safetensors.torch import save
+
+        return save({k: v.contiguous() for k, v in self.tensors.items()}, metadata={"train_state": json.dumps(self.meta)})
+
+    @classmethod
+    def load(cls, path: Path) -> TrainState:
+        from safetensors import safe_open
+
+        with safe_open(str(path), framework="pt") as f:
+            return cls({k: f.get_tensor(k) for k in f.keys()}, json.loads(f.metadata()["train_state"]))
+
+    def restore(self, model, method, optimizer, scheduler) -> list[float]:
+        """Put every saved state back; returns the losses so far."""
+        params = dict(model.named_parameters())
+        with torch.no_grad():
+            for k, v in self.tensors.items():
+                if k.startswith("model."):
+                    params[k.removeprefix("model.")].copy_(v)
+        method.load_state_dict({k.removeprefix("method."): v for k, v in self.tensors.items() if k.startswith("method.")})
+        state = {int(i): {k: self.tensors[f"optim.{i}.{k}"] for k in keys} for i, keys in self.meta["optim_keys"].items()}
+        optimizer.load_state_dict({"state": state, "param_groups": self.meta["param_groups"]})
+        scheduler.load_state_dict(self.meta["scheduler"])
+        torch.set_rng_state(self.tensors["rng.torch"])
+        name, pos, has_gauss, cached = self.meta["rng_numpy"]
+        np.random.set_state((name, self.tensors["rng.numpy"].numpy().astype(np.uint32), pos, has_gauss, cached))
+        version, internal, gauss = self.meta["rng_python"]
+        random.setstate((version, tuple(internal), gauss))
+        return list(self.meta["losses"])
+
+
+def _python_rng_state() -> list:
+    version, internal, gauss = random.getstate()
+    return [version, list(internal), gauss]
 
 
 def batch_order(n: int, batch_size: int, steps: int, seed: int) -> list[torch.Tensor]:
