@@ -19,6 +19,13 @@ examples:
   lifelong methods                                the methods and their knobs
   lifelong streams                                the shipped task streams
 
+a model's history (a ledger):
+  lifelong init my-model                          the embedded model + the default zero-shot probes
+  lifelong learn my-model --task mnist --method lwf train.steps_per_task=50
+  lifelong log my-model --matrix                  every change with its probe scores; the interference matrix
+  lifelong revert my-model 1                      a new change that takes change 1 out
+  lifelong export my-model out/                   the current model in the family's native format
+
 Overrides are key.path=value pairs (values parsed as YAML); unknown keys are errors that list the
 valid ones. User errors exit with code 2.
 """
@@ -41,6 +48,8 @@ def main(argv: list[str] | None = None) -> int:
                          epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
     run.add_argument("config", type=Path, help="a YAML config (see configs/); its keys are documented in lifelong/config.py")
     run.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="e.g. train.lr=1e-4 methods.0.reg_weight=10")
+    run.add_argument("--ledger", type=Path, metavar="DIR", help="record every task as a change of the ledger "
+                     "DIR/<method> (task-incremental streams); rerun the same command to continue an interrupted run")
 
     demo = sub.add_parser("demo", help="the main job: every method on mtil-mini with the embedded model, one table",
                           description=f"Run the shipped demo config ({CONFIG_DIR / 'demo.yaml'}): finetune, LwF, EWC, WiSE-FT "
@@ -51,16 +60,25 @@ def main(argv: list[str] | None = None) -> int:
     sub.add_parser("methods", help="list the continual-learning methods and their knobs")
     sub.add_parser("streams", help="list the shipped task streams")
 
-    args = parser.parse_args(argv)
+    add_ledger_commands(sub)
+
+    # KEY=VALUE overrides may stand before or after options (argparse alone stops at the first option).
+    args, extra = parser.parse_known_args(argv)
+    stray = [a for a in extra if a.startswith("-") or "=" not in a]
+    if stray or (extra and not hasattr(args, "overrides")):
+        parser.error(f"unrecognized arguments: {' '.join(stray or extra)}")
+    if extra:
+        args.overrides = list(args.overrides) + extra
     try:
         if args.command == "run":
-            return cmd_run(args.config, args.overrides)
+            return cmd_run(args.config, args.overrides, args.ledger)
         if args.command == "demo":
             return cmd_run(CONFIG_DIR / "demo.yaml", args.overrides)
         if args.command == "methods":
             return cmd_methods()
         if args.command == "streams":
             return cmd_streams()
+        return LEDGER_COMMANDS[args.command](args)
     except LifelongError as e:
         print(f"error: {e}", file=sys.stderr)
         return e.exit_code
@@ -70,12 +88,15 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
-def cmd_run(config_path: Path, overrides: list[str]) -> int:
+def cmd_run(config_path: Path, overrides: list[str], ledger: Path | None = None) -> int:
     from lifelong.config import load_config
-    from lifelong.runner import run_experiment
+    from lifelong.runner import run_experiment, run_into_ledgers
 
     config = load_config(config_path, overrides)
-    run_experiment(config)
+    if ledger is not None:
+        run_into_ledgers(config, ledger)
+    else:
+        run_experiment(config)
     return 0
 
 
@@ -95,6 +116,228 @@ def cmd_streams() -> int:
     for name, spec in PRESETS.items():
         print(f"{name}: {spec}")
     return 0
+
+
+# ---------------------------------------------------------------------------------------------
+# The ledger: one model's history of recorded, reversible, verified changes
+
+LEDGER_EPILOG = """\
+A ledger is a directory: the base model's reference and content hash, then every change as an additive
+patch (safetensors) with its config, cost, and the probe scores before and after it; the manifest
+(ledger.json) holds the SHA-256 of every file. Writes are atomic, a second writer is refused, nothing
+is unpickled unless you pass --trust-pickle.
+"""
+
+
+def add_ledger_commands(sub) -> None:
+    def command(name: str, help: str, description: str):
+        return sub.add_parser(name, help=help, description=description + "\n\n" + LEDGER_EPILOG,
+                              formatter_class=argparse.RawDescriptionHelpFormatter)
+
+    init = command("init", "start a ledger: a base model and the probes run after every change",
+                   "Create DIR as a new ledger of MODEL and score the base model on its probes.")
+    init.add_argument("dir", type=Path)
+    init.add_argument("--model", default="embedded", help="model.name: embedded (default), a CLIP hub name or folder, "
+                      "an export folder, tiny-embedded / tiny-clip (tests)")
+    init.add_argument("--resolution", type=int, default=112, help="model.resolution (default 112)")
+    init.add_argument("--trainable-blocks", type=int, default=3, help="model.trainable_blocks (default 3): the top of "
+                      "the image tower that changes may train; fixed for the ledger's life")
+    init.add_argument("--weights", type=Path, help="start from these parameters (a state dict of the same model: "
+                      ".safetensors, or .pt/.bin loaded weights-only)")
+    init.add_argument("--trust-pickle", action="store_true", help="allow unrestricted pickle loading of --weights "
+                      "(runs code from the file: only for files you trust)")
+    init.add_argument("--probe", action="append", metavar="SOURCE[:KEY=VALUE,...]",
+                      help="a probe: a data source's test set, e.g. mnist or fashion-mnist:invert=true (repeatable; "
+                      "default: the five mtil-mini sources)")
+    init.add_argument("--probe-items", type=int, default=500, help="test images per probe (default 500)")
+
+    learn = command("learn", "one change: a method trained on a task, probed before and after",
+                    "Train METHOD on one task on top of the ledger's current model and record the change. The "
+                    "task's test set becomes a probe. Interrupted (Ctrl-C, kill, crash)? `lifelong resume DIR`.")
+    learn.add_argument("dir", type=Path)
+    learn.add_argument("--task", required=True, metavar="SOURCE", help="a data source (`lifelong streams` lists them)")
+    learn.add_argument("--option", action="append", default=[], metavar="KEY=VALUE",
+                       help="a source option, e.g. invert=true, classes=[0,1], root=/data/birds (repeatable)")
+    learn.add_argument("--name", help="the task's name (default: the source's)")
+    learn.add_argument("--train-items", type=int, help="training images (default: all)")
+    learn.add_argument("--test-items", type=int, default=500, help="test images of its probe (default 500)")
+    learn.add_argument("--method", help="the method (`lifelong methods`); default finetune")
+    learn.add_argument("--config", type=Path, help="a YAML config for train/adapter/method settings")
+    learn.add_argument("--checkpoint-every", type=int, default=10, help="steps between resumable checkpoints (default 10)")
+    learn.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="config overrides, e.g. train.steps_per_task=50 "
+                       "adapter.kind=lora methods.0.reg_weight=2")
+
+    resume = command("resume", "continue an interrupted change exactly where it stopped",
+                     "Continue the ledger's interrupted change from its last checkpoint; it ends with the same "
+                     "numbers as an uninterrupted run.")
+    resume.add_argument("dir", type=Path)
+    resume.add_argument("--discard", action="store_true", help="drop the interrupted change instead")
+
+    log = command("log", "the history: every change with its probe scores and cost", "Print the ledger's changes.")
+    log.add_argument("dir", type=Path)
+    log.add_argument("--matrix", action="store_true", help="also the interference matrix (change x probe), and write "
+                     "DIR/report.html with it drawn")
+    log.add_argument("--markdown", action="store_true", help="Markdown tables")
+
+    show = command("show", "one change in full: spec, cost, probes, files", "Print everything recorded about change N.")
+    show.add_argument("dir", type=Path)
+    show.add_argument("n", type=int)
+
+    revert = command("revert", "take change N out of the model (recorded as a new change)",
+                     "Record a change that removes change N: by subtracting its patch when no later learn change "
+                     "depends on it, else by replaying the later changes from their recorded specs.")
+    revert.add_argument("dir", type=Path)
+    revert.add_argument("n", type=int)
+    revert.add_argument("--strategy", choices=("auto", "subtract", "replay"), default="auto",
+                        help="auto (default); subtract: task arithmetic even with later changes (an approximation "
+                        "then); replay: retrain the later changes without N (exact)")
+
+    export = command("export", "write the current model in the family's native format",
+                     "Write the ledger's current model (base + every patch) to OUT: a transformers save_pretrained "
+                     "folder for CLIP models; the towers and heads for the embedded model. `--model OUT` loads it.")
+    export.add_argument("dir", type=Path)
+    export.add_argument("out", type=Path)
+    export.add_argument("--upto", type=int, help="the model as it was after change N")
+
+    verify = command("verify", "re-hash every file and rebuild the base model",
+                     "Check every file the manifest lists against its SHA-256, and the base model against its hash.")
+    verify.add_argument("dir", type=Path)
+
+
+def cmd_init(args) -> int:
+    from lifelong.config import ModelConfig
+    from lifelong.ledger.core import Ledger
+    from lifelong.ledger.probes import DEFAULT_PROBES, Probe, run_probes, unique_name
+
+    specs = [parse_probe(p) for p in args.probe] if args.probe else list(DEFAULT_PROBES)
+    probes, taken = [], set()
+    for spec in specs:
+        name = unique_name(spec["source"], taken)
+        taken.add(name)
+        probes.append(Probe(name=name, source=spec["source"], options=spec["options"], test_items=args.probe_items))
+    model = ModelConfig(name=args.model, resolution=args.resolution, trainable_blocks=args.trainable_blocks)
+    ledger = Ledger.create(args.dir, model, probes, weights=args.weights, trust_pickle=args.trust_pickle)
+    ledger.record_baseline(run_probes(ledger.base_model(), ledger.probes))
+    print(f"created ledger {args.dir} of {args.model!r} (base SHA-256 {ledger.manifest['base']['sha256'][:12]})")
+    for name, score in ledger.manifest["baseline"].items():
+        print(f"  probe {name:16s} {score:5.1f}%")
+    return 0
+
+
+def parse_probe(text: str) -> dict:
+    import yaml
+
+    from lifelong.errors import ConfigError
+
+    source, _, rest = text.partition(":")
+    options = {}
+    for item in filter(None, rest.split(",")):
+        key, eq, value = item.partition("=")
+        if not eq:
+            raise ConfigError(f"--probe {text!r}: options look like SOURCE:key=value,key=value")
+        options[key.strip()] = yaml.safe_load(value)
+    return {"source": source.strip(), "options": options}
+
+
+def cmd_learn(args) -> int:
+    import yaml
+
+    from lifelong.config import load_config
+    from lifelong.errors import ConfigError
+    from lifelong.ledger.changes import learn, learn_spec
+    from lifelong.ledger.core import Ledger
+
+    fixed = [o for o in args.overrides if o.split("=", 1)[0].split(".")[0] in ("model", "stream")]
+    if fixed:
+        raise ConfigError(f"{', '.join(fixed)}: a ledger's model is fixed at `lifelong init` and a change's data is "
+                          "given by --task/--option; override train.*, adapter.*, methods.*, seed")
+    overrides = list(args.overrides) + ([f"methods=[{args.method}]"] if args.method else [])
+    config = load_config(args.config, ["stream.name=tiny"] + overrides)  # the stream section is unused here
+    options = {}
+    for item in args.option:
+        key, eq, value = item.partition("=")
+        if not eq:
+            raise ConfigError(f"--option {item!r} must look like KEY=VALUE")
+        options[key] = yaml.safe_load(value)
+    task = {"source": args.task, "options": options, "name": args.name, "train_items": args.train_items,
+            "test_items": args.test_items}
+    n = learn(args.dir, learn_spec(config, task, args.checkpoint_every))
+    return print_change(Ledger.open(args.dir), n)
+
+
+def print_change(ledger, n: int) -> int:
+    from lifelong.ledger.views import format_change
+
+    print(format_change(ledger, n))
+    return 0
+
+
+def cmd_resume(args) -> int:
+    from lifelong.ledger.changes import resume
+    from lifelong.ledger.core import Ledger
+
+    n = resume(args.dir, discard=args.discard)
+    if n is None:
+        print(f"dropped the interrupted change of {args.dir}")
+        return 0
+    return print_change(Ledger.open(args.dir), n)
+
+
+def cmd_log(args) -> int:
+    from lifelong.ledger.core import Ledger
+    from lifelong.ledger.views import format_log, format_matrix, write_report
+
+    ledger = Ledger.open(args.dir)
+    print(format_log(ledger, markdown=args.markdown))
+    if args.matrix:
+        print("\ninterference matrix: probe score after each change (how much that change moved it)")
+        print(format_matrix(ledger, markdown=args.markdown))
+        print(f"\nwrote {write_report(ledger)}")
+    return 0
+
+
+def cmd_show(args) -> int:
+    from lifelong.ledger.core import Ledger
+
+    return print_change(Ledger.open(args.dir), args.n)
+
+
+def cmd_revert(args) -> int:
+    from lifelong.ledger.changes import revert
+    from lifelong.ledger.core import Ledger
+
+    n = revert(args.dir, args.n, strategy=args.strategy)
+    return print_change(Ledger.open(args.dir), n)
+
+
+def cmd_export(args) -> int:
+    from lifelong.families.vlm import export_native
+    from lifelong.ledger.core import Ledger
+
+    ledger = Ledger.open(args.dir)
+    if args.upto is not None:
+        ledger.change(args.upto)
+    out = export_native(ledger.materialize(upto=args.upto), args.out)
+    state = f"after change {args.upto}" if args.upto is not None else f"after {len(ledger.changes)} change(s)"
+    print(f"exported the model {state} to {out}; load it with `--model {out}` (or model.name={out})")
+    return 0
+
+
+def cmd_verify(args) -> int:
+    from lifelong.errors import LedgerCorruptError
+    from lifelong.ledger.core import Ledger
+
+    ledger = Ledger.open(args.dir)
+    problems = ledger.verify()
+    if problems:
+        raise LedgerCorruptError(f"{args.dir} failed verification:\n  " + "\n  ".join(problems))
+    files = len(ledger.manifest["files"]) + sum(len(c["files"]) for c in ledger.changes)
+    print(f"ok: {files} file(s) match their SHA-256; the base model matches its hash")
+    return 0
+
+
+LEDGER_COMMANDS = {"init": cmd_init, "learn": cmd_learn, "resume": cmd_resume, "log": cmd_log, "show": cmd_show,
+                   "revert": cmd_revert, "export": cmd_export, "verify": cmd_verify}
 
 
 if __name__ == "__main__":

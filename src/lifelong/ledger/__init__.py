@@ -1,0 +1,1 @@
+"""The model ledger: a model's history of recorded, reversible, verified changes."""

@@ -1,0 +1,225 @@
+"""A ledger: one model's history as a directory.
+
+    DIR/ledger.json                    the manifest: schema version, family, model config, the base
+                                       model's content hash, the probe suite, and every change with
+                                       its record and the SHA-256 of each of its files
+    DIR/base/weights.safetensors       only when the base was initialised from a weights file
+    DIR/changes/0001/patch.safetensors the change's additive patch (see patch.py)
+    DIR/changes/0001/method_state.safetensors
+                                       the method's state after the change (Fisher, anchors, ...),
+                                       keyed `<method>/<name>`: what the next change of that method continues from
+    DIR/pending/                       a change in progress: its spec, probe scores before it, and the
+                                       last training checkpoint (`lifelong resume DIR` continues it)
+
+The current model is the base plus every patch in order. Nothing is rewritten in place: a revert is a
+new change whose patch undoes the reverted one. A change becomes part of the history at one atomic
+write of the manifest, after its files are on disk; a crash before that leaves the previous history
+intact, and the pending directory lets the change continue.
+"""
+
+from __future__ import annotations
+
+import copy
+import time
+from dataclasses import asdict
+from pathlib import Path
+
+import torch
+
+from lifelong.config import ModelConfig, from_dict
+from lifelong.errors import LedgerCorruptError, LedgerError
+from lifelong.ledger.patch import apply_patch
+from lifelong.ledger.probes import Probe
+from lifelong.ledger.store import (
+    check_file,
+    file_entry,
+    load_tensors,
+    read_manifest,
+    save_tensors,
+    verify,
+    write_manifest,
+)
+
+BASE_WEIGHTS = "base/weights.safetensors"
+
+
+class Ledger:
+    def __init__(self, root: Path, manifest: dict):
+        self.root = Path(root)
+        self.manifest = manifest
+
+    # -- opening ------------------------------------------------------------------------------
+    @classmethod
+    def open(cls, root: str | Path) -> Ledger:
+        root = Path(root)
+        return cls(root, read_manifest(root))
+
+    @classmethod
+    def create(cls, root: str | Path, model: ModelConfig, probes: list[Probe], weights: Path | None = None,
+               trust_pickle: bool = False) -> Ledger:
+        """A new ledger whose base is `model` (optionally with its parameters from a weights file)."""
+        from lifelong.families.vlm import build_vlm, model_fingerprint
+
+        root = Path(root)
+        if (root / "ledger.json").exists():
+            raise LedgerError(f"{root} is already a ledger; `lifelong log {root}` shows it")
+        if root.exists() and any(root.iterdir()):
+            raise LedgerError(f"{root} exists and is not empty: give a new or empty directory")
+        base = build_vlm(model)
+        files = []
+        if weights is not None:
+            load_base_weights(base, load_tensors(weights, trust_pickle=trust_pickle), weights)
+            save_tensors(root / BASE_WEIGHTS, {k: v.detach().clone() for k, v in base.state_dict().items()},
+                         {"source": str(weights)})
+            files.append(file_entry(root, BASE_WEIGHTS))
+        manifest = {
+            "created": _now(),
+            "family": model.family,
+            "model": asdict(model),
+            "base": {"name": model.name, "weights": str(weights) if weights else None, "sha256": model_fingerprint(base)},
+            "files": files,
+            "probes": [p.to_dict() for p in probes],
+            "baseline": {},  # probe scores of the base model
+            "changes": [],
+        }
+        write_manifest(root, manifest)
+        return cls(root, manifest)
+
+    # -- what it holds ------------------------------------------------------------------------
+    @property
+    def model_config(self) -> ModelConfig:
+        return from_dict(ModelConfig, self.manifest["model"], "model")
+
+    @property
+    def probes(self) -> list[Probe]:
+        return [Probe.from_dict(p) for p in self.manifest["probes"]]
+
+    @property
+    def changes(self) -> list[dict]:
+        return self.manifest["changes"]
+
+    def change(self, n: int) -> dict:
+        for c in self.changes:
+            if c["id"] == n:
+                return c
+        ids = ", ".join(str(c["id"]) for c in self.changes) or "none yet"
+        raise LedgerError(f"{self.root} has no change {n}; its changes: {ids}")
+
+    def reverted_ids(self) -> set[int]:
+        return {c["reverts"] for c in self.changes if c.get("reverts")}
+
+    def active_learn_changes(self, before: int | None = None) -> list[dict]:
+        """Learn changes in effect (not reverted), optionally only those with id < `before`."""
+        gone = self.reverted_ids()
+        return [c for c in self.changes if c["kind"] == "learn" and c["id"] not in gone and (before is None or c["id"] < before)]
+
+    def current_scores(self) -> dict[str, float]:
+        """The latest score of every probe (the base's when no change has run)."""
+        return dict(self.changes[-1]["probes_after"]) if self.changes else dict(self.manifest["baseline"])
+
+    def change_dir(self, n: int) -> Path:
+        return self.root / "changes" / f"{n:04d}"
+
+    def next_id(self) -> int:
+        return self.changes[-1]["id"] + 1 if self.changes else 1
+
+    # -- models -------------------------------------------------------------------------------
+    def base_model(self):
+        """The base model, checked against the content hash recorded at init."""
+        from lifelong.families.vlm import build_vlm, model_fingerprint
+
+        model = build_vlm(self.model_config)
+        for entry in self.manifest["files"]:
+            if entry["path"] == BASE_WEIGHTS:
+                load_base_weights(model, load_tensors(check_file(self.root, entry)), self.root / BASE_WEIGHTS)
+        found = model_fingerprint(model)
+        if found != self.manifest["base"]["sha256"]:
+            raise LedgerCorruptError(
+                f"the base model {self.manifest['base']['name']!r} built here does not match the one this ledger was "
+                f"created from (SHA-256 {found[:12]}... vs {self.manifest['base']['sha256'][:12]}...): its weights "
+                "changed since `lifelong init` (another package version?). Install the versions in the ledger's "
+                "manifest or start a new ledger."
+            )
+        return model
+
+    def patch(self, n: int) -> dict[str, torch.Tensor]:
+        return load_tensors(check_file(self.root, self._entry(n, "patch.safetensors")))
+
+    def method_state(self, method: str, before: int | None = None) -> dict[str, torch.Tensor]:
+        """The state the latest change in effect left for `method` ({} when none did)."""
+        gone = self.reverted_ids()
+        for c in reversed(self.changes):
+            if (before is not None and c["id"] >= before) or c["id"] in gone or method not in c.get("method_states", ()):
+                continue
+            state = load_tensors(check_file(self.root, self._entry(c["id"], "method_state.safetensors")))
+            prefix = f"{method}/"
+            return {k.removeprefix(prefix): v for k, v in state.items() if k.startswith(prefix)}
+        return {}
+
+    def materialize(self, upto: int | None = None):
+        """Base + the patches of every change with id <= `upto` (all when None): the model at that point."""
+        model = self.base_model()
+        for c in self.changes:
+            if upto is not None and c["id"] > upto:
+                break
+            apply_patch(model, self.patch(c["id"]), where=f"change {c['id']}")
+        return model
+
+    def _entry(self, n: int, filename: str) -> dict:
+        path = f"changes/{n:04d}/{filename}"
+        for entry in self.change(n)["files"]:
+            if entry["path"] == path:
+                return entry
+        raise LedgerCorruptError(f"change {n} lists no file {path} in {self.root / 'ledger.json'}")
+
+    # -- writing ------------------------------------------------------------------------------
+    def record_baseline(self, scores: dict[str, float]) -> None:
+        self.manifest["baseline"].update(scores)
+        write_manifest(self.root, self.manifest)
+
+    def commit(self, record: dict, patch: dict[str, torch.Tensor], method_states: dict[str, dict[str, torch.Tensor]],
+               new_probes: list[Probe] = ()) -> int:
+        """Write the change's files, then the manifest (the commit point). Returns the change id."""
+        n = record["id"]
+        folder = self.change_dir(n)
+        patch_path = save_tensors(folder / "patch.safetensors", patch, {"change": str(n)})
+        states = {f"{m}/{k}": v.detach().clone() for m, s in method_states.items() for k, v in s.items()}
+        state_path = save_tensors(folder / "method_state.safetensors", states, {"change": str(n)})
+        record["files"] = [file_entry(self.root, p.relative_to(self.root).as_posix()) for p in (patch_path, state_path)]
+        record["method_states"] = sorted(method_states)
+        record["cost"]["patch_bytes"] = patch_path.stat().st_size
+        record["created"] = _now()
+        manifest = copy.deepcopy(self.manifest)
+        manifest["probes"].extend(p.to_dict() for p in new_probes)
+        manifest["changes"].append(record)
+        write_manifest(self.root, manifest)
+        self.manifest = manifest
+        return n
+
+    def verify(self) -> list[str]:
+        """Every recorded file re-hashed, and the base rebuilt and checked; a list of problems."""
+        problems = verify(self.root, self.manifest)
+        try:
+            self.base_model()
+        except LedgerCorruptError as e:
+            problems.append(str(e))
+        return problems
+
+
+def load_base_weights(model, state: dict[str, torch.Tensor], source: Path) -> None:
+    """Load a full state dict into the base model, with an error that lists what does not fit."""
+    own = model.state_dict()
+    missing = sorted(set(own) - set(state))
+    unexpected = sorted(set(state) - set(own))
+    wrong = sorted(k for k in set(own) & set(state) if own[k].shape != state[k].shape)
+    if missing or unexpected or wrong:
+        parts = [f"{len(missing)} missing (e.g. {missing[:3]})" if missing else "",
+                 f"{len(unexpected)} unexpected (e.g. {unexpected[:3]})" if unexpected else "",
+                 f"{len(wrong)} of another shape (e.g. {wrong[:3]})" if wrong else ""]
+        raise LedgerError(f"{source} does not fit the model: " + "; ".join(p for p in parts if p) +
+                          ". Give a state dict saved from the same model (same model.name and model.trainable_blocks).")
+    model.load_state_dict(state)
+
+
+def _now() -> str:
+    return time.strftime("%Y-%m-%dT%H:%M:%S%z")

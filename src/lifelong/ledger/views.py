@@ -1,0 +1,138 @@
+"""What `lifelong log` and `lifelong show` print, and the ledger's HTML report.
+
+The interference matrix has one row per state of the model (the base, then after each change) and one
+column per probe: the score after that change, and how much the change moved it. A probe registered
+by a later change has no score in the rows before it.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+
+from lifelong.ledger.core import Ledger
+from lifelong.report.table import format_table
+
+LOG_COLUMNS = [
+    ("id", "change", "d"),
+    ("kind", "kind", ""),
+    ("label", "method", ""),
+    ("data", "data", ""),
+    ("own", "own task before -> after", ""),
+    ("others", "other probes (mean) before -> after", ""),
+    ("seconds", "time (s)", ".1f"),
+    ("peak_rss_mb", "peak RSS (MiB)", ".0f"),
+    ("trainable_params", "trainable params", ","),
+    ("patch_bytes", "patch bytes", ","),
+]
+
+
+def log_rows(ledger: Ledger) -> list[dict]:
+    rows = []
+    for c in ledger.changes:
+        own = c["data"]["task"] if c["kind"] == "learn" else None
+        before, after = c["probes_before"], c["probes_after"]
+        others = [p for p in after if p != own and p in before]
+        rows.append({
+            "id": c["id"],
+            "kind": c["kind"] + (f" ({c['strategy']})" if c["kind"] == "revert" else ""),
+            "label": c["label"],
+            "data": c["data"]["task"] if c["kind"] == "learn" else f"undo {c['reverts']}",
+            "own": _arrow(before.get(own), after.get(own)) if own else "",
+            "others": _arrow(np.mean([before[p] for p in others]), np.mean([after[p] for p in others])) if others else "",
+            "seconds": c["cost"]["wall_seconds"],
+            "peak_rss_mb": c["cost"]["peak_rss_mb"],
+            "trainable_params": c["cost"]["trainable_params"],
+            "patch_bytes": c["cost"]["patch_bytes"],
+        })
+    return rows
+
+
+def _arrow(before: float | None, after: float | None) -> str:
+    if before is None or after is None:
+        return "-"
+    return f"{before:5.1f} -> {after:5.1f} ({after - before:+.1f})"
+
+
+def interference_matrix(ledger: Ledger) -> tuple[list[str], list[str], np.ndarray, np.ndarray]:
+    """(row labels, probe names, scores (rows x probes), deltas (change rows x probes)); NaN = not measured."""
+    probes = [p.name for p in ledger.probes]
+    rows = ["base"] + [f"{c['id']} {c['label']}" for c in ledger.changes]
+    scores = np.full((len(rows), len(probes)), np.nan)
+    deltas = np.full((len(rows), len(probes)), np.nan)
+    for j, name in enumerate(probes):
+        if name in ledger.manifest["baseline"]:
+            scores[0, j] = ledger.manifest["baseline"][name]
+    for i, c in enumerate(ledger.changes, start=1):
+        for j, name in enumerate(probes):
+            if name in c["probes_after"]:
+                scores[i, j] = c["probes_after"][name]
+                if name in c["probes_before"]:
+                    deltas[i, j] = c["probes_after"][name] - c["probes_before"][name]
+    return rows, probes, scores, deltas
+
+
+def format_matrix(ledger: Ledger, markdown: bool = False) -> str:
+    rows, probes, scores, deltas = interference_matrix(ledger)
+    table = []
+    for i, label in enumerate(rows):
+        row = {"state": label}
+        for j, name in enumerate(probes):
+            s, d = scores[i, j], deltas[i, j]
+            row[name] = "-" if np.isnan(s) else (f"{s:.1f}" if np.isnan(d) else f"{s:.1f} ({d:+.1f})")
+        table.append(row)
+    columns = [("state", "after change", "")] + [(name, name, "") for name in probes]
+    return format_table(table, columns, markdown=markdown)
+
+
+def format_log(ledger: Ledger, markdown: bool = False) -> str:
+    base = ledger.manifest["base"]
+    head = (f"ledger {ledger.root}: {ledger.manifest['family']} model {base['name']!r} "
+            f"(base SHA-256 {base['sha256'][:12]}), {len(ledger.changes)} change(s), {len(ledger.probes)} probe(s)")
+    if not ledger.changes:
+        return head + "\nno changes yet: `lifelong learn DIR --task SOURCE` adds one"
+    return head + "\n" + format_table(log_rows(ledger), LOG_COLUMNS, markdown=markdown) + \
+        "\n(probe scores: top-1 accuracy %; `own task`: the probe of the change's own task)"
+
+
+def format_change(ledger: Ledger, n: int) -> str:
+    c = ledger.change(n)
+    lines = [f"change {c['id']}: {c['kind']} {c['label']}  ({c['created']})"]
+    if c["kind"] == "learn":
+        spec = c["spec"]
+        lines.append(f"  task       {c['data']['task']} ({c['data']['source']}, {c['data']['train_items']} training images, "
+                     f"classes {', '.join(c['data']['classes'])})")
+        lines.append(f"  method     {spec['method']['name']} {json.dumps(spec['method']['params'])}")
+        lines.append(f"  adapter    {json.dumps(spec['adapter'])}")
+        lines.append(f"  train      {json.dumps(spec['train'])}  seed {spec['seed']}")
+        lines.append(f"  final loss {c['final_loss']:.4f}" if c.get("final_loss") is not None else "")
+    else:
+        lines.append(f"  reverts    change {c['reverts']} by {c['strategy']}"
+                     + (f" (replayed {', '.join(map(str, c['replayed']))})" if c["replayed"] else ""))
+    cost = c["cost"]
+    lines.append(f"  cost       {cost['wall_seconds']:.1f} s wall ({cost['train_seconds']:.1f} s training), peak RSS "
+                 f"{cost['peak_rss_mb']:.0f} MiB, {cost['trainable_params']:,} trainable params, patch {cost['patch_bytes']:,} bytes")
+    lines.append("  probes     before -> after")
+    for name, after in c["probes_after"].items():
+        before = c["probes_before"].get(name)
+        lines.append(f"    {name:24s} {_arrow(before, after)}")
+    lines.append("  files")
+    for entry in c["files"]:
+        lines.append(f"    {entry['path']}  {entry['bytes']:,} bytes  sha256 {entry['sha256']}")
+    return "\n".join(line for line in lines if line)
+
+
+def write_report(ledger: Ledger) -> Path:
+    """DIR/report.html: the log table and the interference matrix drawn as a heatmap (derived files,
+    not part of the recorded history)."""
+    from lifelong.report.html import write_html_report
+    from lifelong.report.plots import plot_interference_matrix
+
+    rows, probes, scores, deltas = interference_matrix(ledger)
+    figure = plot_interference_matrix(rows, probes, scores, deltas, ledger.root / "interference_matrix.png")
+    notes = ("Interference matrix: each cell is a probe's score (top-1 %) after the change of its row, and in "
+             "brackets how much that change moved it; the colour shows that move. Rows start at the base model.")
+    return write_html_report(ledger.root / "report.html", f"lifelong ledger: {ledger.root.name}", log_rows(ledger),
+                             LOG_COLUMNS, [figure], notes=notes)
