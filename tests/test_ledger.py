@@ -109,7 +109,8 @@ def test_a_lora_change_stores_factors_and_the_ledger_rebuilds_the_trained_model(
     assert lora.changes[0]["cost"]["patch_bytes"] * 10 < full.changes[0]["cost"]["patch_bytes"]
     assert lora.changes[0]["cost"]["trainable_params"] < full.changes[0]["cost"]["trainable_params"]
     # The LoRA change moved the weights it targets, and only those.
-    moved = {n for n, p in params(lora.materialize()).items() if not torch.equal(p, params(lora.base_model())[n])}
+    base = params(lora.base_model())
+    moved = {n for n, p in params(lora.materialize()).items() if not torch.equal(p, base[n])}
     assert moved == {k.partition("::")[2] for k in patch}
 
 
@@ -253,3 +254,34 @@ def test_a_change_killed_at_random_points_resumes_to_identical_numbers(tmp_path)
     assert ours["files"][0]["sha256"] == theirs["files"][0]["sha256"]  # the patch, bit for bit
     assert ours["files"][1]["sha256"] == theirs["files"][1]["sha256"]  # EWC's Fisher and anchor
     assert not (ledger_dir / "pending").exists()
+
+
+def test_run_records_a_stream_into_ledgers_and_continues(tmp_path, capsys):
+    config = Path(__file__).resolve().parent.parent / "configs" / "tiny.yaml"
+    args = ["run", config, "--ledger", tmp_path / "ledgers", f"output_dir={tmp_path / 'runs'}", "methods=[finetune,lwf]",
+            "train.steps_per_task=3"]
+    assert cli(*args) == 0
+    results = json.loads((tmp_path / "runs" / "tiny" / "results.json").read_text())
+    for label in ("finetune", "lwf"):
+        ledger = Ledger.open(tmp_path / "ledgers" / label)
+        names = [p.name for p in ledger.probes]
+        assert names == ["digits", "lfw", "mnist"] and len(ledger.changes) == 3
+        matrix = results["methods"][label]["accuracy_matrix"]
+        assert matrix[0] == [ledger.manifest["baseline"][n] for n in names]
+        assert matrix[1:] == [[c["probes_after"][n] for n in names] for c in ledger.changes]
+    # Running the same command again finds every task recorded and trains nothing more.
+    mtime = (tmp_path / "ledgers" / "lwf" / "ledger.json").stat().st_mtime_ns
+    assert cli(*args) == 0
+    assert (tmp_path / "ledgers" / "lwf" / "ledger.json").stat().st_mtime_ns == mtime
+
+
+def test_an_interrupted_change_blocks_new_ones_until_resumed_or_discarded(tmp_path, capsys):
+    ledger_dir = init(tmp_path / "ledger")
+    (ledger_dir / "pending").mkdir()
+    spec = {"id": 1, "method": {"name": "finetune"}, "task": {"name": "mnist"}}
+    (ledger_dir / "pending" / "change.json").write_text(json.dumps(spec))
+    assert cli("learn", ledger_dir, *TASK_MNIST, *TRAIN) == 2
+    assert "lifelong resume" in capsys.readouterr().err
+    assert cli("resume", ledger_dir, "--discard") == 0
+    assert not (ledger_dir / "pending").exists()
+    assert cli("learn", ledger_dir, *TASK_MNIST, *TRAIN) == 0

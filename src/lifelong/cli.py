@@ -35,7 +35,8 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         prog="lifelong",
         description="Change pretrained models after pretraining without breaking what they know. "
-        "Continual learning of a CLIP-style model over a stream of tasks, with the papers' metrics.",
+        "Continual learning of a CLIP-style model over a stream of tasks, with the papers' metrics; and a "
+        "model's history (a ledger): every change a recorded, probed, reversible patch.",
         epilog=EPILOG,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
@@ -215,6 +216,8 @@ def cmd_init(args) -> int:
         name = unique_name(spec["source"], taken)
         taken.add(name)
         probes.append(Probe(name=name, source=spec["source"], options=spec["options"], test_items=args.probe_items))
+    for probe in probes:  # a bad source or option fails before anything is written
+        probe.dataset()
     model = ModelConfig(name=args.model, resolution=args.resolution, trainable_blocks=args.trainable_blocks)
     ledger = Ledger.create(args.dir, model, probes, weights=args.weights, trust_pickle=args.trust_pickle)
     ledger.record_baseline(run_probes(ledger.base_model(), ledger.probes))

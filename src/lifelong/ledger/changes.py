@@ -242,11 +242,12 @@ def revert(root: str | Path, n: int, strategy: str = "auto") -> int:
         t_start = time.perf_counter()
         current = ledger.materialize()
         states: dict[str, dict] = {}
+        train_seconds, trainable = 0.0, 0
         with PeakMemory() as memory:
             if strategy == "subtract":
                 patch = negate(ledger.patch(n))
             else:
-                rebuilt, states = _replay(ledger, n, later)
+                rebuilt, states, train_seconds, trainable = _replay(ledger, n, later)
                 now = {k: p.detach() for k, p in current.named_parameters()}
                 patch = dense_patch({k: p.detach() for k, p in rebuilt.named_parameters()}, now)
         before = ledger.current_scores()
@@ -259,20 +260,22 @@ def revert(root: str | Path, n: int, strategy: str = "auto") -> int:
             "strategy": strategy,
             "replayed": [c["id"] for c in later] if strategy == "replay" else [],
             "method": "-",
-            "label": f"revert {n}",
+            "label": "-",
             "data": {"task": f"change {n}", "classes": []},
             "probes_before": before,
             "probes_after": after,
-            "cost": {"train_seconds": 0.0, "wall_seconds": time.perf_counter() - t_start, "peak_rss_mb": memory.peak_mb,
-                     "trainable_params": 0, "total_params": count_parameters(current)[1]},
+            "cost": {"train_seconds": train_seconds, "wall_seconds": time.perf_counter() - t_start,
+                     "peak_rss_mb": memory.peak_mb, "trainable_params": trainable, "total_params": count_parameters(current)[1]},
         }
         return ledger.commit(record, patch, states)
 
 
 def _replay(ledger: Ledger, n: int, later: list[dict]):
-    """The model without change n: base + changes before n, then every later learn change retrained."""
+    """The model without change n: base + changes before n, then every later learn change retrained.
+    Returns the model, the methods' states, the training seconds and the most trainable parameters."""
     model = ledger.materialize(upto=n - 1)
     states: dict[str, dict] = {}
+    seconds, trainable = 0.0, 0
     kept = [c for c in ledger.active_learn_changes(before=n)]
     for c in later:
         spec, method = c["spec"], c["spec"]["method"]["name"]
@@ -282,8 +285,10 @@ def _replay(ledger: Ledger, n: int, later: list[dict]):
                                seen_class_names=seen_classes(kept), index=len(kept))
         apply_patch(model, trained["patch"], where=f"replay of change {c['id']}")
         states[method] = trained["method_state"]
+        seconds += trained["train_seconds"]
+        trainable = max(trainable, count_parameters(work)[0])
         kept.append(c)
-    return model, states
+    return model, states, seconds, trainable
 
 
 def _plain(section) -> dict:

@@ -50,6 +50,12 @@ def log_rows(ledger: Ledger) -> list[dict]:
     return rows
 
 
+def change_title(c: dict) -> str:
+    if c["kind"] == "revert":
+        return f"{c['id']} revert {c['reverts']}"
+    return f"{c['id']} {c['label']} on {c['data']['task']}"
+
+
 def _arrow(before: float | None, after: float | None) -> str:
     if before is None or after is None:
         return "-"
@@ -59,7 +65,7 @@ def _arrow(before: float | None, after: float | None) -> str:
 def interference_matrix(ledger: Ledger) -> tuple[list[str], list[str], np.ndarray, np.ndarray]:
     """(row labels, probe names, scores (rows x probes), deltas (change rows x probes)); NaN = not measured."""
     probes = [p.name for p in ledger.probes]
-    rows = ["base"] + [f"{c['id']} {c['label']}" for c in ledger.changes]
+    rows = ["base"] + [change_title(c) for c in ledger.changes]
     scores = np.full((len(rows), len(probes)), np.nan)
     deltas = np.full((len(rows), len(probes)), np.nan)
     for j, name in enumerate(probes):
@@ -99,7 +105,8 @@ def format_log(ledger: Ledger, markdown: bool = False) -> str:
 
 def format_change(ledger: Ledger, n: int) -> str:
     c = ledger.change(n)
-    lines = [f"change {c['id']}: {c['kind']} {c['label']}  ({c['created']})"]
+    what = f"{c['label']} on {c['data']['task']}" if c["kind"] == "learn" else f"of change {c['reverts']} ({c['strategy']})"
+    lines = [f"change {c['id']}: {c['kind']} {what}  ({c['created']})"]
     if c["kind"] == "learn":
         spec = c["spec"]
         lines.append(f"  task       {c['data']['task']} ({c['data']['source']}, {c['data']['train_items']} training images, "
