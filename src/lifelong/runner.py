@@ -66,9 +66,11 @@ def stem_outputs(model: DualEncoder, dataset: ImageDataset, batch_size: int = 25
             return load_file(str(path))["stem"]
         except Exception:  # a damaged cache file is recomputed, never trusted
             pass
-    out = model.encode_stem(dataset.images, batch_size)
+    # Contiguous, as a cached copy loads: the conv stem returns channels-last tensors, and the trunk's
+    # kernels round differently on those, so a cold and a warm cache would give different numbers.
+    out = model.encode_stem(dataset.images, batch_size).contiguous()
     path.parent.mkdir(parents=True, exist_ok=True)
-    atomic_write_bytes(path, save({"stem": out.contiguous()}))
+    atomic_write_bytes(path, save({"stem": out}))
     return out
 
 
