@@ -15,7 +15,17 @@ from lifelong.loop import label_spaces, run_stream, targets_in
 from lifelong.runner import prepare_trainable
 
 MODES = {"full": AdapterConfig(), "lora": AdapterConfig(kind="lora", rank=4, alpha=8)}
-CASES = [(m, mode) for m in METHODS for mode in MODES]
+KINDS = {"full": "none", "lora": "lora"}
+DEFAULT_TRAINABLE = ("image_trunk.", "image_projection.", "text_projection.")
+
+
+def modes_of(name: str) -> list[str]:
+    """The modes a method supports: its `adapter_kinds` (default: full fine-tuning and LoRA)."""
+    kinds = getattr(METHODS[name], "adapter_kinds", ("none", "lora"))
+    return [mode for mode in MODES if KINDS[mode] in kinds]
+
+
+CASES = [(m, mode) for m in METHODS for mode in modes_of(m)]
 
 
 def task_data(stream, stem, t):
@@ -41,15 +51,17 @@ def force_nonzero_lora(model):
 @pytest.mark.parametrize("name,mode", CASES)
 def test_only_its_own_parameters_train(name, mode, tiny_model, tiny_stream, tiny_stem, tiny_config):
     method = setup(tiny_model, tiny_config, name, mode)
+    before = {n: p.detach().clone() for n, p in tiny_model.named_parameters()}
+    run_stream(tiny_model, method, tiny_stream, tiny_stem, tiny_config, checkpoint_dir=None)
+    # Methods that add modules (MoE-Adapters) or switch what trains do so in prepare: read it after.
     trainable = {n for n, p in tiny_model.named_parameters() if p.requires_grad}
     if mode == "lora":
         assert trainable and all("lora_" in n for n in trainable)
     else:
-        assert trainable and all(n.startswith(("image_trunk.", "image_projection.", "text_projection.")) for n in trainable)
-    before = {n: p.detach().clone() for n, p in tiny_model.named_parameters()}
-    run_stream(tiny_model, method, tiny_stream, tiny_stem, tiny_config, checkpoint_dir=None)
+        allowed = getattr(method, "trainable_prefixes", DEFAULT_TRAINABLE)
+        assert trainable and all(n.startswith(allowed) for n in trainable), sorted(trainable)[:5]
     after = dict(tiny_model.named_parameters())
-    changed = {n for n in before if not torch.equal(before[n], after[n])}
+    changed = {n for n in after if n not in before or not torch.equal(before[n], after[n])}
     assert changed, "training changed nothing"
     assert changed <= trainable, f"frozen parameters changed: {sorted(changed - trainable)[:5]}"
 
@@ -83,7 +95,7 @@ def test_loss_drops_on_a_fixed_batch(name, mode, tiny_model, tiny_stream, tiny_s
 
 @pytest.mark.parametrize("name", list(METHODS))
 def test_state_round_trips(name, tiny_model, tiny_stream, tiny_stem, tiny_config):
-    method = setup(tiny_model, tiny_config, name, "full")
+    method = setup(tiny_model, tiny_config, name, modes_of(name)[0])
     run_stream(tiny_model, method, tiny_stream, tiny_stem, tiny_config, checkpoint_dir=None)
     data = task_data(tiny_stream, tiny_stem, 1)
     method.begin_task(tiny_model, data)
@@ -99,7 +111,40 @@ def test_same_seed_same_numbers(name, tiny_model, tiny_stream, tiny_stem, tiny_c
     results = []
     for _ in range(2):
         model = copy.deepcopy(tiny_model)
-        method = setup(model, tiny_config, name, "full")
+        method = setup(model, tiny_config, name, modes_of(name)[0])
         results.append(run_stream(model, method, tiny_stream, tiny_stem, tiny_config, checkpoint_dir=None))
     assert results[0].losses == results[1].losses
     np.testing.assert_array_equal(results[0].accuracy_matrix, results[1].accuracy_matrix)
+
+
+@pytest.mark.parametrize("name", list(METHODS))
+def test_a_resumed_task_ends_bit_identical(name, tiny_model, tiny_stream, tiny_stem, tiny_config, tmp_path):
+    """Stop a task after 3 of 6 steps, continue from the saved TrainState in a fresh model and method
+    object: every loss and parameter equals the uninterrupted run's (the method's state_dict is complete)."""
+    import dataclasses
+
+    from lifelong.loop import train_task
+
+    train = dataclasses.replace(tiny_config.train, steps_per_task=6)
+    method = setup(tiny_model, tiny_config, name, modes_of(name)[0])
+    method.prepare(tiny_model)
+    train_task(tiny_model, method, task_data(tiny_stream, tiny_stem, 0), train, seed=0)
+    start_model, start_method = copy.deepcopy(tiny_model), copy.deepcopy(method)
+    data = task_data(tiny_stream, tiny_stem, 1)
+    saved = {}
+    losses = train_task(tiny_model, method, data, train, seed=1, checkpoint_every=3,
+                        on_checkpoint=lambda state: saved.setdefault(len(state.meta["losses"]), state.to_bytes()))
+    (tmp_path / "state.safetensors").write_bytes(saved[3])
+    torch.manual_seed(12345)  # the RNG must come from the checkpoint, not from wherever it stands
+    resumed = train_task(start_model, start_method, data, train, seed=1, resume_from=tmp_path / "state.safetensors")
+    assert resumed == losses
+    expected = dict(tiny_model.named_parameters())
+    for n, p in start_model.named_parameters():
+        assert torch.equal(p, expected[n]), n
+    # The next task starts from the same method state too.
+    third = task_data(tiny_stream, tiny_stem, 2)
+    for m, meth in ((tiny_model, method), (start_model, start_method)):
+        meth.begin_task(m, third)
+    index = torch.arange(8)
+    batch = {"inputs": third.inputs[index], "targets": third.targets[index], "index": index}
+    assert method.loss(tiny_model, batch, third)[0].item() == start_method.loss(start_model, batch, third)[0].item()

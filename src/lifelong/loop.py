@@ -63,15 +63,27 @@ def targets_in(stream: Stream, t: int, labels: np.ndarray) -> torch.Tensor:
 
 
 @torch.no_grad()
-def count_correct(model, stem_out: torch.Tensor, targets: torch.Tensor, class_names: tuple[str, ...], batch_size: int) -> int:
-    """How many stem outputs the model assigns to their target among `class_names` (top-1)."""
-    class_emb = model.class_embeddings(class_names)
-    pred = torch.cat([model.logits(stem_out[i : i + batch_size], class_emb).argmax(-1) for i in range(0, len(stem_out), batch_size)])
+def count_correct(model, stem_out: torch.Tensor, targets: torch.Tensor, class_names: tuple[str, ...], batch_size: int,
+                  method=None) -> int:
+    """How many stem outputs the model assigns to their target among `class_names` (top-1).
+
+    A method with its own inference (iCaRL's nearest mean of exemplars, MoE-Adapters' selector)
+    defines `eval_logits(model, stem_out, class_names) -> (N, C)`; otherwise the image-text logits.
+    """
+    if method is not None and hasattr(method, "eval_logits"):
+        def score(x):
+            return method.eval_logits(model, x, class_names)
+    else:
+        class_emb = model.class_embeddings(class_names)
+
+        def score(x):
+            return model.logits(x, class_emb)
+    pred = torch.cat([score(stem_out[i : i + batch_size]).argmax(-1) for i in range(0, len(stem_out), batch_size)])
     return int((pred == targets).sum())
 
 
 @torch.no_grad()
-def evaluate(model, stream: Stream, stem: StemFeatures, after_task: int, batch_size: int) -> tuple[list[float], float]:
+def evaluate(model, stream: Stream, stem: StemFeatures, after_task: int, batch_size: int, method=None) -> tuple[list[float], float]:
     """Accuracy (%) on every task's test set after `after_task` tasks (0 = before training).
 
     Task-incremental: among the task's own classes. Class-incremental: among the classes seen so far
@@ -88,7 +100,7 @@ def evaluate(model, stream: Stream, stem: StemFeatures, after_task: int, batch_s
             offset = names.index(task.class_names[0])
         else:
             names, offset = task.class_names, 0
-        correct = count_correct(model, stem.test[j], torch.as_tensor(task.test.labels) + offset, names, batch_size)
+        correct = count_correct(model, stem.test[j], torch.as_tensor(task.test.labels) + offset, names, batch_size, method)
         row.append(100.0 * correct / len(task.test))
         if stream.scenario == "class" and j < after_task:
             seen_correct, seen_total = seen_correct + correct, seen_total + len(task.test)
@@ -106,7 +118,7 @@ def run_stream(model, method, stream: Stream, stem: StemFeatures, config: RunCon
     matrix = np.zeros((T + 1, T))
     result = StreamResult(matrix)
     t0 = time.perf_counter()
-    matrix[0], _ = evaluate(model, stream, stem, 0, train_cfg.eval_batch_size)
+    matrix[0], _ = evaluate(model, stream, stem, 0, train_cfg.eval_batch_size, method)
     result.eval_seconds += time.perf_counter() - t0
 
     spaces = label_spaces(stream)
@@ -130,7 +142,7 @@ def run_stream(model, method, stream: Stream, stem: StemFeatures, config: RunCon
         if checkpoint_dir is not None and train_cfg.checkpoints:
             save_checkpoint(checkpoint_dir / f"task_{t + 1}.safetensors", model, method, t + 1)
         t0 = time.perf_counter()
-        matrix[t + 1], seen_acc = evaluate(model, stream, stem, t + 1, train_cfg.eval_batch_size)
+        matrix[t + 1], seen_acc = evaluate(model, stream, stem, t + 1, train_cfg.eval_batch_size, method)
         result.seen_accuracy.append(seen_acc)
         result.eval_seconds += time.perf_counter() - t0
     return result

@@ -4,7 +4,11 @@
     begin_task(model, data)        before a task's first step (e.g. cache a frozen teacher's outputs)
     loss(model, batch, data)       -> (loss, {name: float}) for one batch
     end_task(model, data)          after a task's last step (e.g. Fisher, weight interpolation)
-    state_dict() / load_state_dict(state)   tensors to checkpoint
+    state_dict() / load_state_dict(state)   tensors to checkpoint: everything `loss` and `end_task`
+                                   depend on (teacher outputs, Fisher, exemplar buffers, weight
+                                   averages), so that a resumed task ends bit-identical
+    eval_logits(model, inputs, class_names) -> (N, C)   optional: the method's own inference
+                                   (nearest mean of exemplars, routing); else the image-text logits
 
 Adding a method = its file, one line in METHODS, a test case, a docs entry.
 """
