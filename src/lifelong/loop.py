@@ -161,16 +161,19 @@ def train_task(model, method, data: TaskData, train_cfg: TrainConfig, *, seed: i
     again, and the run ends with the same numbers as an uninterrupted one (bit-identical on CPU).
     """
     accelerator = accelerator or Accelerator(cpu=not torch.cuda.is_available())
+    # begin_task may choose what trains (a new router, frozen experts), so it runs before the optimizer
+    # is built; a resumed task gets those choices back from its checkpoint instead.
+    saved = TrainState.load(resume_from) if resume_from is not None else None
+    if saved is not None:
+        saved.restore_trainable(model)
+    else:
+        method.begin_task(model, data)
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=train_cfg.lr, weight_decay=train_cfg.weight_decay)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, cosine_with_warmup(train_cfg.warmup_steps, train_cfg.steps_per_task))
     optimizer, scheduler = accelerator.prepare(optimizer, scheduler)
     order = batch_order(len(data.inputs), train_cfg.batch_size, train_cfg.steps_per_task, seed=seed)
-    if resume_from is not None:
-        losses = TrainState.load(resume_from).restore(model, method, optimizer, scheduler)
-    else:
-        method.begin_task(model, data)
-        losses = []
+    losses = saved.restore(model, method, optimizer, scheduler) if saved is not None else []
     start = len(losses)
     bar = tqdm(range(start, len(order)), desc=desc, leave=False, initial=start, total=len(order),
                disable=not accelerator.is_local_main_process)
@@ -222,6 +225,7 @@ class TrainState:
         tensors["rng.numpy"] = torch.from_numpy(np_state[1].astype(np.int64))
         meta = {
             "losses": list(losses),
+            "trainable": [n for n, p in model.named_parameters() if p.requires_grad],
             "param_groups": opt["param_groups"],
             "optim_keys": {str(i): sorted(s) for i, s in opt["state"].items()},
             "scheduler": scheduler.state_dict(),
@@ -241,6 +245,12 @@ class TrainState:
 
         with safe_open(str(path), framework="pt") as f:
             return cls({k: f.get_tensor(k) for k in f.keys()}, json.loads(f.metadata()["train_state"]))
+
+    def restore_trainable(self, model) -> None:
+        """Which parameters train, as when the state was captured (before the optimizer is built)."""
+        trainable = set(self.meta["trainable"])
+        for n, p in model.named_parameters():
+            p.requires_grad_(n in trainable)
 
     def restore(self, model, method, optimizer, scheduler) -> list[float]:
         """Put every saved state back; returns the losses so far."""
