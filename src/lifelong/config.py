@@ -82,6 +82,9 @@ class RunConfig:
     train: TrainConfig = TrainConfig()
     adapter: AdapterConfig = AdapterConfig()
     methods: tuple[MethodConfig, ...] = (MethodConfig(),)
+    # Run the stream in this many cyclic orders (rotation r = 0..orders-1 of its task order) and report
+    # every metric's mean and standard deviation over them (Select-and-Distill uses 8).
+    orders: int = 1
 
 
 # ---------------------------------------------------------------------------------------------
@@ -231,6 +234,7 @@ def validate(config: RunConfig) -> None:
         "train.eval_batch_size": config.train.eval_batch_size,
         "model.resolution": config.model.resolution,
         "adapter.rank": config.adapter.rank,
+        "orders": config.orders,
     }
     for key, value in positive.items():
         if value <= 0:

@@ -123,6 +123,7 @@ def run_stream(model, method, stream: Stream, stem: StemFeatures, config: RunCon
 
     spaces = label_spaces(stream)
     seen: tuple[str, ...] = ()
+    last_good: Path | None = None
     for t, task in enumerate(stream.tasks):
         data = TaskData(
             index=t,
@@ -133,14 +134,18 @@ def run_stream(model, method, stream: Stream, stem: StemFeatures, config: RunCon
             seen_class_names=seen if stream.scenario == "task" else (spaces[t - 1] if t else ()),
         )
         t0 = time.perf_counter()
-        losses = train_task(model, method, data, train_cfg, seed=config.seed * 1000 + t, accelerator=accelerator,
-                            desc=f"task {t + 1}/{T} {task.name}")
+        try:
+            losses = train_task(model, method, data, train_cfg, seed=config.seed * 1000 + t, accelerator=accelerator,
+                                desc=f"task {t + 1}/{T} {task.name}")
+        except TrainingDivergedError as e:
+            where = f"last good checkpoint: {last_good}" if last_good else "no checkpoint yet (it diverged in the first task)"
+            raise TrainingDivergedError(f"{e} {where}") from None
         result.losses.append(losses)
         result.train_seconds += time.perf_counter() - t0
         seen = seen + task.class_names
 
         if checkpoint_dir is not None and train_cfg.checkpoints:
-            save_checkpoint(checkpoint_dir / f"task_{t + 1}.safetensors", model, method, t + 1)
+            last_good = save_checkpoint(checkpoint_dir / f"task_{t + 1}.safetensors", model, method, t + 1)
         t0 = time.perf_counter()
         matrix[t + 1], seen_acc = evaluate(model, stream, stem, t + 1, train_cfg.eval_batch_size, method)
         result.seen_accuracy.append(seen_acc)

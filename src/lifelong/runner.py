@@ -50,8 +50,9 @@ INCREMENTAL_COLUMNS = [("avg_incremental_accuracy", "avg incr. acc", ".1f"), ("f
 @dataclass
 class MethodRun:
     label: str
-    accuracy_matrix: np.ndarray
-    row: dict  # the table row: metrics and costs
+    matrices: list[np.ndarray]  # one accuracy matrix per task order
+    orders: list[dict]  # per order: its task names and metrics
+    row: dict  # the table row: metrics (mean over orders) and costs
 
 
 def cache_dir() -> Path:
@@ -98,31 +99,70 @@ def run_experiment(config: RunConfig) -> Path:
     atomic_write_text(out / "config.yaml", yaml.safe_dump(to_dict(config), sort_keys=False))
     atomic_write_json(out / "versions.json", versions())
 
-    stream = build_stream(resolve_stream(config.stream))
+    streams = ordered_streams(config)
     base = build_vlm(config.model)
-    stem = compute_stem_features(base, stream, config.train.eval_batch_size)
-    atomic_write_json(out / "data.json", describe_stream(stream))
+    stems = [compute_stem_features(base, stream, config.train.eval_batch_size) for stream in streams]
+    atomic_write_json(out / "data.json", describe_stream(streams[0]))
 
     runs = []
     for mc in config.methods:
         label = mc.display_name
-        print(f"== {label}: {len(stream.tasks)} tasks x {config.train.steps_per_task} steps")
-        model = copy.deepcopy(base)
-        prepare_trainable(model, config, mc.adapter or config.adapter)
-        method = build_method(mc)
-        with PeakMemory() as memory:
-            result = run_stream(model, method, stream, stem, config, out / "checkpoints" / label)
-        trainable, total = count_parameters(model)
-        row = {"method": label, **summarize(result.accuracy_matrix)}
-        if stream.scenario == "class":
-            row["avg_incremental_accuracy"], row["final_seen_accuracy"] = average_incremental_accuracy(result.seen_accuracy)
-        row.update(trainable_params=trainable, total_params=total, train_seconds=result.train_seconds,
-                   eval_seconds=result.eval_seconds, peak_rss_mb=memory.peak_mb)
-        runs.append(MethodRun(label, result.accuracy_matrix, row))
-        print(f"   Avg {row['avg']:.1f}  Last {row['last']:.1f}  max forgetting {row['max_forgetting']:.1f}  "
-              f"ZS degradation {row['zero_shot_degradation']:.1f}  ({result.train_seconds:.0f} s)")
-    write_results(out, config, stream, runs)
+        rows, matrices = [], []
+        for r, (stream, stem) in enumerate(zip(streams, stems)):
+            which = f", order {r + 1}/{len(streams)}: {' -> '.join(t.name for t in stream.tasks)}" if len(streams) > 1 else ""
+            print(f"== {label}: {len(stream.tasks)} tasks x {config.train.steps_per_task} steps{which}")
+            model = copy.deepcopy(base)
+            prepare_trainable(model, config, mc.adapter or config.adapter)
+            method = build_method(mc)
+            checkpoints = out / "checkpoints" / label / (f"order_{r + 1}" if len(streams) > 1 else "")
+            with PeakMemory() as memory:
+                result = run_stream(model, method, stream, stem, config, checkpoints)
+            trainable, total = count_parameters(model)
+            row = {"tasks": [t.name for t in stream.tasks], **summarize(result.accuracy_matrix)}
+            if stream.scenario == "class":
+                row["avg_incremental_accuracy"], row["final_seen_accuracy"] = average_incremental_accuracy(result.seen_accuracy)
+            row.update(trainable_params=trainable, total_params=total, train_seconds=result.train_seconds,
+                       eval_seconds=result.eval_seconds, peak_rss_mb=memory.peak_mb)
+            rows.append(row)
+            matrices.append(result.accuracy_matrix)
+            print(f"   Avg {row['avg']:.1f}  Last {row['last']:.1f}  max forgetting {row['max_forgetting']:.1f}  "
+                  f"ZS degradation {row['zero_shot_degradation']:.1f}  ({result.train_seconds:.0f} s)")
+        runs.append(MethodRun(label, matrices, rows, aggregate(label, rows)))
+    write_results(out, config, streams, runs)
     return out
+
+
+def ordered_streams(config: RunConfig) -> list[Stream]:
+    """The stream in `config.orders` cyclic orders of its task order (same tasks, same data)."""
+    from lifelong.data.streams import task_order
+
+    spec = resolve_stream(config.stream)
+    base = task_order(spec)
+    if config.orders > len(base):
+        from lifelong.errors import ConfigError
+
+        raise ConfigError(f"orders={config.orders}, but the stream has {len(base)} tasks: at most {len(base)} cyclic orders")
+    return [build_stream(dataclasses.replace(spec, order=tuple(base[r:] + base[:r]), rotation=0))
+            for r in range(config.orders)]
+
+
+def aggregate(label: str, rows: list[dict]) -> dict:
+    """One table row from the per-order rows: metric means (with `<name>_std`), mean time, peak memory."""
+    row = {"method": label}
+    for key in rows[0]:
+        values = [r[key] for r in rows]
+        if key == "tasks":
+            continue
+        if key == "peak_rss_mb":
+            row[key] = max(values)
+        elif key in ("trainable_params", "total_params"):
+            row[key] = values[0]
+        else:
+            row[key] = float(np.mean(values))
+            if key in METRIC_DOCS or key in ("avg_incremental_accuracy", "final_seen_accuracy"):
+                row[f"{key}_std"] = float(np.std(values))
+    row["orders"] = len(rows)
+    return row
 
 
 def run_into_ledgers(config: RunConfig, ledger_root: Path) -> Path:
@@ -179,9 +219,8 @@ def run_into_ledgers(config: RunConfig, ledger_root: Path) -> Path:
                "train_seconds": sum(c["cost"]["train_seconds"] for c in changes),
                "peak_rss_mb": max(c["cost"]["peak_rss_mb"] for c in changes),
                "patch_bytes": sum(c["cost"]["patch_bytes"] for c in changes), "ledger": str(root)}
-        runs.append(MethodRun(label, matrix, row))
-    stream = build_stream(spec)
-    write_results(out, config, stream, runs)
+        runs.append(MethodRun(label, [matrix], [{"tasks": [t["name"] for t in tasks], **row}], row))
+    write_results(out, config, [build_stream(spec)], runs)
     return out
 
 
@@ -201,42 +240,69 @@ def columns_for(stream: Stream) -> list[tuple[str, str, str]]:
     return TABLE_COLUMNS[:-3] + (INCREMENTAL_COLUMNS if stream.scenario == "class" else []) + TABLE_COLUMNS[-3:]
 
 
-def write_results(out: Path, config: RunConfig, stream: Stream, runs: list[MethodRun]) -> None:
+def write_results(out: Path, config: RunConfig, streams: list[Stream], runs: list[MethodRun]) -> None:
+    """results.json, accuracy_matrix.csv, summary.md, the figures and report.html; print the table.
+
+    With several orders the table shows each metric as mean +- std over the orders (population std).
+    """
     from lifelong.report.html import write_html_report
-    from lifelong.report.plots import plot_accuracy_matrices
+    from lifelong.report.plots import plot_accuracy_matrices, plot_metric_bars
     from lifelong.report.table import format_table
 
-    task_names = [t.name for t in stream.tasks]
+    stream = streams[0]
     results = {
         "name": config.name,
         "stream": describe_stream(stream),
+        "orders": [[t.name for t in s.tasks] for s in streams],
         "metric_definitions": METRIC_DOCS,
         "accuracy_unit": "percent top-1",
-        "methods": {r.label: {"accuracy_matrix": r.accuracy_matrix.tolist(), **r.row} for r in runs},
+        "std": "population standard deviation over the task orders (ddof = 0)",
+        "methods": {r.label: {"accuracy_matrix": r.matrices[0].tolist(), **r.row,
+                              "per_order": [{**o, "accuracy_matrix": m.tolist()} for o, m in zip(r.orders, r.matrices)]}
+                    for r in runs},
     }
     atomic_write_json(out / "results.json", results)
-    lines = ["method,after," + ",".join(task_names)]
-    for r in runs:
-        for t, acc_row in enumerate(r.accuracy_matrix):
-            after = "zero-shot" if t == 0 else task_names[t - 1]
-            lines.append(f"{r.label},{after}," + ",".join(f"{a:.2f}" for a in acc_row))
-    atomic_write_text(out / "accuracy_matrix.csv", "\n".join(lines) + "\n")
+    for k, ordered in enumerate(streams):  # one CSV per task order: accuracy_matrix.csv, accuracy_matrix_order_2.csv, ...
+        names = [t.name for t in ordered.tasks]
+        lines = ["method,after," + ",".join(names)]
+        for r in runs:
+            for t, acc_row in enumerate(r.matrices[k]):
+                after = "zero-shot" if t == 0 else names[t - 1]
+                lines.append(f"{r.label},{after}," + ",".join(f"{a:.2f}" for a in acc_row))
+        atomic_write_text(out / ("accuracy_matrix.csv" if k == 0 else f"accuracy_matrix_order_{k + 1}.csv"), "\n".join(lines) + "\n")
 
     columns = columns_for(stream)
     rows = [r.row for r in runs]
+    if len(streams) > 1:
+        columns = [(key, header, _mean_std(key, fmt)) if f"{key}_std" in rows[0] else (key, header, fmt)
+                   for key, header, fmt in columns]
+        rows = [{**row, **{k: (row[k], row[f"{k}_std"]) for k in row if f"{k}_std" in row}} for row in rows]
     table = format_table(rows, columns)
-    figure = plot_accuracy_matrices({r.label: r.accuracy_matrix for r in runs}, task_names, out / "accuracy_matrices.png")
+    task_names = [t.name for t in stream.tasks]
+    figures = [plot_accuracy_matrices({r.label: r.matrices[0] for r in runs}, task_names, out / "accuracy_matrices.png")]
+    bar_metrics = ["transfer", "avg", "last", "max_forgetting", "zero_shot_degradation"]
+    figures.append(plot_metric_bars([r.row for r in runs], bar_metrics, out / "metrics.png",
+                                    title=f"mean over {len(streams)} task order(s)"))
+    orders_note = (f"; {len(streams)} cyclic task orders, mean +- std over them" if len(streams) > 1 else "")
     summary = (
-        f"# {config.name}\n\nStream `{stream.name}` ({stream.scenario}-incremental): {', '.join(task_names)}; "
+        f"# {config.name}\n\nStream `{stream.name}` ({stream.scenario}-incremental): {', '.join(task_names)}{orders_note}; "
         f"model `{config.model.name}`; {config.train.steps_per_task} steps/task.\n\n"
         + format_table(rows, columns, markdown=True)
         + "\n\nAccuracies in percent; metric definitions in results.json (`metric_definitions`).\n"
     )
     atomic_write_text(out / "summary.md", summary)
-    write_html_report(out / "report.html", f"lifelong: {config.name}", rows, columns, [figure],
+    write_html_report(out / "report.html", f"lifelong: {config.name}", rows, columns, figures,
                       notes="; ".join(f"{k}: {v}" for k, v in METRIC_DOCS.items()))
     print(table)
-    print(f"\nwrote {out}/ (results.json, accuracy_matrix.csv, summary.md, accuracy_matrices.png, report.html)")
+    print(f"\nwrote {out}/ (results.json, accuracy_matrix.csv, summary.md, accuracy_matrices.png, metrics.png, report.html)")
+
+
+def _mean_std(key: str, fmt: str):
+    def cell(value) -> str:
+        mean, std = value
+        return f"{format(mean, fmt)} ± {format(std, fmt)}"
+
+    return cell
 
 
 def versions() -> dict:

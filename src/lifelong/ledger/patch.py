@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import torch
 
-from lifelong.errors import LedgerCorruptError
+from lifelong.errors import LedgerCorruptError, LedgerError
 
 LORA_ADAPTER = "default"  # the adapter name peft's inject_adapter_in_model uses
 
@@ -31,8 +31,8 @@ def patch_from_model(model, before: dict[str, torch.Tensor]) -> dict[str, torch.
     """The patch that turns the plain model whose parameters were `before` into the trained `model`.
 
     LoRA layers (peft) give their factors, checked against peft's own `get_delta_weight` (a layer whose
-    delta is not B @ A, e.g. a k x k convolution, is stored dense). Other trainable parameters give
-    dense deltas; parameters that did not change are left out.
+    delta is not B @ A, e.g. a k x k convolution, is stored dense). Every other parameter that moved
+    gives a dense delta; parameters that did not change are left out.
     """
     from peft.tuners.lora import LoraLayer
 
@@ -49,11 +49,19 @@ def patch_from_model(model, before: dict[str, torch.Tensor]) -> dict[str, torch.
             patch.update({f"lora_A::{weight}": a, f"lora_B::{weight}": b, f"lora_scale::{weight}": scale})
         else:
             patch[f"delta::{weight}"] = reference.clone()
+    # Every other parameter that moved, trainable or not (a method may fold an adapter into frozen
+    # weights, as O-LoRA does), under its plain-model name.
     for name, p in model.named_parameters():
-        if p.requires_grad and "lora_" not in name:
-            delta = p.detach() - before[name]
-            if delta.any():
-                patch[f"delta::{name}"] = delta
+        if "lora_" in name:
+            continue
+        plain = name.replace(".base_layer.", ".")
+        if plain not in before:
+            raise LedgerError(f"the method added the parameter {name!r}, a module the plain model does not have; "
+                              "a ledger can record weight changes and LoRA adapters, not new modules (yet)")
+        delta = p.detach() - before[plain]
+        if delta.any():
+            key = f"delta::{plain}"
+            patch[key] = patch[key] + delta if key in patch else delta
     return patch
 
 
