@@ -163,3 +163,22 @@ def test_nan_loss_stops_with_a_clear_message_and_keeps_the_last_good_checkpoint(
     state = load_file(checkpoint)  # intact and loadable
     assert all(torch.isfinite(v).all() for v in state.values())
     assert not (tmp_path / "tiny" / "checkpoints" / "finetune" / "task_2.safetensors").exists()
+
+
+def test_orders_runs_every_cyclic_order_and_reports_mean_and_std(tmp_path, capsys):
+    assert main(["run", str(TINY), f"output_dir={tmp_path}", "methods=[finetune]", "orders=3", *FAST]) == 0
+    out = tmp_path / "tiny"
+    results = json.loads((out / "results.json").read_text())
+    assert results["orders"] == [["digits", "lfw", "mnist"], ["lfw", "mnist", "digits"], ["mnist", "digits", "lfw"]]
+    row = results["methods"]["finetune"]
+    per_order = row["per_order"]
+    assert [o["tasks"] for o in per_order] == results["orders"]
+    for metric in ("transfer", "avg", "last", "max_forgetting", "zero_shot_degradation"):
+        values = np.array([o[metric] for o in per_order])
+        assert row[metric] == pytest.approx(values.mean()) and row[f"{metric}_std"] == pytest.approx(values.std())
+    # The zero-shot row is the same model on the same test sets, only in another column order.
+    zero_shot = [dict(zip(o["tasks"], o["accuracy_matrix"][0])) for o in per_order]
+    assert zero_shot[0] == zero_shot[1] == zero_shot[2]
+    assert (out / "accuracy_matrix_order_3.csv").is_file() and (out / "metrics.png").is_file()
+    assert "±" in capsys.readouterr().out
+    assert main(["run", str(TINY), f"output_dir={tmp_path}", "orders=4"]) == 2  # the stream has 3 tasks
