@@ -63,7 +63,9 @@ def test_only_its_own_parameters_train(name, mode, tiny_model, tiny_stream, tiny
     after = dict(tiny_model.named_parameters())
     changed = {n for n in after if n not in before or not torch.equal(before[n], after[n])}
     assert changed, "training changed nothing"
-    assert changed <= trainable, f"frozen parameters changed: {sorted(changed - trainable)[:5]}"
+    # O-LoRA folds each finished task's adapter into the frozen base weights it sits on, by design.
+    folded = {n for n in changed if n.endswith(tuple(getattr(method, "changes_frozen", ())))}
+    assert changed - folded <= trainable, f"frozen parameters changed: {sorted(changed - folded - trainable)[:5]}"
 
 
 @pytest.mark.parametrize("name,mode", CASES)

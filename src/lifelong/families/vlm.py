@@ -149,6 +149,10 @@ class DualEncoder(nn.Module):
         emb = emb.view(len(class_names), len(self.templates), -1).mean(dim=1)  # (C, D)
         return F.normalize(emb, dim=-1)
 
+    def text_embeddings(self, texts: tuple[str, ...] | list[str]) -> torch.Tensor:
+        """(N, D) L2-normalised embeddings of raw sentences (captions), as they are: no templates."""
+        return F.normalize(self.text_projection(self._pooled_text(list(texts))), dim=-1)
+
     def logits(self, stem_out: torch.Tensor, class_emb: torch.Tensor) -> torch.Tensor:
         return self.logit_scale * self.image_embeddings(stem_out) @ class_emb.T  # (N, C)
 

@@ -17,14 +17,24 @@ from __future__ import annotations
 
 from lifelong.learn.ewc import EWC
 from lifelong.learn.finetune import Finetune
+from lifelong.learn.icarl import ICaRL
 from lifelong.learn.lwf import LwF
+from lifelong.learn.moe_adapters import MoEAdapters
 from lifelong.learn.wise_ft import WiSEFT
+from lifelong.learn.o_lora import OLoRA
+from lifelong.learn.select_distill import SelectAndDistill
+from lifelong.learn.zscl import ZSCL
 
 METHODS = {
     "finetune": Finetune,
     "lwf": LwF,
     "ewc": EWC,
     "wise_ft": WiSEFT,
+    "o_lora": OLoRA,
+    "icarl": ICaRL,
+    "zscl": ZSCL,
+    "select_distill": SelectAndDistill,
+    "moe_adapters": MoEAdapters,
 }
 
 
