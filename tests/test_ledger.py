@@ -285,3 +285,22 @@ def test_an_interrupted_change_blocks_new_ones_until_resumed_or_discarded(tmp_pa
     assert cli("resume", ledger_dir, "--discard") == 0
     assert not (ledger_dir / "pending").exists()
     assert cli("learn", ledger_dir, *TASK_MNIST, *TRAIN) == 0
+
+
+def test_a_method_that_adds_modules_is_refused_before_training(tmp_path, capsys):
+    ledger_dir = init(tmp_path / "ledger")
+    assert cli("learn", ledger_dir, *TASK_MNIST, "--method", "moe_adapters", *TRAIN) == 2
+    assert "adds modules" in capsys.readouterr().err
+    assert Ledger.open(ledger_dir).changes == [] and not (ledger_dir / "pending").exists()
+
+
+def test_an_o_lora_change_records_its_folded_adapter(tmp_path):
+    """O-LoRA folds its adapter into frozen base weights at the end of a task: the patch must carry it."""
+    from lifelong.ledger.probes import run_probes
+
+    ledger_dir = init(tmp_path / "ledger")
+    assert cli("learn", ledger_dir, *TASK_MNIST, "--method", "o_lora", "adapter.kind=lora", "adapter.rank=2", *TRAIN) == 0
+    ledger = Ledger.open(ledger_dir)
+    folded = {k: t for k, t in ledger.patch(1).items() if k.startswith("delta::") and k.endswith("conv.weight")}
+    assert folded and all(t.abs().sum() > 0 for t in folded.values())
+    assert run_probes(ledger.materialize(), ledger.probes) == ledger.change(1)["probes_after"]

@@ -1,47 +1,50 @@
-"""MoE-Adapters (Yu et al., "Boosting Continual Learning of Vision-Language Models via Mixture-of-Experts
-Adapters", CVPR 2024; arXiv:2403.11549; official code github.com/JiazuoYu/MoE-Adapters4CL).
+"""MoE-Adapters (Yu et al., CVPR 2024; arXiv:2403.11549): mixtures of adapters, one router per task.
+
+"Boosting Continual Learning of Vision-Language Models via Mixture-of-Experts Adapters"; official code
+github.com/JiazuoYu/MoE-Adapters4CL.
 
 The model is frozen; beside each block of both towers sit E = 22 bottleneck adapters (dim 64) mixed by
-a noisy top-2 router, with one router per task (modules: lifelong.modules.moe_adapter):
+a noisy top-2 router, one router per task (the modules: lifelong.modules.moe_adapter):
 
     L = CE(logits, y) + reg_weight * sum_blocks (cv^2(importance) + cv^2(load)),   reg_weight = 1e-2
 
-After each task, in every block, the `freeze_top` experts the task chose most often during its training
-(counts of top-k selections, as the official code's choose_map) are frozen for all later tasks (the
-official code freezes the top 2 per layer and tower). The Distribution Discriminative Auto-Selector
-(DDAS) fits one autoencoder per task on the frozen original model's image features of the task's
-training images; at inference an image goes to the router of the task whose autoencoder reconstructs it
-best among those within their threshold, and to the original model (adapters off) when none is:
+Freezing: after each task, in every block, the `freeze_top` experts the task's training chose most often
+(counts of top-k selections, the official code's choose_map) are frozen for all later tasks; the official
+code freezes the top 2 per layer and tower, as here. Experts a task never chose are never frozen by it.
+Distribution Discriminative Auto-Selector (DDAS): one autoencoder per task, fit on features of the task's
+training images that only the frozen original model computes; at inference each image goes to
 
-    route(x) = argmin_{t : e_t(x) <= tau_t} e_t(x)  (none -> original model),   e_t(x) = ||AE_t(z) - z||^2 / d
+    route(x) = argmin_{t : e_t(x) <= tau_t} e_t(x)   (no such t: the original model, adapters off),
+
+e_t(x) = mean squared reconstruction error of AE_t, tau_t = the `threshold_quantile` quantile of e_t on a
+held-out `holdout` share of task t's training images (kept out of AE_t's fit). Training uses the current
+task's router.
 
 Where the adapters sit: beside each block of the trainable image trunk (EfficientNet MBConv blocks: 1x1
-experts on the feature map, at the block's stride; CLIP layers: beside the MLP, reading the residual
+experts on the feature map at the block's stride; CLIP layers: beside the MLP, reading the residual
 stream the MLP's LayerNorm reads, as the official x + mlp(ln_2(x)) + moe(x)) and, with `towers: both`
-(the paper), beside each FFN of the text encoder (BERT: added to the FFN output before the residual and
-LayerNorm; CLIP: beside the MLP). `towers: image` leaves the text encoder untouched: faster, and its
-pooled features stay cached.
+(the paper), beside each FFN of the text encoder (BERT: added to the FFN output before its residual and
+LayerNorm; CLIP text: beside the MLP). `towers: image` leaves the text encoder as it is: faster, and its
+pooled features stay cached (with `both` they are recomputed for every batch and routing).
 
-Deviations from the paper:
-- Adapters only beside the trainable trunk's blocks: the image stem's outputs are cached. EfficientNet
+Deviations:
+- Only the trainable trunk's blocks get image adapters (the stem's outputs are cached). EfficientNet
   blocks are inverted-residual conv blocks, not transformer MLPs; their experts are per-pixel (1x1).
-- Routing is per sample: the CLS token for CLIP images (as the official code), the spatial mean of the
-  feature map for EfficientNet, and the attention-masked mean of the tokens for text (the official code
-  routes text on token 0, the start token, which a causal text encoder gives the same value for every
-  prompt, so its text routing is constant per task).
-- Noise: one standard normal draw per sample and expert from a generator seeded by (the run's seed,
-  task, step), not torch's global RNG, so that loss() is a pure function of the method's state (two
-  calls with the same state give the same loss; a resumed task draws the same noise). The run's seed
-  enters through a number drawn from the global RNG once, in prepare.
-- DDAS features: the frozen original model's pooled image-trunk features (L2-normalised, times sqrt(d)),
-  not a separate AlexNet as in the official code; code size min(ae_hidden, d / 2); the AE is fit on a
-  random (1 - holdout) share of the task's training features and tau_t is the `threshold_quantile`
-  quantile of the held-out share's errors times `threshold_scale` (the official code uses one
-  hand-set threshold for all tasks). Routing is per image, not per test batch as the official evaluation.
-- Adapter dropout (0.1 in the official code) is off: the towers always run in inference mode here.
-- Between tasks every parameter of the method counts as trainable (requires_grad), so the checkpoint
-  written after a task (the model's trainable state) holds frozen experts, past routers and the
-  autoencoders; begin_task narrows it to the task's router and the unfrozen experts.
+- Routing is per sample: the CLS token for CLIP images (as the official code), the spatial mean for
+  EfficientNet feature maps, the attention-masked token mean for text (the official code routes text on
+  token 0, the start token, identical for every prompt in a causal encoder: constant per task there).
+- Noise comes from a generator seeded by (the run's seed, task, step), not torch's global RNG, so that
+  loss() is a pure function of the method's state (the contract: equal state, equal loss; a resumed task
+  draws the same noise). The run's seed enters once, through a number drawn from the global RNG in prepare.
+- DDAS reads the frozen stem's output pooled over space or tokens (L2-normalised, times sqrt(d)), not a
+  separate ImageNet AlexNet's conv5 map as the official code; code size min(ae_hidden, d // 2); one
+  threshold per task calibrated as above, not one hand-set threshold; per image, not per test batch.
+- The load-balancing loss is added to the training loss as the paper states (the released MTIL code
+  computes it per layer but does not add it). Adapter dropout (0.1 there) is off: the towers always run
+  in inference mode here.
+- Between tasks every parameter of the method has requires_grad, so the checkpoint written after a task
+  (the model's trainable state) holds frozen experts, past routers and the autoencoders; begin_task
+  narrows training to the task's routers and the unfrozen experts.
 """
 
 from __future__ import annotations
@@ -168,6 +171,8 @@ class MoEAdapters:
         return [*mixtures(model), model.moe_selector]
 
     def prepare(self, model) -> None:
+        if any("lora_" in name for name, _ in model.named_parameters()):
+            raise ConfigError("moe_adapters brings its own adapters and freezes the model: set adapter.kind: none")
         model.requires_grad_(False)
         if not hasattr(model, "moe_selector"):
             add_mixtures(model, self.params)
@@ -182,7 +187,8 @@ class MoEAdapters:
     def begin_task(self, model, data: TaskData) -> None:
         if data.index >= self.params.max_tasks:
             raise ConfigError(f"moe_adapters allocated routers for max_tasks={self.params.max_tasks} tasks; task "
-                              f"{data.index + 1} ({data.task.name}) needs more: set method.max_tasks >= the stream's length")
+                              f"{data.index + 1} ({data.task.name}) needs more: set the method's max_tasks to at "
+                              "least the stream's length")
         self.task, self.step = data.index, 0
         self.usage.zero_()
         for module in self.own_modules(model):

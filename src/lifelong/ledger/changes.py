@@ -24,7 +24,7 @@ from lifelong.errors import LedgerError, LifelongError
 from lifelong.learn import build_method, method_params
 from lifelong.learn.common import TaskData
 from lifelong.ledger.core import Ledger
-from lifelong.ledger.patch import apply_patch, dense_patch, negate, patch_from_model
+from lifelong.ledger.patch import apply_patch, check_recordable, dense_patch, negate, patch_from_model
 from lifelong.ledger.probes import Probe, run_probes, unique_name
 from lifelong.ledger.store import LedgerLock
 from lifelong.loop import TrainState, train_task
@@ -191,6 +191,7 @@ def train_change(model, model_config: ModelConfig, spec: dict, *, prior_state: d
     prepare_trainable(model, RunConfig(model=model_config), adapter)
     method = build_method(mc)
     method.prepare(model)
+    check_recordable(model, before, mc.name)  # before any training time is spent
     if prior_state:
         method.load_state_dict(prior_state)
     set_seed(spec["seed"])

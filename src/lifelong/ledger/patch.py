@@ -51,18 +51,24 @@ def patch_from_model(model, before: dict[str, torch.Tensor]) -> dict[str, torch.
             patch[f"delta::{weight}"] = reference.clone()
     # Every other parameter that moved, trainable or not (a method may fold an adapter into frozen
     # weights, as O-LoRA does), under its plain-model name.
+    check_recordable(model, before)
     for name, p in model.named_parameters():
         if "lora_" in name:
             continue
         plain = name.replace(".base_layer.", ".")
-        if plain not in before:
-            raise LedgerError(f"the method added the parameter {name!r}, a module the plain model does not have; "
-                              "a ledger can record weight changes and LoRA adapters, not new modules (yet)")
         delta = p.detach() - before[plain]
         if delta.any():
             key = f"delta::{plain}"
             patch[key] = patch[key] + delta if key in patch else delta
     return patch
+
+
+def check_recordable(model, before: dict[str, torch.Tensor], method: str = "the method") -> None:
+    """Refuse a model with modules the plain model lacks (beside peft LoRA): a patch cannot hold them."""
+    for name, _ in model.named_parameters():
+        if "lora_" not in name and name.replace(".base_layer.", ".") not in before:
+            raise LedgerError(f"{method} adds modules the plain model does not have (e.g. {name!r}); a ledger records "
+                              "weight changes and LoRA adapters, not new modules (yet): use `lifelong run` for it")
 
 
 def dense_patch(after: dict[str, torch.Tensor], before: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:

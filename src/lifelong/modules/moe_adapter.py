@@ -21,6 +21,12 @@ Routing is per sample, as in the official code (which routes on the CLS token an
 every token): `r(x)` is the first token ("first"), the spatial mean of a feature map ("map") or the
 attention-masked mean of the tokens ("masked_mean", for text). Experts run only on the samples routed to
 them (sparse dispatch, as the official SparseDispatcher).
+
+Deviations: the mixture sits beside a block through hooks instead of a rewritten block (the official
+code edits CLIP's residual block), so parameter names, checkpoints and LoRA targets are unchanged; on a
+feature map an expert is a per-pixel (1x1) map sampled at the block's stride; the autoencoder's output is
+linear on normalised features (the official one squashes both input and output with a sigmoid); no
+adapter dropout (0.1 there).
 """
 
 from __future__ import annotations
@@ -59,8 +65,9 @@ class NoisyTopKRouter(nn.Module):
         self.w_gate = nn.Parameter(torch.zeros(d_in, n_experts))
         self.w_noise = nn.Parameter(torch.zeros(d_in, n_experts))
 
-    def forward(self, x: torch.Tensor, top_k: int, noise: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-        """x (B, d_in), noise (B, E) standard normal or None -> gates (B, E) with k nonzeros per row, load (E,)."""
+    def forward(self, x: torch.Tensor, top_k: int, noise: torch.Tensor | None = None
+                ) -> tuple[torch.Tensor, torch.Tensor]:
+        """x (B, d_in), noise (B, E) standard normal or None -> gates (B, E), k nonzeros a row; load (E,)."""
         n_experts = self.w_gate.shape[1]
         clean = x @ self.w_gate  # (B, E)
         if noise is None:
@@ -77,7 +84,8 @@ class NoisyTopKRouter(nn.Module):
         return gates, load
 
 
-def prob_in_top_k(clean: torch.Tensor, noisy: torch.Tensor, std: torch.Tensor, top: torch.Tensor, k: int) -> torch.Tensor:
+def prob_in_top_k(clean: torch.Tensor, noisy: torch.Tensor, std: torch.Tensor, top: torch.Tensor,
+                  k: int) -> torch.Tensor:
     """P(expert e stays in the top k when its own noise is redrawn), (B, E): differentiable in W_g, W_noise.
 
     An expert in the top k stays there while its logit beats the (k+1)-th value; one outside must beat the k-th.
