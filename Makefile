@@ -5,7 +5,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test test-all setup system-data heads bench clean
+.PHONY: demo test test-all setup system-data heads bench results clean
 
 demo: $(STAMP) system-data
 	$(BIN)/lifelong demo
@@ -37,6 +37,11 @@ heads: $(STAMP)
 
 bench: $(STAMP) system-data
 	$(BIN)/python benchmarks/loop_overhead.py
+	$(BIN)/python benchmarks/cached_teachers.py
+
+# Every continual-learning method on mtil-mini in 3 task orders (about 50 min on 2 CPU cores).
+results: $(STAMP) system-data
+	$(BIN)/lifelong run configs/mtil_all.yaml
 
 clean:
 	rm -rf $(VENV) runs .pytest_cache

@@ -64,15 +64,20 @@ def stem_outputs(model: DualEncoder, dataset: ImageDataset, batch_size: int = 25
     path = cache_dir() / "stem" / f"{model.stem_fingerprint()}-{dataset.fingerprint[:16]}.safetensors"
     if path.is_file():
         try:
-            return load_file(str(path))["stem"]
+            return _stem_layout(load_file(str(path))["stem"])
         except Exception:  # a damaged cache file is recomputed, never trusted
             pass
-    # Contiguous, as a cached copy loads: the conv stem returns channels-last tensors, and the trunk's
-    # kernels round differently on those, so a cold and a warm cache would give different numbers.
-    out = model.encode_stem(dataset.images, batch_size).contiguous()
+    out = model.encode_stem(dataset.images, batch_size)
     path.parent.mkdir(parents=True, exist_ok=True)
-    atomic_write_bytes(path, save({"stem": out}))
-    return out
+    atomic_write_bytes(path, save({"stem": out.contiguous()}))
+    return _stem_layout(out)
+
+
+def _stem_layout(out: torch.Tensor) -> torch.Tensor:
+    """Conv feature maps in channels-last layout, as the conv stem returns them, whether computed or
+    loaded from the cache: the trunk's kernels round differently on the two layouts, so without this a
+    cold and a warm cache would train to different numbers."""
+    return out.contiguous(memory_format=torch.channels_last) if out.dim() == 4 else out.contiguous()
 
 
 def compute_stem_features(model: DualEncoder, stream: Stream, batch_size: int) -> StemFeatures:
