@@ -92,7 +92,9 @@ def test_loss_drops_on_a_fixed_batch(name, mode, tiny_model, tiny_stream, tiny_s
         loss.backward()
         opt.step()
         losses.append(loss.item())
-    assert losses[-1] < losses[0], losses
+    # Against the first or the second loss: Select-and-Distill's distillation is exactly 0 before the first
+    # update (student = both teachers) and only exists from the second step on.
+    assert losses[-1] < max(losses[0], losses[1]), losses
 
 
 @pytest.mark.parametrize("name", list(METHODS))

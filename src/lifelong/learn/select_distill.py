@@ -16,7 +16,7 @@ The teachers are frozen and the reference images fixed, so f_0 of every referenc
 once at `prepare`, f_prev once at `begin_task`, and each step indexes them (`cache_teacher: true`);
 s follows from the two caches. With `cache_teacher: false` both teachers (frozen copies) encode each
 step's reference images from raw pixels through the whole image tower, stem included, as the official
-code does. Both give the same losses up to float rounding (tested).
+code does. Both compute the same losses (tested to 1e-5); benchmarks/cached_teachers.py times them.
 
 Deviations from the paper and its code:
 - Reference images: `reference_images` (1000) seeded crops of real photographs

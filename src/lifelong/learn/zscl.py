@@ -15,8 +15,8 @@ The teacher never changes and the reference data are fixed, so its embeddings of
 and text are computed once, at `prepare`, and each step indexes them (`cache_teacher: true`). With
 `cache_teacher: false` a frozen copy of the initial model runs every step, as in the official code: it
 encodes the step's reference images from raw pixels through its whole image tower (stem included) and
-the step's texts through its text encoder. Both give the same losses up to float rounding (tested);
-benchmarks/cached_teachers.py times them.
+the step's texts through its text encoder. Both compute the same losses (tested to 1e-5; bit-identical
+over the benchmark's steps on the embedded model); benchmarks/cached_teachers.py times them.
 
 Deviations from the paper and its code:
 - Reference data: `reference_images` (1000) seeded crops of real photographs and 1000 caption-like
@@ -141,7 +141,8 @@ class ZSCL:
         texts = [all_texts[i] for i in text_index.tolist()]
         teacher_image, teacher_text = self._teacher_embeddings(model, reference, image_index, text_index, texts)
         teacher_logits = model.logit_scale * teacher_image @ teacher_text.T  # (B_img, B_txt)
-        student_logits = model.logit_scale * model.image_embeddings(reference.inputs[image_index]) @ model.text_embeddings(texts).T
+        student_image = model.image_embeddings(reference.inputs[image_index])  # (B_img, D)
+        student_logits = model.logit_scale * student_image @ model.text_embeddings(texts).T  # (B_img, B_txt)
         kd_image = distillation_loss(student_logits, teacher_logits, p.temperature)  # each image over the texts
         kd_text = distillation_loss(student_logits.T, teacher_logits.T, p.temperature)  # each text over the images
         loss = ce + p.reg_weight * (kd_image + kd_text)
@@ -255,8 +256,10 @@ def embed_texts(model, texts: tuple[str, ...], batch_size: int = 256) -> torch.T
 
 @torch.no_grad()
 def embed_pixels(model, pixels: np.ndarray) -> torch.Tensor:
-    """(N, D) normalised image embeddings of raw uint8 images through the whole image tower, stem included."""
-    return model.image_embeddings(model.encode_stem(pixels))
+    """(N, D) normalised image embeddings of raw uint8 images through the whole image tower, stem included.
+    The stem's output is made contiguous, as the stem cache stores it: the trunk rounds differently on the
+    conv stem's channels-last output, and this way a per-step teacher gives the cached numbers exactly."""
+    return model.image_embeddings(model.encode_stem(pixels).contiguous())
 
 
 def frozen_copy(model, weights: dict[str, torch.Tensor]):
