@@ -179,7 +179,7 @@ def run_into_ledgers(config: RunConfig, ledger_root: Path) -> Path:
     from lifelong.errors import ConfigError
     from lifelong.ledger.changes import learn, learn_spec, resume
     from lifelong.ledger.core import Ledger
-    from lifelong.ledger.probes import Probe
+    from lifelong.ledger.probes import Probe, run_probes
 
     spec = resolve_stream(config.stream)
     if spec.scenario != "task":
@@ -201,8 +201,6 @@ def run_into_ledgers(config: RunConfig, ledger_root: Path) -> Path:
         label = mc.display_name
         root = ledger_root / label
         if not (root / "ledger.json").exists():
-            from lifelong.ledger.probes import run_probes
-
             ledger = Ledger.create(root, config.model, probes)
             ledger.record_baseline(run_probes(ledger.base_model(), ledger.probes))
         if (root / "pending" / "change.json").exists():

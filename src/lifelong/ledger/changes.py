@@ -10,6 +10,7 @@ enters the history with one atomic manifest write, after which the pending direc
 from __future__ import annotations
 
 import copy
+import json
 import shutil
 import time
 from pathlib import Path
@@ -17,7 +18,7 @@ from pathlib import Path
 import torch
 from accelerate.utils import set_seed
 
-from lifelong.config import AdapterConfig, MethodConfig, ModelConfig, RunConfig, TrainConfig, from_dict
+from lifelong.config import AdapterConfig, MethodConfig, ModelConfig, RunConfig, TrainConfig, from_dict, to_dict
 from lifelong.data.base import Task
 from lifelong.data.sources import load_source
 from lifelong.errors import LedgerError, LifelongError
@@ -46,8 +47,8 @@ def learn_spec(config: RunConfig, task: dict, checkpoint_every: int) -> dict:
     return {
         "kind": "learn",
         "method": {"name": mc.name, "label": mc.label, "params": dict(mc.params)},
-        "adapter": _plain(mc.adapter or config.adapter),
-        "train": _plain(config.train),
+        "adapter": to_dict(mc.adapter or config.adapter),
+        "train": to_dict(config.train),
         "seed": config.seed,
         "task": task,
         "checkpoint_every": checkpoint_every,
@@ -92,8 +93,6 @@ def resume(root: str | Path, discard: bool = False) -> int | None:
 
 
 def _pending_spec(root: Path) -> dict | None:
-    import json
-
     path = root / PENDING / "change.json"
     if not path.is_file():
         if (root / PENDING).exists():  # killed before the spec was written: nothing to continue
@@ -103,8 +102,6 @@ def _pending_spec(root: Path) -> dict | None:
 
 
 def _complete_learn(ledger: Ledger, spec: dict) -> int:
-    import json
-
     root, n = ledger.root, spec["id"]
     pending = root / PENDING
     if any(c["id"] == n for c in ledger.changes):  # committed just before the crash; only the clean-up is left
@@ -277,7 +274,7 @@ def _replay(ledger: Ledger, n: int, later: list[dict]):
     model = ledger.materialize(upto=n - 1)
     states: dict[str, dict] = {}
     seconds, trainable = 0.0, 0
-    kept = [c for c in ledger.active_learn_changes(before=n)]
+    kept = ledger.active_learn_changes(before=n)
     for c in later:
         spec, method = c["spec"], c["spec"]["method"]["name"]
         prior = states[method] if method in states else ledger.method_state(method, before=n)
@@ -290,9 +287,3 @@ def _replay(ledger: Ledger, n: int, later: list[dict]):
         trainable = max(trainable, count_parameters(work)[0])
         kept.append(c)
     return model, states, seconds, trainable
-
-
-def _plain(section) -> dict:
-    from lifelong.config import to_dict
-
-    return to_dict(section)
