@@ -83,3 +83,16 @@ def test_missing_file_and_bad_yaml(tmp_path):
         load_config(tmp_path / "nope.yaml")
     with pytest.raises(ConfigError, match="not valid YAML"):
         load_config(write(tmp_path, "a: [1,\n"))
+
+
+def test_a_method_overrides_train_keys_for_itself_only():
+    from lifelong.config import method_train
+
+    config = load_config(None, ["train.lr=1e-4", "methods=[finetune, {name: o_lora, train: {lr: 1e-3, steps_per_task: 7}}]"])
+    plain, own = (method_train(config, m) for m in config.methods)
+    assert plain == config.train
+    assert own.lr == 1e-3 and own.steps_per_task == 7 and own.batch_size == config.train.batch_size
+    with pytest.raises(ConfigError, match=r"methods\.1\.train\.lrr.*valid keys in methods\.1\.train: .*lr"):
+        load_config(None, ["methods=[finetune, {name: o_lora, train: {lrr: 1e-3}}]"])
+    with pytest.raises(ConfigError, match=r"methods\.0\.train\.lr must be positive"):
+        load_config(None, ["methods=[{name: finetune, train: {lr: 0}}]"])

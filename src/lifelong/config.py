@@ -59,12 +59,14 @@ class MethodConfig:
     """A method by name plus its own knobs, validated against the method's `Params` dataclass.
 
     `adapter`, when set, replaces the run's adapter section for this method only (e.g. a LoRA row
-    beside full fine-tuning rows in one table).
+    beside full fine-tuning rows in one table). `train` holds keys of the run's train section that
+    this method overrides (e.g. `train: {lr: 1.0e-3}` for a LoRA method beside full fine-tuning).
     """
 
     name: str = "finetune"
     label: str = ""  # the name in tables; defaults to the method name
     adapter: AdapterConfig | None = None
+    train: dict = field(default_factory=dict)
     params: dict = field(default_factory=dict)
 
     @property
@@ -152,7 +154,7 @@ def from_dict(cls: type, raw: Any, where: str) -> Any:
         params = {k: v for k, v in raw.items() if k not in fields}
         params.update(raw.get("params") or {})
         raw = {"name": raw.get("name", "finetune"), "label": raw.get("label", ""),
-               "adapter": raw.get("adapter"), "params": params}
+               "adapter": raw.get("adapter"), "train": raw.get("train") or {}, "params": params}
     unknown = sorted(set(raw) - set(fields))
     if unknown:
         raise ConfigError(
@@ -162,6 +164,13 @@ def from_dict(cls: type, raw: Any, where: str) -> Any:
     hints = typing.get_type_hints(cls)
     values = {k: _coerce(hints[k], v, _dotted(where, k)) for k, v in raw.items()}
     return cls(**values)
+
+
+def method_train(config: RunConfig, method: MethodConfig, where: str = "method.train") -> TrainConfig:
+    """The run's train section with the method's own overrides applied (validated like the section)."""
+    if not method.train:
+        return config.train
+    return from_dict(TrainConfig, {**to_dict(config.train), **method.train}, where)
 
 
 def _dotted(where: str, key: str) -> str:
@@ -228,19 +237,16 @@ def validate(config: RunConfig) -> None:
     for key, (value, valid) in choices.items():
         if value not in valid:
             raise ConfigError(f"{key}={value!r} is not one of: {', '.join(valid)}")
-    positive = {
-        "train.steps_per_task": config.train.steps_per_task,
-        "train.batch_size": config.train.batch_size,
-        "train.eval_batch_size": config.train.eval_batch_size,
-        "model.resolution": config.model.resolution,
-        "adapter.rank": config.adapter.rank,
-        "orders": config.orders,
-    }
+    positive = {"model.resolution": config.model.resolution, "adapter.rank": config.adapter.rank, "orders": config.orders}
+    trains = [("train", config.train)] + [
+        (f"methods.{i}.train", method_train(config, m, f"methods.{i}.train")) for i, m in enumerate(config.methods)
+    ]
+    for where, train in trains:
+        for key in ("steps_per_task", "batch_size", "eval_batch_size", "lr"):
+            positive[f"{where}.{key}"] = getattr(train, key)
     for key, value in positive.items():
         if value <= 0:
             raise ConfigError(f"{key} must be positive, got {value}")
-    if config.train.lr <= 0:
-        raise ConfigError(f"train.lr must be positive, got {config.train.lr}")
     if not config.methods:
         raise ConfigError("methods is empty: name at least one of " + ", ".join(METHODS))
     labels = [m.display_name for m in config.methods]

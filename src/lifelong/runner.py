@@ -21,7 +21,7 @@ import torch
 import yaml
 from safetensors.torch import load_file, save
 
-from lifelong.config import AdapterConfig, RunConfig, resolve_stream, to_dict
+from lifelong.config import AdapterConfig, RunConfig, method_train, resolve_stream, to_dict
 from lifelong.data.base import ImageDataset, Stream
 from lifelong.data.streams import build_stream
 from lifelong.families.vlm import DualEncoder, build_vlm
@@ -112,16 +112,17 @@ def run_experiment(config: RunConfig) -> Path:
     runs = []
     for mc in config.methods:
         label = mc.display_name
+        mconfig = dataclasses.replace(config, train=method_train(config, mc))  # the method's own train overrides
         rows, matrices = [], []
         for r, (stream, stem) in enumerate(zip(streams, stems)):
             which = f", order {r + 1}/{len(streams)}: {' -> '.join(t.name for t in stream.tasks)}" if len(streams) > 1 else ""
-            print(f"== {label}: {len(stream.tasks)} tasks x {config.train.steps_per_task} steps{which}")
+            print(f"== {label}: {len(stream.tasks)} tasks x {mconfig.train.steps_per_task} steps, lr {mconfig.train.lr:g}{which}")
             model = copy.deepcopy(base)
             prepare_trainable(model, config, mc.adapter or config.adapter)
             method = build_method(mc)
             checkpoints = out / "checkpoints" / label / (f"order_{r + 1}" if len(streams) > 1 else "")
             with PeakMemory() as memory:
-                result = run_stream(model, method, stream, stem, config, checkpoints)
+                result = run_stream(model, method, stream, stem, mconfig, checkpoints)
             trainable, total = count_parameters(model)
             row = {"tasks": [t.name for t in stream.tasks], **summarize(result.accuracy_matrix)}
             if stream.scenario == "class":

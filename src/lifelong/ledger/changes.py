@@ -18,7 +18,7 @@ from pathlib import Path
 import torch
 from accelerate.utils import set_seed
 
-from lifelong.config import AdapterConfig, MethodConfig, ModelConfig, RunConfig, TrainConfig, from_dict, to_dict
+from lifelong.config import AdapterConfig, MethodConfig, ModelConfig, RunConfig, TrainConfig, from_dict, method_train, to_dict
 from lifelong.data.base import Task
 from lifelong.data.sources import load_source
 from lifelong.errors import LedgerError, LifelongError
@@ -48,7 +48,7 @@ def learn_spec(config: RunConfig, task: dict, checkpoint_every: int) -> dict:
         "kind": "learn",
         "method": {"name": mc.name, "label": mc.label, "params": dict(mc.params)},
         "adapter": to_dict(mc.adapter or config.adapter),
-        "train": to_dict(config.train),
+        "train": to_dict(method_train(config, mc)),
         "seed": config.seed,
         "task": task,
         "checkpoint_every": checkpoint_every,
