@@ -21,7 +21,7 @@ import torch
 import yaml
 from safetensors.torch import load_file, save
 
-from lifelong.config import AdapterConfig, RunConfig, method_train, resolve_stream, to_dict
+from lifelong.config import AdapterConfig, ModelConfig, RunConfig, method_train, resolve_stream, to_dict
 from lifelong.data.base import ImageDataset, Stream
 from lifelong.data.streams import build_stream
 from lifelong.families.vlm import DualEncoder, build_vlm
@@ -90,6 +90,17 @@ def compute_stem_features(model: DualEncoder, stream: Stream, batch_size: int) -
     return StemFeatures(train, test)
 
 
+def build_model(config: ModelConfig, stream: Stream):
+    """The model of `config.family`; a classifier gets a head row for every class of the stream."""
+    if config.family == "classifier":
+        from lifelong.families.classifier import build_classifier
+
+        model = build_classifier(config)
+        model.add_classes(stream.class_names)
+        return model
+    return build_vlm(config)
+
+
 def prepare_trainable(model: DualEncoder, config: RunConfig, adapter: AdapterConfig) -> None:
     if adapter.kind == "lora":
         model.add_lora(adapter)
@@ -105,7 +116,7 @@ def run_experiment(config: RunConfig) -> Path:
     atomic_write_json(out / "versions.json", versions())
 
     streams = ordered_streams(config)
-    base = build_vlm(config.model)
+    base = build_model(config.model, streams[0])
     stems = [compute_stem_features(base, stream, config.train.eval_batch_size) for stream in streams]
     atomic_write_json(out / "data.json", describe_stream(streams[0]))
 
@@ -183,6 +194,8 @@ def run_into_ledgers(config: RunConfig, ledger_root: Path) -> Path:
     from lifelong.ledger.probes import Probe, run_probes
 
     spec = resolve_stream(config.stream)
+    if config.model.family != "vlm":
+        raise ConfigError(f"--ledger records vlm models only so far, not model.family={config.model.family}")
     if spec.scenario != "task":
         raise ConfigError(f"--ledger records task-incremental streams (each probe among its own classes); "
                           f"stream {spec.name} is {spec.scenario}-incremental")

@@ -60,6 +60,9 @@ class ImageSpec:
 
 
 class DualEncoder(nn.Module):
+    # Parameters that reach the logits only through `class_embeddings` (EWC's Fisher treats them so).
+    class_side_prefixes = ("text_encoder.", "text_projection.")
+
     def __init__(
         self,
         *,

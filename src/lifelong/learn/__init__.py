@@ -22,6 +22,7 @@ from lifelong.learn.lwf import LwF
 from lifelong.learn.moe_adapters import MoEAdapters
 from lifelong.learn.wise_ft import WiSEFT
 from lifelong.learn.o_lora import OLoRA
+from lifelong.learn.replay import Replay
 from lifelong.learn.select_distill import SelectAndDistill
 from lifelong.learn.zscl import ZSCL
 
@@ -32,6 +33,7 @@ METHODS = {
     "wise_ft": WiSEFT,
     "o_lora": OLoRA,
     "icarl": ICaRL,
+    "replay": Replay,
     "zscl": ZSCL,
     "select_distill": SelectAndDistill,
     "moe_adapters": MoEAdapters,

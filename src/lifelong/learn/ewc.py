@@ -89,7 +89,8 @@ def diagonal_fisher(model, inputs: torch.Tensor, targets: torch.Tensor, class_na
     backward pass (`is_grads_batched`), so the text encoder runs once per chunk, not once per sample.
     """
     trainable = {n: p for n, p in model.named_parameters() if p.requires_grad}
-    text_names = [n for n in trainable if n.startswith(("text_encoder.", "text_projection."))]
+    # the class side (a dual encoder's text tower, a classifier's head) reaches the logits through E only
+    text_names = [n for n in trainable if n.startswith(model.class_side_prefixes)]
     image = {n: p.detach() for n, p in trainable.items() if n not in text_names}
     frozen = {n: p.detach() for n, p in model.named_parameters() if n not in image}
     buffers = dict(model.named_buffers())
