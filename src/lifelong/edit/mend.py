@@ -1,0 +1,293 @@
+"""MEND: Model Editor Networks with Gradient Decomposition (Mitchell, Lin, Bosselut, Finn, Manning,
+ICLR 2022, "Fast Model Editing at Scale").
+
+For a linear layer y = W u, the fine-tuning gradient of one sequence is a sum of rank-one terms,
+dL/dW = sum_t delta_t u_t^T (u_t: the layer's input at token t, delta_t = dL/dy_t). A small editor
+network g_l per edited layer maps each token's (u_t, delta_t), standardised with running statistics,
+to a pseudo-pair (u~_t, delta~_t), and the edit is
+
+    W_l <- W_l - lr_l * sum_t delta~_t u~_t^T          (lr_l learned per layer)
+
+g_l is the official IDMLP over the concatenation [u; delta] ("combine"): `n_hidden` + 1 residual
+layers x + act(U V x + c), U zero-initialised (the identity at the start), V random, rank `rank`.
+`prepare(train_requests)` trains g and lr on held-out edits (disjoint from the evaluated ones), each
+step one edit: the update is built from the true gradient on the edit and then differentiated
+through (torch.func.functional_call with the updated weights), minimising
+    edit_weight * NLL(target | prompt and paraphrases, W') + loc_weight * KL(f_W(x_loc) || f_W'(x_loc))
+with Adam (g: `lr`, the per-layer lrs: `lr_lr`) and gradient clipping, for `train_steps` steps.
+x_loc is the request's locality prompts, or else another training request's prompt and answer.
+The trained editor is cached as safetensors under `cache_dir()/mend/`, keyed by the model's
+fingerprint, these params and a hash of the training requests; `apply` then edits in place, and
+edits accumulate (each one's gradient taken on the already-edited model).
+
+Scale-downs (SmolLM2 on one CPU core, a few minutes): editor rank 64 instead of 1920, 1 edit per
+step instead of batches of 10, a few hundred steps instead of ~100k, meta-lr 1e-4 instead of 1e-6 (so
+that so few steps move the editor), locality from the training facts instead of Natural Questions.
+Deviations: only the FFN output projections of the last `layers` are edited (the paper also edits the
+input projections; the family's layer access names only the output ones); one editor network per
+layer instead of one shared per shape with per-layer scale/shift ("shared"); the update subtracts
+(a gradient step; the official code adds and lets the learned lr take the sign).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import asdict, dataclass
+
+import torch
+from torch import nn
+
+from lifelong.edit.base import EditRequest, Editor, target_batch, target_nll
+from lifelong.families.lm import decoder_layers, ffn_out, is_transposed, linear_weight, lm_fingerprint
+
+
+@dataclass(frozen=True)
+class Params:
+    layers: tuple[int, ...] = (-3, -2, -1)  # FFN output projections edited (negative: from the end)
+    rank: int = 64
+    n_hidden: int = 1
+    edit_lr: float = 1e-4          # initial per-layer step size (learned)
+    lr: float = 1e-4               # Adam lr of the editor networks
+    lr_lr: float = 1e-4            # Adam lr of the per-layer step sizes
+    edit_weight: float = 0.1       # cedit
+    loc_weight: float = 1.0        # cloc
+    train_steps: int = 200
+    grad_clip: float = 100.0
+    seed: int = 0
+
+
+# ---------------------------------------------------------------------- the editor network
+
+class LowRankResidual(nn.Module):
+    """x + act(U V x + c) with U (dim x rank) zero-initialised: the identity until trained."""
+
+    def __init__(self, dim: int, rank: int, relu: bool, generator: torch.Generator) -> None:
+        super().__init__()
+        rank = min(rank, dim)
+        self.u = nn.Parameter(torch.zeros(dim, rank))
+        self.v = nn.Parameter(torch.randn(rank, dim, generator=generator) / dim ** 0.5)
+        self.bias = nn.Parameter(torch.zeros(dim))
+        self.relu = relu
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = (x @ self.v.T) @ self.u.T + self.bias  # (N, dim)
+        return x + (torch.relu(h) if self.relu else h)
+
+
+class GradientTransform(nn.Module):
+    """(u, delta) per token -> (u~, delta~): standardise each with running statistics, then an IDMLP
+    over their concatenation."""
+
+    def __init__(self, d_in: int, d_out: int, rank: int, n_hidden: int, generator: torch.Generator) -> None:
+        super().__init__()
+        self.d_in = d_in
+        dim = d_in + d_out
+        self.mlp = nn.Sequential(*[LowRankResidual(dim, rank, relu=i < n_hidden, generator=generator)
+                                   for i in range(n_hidden + 1)])
+        # Running mean and sum of squared deviations (Chan et al.'s parallel Welford) of [u; delta].
+        self.register_buffer("count", torch.zeros(()))
+        self.register_buffer("mean", torch.zeros(dim))
+        self.register_buffer("m2", torch.zeros(dim))
+
+    def update_statistics(self, pairs: torch.Tensor) -> None:
+        n_b = pairs.shape[0]
+        mean_b = pairs.mean(0)
+        m2_b = ((pairs - mean_b) ** 2).sum(0)
+        n = self.count + n_b
+        diff = mean_b - self.mean
+        self.mean += diff * n_b / n
+        self.m2 += m2_b + diff ** 2 * self.count * n_b / n
+        self.count.fill_(n)
+
+    def forward(self, u: torch.Tensor, delta: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        pairs = torch.cat([u, delta], dim=-1).float()  # (N, d_in + d_out)
+        if self.count == 0:
+            raise RuntimeError("mend: the editor has no input statistics; run prepare() first")
+        # One token so far (the first training step can have a single token with a gradient): no scale.
+        std = (self.m2 / (self.count - 1)).sqrt() if self.count > 1 else torch.ones_like(self.m2)
+        out = self.mlp((pairs - self.mean) / (std + 1e-7))
+        return out[:, : self.d_in], out[:, self.d_in:]
+
+
+class EditorNetworks(nn.Module):
+    """Everything MEND learns: one GradientTransform per edited layer and the per-layer step sizes."""
+
+    def __init__(self, shapes: list[tuple[int, int]], params: Params) -> None:
+        super().__init__()
+        generator = torch.Generator().manual_seed(params.seed)
+        self.transforms = nn.ModuleList([GradientTransform(d_in, d_out, params.rank, params.n_hidden, generator)
+                                         for d_out, d_in in shapes])
+        self.edit_lrs = nn.Parameter(torch.full((len(shapes),), params.edit_lr))
+
+
+# ---------------------------------------------------------------------- the editor
+
+class MEND(Editor):
+    name = "mend"
+    Params = Params
+
+    def __init__(self, model, tokenizer, params: Params = Params()) -> None:
+        super().__init__(model, tokenizer, params)
+        n_layers = len(decoder_layers(model))
+        bad = [l for l in params.layers if not -n_layers <= l < n_layers]
+        if bad or not params.layers:
+            raise ValueError(f"mend: layers {list(params.layers)} must be non-empty and within a {n_layers}-layer model")
+        self.layers = sorted({l % n_layers for l in params.layers})
+        self.modules_ = [ffn_out(model, l) for l in self.layers]
+        names = {id(p): n for n, p in model.named_parameters()}
+        self.weight_names = [names[id(m.weight)] for m in self.modules_]
+        self.originals = [linear_weight(m).detach().clone() for m in self.modules_]  # (out, in) each
+        device = self.originals[0].device
+        self.nets = EditorNetworks([tuple(w.shape) for w in self.originals], params).to(device)
+        self.prepared = False
+        self.train_log: list[float] = []
+
+    # ------------------------------------------------------------------ training
+
+    def prepare(self, train_requests: list[EditRequest]) -> None:
+        """Train the editor networks on held-out edits, or load them from the cache."""
+        from safetensors.torch import load_file, save
+
+        from lifelong.report.io import atomic_write_bytes
+        from lifelong.runner import cache_dir
+
+        if len(train_requests) < 2:
+            raise ValueError("mend: prepare needs at least 2 training requests (one edit, one locality input)")
+        key = hashlib.sha256(json.dumps([lm_fingerprint(self.model), asdict(self.params),
+                                         requests_hash(train_requests)]).encode()).hexdigest()[:24]
+        path = cache_dir() / "mend" / f"editor-{key}.safetensors"
+        if path.is_file():
+            try:
+                self.nets.load_state_dict(load_file(str(path), device=str(self.originals[0].device)))
+                self.prepared = True
+                return
+            except Exception:  # a damaged cache file is retrained, never trusted
+                pass
+        self._train(train_requests)
+        state = {k: v.detach().contiguous().cpu() for k, v in self.nets.state_dict().items()}
+        atomic_write_bytes(path, save(state, metadata={"params": json.dumps(asdict(self.params))}))
+        self.prepared = True
+
+    def _train(self, requests: list[EditRequest]) -> None:
+        p = self.params
+        opt = torch.optim.Adam([{"params": self.nets.transforms.parameters(), "lr": p.lr},
+                                {"params": [self.nets.edit_lrs], "lr": p.lr_lr}])
+        order = torch.randperm(len(requests), generator=torch.Generator().manual_seed(p.seed)).tolist()
+        self.nets.train()
+        self.train_log = []
+        for step in range(p.train_steps):
+            i = order[step % len(order)]
+            request = requests[i]
+            loc_texts = [q.prompt + q.answer for q in request.locality] or [_fact_text(requests[(i + 1) % len(requests)])]
+            edit_batch = target_batch(self.tokenizer, [request.prompt], [request.target_new], self._device)
+            outer = [request.prompt, *request.paraphrases]
+            outer_batch = target_batch(self.tokenizer, outer, [request.target_new] * len(outer), self._device)
+            loc = self.tokenizer(loc_texts, add_special_tokens=False, padding=True, return_tensors="pt").to(self._device)
+
+            weights = self._edited_weights(edit_batch, train=True)
+            new_params = {name: (w.T if is_transposed(m) else w)
+                          for name, w, m in zip(self.weight_names, weights, self.modules_)}
+            edit_loss = target_nll(_Functional(self.model, new_params), outer_batch)
+            with torch.no_grad():
+                base_logits = self.model(**loc).logits
+            edited_logits = torch.func.functional_call(self.model, new_params, args=(), kwargs=dict(loc)).logits
+            loc_loss = kl_on_mask(base_logits, edited_logits, loc["attention_mask"])
+            loss = p.edit_weight * edit_loss + p.loc_weight * loc_loss
+            opt.zero_grad()
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(self.nets.parameters(), p.grad_clip)
+            opt.step()
+            self.train_log.append(loss.item())
+        self.nets.eval()
+
+    # ------------------------------------------------------------------ the edit
+
+    def apply(self, request: EditRequest) -> dict:
+        if not self.prepared:
+            raise RuntimeError("mend: call prepare(train_requests) first: MEND learns its editor on held-out edits")
+        batch = target_batch(self.tokenizer, [request.prompt], [request.target_new], self._device)
+        with torch.no_grad():
+            nll_before = target_nll(self.model, batch).item()
+        with torch.no_grad():
+            weights = self._edited_weights(batch, train=False)
+            norms = []
+            for module, new in zip(self.modules_, weights):
+                current = linear_weight(module)
+                norms.append(float((new - current).norm()))
+                current.copy_(new)
+            nll_after = target_nll(self.model, batch).item()
+        return {"nll_before": nll_before, "nll_after": nll_after, "update_norm": sum(norms),
+                **{f"edit_lr{i}": float(lr) for i, lr in enumerate(self.nets.edit_lrs)}}
+
+    def reset(self) -> None:
+        with torch.no_grad():
+            for module, original in zip(self.modules_, self.originals):
+                linear_weight(module).copy_(original)
+
+    # ------------------------------------------------------------------ pieces
+
+    @property
+    def _device(self) -> torch.device:
+        return self.originals[0].device
+
+    def _edited_weights(self, batch: dict[str, torch.Tensor], train: bool) -> list[torch.Tensor]:
+        """W_l - lr_l sum_t delta~_t u~_t^T for every edited layer, (out, in) each, differentiable
+        in the editor's parameters. (u, delta) come from one forward/backward on the current model."""
+        inputs, outputs = [], []
+
+        def record(_module, args, out):  # returns None: the output passes through unchanged
+            inputs.append(args[0])
+            outputs.append(out)
+
+        handles = [m.register_forward_hook(record) for m in self.modules_]
+        try:
+            with torch.enable_grad():
+                loss = target_nll(self.model, batch)
+                deltas = torch.autograd.grad(loss, outputs)  # dL/dy per edited layer, (B, T, out)
+        finally:
+            for h in handles:
+                h.remove()
+        mask = batch["attention_mask"].bool()
+        new = []
+        for l, (module, transform) in enumerate(zip(self.modules_, self.nets.transforms)):
+            u, delta = inputs[l].detach()[mask].float(), deltas[l][mask].float()  # (N, in), (N, out)
+            keep = (u != 0).any(-1) & (delta != 0).any(-1)  # tokens with no gradient carry no edit
+            u, delta = u[keep], delta[keep]
+            if train:
+                with torch.no_grad():
+                    transform.update_statistics(torch.cat([u, delta], -1))
+            u_t, delta_t = transform(u, delta)
+            update = delta_t.T @ u_t  # (out, in)
+            weight = linear_weight(module).detach()
+            new.append(weight - (self.nets.edit_lrs[l] * update).to(weight.dtype))
+        return new
+
+
+class _Functional:
+    """A callable model with some parameters replaced (so `target_nll` runs on the edited weights)."""
+
+    def __init__(self, model: nn.Module, params: dict[str, torch.Tensor]) -> None:
+        self.model, self.params = model, params
+
+    def __call__(self, **kwargs):
+        return torch.func.functional_call(self.model, self.params, args=(), kwargs=kwargs)
+
+
+def kl_on_mask(base_logits: torch.Tensor, edited_logits: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """Mean over unmasked positions of KL(P_base || P_edited) over the vocabulary."""
+    base = torch.log_softmax(base_logits.float(), -1)
+    edited = torch.log_softmax(edited_logits.float(), -1)
+    kl = (base.exp() * (base - edited)).sum(-1)  # (B, T)
+    return (kl * mask).sum() / mask.sum()
+
+
+def _fact_text(request: EditRequest) -> str:
+    """An unrelated fact as plain text: the prompt with its true answer (or, unknown, its new one)."""
+    return request.prompt + (request.ground_truth or request.target_new)
+
+
+def requests_hash(requests: list[EditRequest]) -> str:
+    rows = [[r.prompt, r.target_new, r.subject, r.ground_truth, list(r.paraphrases),
+             [[q.prompt, q.answer] for q in r.locality]] for r in requests]
+    return hashlib.sha256(json.dumps(rows).encode()).hexdigest()[:16]
