@@ -1,0 +1,102 @@
+"""FT-L: constrained fine-tuning of one FFN output layer on the edit.
+
+Zhu et al. 2020, "Modifying Memories in Transformer Models" (as the FT-L baseline of ROME, EasyEdit and
+WISE): minimise the new target's NLL over one layer's weights, keeping them in an L-inf ball around the
+pre-trained weights,
+
+    W <- clip_{[W_0 - eps, W_0 + eps]}( W - lr * Adam(grad_W NLL(y_new | x)) ),   only W = W_out^l trains.
+
+Defaults, and why: `layer` None picks the layer two thirds of the way up (EasyEdit's FT-L edits
+layer 21 of LLaMA-2-7B's 32): SmolLM2-135M -> layer 19 of 30, deep enough that the edit is not washed
+out by 10 later blocks, shallow enough that it still changes the prompt's representation rather than
+only the output distribution. `lr` 5e-4, 25 steps as in EasyEdit/ROME; `norm_constraint` 5e-3
+(EasyEdit's constrained GPT-2 XL config uses 5e-4: at 5e-4 one SmolLM2 layer cannot move
+"The capital of France is" to " Lyon" in 25 steps, at 5e-3 it can; measured, see the report).
+
+Deviations: the ball is around f_0's weights for the whole lifelong run (Zhu et al.'s constraint);
+EasyEdit re-centres it on the weights before each edit, so its sequential FT-L may drift without
+bound. Only the weight trains (EasyEdit's GPT-2 name match also catches `c_proj.bias`). Training stops
+early once the target NLL is below `stop_loss` (EasyEdit: 1e-2).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from lifelong.edit.base import EditRequest, Editor, target_batch, target_nll
+from lifelong.families.lm import decoder_layers, ffn_out
+
+
+@dataclass(frozen=True)
+class Params:
+    layer: int | None = None      # decoder block whose FFN output projection trains; None = 2/3 depth
+    lr: float = 5e-4              # Adam
+    steps: int = 25               # optimisation steps per edit
+    norm_constraint: float = 5e-3  # L-inf radius around the original weights (<= 0: unconstrained)
+    stop_loss: float = 1e-2       # stop once the target NLL is below this
+
+
+def resolve_layer(model: torch.nn.Module, layer: int | None, default_depth: float) -> int:
+    """`layer`, checked against the model's depth; None = `default_depth` of the way up."""
+    n = len(decoder_layers(model))
+    if layer is None:
+        return round(default_depth * (n - 1))
+    if not 0 <= layer < n:
+        raise ValueError(f"layer {layer} out of range: the model has {n} decoder layers (0..{n - 1})")
+    return layer
+
+
+class FTL(Editor):
+    name = "ft_l"
+    Params = Params
+
+    def __init__(self, model, tokenizer, params: Params) -> None:
+        super().__init__(model, tokenizer, params)
+        self.layer = resolve_layer(model, params.layer, 2 / 3)
+        self.weight = ffn_out(model, self.layer).weight  # the Parameter itself (GPT-2: (in, out))
+        self.original = self.weight.detach().clone()    # W_0, the centre of the ball and reset's target
+
+    def apply(self, request: EditRequest) -> dict:
+        p = self.params
+        device = self.weight.device
+        batch = target_batch(self.tokenizer, [request.prompt], [request.target_new], device)
+        # only W trains: remember everyone's flag so the model comes back as it was lent
+        flags = {n: q.requires_grad for n, q in self.model.named_parameters()}
+        for q in self.model.parameters():
+            q.requires_grad_(False)
+        self.weight.requires_grad_(True)
+        opt = torch.optim.Adam([self.weight], lr=p.lr)
+        try:
+            with torch.no_grad():
+                loss_before = target_nll(self.model, batch).item()
+            steps = 0
+            for steps in range(1, p.steps + 1):
+                loss = target_nll(self.model, batch)
+                if loss.item() < p.stop_loss:
+                    steps -= 1  # this pass only measured
+                    break
+                opt.zero_grad(set_to_none=True)
+                loss.backward()
+                opt.step()
+                if p.norm_constraint > 0:
+                    with torch.no_grad():  # project back into the L-inf ball around W_0
+                        lo, hi = self.original - p.norm_constraint, self.original + p.norm_constraint
+                        self.weight.copy_(torch.clamp(self.weight, lo, hi))
+            with torch.no_grad():
+                loss_after = target_nll(self.model, batch).item()
+        finally:
+            self.weight.grad = None
+            for n, q in self.model.named_parameters():
+                q.requires_grad_(flags[n])
+        change = (self.weight.detach() - self.original).abs().max().item()
+        return {"loss_before": loss_before, "loss_after": loss_after, "steps": float(steps),
+                "max_abs_change": change}
+
+    def reset(self) -> None:
+        with torch.no_grad():
+            self.weight.copy_(self.original)
+
+
+__all__ = ["FTL", "Params", "resolve_layer"]

@@ -1,0 +1,215 @@
+"""GRACE: a discrete key-value codebook at one layer (Hartvigsen et al. 2023, "Aging with GRACE:
+Lifelong Model Editing with Discrete Key-Value Adaptors").
+
+The editor wraps one FFN output projection (Llama `down_proj`, GPT-2 `c_proj`). Keys k_i live in that
+module's input space (the FFN's hidden activation, EasyEdit's choice), each with a deferral radius
+eps_i and a trained value v_i in its output space. At every position t of every input,
+
+    out_t = v_{i*}  if ||x_t - k_{i*}|| <= eps_{i*}  (i* = argmin_i ||x_t - k_i||)   else  W x_t,
+
+so an input whose activations are all outside every ball runs exactly as f_0 (locality by
+construction). An edit takes x = the activation of the prompt's last token and, with d = ||x - k_{i*}||:
+no key within reach (d > eps_init + eps_{i*}) -> add key x with radius eps_init; same target as k_{i*}
+-> expand eps_{i*} to d and train v_{i*} further; different target -> add key x and split both radii
+to d / 2 (a re-edit of the very same key just relabels it). The chosen value is then trained for `steps` Adam steps on the target NLL, v <- v - lr *
+Adam(grad_v NLL(y_new | x)).
+
+Defaults, and why: `layer` None = 85% of the depth (EasyEdit's LLaMA-2-7B config edits layer 27 of 32):
+SmolLM2-135M -> layer 25 of 30. `eps` 8.0: EasyEdit's 1.0 is for LLaMA-2-7B's key scale; in SmolLM2's
+layer-25 key space a prompt's last-token key has norm ~20, a near-verbatim paraphrase ("The capital
+city of France is") lies ~7 away, the same template with another subject ("... of Germany is") ~14
+and unrelated prompts >= 25 (measured), so 8 covers close rewordings while the radii of two facts of
+one template do not overlap. lr 1.0 and 50 steps are EasyEdit's (Adam on the value).
+
+Deviations: every position queries the codebook (EasyEdit replaces only the last token, whose index it
+carries between calls); since a prompt's last-token activation is the same whether the model reads the
+prompt alone or prompt + target, teacher-forced scoring and greedy decoding see the same replacement.
+New values start "warm" (the layer's own output at the key, so an untrained value is a no-op) instead
+of EasyEdit's "cold" uniform noise, which also makes the editor free of randomness. Labels compare
+the target's token ids exactly (EasyEdit compares the mean token id). Early stop below `stop_loss`.
+"""
+
+from __future__ import annotations
+
+from contextlib import contextmanager
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from lifelong.edit.base import EditRequest, Editor, target_batch, target_nll
+from lifelong.families.lm import decoder_layers, ffn_out, linear_weight
+
+
+@dataclass(frozen=True)
+class Params:
+    layer: int | None = None  # decoder block whose FFN output projection holds the codebook; None = 85% depth
+    eps: float = 8.0          # initial deferral radius (Euclidean, in the projection's input space)
+    lr: float = 1.0           # Adam on the value vector
+    steps: int = 50
+    stop_loss: float = 1e-2   # stop once the target NLL is below this
+
+
+class GraceCodebook(nn.Module):
+    """Wraps a projection: positions whose input falls inside a key's ball output that key's value."""
+
+    def __init__(self, inner: nn.Module, d_in: int, d_out: int) -> None:
+        super().__init__()
+        self.inner = inner
+        ref = inner.weight
+        self.register_buffer("keys", ref.new_zeros(0, d_in, dtype=torch.float32))      # (K, d_in)
+        self.register_buffer("values", ref.new_zeros(0, d_out, dtype=torch.float32))   # (K, d_out)
+        self.register_buffer("radii", ref.new_zeros(0, dtype=torch.float32))           # (K,)
+        self.labels: list[tuple[int, ...]] = []  # each key's target token ids
+        self.training_value: tuple[int, nn.Parameter] | None = None  # (slot, value) while it trains
+        self.record = False       # when True, forward keeps its input in `last_input`
+        self.last_input: torch.Tensor | None = None
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = self.inner(x)  # (B, T, d_out)
+        if self.record:
+            self.last_input = x.detach()
+        if len(self.keys) == 0:
+            return out
+        values = self.values
+        if self.training_value is not None:  # splice the trainable vector in, so gradients reach it
+            slot, v = self.training_value
+            values = torch.cat([values[:slot], v[None], values[slot + 1:]])
+        B, T, D = x.shape
+        nearest_dist, nearest = self.nearest(x.reshape(B * T, D))  # (B*T,), (B*T,)
+        hit = (nearest_dist <= self.radii[nearest]).view(B, T, 1)
+        replaced = values[nearest].view(B, T, -1).to(out.dtype)     # (B, T, d_out)
+        return torch.where(hit, replaced, out)
+
+    def nearest(self, queries: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Distance to, and index of, each query's nearest key. Exact pairwise differences (not the
+        |a|^2 + |b|^2 - 2ab shortcut), so a radius set to a query's distance does contain that query."""
+        dist = torch.cdist(queries.float(), self.keys, compute_mode="donot_use_mm_for_euclid_dist")  # (N, K)
+        return dist.min(dim=1)
+
+    def add(self, key: torch.Tensor, value: torch.Tensor, radius: float, label: tuple[int, ...]) -> int:
+        self.keys = torch.cat([self.keys, key[None].float()])
+        self.values = torch.cat([self.values, value[None].float()])
+        self.radii = torch.cat([self.radii, self.radii.new_tensor([radius])])
+        self.labels.append(label)
+        return len(self.labels) - 1
+
+
+# Copied from lifelong.edit.ft_l.resolve_layer
+def resolve_layer(model: nn.Module, layer: int | None, default_depth: float) -> int:
+    """`layer`, checked against the model's depth; None = `default_depth` of the way up."""
+    n = len(decoder_layers(model))
+    if layer is None:
+        return round(default_depth * (n - 1))
+    if not 0 <= layer < n:
+        raise ValueError(f"layer {layer} out of range: the model has {n} decoder layers (0..{n - 1})")
+    return layer
+
+
+def swap_module(model: nn.Module, old: nn.Module, new: nn.Module) -> None:
+    """Put `new` where `old` sits in `model` (found by identity, so no module path is hard-coded)."""
+    for parent in model.modules():
+        for name, child in parent.named_children():
+            if child is old:
+                setattr(parent, name, new)
+                return
+    raise ValueError(f"{type(old).__name__} is not a submodule of {type(model).__name__}")
+
+
+@contextmanager
+def frozen(model: nn.Module):
+    """No base parameter collects gradients inside; everyone's flag comes back afterwards."""
+    flags = [(q, q.requires_grad) for q in model.parameters()]
+    for q, _ in flags:
+        q.requires_grad_(False)
+    try:
+        yield
+    finally:
+        for q, flag in flags:
+            q.requires_grad_(flag)
+
+
+class GRACE(Editor):
+    name = "grace"
+    Params = Params
+
+    def __init__(self, model, tokenizer, params: Params) -> None:
+        if params.eps <= 0:
+            raise ValueError(f"eps must be > 0, got {params.eps}")
+        super().__init__(model, tokenizer, params)
+        self.layer = resolve_layer(model, params.layer, 0.85)
+        self.original = ffn_out(model, self.layer)
+        self.codebook: GraceCodebook | None = None  # installed by the first apply
+
+    def _install(self) -> GraceCodebook:
+        d_out, d_in = linear_weight(self.original).shape
+        self.codebook = GraceCodebook(self.original, d_in, d_out)
+        swap_module(self.model, self.original, self.codebook)
+        return self.codebook
+
+    def apply(self, request: EditRequest) -> dict:
+        p = self.params
+        book = self.codebook or self._install()
+        device = book.keys.device
+        batch = target_batch(self.tokenizer, [request.prompt], [request.target_new], device)
+        label = tuple(batch["labels"][0][batch["labels"][0] != -100].tolist())
+        key_pos = int((batch["labels"][0] == -100).sum()) - 1  # the prompt's last token
+        if key_pos < 0:
+            raise ValueError(f"empty prompt in {request!r}")
+
+        with torch.no_grad():  # one pass: the loss before this edit and the query activation
+            book.record = True
+            loss_before = target_nll(self.model, batch).item()
+            book.record = False
+            query = book.last_input[0, key_pos].float()   # (d_in,)
+            book.last_input = None
+            warm = book.inner(query[None].to(book.inner.weight.dtype))[0]  # the layer's own output
+
+        # --- codebook maintenance (GRACE's add / expand / split) ---
+        nearest_dist, split = -1.0, 0.0
+        if len(book.labels) == 0:
+            slot = book.add(query, warm, p.eps, label)
+        else:
+            d, j = book.nearest(query[None])
+            nearest_dist, j = d.item(), int(j)
+            if nearest_dist > p.eps + book.radii[j].item():  # no ball within reach: a new key
+                slot = book.add(query, warm, p.eps, label)
+            elif nearest_dist == 0.0:                         # the same key again: the newer answer wins
+                book.labels[j] = label
+                slot = j
+            elif book.labels[j] == label:                    # same answer: grow the ball to cover x
+                book.radii[j] = max(book.radii[j].item(), nearest_dist)
+                slot = j
+            else:                                            # conflicting answer: split the space
+                slot = book.add(query, warm, nearest_dist / 2, label)
+                book.radii[j] = nearest_dist / 2
+                split = 1.0
+
+        # --- train the chosen value on the target NLL ---
+        value = nn.Parameter(book.values[slot].clone())
+        book.training_value = (slot, value)
+        opt = torch.optim.Adam([value], lr=p.lr)
+        steps = 0
+        try:
+            with frozen(self.model):
+                for steps in range(1, p.steps + 1):
+                    loss = target_nll(self.model, batch)
+                    if loss.item() < p.stop_loss:
+                        steps -= 1
+                        break
+                    opt.zero_grad(set_to_none=True)
+                    loss.backward()
+                    opt.step()
+        finally:
+            book.training_value = None
+            book.values[slot] = value.detach()
+        with torch.no_grad():
+            loss_after = target_nll(self.model, batch).item()
+        return {"loss_before": loss_before, "loss_after": loss_after, "steps": float(steps),
+                "keys": float(len(book.labels)), "radius": book.radii[slot].item(),
+                "nearest_distance": nearest_dist, "split": split}
+
+    def reset(self) -> None:
+        if self.codebook is not None:
+            swap_module(self.model, self.codebook, self.original)
+            self.codebook = None

@@ -1,0 +1,339 @@
+"""FT-L, LoRA, GRACE and WISE on tiny random Llama and GPT-2 models; one slow check on SmolLM2.
+
+The tiny models get their (tied) embeddings scaled by 8: with tiny_lm's 0.02-std embeddings every logit
+stays within about +-1.3 (the final norm fixes the hidden scale), so no edit could reach a low NLL and
+"the edit holds" could not be told from noise.
+"""
+
+import copy
+import time
+
+import pytest
+import torch
+
+from lifelong.edit import EditRequest, editor_class, editor_params
+from lifelong.edit.base import target_batch, target_nll
+from lifelong.families.lm import tiny_lm
+
+ARCHS = ("llama", "gpt2")
+EDITORS = ("ft_l", "lora", "grace", "wise")
+EDIT = EditRequest(prompt="The capital of France is", target_new=" Tokyo", subject="France")     # one token
+EDIT2 = EditRequest(prompt="The currency of India is the", target_new=" euro", subject="India")  # one token
+UNRELATED = ("She said that the weather was nice", " and")
+
+# GRACE radius ~ a third of a key's norm (tiny Llama keys ~0.15, GPT-2 ~1.3; other tokens lie >= 0.18 / 1.7 away)
+GRACE_EPS = {"llama": 0.05, "gpt2": 0.5}
+
+
+def knobs(name: str, arch: str) -> dict:
+    """Settings that make each editor work on a 4-layer, width-64 random model in a second or two."""
+    return {
+        "ft_l": dict(layer=2, lr=0.05, norm_constraint=0.5),
+        "lora": dict(lr=0.02, steps=30),
+        "grace": dict(eps=GRACE_EPS[arch]),
+        # margins scaled to the tiny model's activation scores (SmolLM2 uses the paper's 5/20/10)
+        "wise": dict(alpha=0.1, beta=2.0, gamma=1.5, n_prefixes=2, steps=40, lr=30.0, norm_constraint=5.0),
+    }[name]
+
+
+@pytest.fixture(scope="module")
+def _tiny_bases():
+    bases = {}
+    for arch in ARCHS:
+        model, tok = tiny_lm(arch)
+        with torch.no_grad():
+            model.get_input_embeddings().weight.mul_(8)
+        bases[arch] = (model, tok)
+    return bases
+
+
+@pytest.fixture
+def tiny(_tiny_bases):
+    """A fresh copy of the tiny model of an architecture, with its tokenizer."""
+    return lambda arch: (copy.deepcopy(_tiny_bases[arch][0]), _tiny_bases[arch][1])
+
+
+def make(name, model, tok, arch, **extra):
+    cls = editor_class(name)
+    return cls(model, tok, cls.Params(**{**knobs(name, arch), **extra}))
+
+
+def batch_of(tok, *pairs):
+    return target_batch(tok, [p for p, _ in pairs], [t for _, t in pairs])
+
+
+def logits(model, batch):
+    with torch.no_grad():
+        return model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+
+
+def predicted_targets(model, batch, row=0):
+    """Argmax token at each position that predicts a target token, and the target tokens."""
+    out = logits(model, batch)[row]
+    return out.argmax(-1)[batch["target_mask"][row]].tolist(), batch["labels"][row][batch["labels"][row] != -100].tolist()
+
+
+# ----------------------------------------------------------------------------- the contract, every editor
+
+@pytest.mark.parametrize("arch", ARCHS)
+@pytest.mark.parametrize("name", EDITORS)
+def test_edit_holds(tiny, name, arch):
+    model, tok = tiny(arch)
+    batch = batch_of(tok, (EDIT.prompt, EDIT.target_new))
+    with torch.no_grad():
+        before = target_nll(model, batch).item()
+    predicted, target = predicted_targets(model, batch)
+    assert predicted != target  # the base model does not already say it
+    stats = make(name, model, tok, arch).apply(EDIT)
+    with torch.no_grad():
+        after = target_nll(model, batch).item()
+    assert before > 5 and after < 0.3, (before, after)
+    predicted, target = predicted_targets(model, batch)
+    assert predicted == target
+    assert stats and all(type(v) is float for v in stats.values()), stats
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+@pytest.mark.parametrize("name", EDITORS)
+def test_reset_restores_f0_bit_identically(tiny, name, arch):
+    model, tok = tiny(arch)
+    next(model.parameters()).requires_grad_(False)  # a caller's mix of flags comes back as it was
+    flags = {n: q.requires_grad for n, q in model.named_parameters()}
+    state = {k: v.clone() for k, v in model.state_dict().items()}
+    modules = [(n, type(m)) for n, m in model.named_modules()]
+    probe = batch_of(tok, (EDIT.prompt, EDIT.target_new), UNRELATED)
+    base = logits(model, probe)
+
+    editor = make(name, model, tok, arch)
+    first = editor.apply(EDIT)
+    editor.apply(EDIT2)
+    assert not torch.equal(logits(model, probe), base)  # the edits did change the model
+    editor.reset()
+
+    assert [(n, type(m)) for n, m in model.named_modules()] == modules  # wrappers / adapters gone
+    assert model.state_dict().keys() == state.keys()
+    assert all(torch.equal(v, state[k]) for k, v in model.state_dict().items())
+    assert {n: q.requires_grad for n, q in model.named_parameters()} == flags
+    assert not model._forward_pre_hooks and not model._forward_hooks
+    assert torch.equal(logits(model, probe), base)
+    # and the editor itself starts over: the same first edit gives the same numbers
+    assert editor.apply(EDIT) == first
+
+
+@pytest.mark.parametrize("name", EDITORS)
+def test_same_seed_same_numbers(tiny, name):
+    runs = []
+    for seed in (0, 0, 1):
+        model, tok = tiny("llama")
+        extra = {"seed": seed} if "seed" in editor_class(name).Params.__dataclass_fields__ else {}
+        editor = make(name, model, tok, "llama", **extra)
+        stats = [editor.apply(EDIT), editor.apply(EDIT2)]
+        runs.append((stats, logits(model, batch_of(tok, (EDIT.prompt, EDIT.target_new), UNRELATED))))
+    assert runs[0][0] == runs[1][0] and torch.equal(runs[0][1], runs[1][1])
+    if name in ("lora", "wise"):  # the seed drives LoRA's A init and WISE's gradient masks
+        assert runs[0][0] != runs[2][0]
+
+
+@pytest.mark.parametrize("name", EDITORS)
+def test_bad_input_fails_clearly(tiny, name):
+    model, tok = tiny("llama")
+    editor = make(name, model, tok, "llama")
+    with pytest.raises(ValueError, match="tokenizes to nothing"):
+        editor.apply(EditRequest(prompt="The capital of France is", target_new="", subject="France"))
+    if "layer" in editor_class(name).Params.__dataclass_fields__:
+        with pytest.raises(ValueError, match="out of range: the model has 4 decoder layers"):
+            make(name, model, tok, "llama", layer=4)
+
+
+def test_registry_builds_the_four_editors():
+    from lifelong.errors import ConfigError
+
+    for name in EDITORS:
+        cls = editor_class(name)
+        assert cls.name == name and editor_params(name, {"lr": 0.5}).lr == 0.5
+        with pytest.raises(ConfigError, match="valid keys"):
+            editor_params(name, {"not_a_knob": 1})
+
+
+def test_ft_l_respects_the_norm_constraint(tiny):
+    from lifelong.families.lm import ffn_out
+
+    model, tok = tiny("llama")
+    w0 = ffn_out(model, 2).weight.detach().clone()
+    editor = make("ft_l", model, tok, "llama", norm_constraint=0.01)
+    editor.apply(EDIT)
+    editor.apply(EDIT2)  # the ball is around f_0's weights for the whole run, not per edit
+    change = (ffn_out(model, 2).weight - w0).abs().max().item()
+    assert 0.009 < change <= 0.01 + 1e-7
+
+
+# ----------------------------------------------------------------------------- GRACE
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_grace_leaves_far_inputs_exactly_alone(tiny, arch):
+    model, tok = tiny(arch)
+    edited, far = batch_of(tok, (EDIT.prompt, EDIT.target_new)), batch_of(tok, UNRELATED)
+    base_edited, base_far = logits(model, edited), logits(model, far)
+    make("grace", model, tok, arch).apply(EDIT)
+    assert not torch.equal(logits(model, edited), base_edited)
+    assert torch.equal(logits(model, far), base_far)  # no token of it falls in the key's ball
+
+
+def test_grace_codebook_add_expand_split(tiny):
+    model, tok = tiny("llama")
+    probe = make("grace", model, tok, "llama", eps=100.0)
+    probe.apply(EDIT)
+    d = probe.apply(EDIT2)["nearest_distance"]
+    assert d > 0
+    same_answer = EditRequest(prompt=EDIT2.prompt, target_new=EDIT.target_new, subject="India")
+
+    # far apart (d > eps + eps): a second key with the initial radius
+    model, tok = tiny("llama")
+    grace = make("grace", model, tok, "llama", eps=0.3 * d)
+    grace.apply(EDIT)
+    grace.apply(EDIT2)
+    assert grace.codebook.radii.tolist() == pytest.approx([0.3 * d] * 2)
+    # within reach, same answer: no new key, the ball grows to cover the new query
+    model, tok = tiny("llama")
+    grace = make("grace", model, tok, "llama", eps=0.7 * d)
+    grace.apply(EDIT)
+    grace.apply(same_answer)
+    assert len(grace.codebook.labels) == 1 and grace.codebook.radii.tolist() == pytest.approx([d], rel=1e-5)
+    assert predicted_targets(model, batch_of(tok, (same_answer.prompt, same_answer.target_new)))[0] == \
+        tok(" Tokyo", add_special_tokens=False)["input_ids"]
+    # within reach, conflicting answer: a new key and both radii split to d / 2
+    model, tok = tiny("llama")
+    grace = make("grace", model, tok, "llama", eps=0.7 * d)
+    grace.apply(EDIT)
+    stats = grace.apply(EDIT2)
+    assert stats["split"] == 1.0 and grace.codebook.radii.tolist() == pytest.approx([d / 2] * 2, rel=1e-5)
+    for request in (EDIT, EDIT2):  # both edits hold after the split
+        predicted, target = predicted_targets(model, batch_of(tok, (request.prompt, request.target_new)))
+        assert predicted == target
+
+
+def test_grace_reedit_of_the_same_prompt_takes_the_new_answer(tiny):
+    model, tok = tiny("llama")
+    grace = make("grace", model, tok, "llama")
+    grace.apply(EDIT)
+    grace.apply(EditRequest(prompt=EDIT.prompt, target_new=" euro", subject="France"))
+    assert len(grace.codebook.labels) == 1
+    predicted, target = predicted_targets(model, batch_of(tok, (EDIT.prompt, " euro")))
+    assert predicted == target
+
+
+# ----------------------------------------------------------------------------- WISE
+
+def test_wise_unrelated_input_stays_below_threshold_and_unchanged(tiny):
+    model, tok = tiny("llama")
+    edited, far = batch_of(tok, (EDIT.prompt, EDIT.target_new)), batch_of(tok, UNRELATED)
+    base_edited, base_far = logits(model, edited), logits(model, far)
+    wise = make("wise", model, tok, "llama")
+    wise.apply(EDIT)
+    wise.apply(EDIT2)
+    memory = wise.memory
+    memory.record = True
+    logits(model, far)
+    score, _ = memory.route(memory.last_input)
+    memory.record = False
+    assert score.item() < memory.threshold  # learned: unrelated text does not pass the routing threshold
+    assert torch.equal(logits(model, far), base_far)
+    assert not torch.equal(logits(model, edited), base_edited)
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_wise_routing_uses_the_side_memory_only_above_threshold(tiny, arch):
+    model, tok = tiny(arch)
+    probe = batch_of(tok, UNRELATED, (EDIT.prompt, EDIT.target_new))
+    base = logits(model, probe)
+    wise = make("wise", model, tok, arch)
+    wise.apply(EDIT)
+    memory = wise.memory
+    memory.record = True
+    logits(model, probe)
+    memory.record = False
+    score = memory.route(memory.last_input)[0]  # (2,) per sequence, padding excluded
+    memory.threshold = (score[0] - 1e-4).item()      # the unrelated row just passes
+    routed = logits(model, probe)
+    memory.threshold = (score[0] + 1e-4).item()      # and now just fails
+    unrouted = logits(model, probe)
+    assert not torch.equal(routed[0], base[0]) and torch.equal(unrouted[0], base[0])
+
+
+def test_wise_shards_merge_with_ties_and_edits_survive(tiny):
+    model, tok = tiny("llama")
+    far = batch_of(tok, UNRELATED)
+    base_far = logits(model, far)
+    wise = make("wise", model, tok, "llama", shard_size=1, num_shards=2)
+    first, second = wise.apply(EDIT), wise.apply(EDIT2)
+    assert first["merged"] == 0.0 and second["merged"] == 1.0
+    assert wise.memory.side is not None and wise.memory.pending == [] and wise.memory.current is None
+    # the two shards trained under different random masks: their deltas barely overlap
+    for request in (EDIT, EDIT2):
+        predicted, target = predicted_targets(model, batch_of(tok, (request.prompt, request.target_new)))
+        assert predicted == target
+    assert torch.equal(logits(model, far), base_far)
+    wise.apply(EditRequest(prompt="The capital of Japan is", target_new=" Paris", subject="Japan"))
+    assert len(wise.memory.copies()) == 2  # the merged memory and the new shard in progress
+
+
+def test_ties_merge_trims_elects_and_averages_the_agreeing():
+    from lifelong.edit.wise import ties_merge
+
+    base = torch.zeros(1, 4)
+    a, b = torch.tensor([[3.0, -1.0, 0.0, 2.0]]), torch.tensor([[1.0, 2.0, -4.0, 0.0]])
+    # no trim: signs of the sum (+, +, -, +); entry 1 keeps only b's +2 (a's -1 disagrees)
+    assert ties_merge(base, [a, b], density=1.0).tolist() == [[2.0, 2.0, -4.0, 2.0]]
+    # keep each delta's top half: a -> (3, 0, 0, 2), b -> (0, 2, -4, 0)
+    assert ties_merge(base + 1, [a + 1, b + 1], density=0.5).tolist() == [[4.0, 3.0, -3.0, 3.0]]
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_wise_speedups_change_no_number(tiny, arch):
+    from lifelong.edit.wise import replay_lower_layers, target_only_nll
+    from lifelong.families.lm import decoder_layers
+
+    model, tok = tiny(arch)
+    batch = batch_of(tok, (EDIT.prompt, EDIT.target_new), ("Yes I think that " + EDIT2.prompt, EDIT2.target_new))
+    with torch.no_grad():
+        full = target_nll(model, batch)
+        assert torch.allclose(target_only_nll(model, batch), full, atol=1e-5)
+        with replay_lower_layers(model, 3):
+            first, again = target_only_nll(model, batch), target_only_nll(model, batch)
+    assert torch.equal(first, again) and torch.allclose(first, full, atol=1e-5)
+    assert all("forward" not in vars(block) for block in decoder_layers(model))  # class forward is back
+
+
+# ----------------------------------------------------------------------------- SmolLM2 (issue 6 acceptance)
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", ("wise", "grace"))
+def test_smollm2_one_edit_moves_prompt_and_paraphrase_not_locality(name):
+    """One edit makes SmolLM2-135M answer " Lyon" for the prompt and a paraphrase; unrelated prompts
+    (another capital, a planet) keep the base model's answers."""
+    from lifelong.edit import build_editor
+    from lifelong.families.lm import build_lm
+
+    model, tok = build_lm("embedded")
+    prompt, paraphrase = "The capital of France is", "The capital city of France is"
+    locality = ("The capital of Germany is", "The largest planet in the solar system is")
+
+    def answer(text, n=3):
+        ids = tok(text, add_special_tokens=False, return_tensors="pt")["input_ids"]
+        with torch.no_grad():
+            out = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=n,
+                                 do_sample=False, pad_token_id=tok.pad_token_id)
+        return tok.decode(out[0, ids.shape[1]:])
+
+    base = {text: answer(text) for text in (prompt, paraphrase, *locality)}
+    assert base[prompt].startswith(" Paris") and base[paraphrase].startswith(" Paris")
+    editor = build_editor(name, model, tok)
+    start = time.perf_counter()
+    stats = editor.apply(EditRequest(prompt=prompt, target_new=" Lyon", subject="France",
+                                     paraphrases=(paraphrase,)))
+    seconds = time.perf_counter() - start
+    print(f"\n{name}: one edit on SmolLM2-135M took {seconds:.1f} s; {stats}")
+    assert answer(prompt, 1) == " Lyon" and answer(paraphrase, 1) == " Lyon"
+    assert all(answer(text) == base[text] for text in locality)
+    editor.reset()
+    assert answer(prompt) == base[prompt]
