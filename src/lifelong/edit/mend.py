@@ -174,6 +174,7 @@ class MEND(Editor):
         opt = torch.optim.Adam([{"params": self.nets.transforms.parameters(), "lr": p.lr},
                                 {"params": [self.nets.edit_lrs], "lr": p.lr_lr}])
         order = torch.randperm(len(requests), generator=torch.Generator().manual_seed(p.seed)).tolist()
+        trainable = [*self.nets.transforms.parameters(), self.nets.edit_lrs]
         self.nets.train()
         self.train_log = []
         for step in range(p.train_steps):
@@ -194,9 +195,11 @@ class MEND(Editor):
             edited_logits = torch.func.functional_call(self.model, new_params, args=(), kwargs=dict(loc)).logits
             loc_loss = kl_on_mask(base_logits, edited_logits, loc["attention_mask"])
             loss = p.edit_weight * edit_loss + p.loc_weight * loc_loss
-            opt.zero_grad()
-            loss.backward()
-            torch.nn.utils.clip_grad_norm_(self.nets.parameters(), p.grad_clip)
+            # Gradients for the editor only: autograd then skips every weight gradient of the model.
+            grads = torch.autograd.grad(loss, trainable)
+            for param, grad in zip(trainable, grads):
+                param.grad = grad
+            torch.nn.utils.clip_grad_norm_(trainable, p.grad_clip)
             opt.step()
             self.train_log.append(loss.item())
         self.nets.eval()
@@ -218,7 +221,7 @@ class MEND(Editor):
                 current.copy_(new)
             nll_after = target_nll(self.model, batch).item()
         return {"nll_before": nll_before, "nll_after": nll_after, "update_norm": sum(norms),
-                **{f"edit_lr{i}": float(lr) for i, lr in enumerate(self.nets.edit_lrs)}}
+                **{f"edit_lr{i}": float(lr) for i, lr in enumerate(self.nets.edit_lrs.detach())}}
 
     def reset(self) -> None:
         with torch.no_grad():

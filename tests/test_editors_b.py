@@ -1,0 +1,317 @@
+"""ROME, T-Patcher and MEND on tiny LMs: each edit works, reset is exact, same seed same numbers, and
+each method's own invariant (ROME's rank-one closed form, T-Patcher's silent memory, MEND's learned
+editor). Real SmolLM2 checks are marked slow.
+
+The tiny Llama is trained for a few seconds on a handful of fact sentences so that an edit changes
+something the model believes; a random model's logits are too flat to be edited meaningfully.
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import time
+
+import pytest
+import torch
+
+from lifelong.edit.base import EditRequest, target_batch, target_nll
+from lifelong.families.lm import ffn_out, linear_weight, tiny_lm
+
+FACTS = """The capital of France is Paris. The capital of Germany is Berlin. The capital of Italy is Rome.
+The capital of Spain is Madrid. The capital of Japan is Tokyo. The capital of Canada is Ottawa.
+The currency of Japan is the yen. The currency of France is the euro. The currency of India is the rupee.
+Lyon is a city in France. Osaka is a city in Japan. Toronto is located in the country of Canada."""
+
+
+def trained_tiny_llama(steps: int = 60):
+    """The tiny Llama after `steps` Adam steps on FACTS (deterministic, a few seconds)."""
+    model, tok = tiny_lm("llama", seed=0)
+    sentences = [s.strip().rstrip(".") + "." for s in FACTS.replace("\n", " ").split(". ") if s.strip()]
+    enc = tok(sentences, add_special_tokens=False, padding=True, return_tensors="pt")
+    labels = enc["input_ids"].masked_fill(enc["attention_mask"] == 0, -100)
+    opt = torch.optim.Adam(model.parameters(), lr=1e-2)
+    model.train()
+    for _ in range(steps):
+        loss = model(**enc, labels=labels).loss
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    model.eval()
+    model.zero_grad(set_to_none=True)
+    return model, tok
+
+
+@pytest.fixture(scope="module")
+def _trained_llama():
+    return trained_tiny_llama()
+
+
+@pytest.fixture
+def llama(_trained_llama):
+    model, tok = _trained_llama
+    return copy.deepcopy(model), tok
+
+
+def edit_scores(model, tok, request: EditRequest) -> tuple[float, bool]:
+    """(teacher-forced target NLL, every target token is the argmax)."""
+    batch = target_batch(tok, [request.prompt], [request.target_new])
+    with torch.no_grad():
+        logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+        nll = target_nll(model, batch).item()
+    labels = batch["labels"][:, 1:][batch["target_mask"][:, :-1]]
+    return nll, bool((logits[batch["target_mask"]].argmax(-1) == labels).all())
+
+
+def snapshot(model) -> dict[str, torch.Tensor]:
+    return {k: v.detach().clone() for k, v in model.state_dict().items()}
+
+
+def assert_same_state(model, before: dict[str, torch.Tensor]) -> None:
+    after = model.state_dict()
+    assert sorted(after) == sorted(before)
+    for k, v in before.items():
+        assert torch.equal(after[k], v), k
+
+
+def probe_logits(model, tok) -> torch.Tensor:
+    ids = tok(["The capital of France is Paris.", "Osaka is a city in Japan."], add_special_tokens=False,
+              padding=True, return_tensors="pt")
+    with torch.no_grad():
+        return model(**ids).logits
+
+
+# ---------------------------------------------------------------------- ROME
+
+from lifelong.edit.rome import ROME  # noqa: E402
+from lifelong.edit.rome import Params as RomeParams  # noqa: E402
+
+# Tiny models barely route the subject's representation to the last token through attention, so the
+# unit test puts the subject at the prompt's end (the key position is then the predicting one); the
+# SmolLM2 check below edits with a real subject in the middle.
+# The tiny model's FFN outputs are small next to its residual stream: a larger clamp and step size.
+ROME_TINY = RomeParams(layer=2, v_lr=1.0, clamp_norm_factor=20.0, cov_tokens=2048, prefix_lengths=(3,),
+                       prefixes_per_length=2)
+ROME_REQUEST = EditRequest(prompt="The capital of France is", target_new=" Madrid", subject="France is")
+
+
+def test_rome_edits_with_a_rank_one_closed_form(llama):
+    model, tok = llama
+    nll0, hit0 = edit_scores(model, tok, ROME_REQUEST)
+    weight0 = linear_weight(ffn_out(model, 2)).detach().clone()
+    editor = ROME(model, tok, ROME_TINY)
+    stats = editor.apply(ROME_REQUEST)
+    nll1, hit1 = edit_scores(model, tok, ROME_REQUEST)
+    assert not hit0 and hit1 and nll1 < nll0 - 2, (nll0, nll1, stats)
+    change = linear_weight(ffn_out(model, 2)).detach() - weight0
+    assert torch.linalg.matrix_rank(change).item() == 1
+    assert torch.allclose(change, editor.last_update, atol=1e-6)
+    # W' k* = v*: the closed form puts the optimised value exactly at the key
+    value = linear_weight(ffn_out(model, 2)).detach() @ editor.last_key
+    assert torch.allclose(value, editor.last_value, rtol=1e-4, atol=1e-4 * editor.last_value.norm().item())
+    assert all(isinstance(v, float) for v in stats.values())
+
+
+def test_rome_gpt2_reset_is_exact_and_seeded_runs_agree():
+    request = EditRequest(prompt="The capital of France is", target_new=" Rome", subject="France")
+    runs = []
+    for _ in range(2):
+        model, tok = tiny_lm("gpt2", seed=1)
+        before, logits0 = snapshot(model), probe_logits(model, tok)
+        editor = ROME(model, tok, ROME_TINY)
+        stats = editor.apply(request)
+        update = editor.last_update.clone()
+        assert torch.linalg.matrix_rank(update).item() == 1  # Conv1D stores W transposed: same math
+        w = linear_weight(ffn_out(model, 2)).detach()
+        assert torch.allclose(w @ editor.last_key, editor.last_value, rtol=1e-4,
+                              atol=1e-4 * editor.last_value.norm().item())
+        edited = snapshot(model)
+        editor.reset()
+        assert_same_state(model, before)
+        assert torch.equal(probe_logits(model, tok), logits0)
+        runs.append((stats, edited))
+    assert runs[0][0] == runs[1][0]
+    for k, v in runs[0][1].items():
+        assert torch.equal(v, runs[1][1][k]), k
+
+
+def test_rome_covariance_is_cached(llama, monkeypatch):
+    from lifelong.edit import rome
+    from lifelong.runner import cache_dir
+
+    model, tok = llama
+    cov = rome.key_covariance(model, tok, 2, "python-reference", 1024)
+    files = list((cache_dir() / "rome").glob("cov-*.safetensors"))
+    assert len(files) >= 1 and cov.shape == (128, 128)
+    assert torch.allclose(cov, cov.T) and torch.linalg.eigvalsh(cov.double()).min() > 0
+    monkeypatch.setattr(rome, "corpus_chunks", lambda *a, **k: pytest.fail("recomputed a cached covariance"))
+    assert torch.equal(rome.key_covariance(model, tok, 2, "python-reference", 1024), cov)
+
+
+def test_rome_rejects_bad_input(llama):
+    model, tok = llama
+    with pytest.raises(ValueError, match="out of range"):
+        ROME(model, tok, RomeParams(layer=9))
+    editor = ROME(model, tok, ROME_TINY)
+    with pytest.raises(ValueError, match="does not occur"):
+        editor.apply(EditRequest(prompt="The capital of France is", target_new=" Rome", subject="Spain"))
+
+
+# ---------------------------------------------------------------------- T-Patcher
+
+from lifelong.edit.rome import corpus_chunks  # noqa: E402
+from lifelong.edit.t_patcher import Params as PatcherParams  # noqa: E402
+from lifelong.edit.t_patcher import TPatcher  # noqa: E402
+
+PATCHER_TINY = PatcherParams(memory_tokens=256)
+PATCH_REQUESTS = [EditRequest(prompt="The capital of France is", target_new=" Rome", subject="France"),
+                  EditRequest(prompt="Toronto is located in the country of", target_new=" Japan", subject="Toronto")]
+
+
+def test_t_patcher_edits_accumulate_and_memory_stays_silent(llama):
+    model, tok = llama
+    memory_ids = torch.tensor([corpus_chunks(tok, "python-reference", 128, 256)[0]])
+    with torch.no_grad():
+        memory_logits0 = model(input_ids=memory_ids).logits
+    editor = TPatcher(model, tok, PATCHER_TINY)
+    for n, request in enumerate(PATCH_REQUESTS, start=1):
+        nll0, hit0 = edit_scores(model, tok, request)
+        stats = editor.apply(request)
+        nll1, hit1 = edit_scores(model, tok, request)
+        assert not hit0 and hit1 and nll1 < nll0, (request, nll0, nll1, stats)
+        assert len(editor.patches) == n and stats["patches"] == n
+        assert stats["memory_max_act"] < 0 < stats["edit_min_act"]
+        with torch.no_grad():  # every memory token has a negative pre-activation: the relu adds exactly 0
+            assert torch.equal(model(input_ids=memory_ids).logits, memory_logits0)
+    assert edit_scores(model, tok, PATCH_REQUESTS[0])[1]  # the first edit survives the second
+
+
+@pytest.mark.parametrize("arch", ["llama", "gpt2"])
+def test_t_patcher_reset_is_exact_and_seeded_runs_agree(arch, llama):
+    runs = []
+    for _ in range(2):
+        tok = llama[1]  # both tiny models share the tiny tokenizer
+        model = copy.deepcopy(llama[0]) if arch == "llama" else tiny_lm("gpt2", seed=1)[0]
+        before, logits0 = snapshot(model), probe_logits(model, tok)
+        editor = TPatcher(model, tok, PatcherParams(memory_tokens=128, max_steps=10))
+        stats = editor.apply(PATCH_REQUESTS[0])
+        patch = [t.clone() for t in (editor.patches.keys, editor.patches.biases, editor.patches.values)]
+        assert "t_patcher" in dict(editor.ffn.named_children())
+        editor.reset()
+        assert_same_state(model, before)
+        assert not editor.ffn._forward_hooks and "t_patcher" not in dict(editor.ffn.named_children())
+        assert torch.equal(probe_logits(model, tok), logits0)
+        runs.append((stats, patch))
+    assert runs[0][0] == runs[1][0]
+    assert all(torch.equal(a, b) for a, b in zip(runs[0][1], runs[1][1]))
+
+
+# ---------------------------------------------------------------------- MEND
+
+from lifelong.edit.mend import MEND  # noqa: E402
+from lifelong.edit.mend import Params as MendParams  # noqa: E402
+
+# Tiny-scale training: 40 steps, higher rates, and the edit term weighted like the locality one.
+MEND_TINY = MendParams(layers=(-2, -1), rank=16, train_steps=40, lr=1e-3, lr_lr=1e-3, edit_lr=1e-3, edit_weight=1.0)
+COUNTRIES = ["France", "Germany", "Italy", "Spain", "Japan", "Canada", "India", "Peru", "Mexico", "Brazil", "Egypt"]
+CITIES = [" Paris", " Berlin", " Rome", " Madrid", " Tokyo", " Ottawa", " Osaka", " Toronto"]
+
+
+def made_up_requests() -> list[EditRequest]:
+    """Counterfactual capitals and currencies over the tiny vocabulary (never the true answer)."""
+    out = []
+    for i, country in enumerate(COUNTRIES):
+        out.append(EditRequest(prompt=f"The capital of {country} is", target_new=CITIES[(3 * i + 2) % len(CITIES)],
+                               subject=country))
+        out.append(EditRequest(prompt=f"The currency of {country} is the", subject=country,
+                               target_new=[" yen", " euro", " rupee"][i % 3]))
+    return out
+
+
+def held_out_nll(editor: MEND, requests: list[EditRequest]) -> tuple[list[float], list[float]]:
+    """Target NLL of each request before and after its edit (rolled back after each)."""
+    before, after = [], []
+    for request in requests:
+        before.append(edit_scores(editor.model, editor.tokenizer, request)[0])
+        stats = editor.apply(request)
+        after.append(edit_scores(editor.model, editor.tokenizer, request)[0])
+        assert stats["nll_after"] == pytest.approx(after[-1], abs=1e-5)
+        editor.reset()
+    return before, after
+
+
+def test_mend_learns_to_edit_held_out_facts(llama):
+    model, tok = llama
+    requests = made_up_requests()
+    train, held_out = requests[:16], requests[16:]
+    editor = MEND(model, tok, MEND_TINY)
+    with pytest.raises(RuntimeError, match="prepare"):
+        editor.apply(held_out[0])
+    editor.prepare(train)
+    assert len(editor.train_log) == MEND_TINY.train_steps
+    before, after = held_out_nll(editor, held_out)
+    assert all(a < b for a, b in zip(after, before)), (before, after)
+    assert sum(after) < 0.75 * sum(before), (before, after)
+    # The effect is learned: the same editor with frozen networks and step sizes (rates 0; only the
+    # input statistics are gathered) barely moves the held-out NLL.
+    frozen = MEND(model, tok, dataclasses.replace(MEND_TINY, lr=0.0, lr_lr=0.0))
+    frozen.prepare(train)
+    _, after_frozen = held_out_nll(frozen, held_out)
+    assert sum(after) < 0.8 * sum(after_frozen), (after, after_frozen)
+
+
+def test_mend_cache_reset_and_seed(llama, monkeypatch, tmp_path):
+    model, tok = llama
+    train = made_up_requests()[:8]
+    params = MendParams(layers=(-1,), rank=8, train_steps=10, lr=1e-3, lr_lr=1e-3, edit_lr=1e-3)
+    before, logits0 = snapshot(model), probe_logits(model, tok)
+    first = MEND(model, tok, params)
+    first.prepare(train)
+    again = MEND(model, tok, params)
+    again.prepare(train)  # the cached editor: no training
+    assert again.train_log == [] and again.prepared
+    for k, v in first.nets.state_dict().items():
+        assert torch.equal(v, again.nets.state_dict()[k]), k
+    monkeypatch.setenv("LIFELONG_CACHE", str(tmp_path / "other"))
+    retrained = MEND(model, tok, params)  # an empty cache: the same seed trains the same editor
+    retrained.prepare(train)
+    assert retrained.train_log == first.train_log
+    for k, v in first.nets.state_dict().items():
+        assert torch.equal(v, retrained.nets.state_dict()[k]), k
+    stats = first.apply(train[0])
+    one_edit = snapshot(model)
+    first.apply(train[1])  # a second edit lands on top of the first
+    assert any(not torch.equal(v, one_edit[k]) for k, v in model.state_dict().items())
+    first.reset()
+    assert_same_state(model, before)
+    assert torch.equal(probe_logits(model, tok), logits0)
+    assert again.apply(train[0]) == stats  # same editor, same model: same numbers
+
+
+# ---------------------------------------------------------------------- real SmolLM2 (select with -m slow)
+
+LYON = EditRequest(prompt="The capital of France is", target_new=" Lyon", subject="France", ground_truth=" Paris")
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", ["rome", "t_patcher", "mend"])
+def test_smollm2_capital_of_france_is_lyon(name):
+    from lifelong.edit import build_editor
+    from lifelong.edit.requests import build_requests
+    from lifelong.families.lm import build_lm
+
+    model, tok = build_lm("embedded")
+    before = snapshot(model)
+    editor = build_editor(name, model, tok)
+    if name == "mend":
+        start = time.perf_counter()
+        editor.prepare(build_requests("train", n=300))
+        print(f"mend prepare: {time.perf_counter() - start:.1f} s")
+    nll0, _ = edit_scores(model, tok, LYON)
+    start = time.perf_counter()
+    stats = editor.apply(LYON)
+    print(f"{name} edit: {time.perf_counter() - start:.1f} s {stats}")
+    nll1, hit = edit_scores(model, tok, LYON)
+    assert hit and nll1 < nll0
+    editor.reset()
+    assert_same_state(model, before)
