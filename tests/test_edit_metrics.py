@@ -159,3 +159,13 @@ def test_fluency_runs_on_tiny_model():
     model, tok = tiny_lm("llama")
     out = score_requests(model, tok, [_request(locality=())], base=None, with_fluency=True)
     assert out["fluency_ngram_entropy"] >= 0.0
+
+
+def test_next_token_argmax_matches_teacher_forcing():
+    from lifelong.metrics.editing import next_token_argmax
+
+    model, tok = tiny_lm("gpt2", seed=4)
+    prompts = ["The capital of France is", "Hi", "Lyon is a city in the country of"]
+    firsts = next_token_argmax(model, tok, prompts, batch_size=2)
+    scored = score_targets(model, tok, prompts, [" Paris"] * 3)
+    assert firsts == [s.predicted[0] for s in scored]

@@ -171,16 +171,20 @@ def filter_known(model, tokenizer, facts: list[Fact], batch_size: int = 32) -> t
     """The facts f_0 answers right with greedy decoding after the cloze prompt, each with the
     surface form it produced; and {relation: {"known", "total"}}.
 
-    Greedy decoding emits an answer exactly when every teacher-forced argmax over its tokens is right,
-    so one batched forward per (prompt, variant) decides it; the first variant that passes counts."""
-    from lifelong.metrics.editing import score_targets
+    Greedy decoding emits an answer exactly when every teacher-forced argmax over its tokens is right.
+    So: one forward per prompt gives the first predicted token; only variants that start with it are
+    teacher-forced in full. The first variant that passes counts."""
+    from lifelong.metrics.editing import next_token_argmax, score_targets
 
-    pairs = [(fact_prompts(f)[0], v) for f in facts for v in f.variants]
+    prompts = {f: fact_prompts(f)[0] for f in facts}
+    first = dict(zip(prompts.values(), next_token_argmax(model, tokenizer, list(prompts.values()), batch_size)))
+    tokens = lambda v: tokenizer(v, add_special_tokens=False)["input_ids"]  # noqa: E731
+    pairs = [(prompts[f], v) for f in facts for v in f.variants if tokens(v)[:1] == [first[prompts[f]]]]
     scores = dict(zip(pairs, score_targets(model, tokenizer, [p for p, _ in pairs], [v for _, v in pairs], batch_size)))
     known, report = [], {r: {"known": 0, "total": 0} for r in RELATIONS}
     for f in facts:
         report[f.relation]["total"] += 1
-        hit = next((v for v in f.variants if scores[(fact_prompts(f)[0], v)].exact), None)
+        hit = next((v for v in f.variants if (prompts[f], v) in scores and scores[(prompts[f], v)].exact), None)
         if hit is not None:
             known.append((f, hit))
             report[f.relation]["known"] += 1

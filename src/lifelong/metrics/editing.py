@@ -122,6 +122,35 @@ def score_targets(model, tokenizer, prompts: list[str], targets: list[str], batc
     return [done[pair] for pair in zip(prompts, targets)]
 
 
+@torch.no_grad()
+def next_token_argmax(model, tokenizer, prompts: list[str], batch_size: int = 32) -> list[int]:
+    """argmax of the next-token distribution after each prompt (one forward per batch, logits only at
+    each row's last real position)."""
+    unique = sorted(dict.fromkeys(prompts), key=lambda p: len(tokenizer(p, add_special_tokens=False)["input_ids"]))
+    device, done = _device(model), {}
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else (tokenizer.eos_token_id or 0)
+    was_training = model.training
+    model.eval()
+    try:
+        for start in range(0, len(unique), batch_size):
+            chunk = unique[start : start + batch_size]
+            rows = [tokenizer(p, add_special_tokens=False)["input_ids"] for p in chunk]
+            width = max(map(len, rows))
+            input_ids = torch.full((len(rows), width), pad, dtype=torch.long)
+            attention = torch.zeros((len(rows), width), dtype=torch.long)
+            mask = torch.zeros((len(rows), width), dtype=torch.bool)
+            for i, row in enumerate(rows):  # right-padded, as in target_batch
+                input_ids[i, : len(row)] = torch.tensor(row)
+                attention[i, : len(row)] = 1
+                mask[i, len(row) - 1] = True
+            logits, mask = _target_logits(model, input_ids.to(device), attention.to(device), mask.to(device))
+            for p, tok_id in zip(chunk, logits[mask].argmax(-1).tolist()):
+                done[p] = tok_id
+    finally:
+        model.train(was_training)
+    return [done[p] for p in prompts]
+
+
 def _target_logits(model, input_ids, attention_mask, mask):
     """Logits only at the columns where some row has a target (the LM head over a 49k vocabulary is a
     fifth of SmolLM2's compute); models whose forward lacks `logits_to_keep` compute all columns."""
