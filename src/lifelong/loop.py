@@ -64,12 +64,17 @@ def targets_in(stream: Stream, t: int, labels: np.ndarray) -> torch.Tensor:
 
 @torch.no_grad()
 def count_correct(model, stem_out: torch.Tensor, targets: torch.Tensor, class_names: tuple[str, ...], batch_size: int,
-                  method=None) -> int:
+                  method=None, accelerator: Accelerator | None = None) -> int:
     """How many stem outputs the model assigns to their target among `class_names` (top-1).
 
     A method with its own inference (iCaRL's nearest mean of exemplars, MoE-Adapters' selector)
     defines `eval_logits(model, stem_out, class_names) -> (N, C)`; otherwise the image-text logits.
+    Under several processes each scores every `num_processes`-th item and the counts are summed.
     """
+    if accelerator is not None and accelerator.num_processes > 1:
+        rank, world = accelerator.process_index, accelerator.num_processes
+        mine = count_correct(model, stem_out[rank::world], targets[rank::world], class_names, batch_size, method)
+        return int(accelerator.reduce(torch.tensor([mine]), reduction="sum").item())
     if method is not None and hasattr(method, "eval_logits"):
         def score(x):
             return method.eval_logits(model, x, class_names)
@@ -83,7 +88,8 @@ def count_correct(model, stem_out: torch.Tensor, targets: torch.Tensor, class_na
 
 
 @torch.no_grad()
-def evaluate(model, stream: Stream, stem: StemFeatures, after_task: int, batch_size: int, method=None) -> tuple[list[float], float]:
+def evaluate(model, stream: Stream, stem: StemFeatures, after_task: int, batch_size: int, method=None,
+             accelerator: Accelerator | None = None) -> tuple[list[float], float]:
     """Accuracy (%) on every task's test set after `after_task` tasks (0 = before training).
 
     Task-incremental: among the task's own classes. Class-incremental: among the classes seen so far
@@ -100,7 +106,8 @@ def evaluate(model, stream: Stream, stem: StemFeatures, after_task: int, batch_s
             offset = names.index(task.class_names[0])
         else:
             names, offset = task.class_names, 0
-        correct = count_correct(model, stem.test[j], torch.as_tensor(task.test.labels) + offset, names, batch_size, method)
+        correct = count_correct(model, stem.test[j], torch.as_tensor(task.test.labels) + offset, names, batch_size, method,
+                                accelerator)
         row.append(100.0 * correct / len(task.test))
         if stream.scenario == "class" and j < after_task:
             seen_correct, seen_total = seen_correct + correct, seen_total + len(task.test)
@@ -111,14 +118,19 @@ def run_stream(model, method, stream: Stream, stem: StemFeatures, config: RunCon
     """Train `method` on every task of `stream` in order; return the accuracy matrix and the costs."""
     train_cfg: TrainConfig = config.train
     set_seed(config.seed)
-    accelerator = Accelerator(cpu=not torch.cuda.is_available())
+    accelerator = make_accelerator()
+    if train_cfg.batch_size % accelerator.num_processes:
+        from lifelong.errors import ConfigError
+
+        raise ConfigError(f"train.batch_size={train_cfg.batch_size} must be a multiple of the number of processes "
+                          f"({accelerator.num_processes}): each process takes an equal share of every batch")
     method.prepare(model)
 
     T = len(stream.tasks)
     matrix = np.zeros((T + 1, T))
     result = StreamResult(matrix)
     t0 = time.perf_counter()
-    matrix[0], _ = evaluate(model, stream, stem, 0, train_cfg.eval_batch_size, method)
+    matrix[0], _ = evaluate(model, stream, stem, 0, train_cfg.eval_batch_size, method, accelerator)
     result.eval_seconds += time.perf_counter() - t0
 
     spaces = label_spaces(stream)
@@ -140,14 +152,15 @@ def run_stream(model, method, stream: Stream, stem: StemFeatures, config: RunCon
         except TrainingDivergedError as e:
             where = f"last good checkpoint: {last_good}" if last_good else "no checkpoint yet (it diverged in the first task)"
             raise TrainingDivergedError(f"{e} {where}") from None
+        assert_replicated(accelerator, model, method, f"task {t + 1} ({task.name})")
         result.losses.append(losses)
         result.train_seconds += time.perf_counter() - t0
         seen = seen + task.class_names
 
-        if checkpoint_dir is not None and train_cfg.checkpoints:
+        if checkpoint_dir is not None and train_cfg.checkpoints and accelerator.is_main_process:
             last_good = save_checkpoint(checkpoint_dir / f"task_{t + 1}.safetensors", model, method, t + 1)
         t0 = time.perf_counter()
-        matrix[t + 1], seen_acc = evaluate(model, stream, stem, t + 1, train_cfg.eval_batch_size, method)
+        matrix[t + 1], seen_acc = evaluate(model, stream, stem, t + 1, train_cfg.eval_batch_size, method, accelerator)
         result.seen_accuracy.append(seen_acc)
         result.eval_seconds += time.perf_counter() - t0
     return result
@@ -165,7 +178,7 @@ def train_task(model, method, data: TaskData, train_cfg: TrainConfig, *, seed: i
     averages), RNG states and the position in the data order are restored, begin_task is not run
     again, and the run ends with the same numbers as an uninterrupted one (bit-identical on CPU).
     """
-    accelerator = accelerator or Accelerator(cpu=not torch.cuda.is_available())
+    accelerator = accelerator or make_accelerator()
     # begin_task may choose what trains (a new router, frozen experts), so it runs before the optimizer
     # is built; a resumed task gets those choices back from its checkpoint instead.
     saved = TrainState.load(resume_from) if resume_from is not None else None
@@ -176,16 +189,21 @@ def train_task(model, method, data: TaskData, train_cfg: TrainConfig, *, seed: i
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=train_cfg.lr, weight_decay=train_cfg.weight_decay)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, cosine_with_warmup(train_cfg.warmup_steps, train_cfg.steps_per_task))
-    optimizer, scheduler = accelerator.prepare(optimizer, scheduler)
+    # One process: `step_loss` is the method's loss as is. Several (accelerate launch): it is wrapped in
+    # DistributedDataParallel, which all-reduces (averages) the gradients in backward.
+    step_loss, optimizer, scheduler = accelerator.prepare(MethodLoss(model, method, data), optimizer, scheduler)
     order = batch_order(len(data.inputs), train_cfg.batch_size, train_cfg.steps_per_task, seed=seed)
+    rank, world = accelerator.process_index, accelerator.num_processes
     losses = saved.restore(model, method, optimizer, scheduler) if saved is not None else []
     start = len(losses)
     bar = tqdm(range(start, len(order)), desc=desc, leave=False, initial=start, total=len(order),
                disable=not accelerator.is_local_main_process)
     for step in bar:
-        index = order[step]
-        batch = {"inputs": data.inputs[index], "targets": data.targets[index], "index": index}
-        loss, logs = method.loss(model, batch, data)
+        # every process draws the same global batch (same seed) and takes an equal share of it, so the
+        # averaged gradient is the full batch's: the same training as one process, to float rounding
+        index = order[step][rank::world]
+        batch = {"inputs": data.inputs[index], "targets": data.targets[index], "index": index, "share": (rank, world)}
+        loss, logs = step_loss(batch)
         if not math.isfinite(loss.item()):
             raise TrainingDivergedError(
                 f"loss is {loss.item()} at task {data.index + 1} ({data.task.name}), step {step + 1} ({logs}); training "
@@ -205,6 +223,52 @@ def train_task(model, method, data: TaskData, train_cfg: TrainConfig, *, seed: i
             on_checkpoint(TrainState.capture(model, method, optimizer, scheduler, losses))
     method.end_task(model, data)
     return losses
+
+
+def make_accelerator() -> Accelerator:
+    """CPU unless CUDA is there. Several processes: DDP, which must tolerate parameters a step leaves
+    unused (experts outside the top-k, a frozen-at-task-start LoRA). `split_batches`: the processes
+    share each global batch (train_task splits it), so the lr schedule steps once per optimizer step,
+    not once per process."""
+    from accelerate.utils import DataLoaderConfiguration, DistributedDataParallelKwargs
+
+    return Accelerator(cpu=not torch.cuda.is_available(), dataloader_config=DataLoaderConfiguration(split_batches=True),
+                       kwargs_handlers=[DistributedDataParallelKwargs(find_unused_parameters=True)])
+
+
+def assert_replicated(accelerator: Accelerator, model, method, where: str) -> None:
+    """Under several processes, every process must end a task with the same weights and the same
+    method state (exemplar and replay buffers, Fisher, teacher outputs), bit for bit: DDP averages the
+    gradients and everything else is computed from identical data and seeds. Compared by digest."""
+    if accelerator.num_processes == 1:
+        return
+    import hashlib
+
+    from accelerate.utils import gather_object
+
+    state = {f"model.{k}": v for k, v in model.trainable_state().items()}
+    state.update({f"method.{k}": v for k, v in method.state_dict().items()})
+    digest = hashlib.sha256()
+    for name in sorted(state):
+        digest.update(name.encode())
+        digest.update(state[name].detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
+    digests = gather_object([digest.hexdigest()])
+    if len(set(digests)) > 1:
+        raise TrainingDivergedError(f"after {where} the {accelerator.num_processes} processes hold different weights or "
+                                    f"method state ({', '.join(d[:8] for d in digests)}): a method draws randomness or "
+                                    "data that differs per process")
+
+
+class MethodLoss(torch.nn.Module):
+    """The method's loss for one batch, as a module: DDP hooks the forward pass of the module it wraps,
+    so the whole step (the method's calls into the model, teachers, regularisers) runs inside it."""
+
+    def __init__(self, model, method, data: TaskData):
+        super().__init__()
+        self.model, self.method, self.data = model, method, data
+
+    def forward(self, batch: dict) -> tuple[torch.Tensor, dict[str, float]]:
+        return self.method.loss(self.model, batch, self.data)
 
 
 @dataclass

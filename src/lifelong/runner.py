@@ -110,15 +110,22 @@ def prepare_trainable(model: DualEncoder, config: RunConfig, adapter: AdapterCon
 
 def run_experiment(config: RunConfig) -> Path:
     """Run every configured method on the stream; write results, tables and figures; return the run dir."""
+    from lifelong.loop import make_accelerator
+
+    # Under `accelerate launch` every process trains (DDP) and evaluates its share; one writes and prints.
+    main = make_accelerator().is_main_process
+    say = print if main else (lambda *a, **k: None)
     out = Path(config.output_dir) / config.name
-    out.mkdir(parents=True, exist_ok=True)
-    atomic_write_text(out / "config.yaml", yaml.safe_dump(to_dict(config), sort_keys=False))
-    atomic_write_json(out / "versions.json", versions())
+    if main:
+        out.mkdir(parents=True, exist_ok=True)
+        atomic_write_text(out / "config.yaml", yaml.safe_dump(to_dict(config), sort_keys=False))
+        atomic_write_json(out / "versions.json", versions())
 
     streams = ordered_streams(config)
     base = build_model(config.model, streams[0])
     stems = [compute_stem_features(base, stream, config.train.eval_batch_size) for stream in streams]
-    atomic_write_json(out / "data.json", describe_stream(streams[0]))
+    if main:
+        atomic_write_json(out / "data.json", describe_stream(streams[0]))
 
     runs = []
     for mc in config.methods:
@@ -127,7 +134,7 @@ def run_experiment(config: RunConfig) -> Path:
         rows, matrices = [], []
         for r, (stream, stem) in enumerate(zip(streams, stems)):
             which = f", order {r + 1}/{len(streams)}: {' -> '.join(t.name for t in stream.tasks)}" if len(streams) > 1 else ""
-            print(f"== {label}: {len(stream.tasks)} tasks x {mconfig.train.steps_per_task} steps, lr {mconfig.train.lr:g}{which}")
+            say(f"== {label}: {len(stream.tasks)} tasks x {mconfig.train.steps_per_task} steps, lr {mconfig.train.lr:g}{which}")
             model = copy.deepcopy(base)
             prepare_trainable(model, config, mc.adapter or config.adapter)
             method = build_method(mc)
@@ -142,10 +149,11 @@ def run_experiment(config: RunConfig) -> Path:
                        eval_seconds=result.eval_seconds, peak_rss_mb=memory.peak_mb)
             rows.append(row)
             matrices.append(result.accuracy_matrix)
-            print(f"   Avg {row['avg']:.1f}  Last {row['last']:.1f}  max forgetting {row['max_forgetting']:.1f}  "
+            say(f"   Avg {row['avg']:.1f}  Last {row['last']:.1f}  max forgetting {row['max_forgetting']:.1f}  "
                   f"ZS degradation {row['zero_shot_degradation']:.1f}  ({result.train_seconds:.0f} s)")
         runs.append(MethodRun(label, matrices, rows, aggregate(label, rows)))
-    write_results(out, config, streams, runs)
+    if main:
+        write_results(out, config, streams, runs)
     return out
 
 

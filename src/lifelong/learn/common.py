@@ -28,6 +28,23 @@ class TaskData:
     seen_class_names: tuple[str, ...]
 
 
+def process_share(batch: dict, drawn: torch.Tensor) -> torch.Tensor:
+    """This process's share of samples a method draws for the whole batch (e.g. replayed exemplars).
+
+    Under several processes the loop gives each process an equal share of every global batch and sets
+    `batch["share"] = (rank, world)`. Whatever a method draws per step must be drawn for the global
+    batch (the same draw in every process: seeded by task and step) and split the same way; else
+    every process would replay the same samples and the run would differ from one process.
+    """
+    rank, world = batch.get("share", (0, 1))
+    return drawn[rank::world]
+
+
+def global_batch_size(batch: dict) -> int:
+    """The size of the global batch this process's share belongs to."""
+    return len(batch["inputs"]) * batch.get("share", (0, 1))[1]
+
+
 def classification_loss(model, batch: dict, data: TaskData, label_smoothing: float = 0.0) -> torch.Tensor:
     """Cross-entropy of image-text logits over the task's label space."""
     logits = model(batch["inputs"], data.class_names)  # (B, C)

@@ -51,7 +51,7 @@ import torch
 import torch.nn.functional as F
 
 from lifelong.errors import ConfigError
-from lifelong.learn.common import TaskData, batched_logits, distillation_loss
+from lifelong.learn.common import TaskData, batched_logits, distillation_loss, global_batch_size, process_share
 
 
 @dataclass(frozen=True)
@@ -113,7 +113,7 @@ class ICaRL:
     def loss(self, model, batch: dict, data: TaskData) -> tuple[torch.Tensor, dict[str, float]]:
         p = self.params
         inputs, n_new = batch["inputs"], len(batch["inputs"])
-        replay = self.replay_indices(data.index, p.replay_batch or n_new)
+        replay = process_share(batch, self.replay_indices(data.index, p.replay_batch or global_batch_size(batch)))
         self.replay_step += 1
         replay_tasks, replay_targets = self.memory_tasks[replay], self.memory_targets[replay]
         if len(replay):
