@@ -62,6 +62,7 @@ def main(argv: list[str] | None = None) -> int:
     sub.add_parser("streams", help="list the shipped task streams")
 
     add_ledger_commands(sub)
+    add_edit_commands(sub)
 
     # KEY=VALUE overrides may stand before or after options (argparse alone stops at the first option).
     args, extra = parser.parse_known_args(argv)
@@ -79,6 +80,10 @@ def main(argv: list[str] | None = None) -> int:
             return cmd_methods()
         if args.command == "streams":
             return cmd_streams()
+        if args.command == "edit":
+            return cmd_edit(args)
+        if args.command == "bench":
+            return cmd_bench_edit(args)
         return LEDGER_COMMANDS[args.command](args)
     except LifelongError as e:
         print(f"error: {e}", file=sys.stderr)
@@ -345,3 +350,131 @@ LEDGER_COMMANDS = {"init": cmd_init, "learn": cmd_learn, "resume": cmd_resume, "
 
 if __name__ == "__main__":
     sys.exit(main())
+
+
+# ---------------------------------------------------------------------------------------------
+# Knowledge editing of a causal LM (the `lm` family)
+
+EDIT_EPILOG = """\
+examples:
+  lifelong edit --prompt "The capital of France is" --target Lyon --subject France
+  lifelong edit --method grace --prompt "The capital of France is" --target Lyon --paraphrase "France's capital is"
+  lifelong edit --requests my_edits.json --method wise steps=30        (EasyEdit ZsRE/CounterFact JSON too)
+  lifelong bench edit --methods ft_l,grace,wise --T 1,10,100
+  lifelong bench edit configs/edit_bench.yaml single_n=10
+
+The default model is SmolLM2-135M-Instruct (embedded; converted once from its GGUF file to a cached
+safetensors folder); --model takes a hub id or a folder of any transformers causal LM. Editor knobs
+are KEY=VALUE (e.g. layer=20 lr=0.5); `lifelong edit --list` prints every editor with its knobs.
+"""
+
+
+def add_edit_commands(sub) -> None:
+    edit = sub.add_parser("edit", help="edit facts of a causal LM (FT-L, LoRA, MEND, T-Patcher, GRACE, WISE, ROME) and show the effect",
+                          description="Apply knowledge edits in sequence to a causal LM and print, before and after, the greedy "
+                          "answers to the edit prompts, their paraphrases and unrelated (locality) prompts, plus every "
+                          "editing metric (EasyEdit token-level and CounterFact conventions).",
+                          epilog=EDIT_EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
+    edit.add_argument("--method", default="wise", help="the editor (default: wise); see --list")
+    edit.add_argument("--model", default="embedded", help="embedded (SmolLM2-135M-Instruct), a hub id or a folder")
+    edit.add_argument("--prompt", help="the edit prompt, e.g. 'The capital of France is'")
+    edit.add_argument("--target", help="the new answer, e.g. Lyon (a leading space is added when missing)")
+    edit.add_argument("--subject", help="the subject inside the prompt (ROME needs it; default: the prompt's last word)")
+    edit.add_argument("--paraphrase", action="append", default=[], help="a rephrased prompt to check generality (repeatable)")
+    edit.add_argument("--locality", action="append", default=[], help="an unrelated prompt whose answer must not change (repeatable)")
+    edit.add_argument("--requests", type=Path, help="edit requests from a file: lifelong JSON, EasyEdit ZsRE or CounterFact JSON")
+    edit.add_argument("--limit", type=int, default=None, help="only the first N requests of --requests")
+    edit.add_argument("--list", action="store_true", help="list the editors and their knobs, then exit")
+    edit.add_argument("overrides", nargs="*", metavar="KNOB=VALUE", help="editor knobs, e.g. steps=30 layer=20")
+
+    bench = sub.add_parser("bench", help="benchmarks: `bench edit` runs the editing T-sweep (single and lifelong protocols)",
+                           description="`lifelong bench edit [CONFIG] [--methods a,b] [--T 1,10,100] [KEY=VALUE ...]`: every "
+                           "editor under the single-edit protocol and the lifelong protocol for each T (T sequential edits, all "
+                           "judged on the final model), with time and peak memory per edit; writes runs/<name>/results.json, "
+                           "summary.md and metrics_vs_T.png. Keys: see lifelong/edit/bench.py (EditBenchConfig).",
+                           epilog=EDIT_EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
+    bench.add_argument("what", choices=["edit"], help="the benchmark to run")
+    bench.add_argument("config", nargs="?", type=Path, help="a YAML config (default: the built-in defaults)")
+    bench.add_argument("--methods", help="comma-separated editors (default: all seven)")
+    bench.add_argument("--T", help="comma-separated edit counts for the lifelong protocol (default: 1,10,100,1000)")
+    bench.add_argument("--split", choices=["zsre", "counterfact"], help="the request set (default: zsre)")
+    bench.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="e.g. single_n=10 time_budget_s=600 knobs.wise.steps=30")
+
+
+def cmd_edit(args) -> int:
+    from lifelong.config import apply_override
+    from lifelong.edit import EDITORS, EditRequest, Probe, editor_class
+    from lifelong.errors import ConfigError
+
+    if args.list:
+        for name in EDITORS:
+            cls = editor_class(name)
+            doc = (sys.modules[cls.__module__].__doc__ or "").strip().splitlines()[0]
+            knobs = ", ".join(f"{f.name}={f.default!r}" for f in dataclasses.fields(cls.Params))
+            print(f"{name:10s} {doc}\n{'':10s} knobs: {knobs}")
+        return 0
+    knobs: dict = {}
+    for item in args.overrides:
+        apply_override(knobs, item)
+    if args.requests is not None:
+        if args.prompt or args.target:
+            raise ConfigError("give either --requests FILE or --prompt/--target, not both")
+        from lifelong.edit.bench import read_requests_file
+
+        requests = read_requests_file(args.requests)[: args.limit]
+    else:
+        if not (args.prompt and args.target):
+            raise ConfigError("an edit needs --prompt and --target (e.g. --prompt 'The capital of France is' --target Lyon), "
+                              "or --requests FILE")
+        target = args.target if args.target.startswith(" ") else " " + args.target
+        subject = args.subject or args.prompt.split()[-1]
+        if subject not in args.prompt:
+            raise ConfigError(f"--subject {subject!r} does not occur in the prompt {args.prompt!r}")
+        requests = [EditRequest(prompt=args.prompt, target_new=target, subject=subject,
+                                paraphrases=tuple(args.paraphrase),
+                                locality=tuple(Probe(p, "") for p in args.locality))]
+    from lifelong.edit.protocol import apply_all, make_editor
+    from lifelong.families.lm import build_lm
+    from lifelong.metrics.editing import base_predictions, generate, score_requests
+
+    model, tokenizer = build_lm(args.model)
+    requests = _with_base_answers(model, tokenizer, requests, generate)
+    prompts = [p for r in requests for p in (r.prompt, *r.paraphrases, *(q.prompt for q in r.locality))]
+    before = generate(model, tokenizer, prompts, max_new_tokens=8)
+    base = base_predictions(model, tokenizer, requests)
+    editor = make_editor(args.method, model, tokenizer, knobs, [])
+    cost = apply_all(editor, requests, desc=f"{args.method}")
+    after = generate(model, tokenizer, prompts, max_new_tokens=8)
+    print(f"{args.method}: {len(requests)} edit(s), {cost['seconds_per_edit']:.2f} s per edit, peak RSS {cost['peak_rss_mb']:.0f} MiB")
+    for prompt, b, a in zip(prompts, before, after):
+        print(f"  {prompt!r}\n      before: {b!r}\n      after:  {a!r}")
+    scores = score_requests(model, tokenizer, requests, base)
+    print("  " + "  ".join(f"{k} {v:.2f}" for k, v in scores.items() if isinstance(v, float)))
+    return 0
+
+
+def _with_base_answers(model, tokenizer, requests, generate):
+    """Command-line locality prompts get f_0's own greedy answer as the text they are scored on."""
+    import dataclasses as dc
+
+    from lifelong.edit import Probe
+
+    missing = [p.prompt for r in requests for p in r.locality if not p.answer]
+    if not missing:
+        return requests
+    answers = dict(zip(missing, generate(model, tokenizer, missing, max_new_tokens=3)))
+    return [dc.replace(r, locality=tuple(Probe(p.prompt, p.answer or answers[p.prompt]) for p in r.locality)) for r in requests]
+
+
+def cmd_bench_edit(args) -> int:
+    from lifelong.edit.bench import load_bench_config, run_bench
+
+    overrides = list(args.overrides)
+    if args.methods:
+        overrides.append(f"methods=[{args.methods}]")
+    if args.T:
+        overrides.append(f"T=[{args.T}]")
+    if args.split:
+        overrides.append(f"split={args.split}")
+    run_bench(load_bench_config(args.config, overrides))
+    return 0

@@ -97,6 +97,13 @@ class RunConfig:
 
 def load_config(path: str | Path | None, overrides: list[str] | tuple[str, ...] = ()) -> RunConfig:
     """Read a YAML file (or start from defaults), apply `a.b=c` overrides, validate strictly."""
+    config = from_dict(RunConfig, read_raw(path, overrides), "")
+    validate(config)
+    return config
+
+
+def read_raw(path: str | Path | None, overrides: list[str] | tuple[str, ...] = ()) -> dict[str, Any]:
+    """A YAML file's mapping (empty without a file) with `a.b=c` overrides applied; not yet typed."""
     raw: dict[str, Any] = {}
     if path is not None:
         path = Path(path)
@@ -110,9 +117,7 @@ def load_config(path: str | Path | None, overrides: list[str] | tuple[str, ...] 
             raise ConfigError(f"{path}: the top level must be a mapping of keys, got {type(raw).__name__}")
     for item in overrides:
         apply_override(raw, item)
-    config = from_dict(RunConfig, raw, "")
-    validate(config)
-    return config
+    return raw
 
 
 def apply_override(raw: dict, item: str) -> None:

@@ -1,0 +1,198 @@
+"""`lifelong bench edit`: every editor under the single-edit protocol and the lifelong T-sweep.
+
+For each method: the single-edit protocol on `single_n` requests, then the lifelong protocol for each
+T in `T` (each from f_0), all on the same request set. A method whose next T would exceed
+`time_budget_s` (estimated from its measured time per edit) stops there: the table records the largest
+T it ran and its time per edit. Writes results.json (every metric, both conventions, named), summary.md
+and metrics_vs_T.png under output_dir/name.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import yaml
+
+from lifelong.config import from_dict, read_raw, to_dict
+from lifelong.errors import ConfigError
+from lifelong.edit import EDITORS, editor_params
+from lifelong.report.io import atomic_write_json, atomic_write_text
+
+TABLE_METRICS = ("reliability_token", "generality_token", "locality_token", "portability_token",
+                 "reliability_cf", "generality_cf", "locality_cf", "fluency_ngram_entropy")
+
+
+@dataclass(frozen=True)
+class EditBenchConfig:
+    name: str = "edit-bench"
+    output_dir: str = "runs"
+    model: str = "embedded"              # SmolLM2-135M-Instruct, or a hub id / folder of a causal LM
+    split: str = "zsre"                  # "zsre" (insertion, no filter) or "counterfact" (facts f_0 knows)
+    requests_file: str = ""              # instead of the split: our JSON, or EasyEdit ZsRE/CounterFact JSON
+    methods: tuple[str, ...] = ("ft_l", "lora", "grace", "wise", "rome", "t_patcher", "mend")
+    T: tuple[int, ...] = (1, 10, 100, 1000)
+    single_n: int = 20                   # requests edited one at a time (reset in between)
+    time_budget_s: float = 900.0         # per method and T: skip a T whose estimated edit time exceeds it
+    train_n: int = 200                   # MEND's training requests (the disjoint `train` split)
+    seed: int = 0
+    knobs: dict = field(default_factory=dict)  # {method: {knob: value}}, validated by the editor's Params
+
+
+def load_bench_config(path: str | Path | None, overrides: list[str] | tuple[str, ...] = ()) -> EditBenchConfig:
+    config = from_dict(EditBenchConfig, read_raw(path, overrides), "")
+    for m in config.methods:
+        if m not in EDITORS:
+            raise ConfigError(f"methods: {m!r} is not an editor; valid: {', '.join(EDITORS)}")
+        editor_params(m, config.knobs.get(m), f"knobs.{m}")
+    unknown = sorted(set(config.knobs) - set(config.methods))
+    if unknown:
+        raise ConfigError(f"knobs for {', '.join(unknown)}, which methods does not list ({', '.join(config.methods)})")
+    if config.split not in ("zsre", "counterfact"):
+        raise ConfigError(f"split={config.split!r} is not one of: zsre, counterfact")
+    if not config.T or min(config.T) < 1 or config.single_n < 0:
+        raise ConfigError(f"T must list positive edit counts (got {list(config.T)}) and single_n must be >= 0")
+    return config
+
+
+def read_requests_file(path: str | Path) -> list:
+    """Our request JSON, EasyEdit's ZsRE JSON (records with `src`) or ROME's CounterFact JSON
+    (records with `requested_rewrite`), told apart by their fields."""
+    import json
+
+    from lifelong.edit.readers import read_counterfact, read_easyedit_zsre
+    from lifelong.edit.requests import load_requests
+    from lifelong.errors import DataFormatError
+
+    try:
+        data = json.loads(Path(path).read_text(encoding="utf-8"))
+    except (OSError, ValueError) as e:
+        raise DataFormatError(f"{path}: not a readable JSON file ({e})") from e
+    if isinstance(data, dict):
+        return load_requests(path)
+    first = data[0] if isinstance(data, list) and data else {}
+    if isinstance(first, dict) and "requested_rewrite" in first:
+        return read_counterfact(path)
+    if isinstance(first, dict) and "src" in first:
+        return read_easyedit_zsre(path)
+    raise DataFormatError(f"{path}: neither a lifelong request file nor an EasyEdit ZsRE / CounterFact list of records")
+
+
+def evaluation_requests(config: EditBenchConfig, model, tokenizer) -> tuple[list, dict]:
+    """The evaluated requests (enough for the largest T) and a description of where they came from."""
+    from lifelong.edit.requests import build_requests, counterfact_requests
+
+    need = max(max(config.T), config.single_n)
+    if config.requests_file:
+        requests = read_requests_file(config.requests_file)
+        source = {"requests_file": config.requests_file}
+    elif config.split == "counterfact":
+        requests, report = counterfact_requests(model, tokenizer, seed=config.seed)
+        source = {"split": "counterfact", "known_by_relation": report,
+                  "qualifying": len(requests), "candidates": sum(r["total"] for r in report.values())}
+    else:
+        requests = build_requests("zsre", n=need, seed=config.seed)
+        source = {"split": "zsre"}
+    if len(requests) < need:
+        print(f"note: {len(requests)} requests available, fewer than the {need} asked for; T is capped at {len(requests)}")
+    return requests, {**source, "available": len(requests)}
+
+
+def run_bench(config: EditBenchConfig) -> Path:
+    from lifelong.edit.protocol import base_for, lifelong, make_editor, single
+    from lifelong.edit.requests import build_requests
+    from lifelong.families.lm import build_lm
+    from lifelong.runner import versions
+
+    out = Path(config.output_dir) / config.name
+    out.mkdir(parents=True, exist_ok=True)
+    atomic_write_text(out / "config.yaml", yaml.safe_dump(to_dict(config), sort_keys=False))
+    model, tokenizer = build_lm(config.model)
+    requests, source = evaluation_requests(config, model, tokenizer)
+    base = base_for(model, tokenizer, requests[: max(max(config.T), config.single_n)])
+    train = build_requests("train", n=config.train_n, seed=config.seed) if "mend" in config.methods else []
+
+    results = {"config": to_dict(config), "requests": source, "versions": versions(), "methods": {}}
+    for method in config.methods:
+        t0 = time.perf_counter()
+        editor = make_editor(method, model, tokenizer, config.knobs.get(method), train)
+        rows = {"prepare_seconds": time.perf_counter() - t0, "params": to_dict(editor.params), "lifelong": [], "skipped": []}
+        print(f"== {method}")
+        if config.single_n:
+            rows["single"] = single(editor, model, tokenizer, requests[: config.single_n], base)
+            print(f"   single (N={config.single_n}): " + _line(rows["single"]))
+        per_edit = rows.get("single", {}).get("seconds_per_edit")
+        for T in sorted(config.T):
+            if T > len(requests):
+                rows["skipped"].append({"T": T, "why": f"only {len(requests)} requests"})
+                continue
+            if per_edit is not None and per_edit * T > config.time_budget_s:
+                rows["skipped"].append({"T": T, "why": f"estimated {per_edit * T:.0f} s of edits > time_budget_s "
+                                                       f"{config.time_budget_s:.0f} ({per_edit:.2f} s per edit)"})
+                print(f"   T={T}: skipped, {rows['skipped'][-1]['why']}")
+                continue
+            row = lifelong(editor, model, tokenizer, requests[:T], base)
+            per_edit = row["seconds_per_edit"]
+            rows["lifelong"].append(row)
+            print(f"   T={T}: " + _line(row))
+            atomic_write_json(out / "results.json", {**results, "methods": {**results["methods"], method: rows}})
+        results["methods"][method] = rows
+        atomic_write_json(out / "results.json", results)
+    atomic_write_text(out / "summary.md", summary(results))
+    plot_vs_T(results, out / "metrics_vs_T.png")
+    print(summary(results))
+    print(f"wrote {out}/ (results.json, summary.md, metrics_vs_T.png)")
+    return out
+
+
+def _line(row: dict) -> str:
+    f = lambda k: "-" if row.get(k) is None else f"{row[k]:.2f}"  # noqa: E731
+    return (f"rel {f('reliability_token')}  gen {f('generality_token')}  loc {f('locality_token')}  "
+            f"port {f('portability_token')}  ({row['seconds_per_edit']:.2f} s/edit)")
+
+
+def summary(results: dict) -> str:
+    """The table: one row per method and protocol/T; metrics in [0, 1] (fluency in bits)."""
+    heads = ["method", "protocol", "T", *TABLE_METRICS, "s/edit", "peak RSS (MiB)"]
+    lines = ["| " + " | ".join(heads) + " |", "|" + "---|" * len(heads)]
+    for method, rows in results["methods"].items():
+        for row in ([rows["single"]] if "single" in rows else []) + rows["lifelong"]:
+            cells = [method, row["protocol"], str(row["T"])]
+            cells += ["-" if row.get(k) is None else f"{row[k]:.2f}" for k in TABLE_METRICS]
+            cells += [f"{row['seconds_per_edit']:.2f}", f"{row['peak_rss_mb']:.0f}"]
+            lines.append("| " + " | ".join(cells) + " |")
+        for skip in rows["skipped"]:
+            lines.append(f"| {method} | lifelong | {skip['T']} | skipped: {skip['why']} |" + " |" * (len(heads) - 4))
+    names = {"reliability": "Rel", "generality": "Gen", "locality": "Loc", "portability": "Port"}
+    legend = ", ".join(f"{v} = {k}" for k, v in names.items())
+    return ("Knowledge editing: `_token` = EasyEdit token-level teacher-forced accuracy, `_cf` = CounterFact "
+            f"probability comparison; fluency = ROME's n-gram entropy. {legend}.\n\n" + "\n".join(lines) + "\n")
+
+
+def plot_vs_T(results: dict, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    metrics = ("reliability_token", "generality_token", "locality_token", "portability_token")
+    fig, axes = plt.subplots(1, len(metrics), figsize=(4 * len(metrics), 3.4), sharey=True)
+    for ax, metric in zip(axes, metrics):
+        for method, rows in results["methods"].items():
+            points = [(r["T"], r[metric]) for r in rows["lifelong"] if r.get(metric) is not None]
+            if points:
+                ax.plot(*zip(*points), marker="o", label=method)
+        ax.set_xscale("log")
+        ax.set_xlabel("T (sequential edits)")
+        ax.set_title(metric.replace("_token", " (token)"))
+        ax.set_ylim(-0.02, 1.02)
+        ax.grid(alpha=0.3)
+    axes[0].set_ylabel("score on the final model")
+    axes[-1].legend(fontsize=8)
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp.png")
+    fig.savefig(tmp, dpi=120)
+    plt.close(fig)
+    tmp.replace(path)

@@ -1,0 +1,78 @@
+"""The editing protocols: single edits and lifelong (sequential) editing, with their costs.
+
+    single:    for each of N requests: f_0 -> apply(r) -> score r -> reset to f_0; report the mean.
+    lifelong:  f_0 -> apply(r_1) ... apply(r_T) -> score all T requests on f_T (WISE's protocol);
+               run for each T of a sweep (T = 1, 10, 100, 1000), each from f_0 again.
+
+Every result names its scoring conventions (`metrics/editing.py`: `_token` EasyEdit, `_cf`
+CounterFact, `_exact` greedy match) and carries the time and the peak memory per edit. Locality is
+judged against f_0's own predictions, computed once per request set before any edit.
+"""
+
+from __future__ import annotations
+
+import time
+
+import torch
+from tqdm.auto import tqdm
+
+from lifelong.edit import build_editor
+from lifelong.edit.base import EditRequest
+from lifelong.metrics.cost import PeakMemory
+from lifelong.metrics.editing import cached_base_predictions, fluency, score_requests
+
+FLUENCY_PROMPTS = 10  # generations scored for fluency after the last edit (50 tokens each)
+
+
+def make_editor(method: str, model, tokenizer, knobs: dict | None, train_requests: list[EditRequest] | None):
+    """The editor, prepared: learned editors (MEND) train on `train_requests` (disjoint from the evaluated ones)."""
+    editor = build_editor(method, model, tokenizer, knobs)
+    editor.prepare(list(train_requests or []))  # a no-op for editors that do not learn
+    return editor
+
+
+def apply_all(editor, requests: list[EditRequest], desc: str = "") -> dict:
+    """Apply `requests` in order; returns the edit time (s) and the peak RSS (MiB) over the edits."""
+    seconds = []
+    with PeakMemory() as memory:
+        for r in tqdm(requests, desc=desc, leave=False, disable=len(requests) < 5):
+            t0 = time.perf_counter()
+            editor.apply(r)
+            seconds.append(time.perf_counter() - t0)
+    return {"edit_seconds_total": sum(seconds), "seconds_per_edit": sum(seconds) / len(seconds),
+            "peak_rss_mb": memory.peak_mb}
+
+
+def lifelong(editor, model, tokenizer, requests: list[EditRequest], base: dict, *, with_fluency: bool = True) -> dict:
+    """T = len(requests) sequential edits, every one judged on the final model; the model is reset after."""
+    cost = apply_all(editor, requests, desc=f"{editor.name} T={len(requests)}")
+    with torch.no_grad():
+        scores = score_requests(model, tokenizer, requests, base)
+        if with_fluency:
+            scores["fluency_ngram_entropy"] = fluency(model, tokenizer, [r.prompt for r in requests[:FLUENCY_PROMPTS]])
+    editor.reset()
+    return {"protocol": "lifelong", "T": len(requests), **scores, **cost}
+
+
+def single(editor, model, tokenizer, requests: list[EditRequest], base: dict) -> dict:
+    """Each request edited alone on f_0 (reset in between); metrics averaged over the requests."""
+    rows, costs = [], []
+    for r in tqdm(requests, desc=f"{editor.name} single", leave=False):
+        costs.append(apply_all(editor, [r]))
+        with torch.no_grad():
+            rows.append(score_requests(model, tokenizer, [r], base))
+        editor.reset()
+    metrics = {k: _mean([row[k] for row in rows]) for k in rows[0] if k != "n_requests"}
+    return {"protocol": "single", "T": 1, "n_requests": len(requests), **metrics,
+            "seconds_per_edit": _mean([c["seconds_per_edit"] for c in costs]),
+            "peak_rss_mb": max(c["peak_rss_mb"] for c in costs)}
+
+
+def base_for(model, tokenizer, requests: list[EditRequest]) -> dict:
+    """f_0's predictions on every locality probe of `requests` (cached on disk by model and requests)."""
+    return cached_base_predictions(model, tokenizer, requests)
+
+
+def _mean(values: list) -> float | None:
+    values = [v for v in values if v is not None]
+    return sum(values) / len(values) if values else None
