@@ -70,7 +70,8 @@ def logits(model, batch):
 def predicted_targets(model, batch, row=0):
     """Argmax token at each position that predicts a target token, and the target tokens."""
     out = logits(model, batch)[row]
-    return out.argmax(-1)[batch["target_mask"][row]].tolist(), batch["labels"][row][batch["labels"][row] != -100].tolist()
+    labels = batch["labels"][row]
+    return out.argmax(-1)[batch["target_mask"][row]].tolist(), labels[labels != -100].tolist()
 
 
 # ----------------------------------------------------------------------------- the contract, every editor
@@ -127,11 +128,11 @@ def test_same_seed_same_numbers(tiny, name):
         model, tok = tiny("llama")
         extra = {"seed": seed} if "seed" in editor_class(name).Params.__dataclass_fields__ else {}
         editor = make(name, model, tok, "llama", **extra)
-        stats = [editor.apply(EDIT), editor.apply(EDIT2)]
+        stats = [editor.apply(EDIT)] + ([editor.apply(EDIT2)] if seed == 0 else [])  # seed 1: is it different?
         runs.append((stats, logits(model, batch_of(tok, (EDIT.prompt, EDIT.target_new), UNRELATED))))
     assert runs[0][0] == runs[1][0] and torch.equal(runs[0][1], runs[1][1])
     if name in ("lora", "wise"):  # the seed drives LoRA's A init and WISE's gradient masks
-        assert runs[0][0] != runs[2][0]
+        assert runs[0][0][0] != runs[2][0][0]
 
 
 @pytest.mark.parametrize("name", EDITORS)

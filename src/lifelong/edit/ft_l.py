@@ -10,8 +10,9 @@ Defaults, and why: `layer` None picks the layer two thirds of the way up (EasyEd
 layer 21 of LLaMA-2-7B's 32): SmolLM2-135M -> layer 19 of 30, deep enough that the edit is not washed
 out by 10 later blocks, shallow enough that it still changes the prompt's representation rather than
 only the output distribution. `lr` 5e-4, 25 steps as in EasyEdit/ROME; `norm_constraint` 5e-3
-(EasyEdit's constrained GPT-2 XL config uses 5e-4: at 5e-4 one SmolLM2 layer cannot move
-"The capital of France is" to " Lyon" in 25 steps, at 5e-3 it can; measured, see the report).
+where EasyEdit's constrained GPT-2 XL config has 5e-4: measured on SmolLM2 (layer 19), 5e-4 leaves
+"The capital of France is" -> " Lyon" at NLL 6.2 and the answer " Paris"; 5e-3 reaches NLL 0.47 and
+" Lyon" while "The capital of Germany is" keeps " Berlin".
 
 Deviations: the ball is around f_0's weights for the whole lifelong run (Zhu et al.'s constraint);
 EasyEdit re-centres it on the weights before each edit, so its sequential FT-L may drift without

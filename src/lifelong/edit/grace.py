@@ -11,8 +11,8 @@ so an input whose activations are all outside every ball runs exactly as f_0 (lo
 construction). An edit takes x = the activation of the prompt's last token and, with d = ||x - k_{i*}||:
 no key within reach (d > eps_init + eps_{i*}) -> add key x with radius eps_init; same target as k_{i*}
 -> expand eps_{i*} to d and train v_{i*} further; different target -> add key x and split both radii
-to d / 2 (a re-edit of the very same key just relabels it). The chosen value is then trained for `steps` Adam steps on the target NLL, v <- v - lr *
-Adam(grad_v NLL(y_new | x)).
+to d / 2 (a re-edit of the very same key just relabels it). The chosen value then takes `steps` Adam
+steps on the target NLL, v <- v - lr * Adam(grad_v NLL(y_new | x)).
 
 Defaults, and why: `layer` None = 85% of the depth (EasyEdit's LLaMA-2-7B config edits layer 27 of 32):
 SmolLM2-135M -> layer 25 of 30. `eps` 8.0: EasyEdit's 1.0 is for LLaMA-2-7B's key scale; in SmolLM2's

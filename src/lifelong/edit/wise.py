@@ -16,16 +16,22 @@ sharding: each shard of `shard_size` edits trains a fresh copy W' = W under its 
 `num_shards` shards are done their deltas are merged by TIES (trim each to its top-`density`
 magnitudes, elect the sign of the summed deltas, average the entries that agree) into the side memory.
 
-Defaults, and why: alpha, beta, gamma = 5, 20, 10 (paper); lr 1.0, 70 steps, norm constraint 1.0,
-mask ratio 0.2, act_ratio 0.88, 500 edits per shard, 2 shards, TIES density 0.53 (EasyEdit's LLaMA
-configs; these margins suit SmolLM2 as they are: at layer 25 its down-projection output has norm ~30
-on ordinary text, and a score of 20 changes the edit's prediction without saturating). `layer` None =
-85% depth (EasyEdit edits layer 27 of LLaMA-2-7B's 32): SmolLM2-135M -> layer 25 of 30.
+Defaults, and why: the paper's margins alpha, beta, gamma = 5, 20, 10 suit SmolLM2 as they are (at
+layer 25 its down-projection output has norm ~95 per token, so a score of 20 is a ~20% change);
+EasyEdit's mask ratio 0.2, norm constraint 1.0, act_ratio 0.88, 70 steps, 500 edits per shard, 2 shards
+and TIES density 0.53. `layer` None = 85% depth (EasyEdit edits layer 27 of LLaMA-2-7B's 32):
+SmolLM2-135M -> layer 25 of 30. Scale-downs for SmolLM2 on a CPU: lr 0.1 (EasyEdit 1.0: on SmolLM2 that
+saturates the norm constraint within a few steps, edit and unrelated scores reach 78 and 51, and
+"The capital of Germany is" is routed to " Lyon" too; at 0.1 the scores settle near 26 and 5 and it keeps
+" Berlin"), and 5 context prefixes instead of 10 (a training step's cost grows with the rows; 5 keep
+the paraphrase "The capital city of France is" edited). Two speed-ups change no number: layers below the
+edited one run once per edit (`replay_lower_layers`) and the 49k-way output layer runs only where a
+target token is predicted (`target_only_nll`).
 
 Deviations: Delta is the plain L2 norm of the output difference as in the paper (EasyEdit applies the
 model's activation function to both outputs first), averaged over non-padding tokens (EasyEdit also
 averages padding, and switches to the top token past 100 tokens); routing is decided per sequence
-(EasyEdit: one decision per batch). At inference every side copy holding edits is a candidate - the
+(EasyEdit: one decision per batch; in cached greedy decoding each new token is one such sequence). At inference every side copy holding edits is a candidate - the
 merged memory, shards awaiting the merge, the shard in progress - and the one with the largest
 Delta is used if it passes eps (EasyEdit's merge mode compares the merged memory and the copy in
 training; it merges pending shards only at evaluation time). A later merge treats the previous merged
