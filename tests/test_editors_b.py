@@ -15,7 +15,7 @@ import time
 import pytest
 import torch
 
-from lifelong.edit.base import EditRequest, target_batch, target_nll
+from lifelong.edit.base import EditRequest, Probe, target_batch, target_nll
 from lifelong.families.lm import ffn_out, linear_weight, tiny_lm
 
 FACTS = """The capital of France is Paris. The capital of Germany is Berlin. The capital of Italy is Rome.
@@ -218,13 +218,15 @@ CITIES = [" Paris", " Berlin", " Rome", " Madrid", " Tokyo", " Ottawa", " Osaka"
 
 
 def made_up_requests() -> list[EditRequest]:
-    """Counterfactual capitals and currencies over the tiny vocabulary (never the true answer)."""
+    """Counterfactual capitals and currencies over the tiny vocabulary; half carry a locality probe
+    (of another length than the prompt), the others borrow another request's fact."""
     out = []
     for i, country in enumerate(COUNTRIES):
+        local = (Probe("Toronto is located in the country of", " Canada"),) if i % 2 else ()
         out.append(EditRequest(prompt=f"The capital of {country} is", target_new=CITIES[(3 * i + 2) % len(CITIES)],
-                               subject=country))
+                               subject=country, locality=local))
         out.append(EditRequest(prompt=f"The currency of {country} is the", subject=country,
-                               target_new=[" yen", " euro", " rupee"][i % 3]))
+                               target_new=[" yen", " euro", " rupee"][i % 3], locality=local))
     return out
 
 

@@ -15,7 +15,8 @@ step one edit: the update is built from the true gradient on the edit and then d
 through (torch.func.functional_call with the updated weights), minimising
     edit_weight * NLL(target | prompt and paraphrases, W') + loc_weight * KL(f_W(x_loc) || f_W'(x_loc))
 with Adam (g: `lr`, the per-layer lrs: `lr_lr`) and gradient clipping, for `train_steps` steps.
-x_loc is the request's locality prompts, or else another training request's prompt and answer.
+x_loc is the request's locality prompts, or else another training request's prompt and answer; they
+ride along in the two forward passes a step makes (f_W on the edit, f_W' on prompt and paraphrases).
 The trained editor is cached as safetensors under `cache_dir()/mend/`, keyed by the model's
 fingerprint, these params and a hash of the training requests; `apply` then edits in place, and
 edits accumulate (each one's gradient taken on the already-edited model).
@@ -25,8 +26,8 @@ step instead of batches of 10, a few hundred steps instead of ~100k, meta-lr 1e-
 that so few steps move the editor), locality from the training facts instead of Natural Questions.
 Deviations: only the FFN output projections of the last `layers` are edited (the paper also edits the
 input projections; the family's layer access names only the output ones); one editor network per
-layer instead of one shared per shape with per-layer scale/shift ("shared"); the update subtracts
-(a gradient step; the official code adds and lets the learned lr take the sign).
+layer instead of one shared per shape with per-layer scale/shift ("shared"); the update is written
+as a gradient step (minus; the official code adds lr * pseudo-gradient and lets the learned lr settle).
 """
 
 from __future__ import annotations
@@ -39,7 +40,12 @@ import torch
 from torch import nn
 
 from lifelong.edit.base import EditRequest, Editor, target_batch, target_nll
+from lifelong.edit.t_patcher import target_nll_from_logits
 from lifelong.families.lm import decoder_layers, ffn_out, is_transposed, linear_weight, lm_fingerprint
+
+
+# Part of the cache key of trained editors: bump it when the training changes what an editor learns.
+TRAINING_VERSION = 2
 
 
 @dataclass(frozen=True)
@@ -154,7 +160,7 @@ class MEND(Editor):
 
         if len(train_requests) < 2:
             raise ValueError("mend: prepare needs at least 2 training requests (one edit, one locality input)")
-        key = hashlib.sha256(json.dumps([lm_fingerprint(self.model), asdict(self.params),
+        key = hashlib.sha256(json.dumps([TRAINING_VERSION, lm_fingerprint(self.model), asdict(self.params),
                                          requests_hash(train_requests)]).encode()).hexdigest()[:24]
         path = cache_dir() / "mend" / f"editor-{key}.safetensors"
         if path.is_file():
@@ -181,19 +187,25 @@ class MEND(Editor):
             i = order[step % len(order)]
             request = requests[i]
             loc_texts = [q.prompt + q.answer for q in request.locality] or [_fact_text(requests[(i + 1) % len(requests)])]
-            edit_batch = target_batch(self.tokenizer, [request.prompt], [request.target_new], self._device)
             outer = [request.prompt, *request.paraphrases]
-            outer_batch = target_batch(self.tokenizer, outer, [request.target_new] * len(outer), self._device)
-            loc = self.tokenizer(loc_texts, add_special_tokens=False, padding=True, return_tensors="pt").to(self._device)
+            # Two forward passes per step, each batching edit rows with the locality rows:
+            # f_W on [edit prompt; loc] gives the gradient to decompose and the base locality logits,
+            # f_W' on [prompt and paraphrases; loc] gives the edit loss and the edited locality logits.
+            edit_rows = target_batch(self.tokenizer, [request.prompt], [request.target_new])
+            outer_rows = target_batch(self.tokenizer, outer, [request.target_new] * len(outer))
+            loc_rows = text_rows(self.tokenizer, loc_texts)
+            before = stack_rows([edit_rows, loc_rows], self._device)
+            after = stack_rows([outer_rows, loc_rows], self._device)
 
-            weights = self._edited_weights(edit_batch, train=True)
+            weights, base_logits = self._edited_weights(before, n_edit_rows=1, train=True)
             new_params = {name: (w.T if is_transposed(m) else w)
                           for name, w, m in zip(self.weight_names, weights, self.modules_)}
-            edit_loss = target_nll(_Functional(self.model, new_params), outer_batch)
-            with torch.no_grad():
-                base_logits = self.model(**loc).logits
-            edited_logits = torch.func.functional_call(self.model, new_params, args=(), kwargs=dict(loc)).logits
-            loc_loss = kl_on_mask(base_logits, edited_logits, loc["attention_mask"])
+            kwargs = {"input_ids": after["input_ids"], "attention_mask": after["attention_mask"]}
+            logits = torch.func.functional_call(self.model, new_params, args=(), kwargs=kwargs).logits
+            n = len(outer)
+            edit_loss = target_nll_from_logits(logits[:n], {"labels": after["labels"][:n]})
+            width = loc_rows["input_ids"].shape[1]  # the two batches pad the locality rows differently
+            loc_loss = kl_on_mask(base_logits[1:, :width], logits[n:, :width], loc_rows["attention_mask"])
             loss = p.edit_weight * edit_loss + p.loc_weight * loc_loss
             # Gradients for the editor only: autograd then skips every weight gradient of the model.
             grads = torch.autograd.grad(loss, trainable)
@@ -213,7 +225,7 @@ class MEND(Editor):
         with torch.no_grad():
             nll_before = target_nll(self.model, batch).item()
         with torch.no_grad():
-            weights = self._edited_weights(batch, train=False)
+            weights, _ = self._edited_weights(batch, n_edit_rows=1, train=False)
             norms = []
             for module, new in zip(self.modules_, weights):
                 current = linear_weight(module)
@@ -234,9 +246,12 @@ class MEND(Editor):
     def _device(self) -> torch.device:
         return self.originals[0].device
 
-    def _edited_weights(self, batch: dict[str, torch.Tensor], train: bool) -> list[torch.Tensor]:
+    def _edited_weights(self, batch: dict[str, torch.Tensor], n_edit_rows: int,
+                        train: bool) -> tuple[list[torch.Tensor], torch.Tensor]:
         """W_l - lr_l sum_t delta~_t u~_t^T for every edited layer, (out, in) each, differentiable
-        in the editor's parameters. (u, delta) come from one forward/backward on the current model."""
+        in the editor's parameters, and the batch's logits (detached). (u, delta) come from one
+        forward/backward of the current model; the loss is the target NLL of the first `n_edit_rows`
+        rows, so later rows (locality inputs riding along) have delta = 0 and add nothing."""
         inputs, outputs = [], []
 
         def record(_module, args, out):  # returns None: the output passes through unchanged
@@ -246,7 +261,8 @@ class MEND(Editor):
         handles = [m.register_forward_hook(record) for m in self.modules_]
         try:
             with torch.enable_grad():
-                loss = target_nll(self.model, batch)
+                logits = self.model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+                loss = target_nll_from_logits(logits[:n_edit_rows], {"labels": batch["labels"][:n_edit_rows]})
                 deltas = torch.autograd.grad(loss, outputs)  # dL/dy per edited layer, (B, T, out)
         finally:
             for h in handles:
@@ -264,17 +280,7 @@ class MEND(Editor):
             update = delta_t.T @ u_t  # (out, in)
             weight = linear_weight(module).detach()
             new.append(weight - (self.nets.edit_lrs[l] * update).to(weight.dtype))
-        return new
-
-
-class _Functional:
-    """A callable model with some parameters replaced (so `target_nll` runs on the edited weights)."""
-
-    def __init__(self, model: nn.Module, params: dict[str, torch.Tensor]) -> None:
-        self.model, self.params = model, params
-
-    def __call__(self, **kwargs):
-        return torch.func.functional_call(self.model, self.params, args=(), kwargs=kwargs)
+        return new, logits.detach()
 
 
 def kl_on_mask(base_logits: torch.Tensor, edited_logits: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
@@ -283,6 +289,29 @@ def kl_on_mask(base_logits: torch.Tensor, edited_logits: torch.Tensor, mask: tor
     edited = torch.log_softmax(edited_logits.float(), -1)
     kl = (base.exp() * (base - edited)).sum(-1)  # (B, T)
     return (kl * mask).sum() / mask.sum()
+
+
+def text_rows(tokenizer, texts: list[str]) -> dict[str, torch.Tensor]:
+    """Plain texts as right-padded rows with no target (labels all -100)."""
+    ids = [tokenizer(t, add_special_tokens=False)["input_ids"] for t in texts]
+    width = max(map(len, ids))
+    input_ids = torch.zeros((len(ids), width), dtype=torch.long)
+    attention = torch.zeros((len(ids), width), dtype=torch.long)
+    for i, row in enumerate(ids):
+        input_ids[i, : len(row)], attention[i, : len(row)] = torch.tensor(row), 1
+    return {"input_ids": input_ids, "attention_mask": attention, "labels": torch.full_like(input_ids, -100)}
+
+
+def stack_rows(batches: list[dict[str, torch.Tensor]], device) -> dict[str, torch.Tensor]:
+    """Concatenate right-padded `target_batch` outputs row-wise, padding to the widest."""
+    width = max(b["input_ids"].shape[1] for b in batches)
+
+    def pad(t: torch.Tensor, value: int) -> torch.Tensor:
+        return torch.nn.functional.pad(t, (0, width - t.shape[1]), value=value)
+
+    return {"input_ids": torch.cat([pad(b["input_ids"], 0) for b in batches]).to(device),  # masked out anyway
+            "attention_mask": torch.cat([pad(b["attention_mask"], 0) for b in batches]).to(device),
+            "labels": torch.cat([pad(b["labels"], -100) for b in batches]).to(device)}
 
 
 def _fact_text(request: EditRequest) -> str:

@@ -102,7 +102,10 @@ class TPatcher(Editor):
         self.ffn = decoder_layers(model)[self.layer].mlp
         self.patches: PatchNeurons | None = None
         self._hook = None
-        self._memory: torch.Tensor | None = None  # (M, d) FFN inputs the neurons must stay silent on
+        # FFN inputs the neurons must stay silent on: the corpus's (computed once, kept across resets)
+        # and every applied edit's (cleared by reset).
+        self._corpus_memory: torch.Tensor | None = None  # (M, d)
+        self._edit_memory: list[torch.Tensor] = []        # (P_i, d) each
         self._device = next(model.parameters()).device
 
     # ------------------------------------------------------------------ the edit
@@ -149,7 +152,7 @@ class TPatcher(Editor):
             self.patches.new = None
         self.patches.add(k, b, p.amplify * v_raw)
         # The paper's memory update: later neurons must stay silent on this edit's inputs too.
-        self._memory = torch.cat([self.memory(), x_edit.detach()])
+        self._edit_memory.append(x_edit.detach())
         return {"nll_before": float(nll_first), "nll_after": float(nll.item()), "steps": float(steps),
                 "edit_min_act": float(a_edit.detach().min()), "memory_max_act": float(a_mem.detach().max()),
                 "patches": float(len(self.patches))}
@@ -160,7 +163,7 @@ class TPatcher(Editor):
             self._hook.remove()
             del self.ffn.t_patcher
         self._hook, self.patches = None, None
-        self._memory = None  # earlier edits leave the memory too
+        self._edit_memory = []  # earlier edits leave the memory too
 
     # ------------------------------------------------------------------ pieces
 
@@ -200,10 +203,10 @@ class TPatcher(Editor):
 
     def memory(self) -> torch.Tensor:
         """(M, d): FFN inputs at every token of `memory_tokens` corpus tokens, then earlier edits'."""
-        if self._memory is None:
+        if self._corpus_memory is None:
             chunks = corpus_chunks(self.tokenizer, self.params.corpus, 128, self.params.memory_tokens)
-            self._memory = torch.cat(self.ffn_inputs_at_tokens(chunks))
-        return self._memory
+            self._corpus_memory = torch.cat(self.ffn_inputs_at_tokens(chunks))
+        return torch.cat([self._corpus_memory, *self._edit_memory])
 
 
 def top_k_mean(values: torch.Tensor, k: int) -> torch.Tensor:
