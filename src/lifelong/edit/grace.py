@@ -18,8 +18,10 @@ Defaults, and why: `layer` None = 85% of the depth (EasyEdit's LLaMA-2-7B config
 SmolLM2-135M -> layer 25 of 30. `eps` 8.0: EasyEdit's 1.0 is for LLaMA-2-7B's key scale; in SmolLM2's
 layer-25 key space a prompt's last-token key has norm ~20, a near-verbatim paraphrase ("The capital
 city of France is") lies ~7 away, the same template with another subject ("... of Germany is") ~14
-and unrelated prompts >= 25 (measured), so 8 covers close rewordings while the radii of two facts of
-one template do not overlap. lr 1.0 and 50 steps are EasyEdit's (Adam on the value).
+and unrelated prompts >= 25 (measured), so 8 covers close rewordings but not the other subject (two
+such edits are within reach, 14 < 8 + 8, and split to radii ~7); looser rewordings ("France's capital
+city is", ~13) stay outside: GRACE's generality is low, as in the paper. lr 1.0 and 50 steps are
+EasyEdit's (Adam on the value).
 
 Deviations: every position queries the codebook (EasyEdit replaces only the last token, whose index it
 carries between calls); since a prompt's last-token activation is the same whether the model reads the
