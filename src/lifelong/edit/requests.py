@@ -18,6 +18,9 @@ relation), and portability probes that follow from the new fact:
     continent:  "<subject's capital> is a city in the continent of" -> new continent; alias
     city:       "<city> is a city in a country whose capital is" -> new country's capital; its continent
 
+SmolLM2-135M-Instruct knows 699 of the 1789 counterfact candidates (seed-independent; max_cities=2000):
+capital 47/197, currency 32/197, language 146/192, continent 104/197, city 370/1006.
+
 Locality probes carry the TRUE answer (for counterfact: the form f_0 produces). The token-level
 locality metric compares f_T's argmax tokens with f_0's on prompt + answer, so the answer only fixes
 the teacher-forced text; the CounterFact neighborhood score uses it as the "old" answer.

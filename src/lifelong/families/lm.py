@@ -5,7 +5,8 @@ Q4_1 GGUF file. transformers dequantizes a GGUF to an ordinary fp32 `LlamaForCau
 seconds and the result refuses `save_pretrained`; so the first call converts it once (rebuild from the
 config, copy the state dict, save model + tokenizer) into a safetensors folder under
 `cache_dir()/lm/`, keyed by the GGUF's size and mtime, written to a temporary folder and renamed into
-place. Every later call loads that folder. Any other name is a hub id or a local folder.
+place (about a minute on one CPU core, once). Every later call loads that folder (under a second).
+Any other name is a hub id or a local folder.
 
 `tiny_lm(arch)` builds a random 4-layer, d=64 Llama or GPT-2 with a small byte-level BPE tokenizer
 trained on a fixed text in this file (offline, ~ms, deterministic): for unit tests only.
