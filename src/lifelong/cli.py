@@ -26,6 +26,10 @@ a model's history (a ledger):
   lifelong revert my-model 1                      a new change that takes change 1 out
   lifelong export my-model out/                   the current model in the family's native format
 
+knowledge editing of a causal LM (SmolLM2-135M-Instruct embedded):
+  lifelong edit --prompt "The capital of France is" --target Lyon --method wise
+  lifelong bench edit --methods ft_l,grace,wise --T 1,10,100     the T-sweep table and figure
+
 Overrides are key.path=value pairs (values parsed as YAML); unknown keys are errors that list the
 valid ones. User errors exit with code 2.
 """
@@ -35,8 +39,8 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         prog="lifelong",
         description="Change pretrained models after pretraining without breaking what they know. "
-        "Continual learning of a CLIP-style model over a stream of tasks, with the papers' metrics; and a "
-        "model's history (a ledger): every change a recorded, probed, reversible patch.",
+        "Continual learning of a CLIP-style model over a stream of tasks, with the papers' metrics; knowledge "
+        "editing of a causal LM; and a model's history (a ledger): every change a recorded, probed, reversible patch.",
         epilog=EPILOG,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
