@@ -145,3 +145,16 @@ def test_edit_command_bad_input_exits_2(tiny_folder, capsys):
     assert main(["edit", "--model", str(tiny_folder), "--method", "grace", "--prompt", "x is", "--target", "y", "radius=3"]) == 2
     assert "eps" in capsys.readouterr().err
     assert main(["bench", "edit", "--methods", "memit"]) == 2
+
+
+def test_edits_past_the_budget_stop_and_leave_f0(tiny):
+    from lifelong.edit.protocol import OverBudget
+
+    model, tokenizer = tiny
+    requests = build_requests("zsre", n=3)
+    base = base_for(model, tokenizer, requests)
+    before = snapshot(model)
+    with pytest.raises(OverBudget) as e:
+        lifelong(build_editor("grace", model, tokenizer, GRACE), model, tokenizer, requests, base, budget_s=0.0)
+    assert e.value.done == 1 and "per edit" in str(e.value)
+    assert_same(model, before)

@@ -31,21 +31,38 @@ def make_editor(method: str, model, tokenizer, knobs: dict | None, train_request
     return editor
 
 
-def apply_all(editor, requests: list[EditRequest], desc: str = "") -> dict:
-    """Apply `requests` in order; returns the edit time (s) and the peak RSS (MiB) over the edits."""
+class OverBudget(Exception):
+    """Sequential edits ran past their time budget (editors slow down as edits accumulate)."""
+
+    def __init__(self, done: int, seconds: float):
+        super().__init__(f"stopped after {done} edits, {seconds:.0f} s ({seconds / done:.2f} s per edit)")
+        self.done, self.seconds = done, seconds
+
+
+def apply_all(editor, requests: list[EditRequest], desc: str = "", budget_s: float | None = None) -> dict:
+    """Apply `requests` in order; returns the edit time (s) and the peak RSS (MiB) over the edits.
+    Raises OverBudget once the edits have taken more than `budget_s` seconds."""
     seconds = []
     with PeakMemory() as memory:
         for r in tqdm(requests, desc=desc, leave=False, disable=len(requests) < 5):
             t0 = time.perf_counter()
             editor.apply(r)
             seconds.append(time.perf_counter() - t0)
+            if budget_s is not None and sum(seconds) > budget_s and len(seconds) < len(requests):
+                raise OverBudget(len(seconds), sum(seconds))
     return {"edit_seconds_total": sum(seconds), "seconds_per_edit": sum(seconds) / len(seconds),
             "peak_rss_mb": memory.peak_mb}
 
 
-def lifelong(editor, model, tokenizer, requests: list[EditRequest], base: dict, *, with_fluency: bool = True) -> dict:
-    """T = len(requests) sequential edits, every one judged on the final model; the model is reset after."""
-    cost = apply_all(editor, requests, desc=f"{editor.name} T={len(requests)}")
+def lifelong(editor, model, tokenizer, requests: list[EditRequest], base: dict, *, with_fluency: bool = True,
+             budget_s: float | None = None) -> dict:
+    """T = len(requests) sequential edits, every one judged on the final model; the model is reset after
+    (also when the edits run past `budget_s` and OverBudget is raised)."""
+    try:
+        cost = apply_all(editor, requests, desc=f"{editor.name} T={len(requests)}", budget_s=budget_s)
+    except OverBudget:
+        editor.reset()
+        raise
     with torch.no_grad():
         scores = score_requests(model, tokenizer, requests, base)
         if with_fluency:
