@@ -16,6 +16,12 @@ import pytest
 import torch
 
 from lifelong.edit.base import EditRequest, Probe, target_batch, target_nll
+from lifelong.edit.mend import MEND
+from lifelong.edit.mend import Params as MendParams
+from lifelong.edit.rome import ROME, corpus_chunks
+from lifelong.edit.rome import Params as RomeParams
+from lifelong.edit.t_patcher import Params as PatcherParams
+from lifelong.edit.t_patcher import TPatcher
 from lifelong.families.lm import ffn_out, linear_weight, tiny_lm
 
 FACTS = """The capital of France is Paris. The capital of Germany is Berlin. The capital of Italy is Rome.
@@ -83,8 +89,6 @@ def probe_logits(model, tok) -> torch.Tensor:
 
 # ---------------------------------------------------------------------- ROME
 
-from lifelong.edit.rome import ROME  # noqa: E402
-from lifelong.edit.rome import Params as RomeParams  # noqa: E402
 
 # Tiny models barely route the subject's representation to the last token through attention, so the
 # unit test puts the subject at the prompt's end (the key position is then the predicting one); the
@@ -159,9 +163,6 @@ def test_rome_rejects_bad_input(llama):
 
 # ---------------------------------------------------------------------- T-Patcher
 
-from lifelong.edit.rome import corpus_chunks  # noqa: E402
-from lifelong.edit.t_patcher import Params as PatcherParams  # noqa: E402
-from lifelong.edit.t_patcher import TPatcher  # noqa: E402
 
 PATCHER_TINY = PatcherParams(memory_tokens=256)
 PATCH_REQUESTS = [EditRequest(prompt="The capital of France is", target_new=" Rome", subject="France"),
@@ -208,8 +209,6 @@ def test_t_patcher_reset_is_exact_and_seeded_runs_agree(arch, llama):
 
 # ---------------------------------------------------------------------- MEND
 
-from lifelong.edit.mend import MEND  # noqa: E402
-from lifelong.edit.mend import Params as MendParams  # noqa: E402
 
 # Tiny-scale training: 40 steps, higher rates, and the edit term weighted like the locality one.
 MEND_TINY = MendParams(layers=(-2, -1), rank=16, train_steps=40, lr=1e-3, lr_lr=1e-3, edit_lr=1e-3, edit_weight=1.0)
@@ -288,6 +287,18 @@ def test_mend_cache_reset_and_seed(llama, monkeypatch, tmp_path):
     assert_same_state(model, before)
     assert torch.equal(probe_logits(model, tok), logits0)
     assert again.apply(train[0]) == stats  # same editor, same model: same numbers
+
+
+def test_registry_builds_each_editor_with_validated_knobs(llama):
+    from lifelong.edit import build_editor
+    from lifelong.errors import ConfigError
+
+    model, tok = llama
+    assert isinstance(build_editor("rome", model, tok, {"layer": 1, "prefix_lengths": [3]}), ROME)
+    assert isinstance(build_editor("t_patcher", model, tok, {"memory_tokens": 64}), TPatcher)
+    assert build_editor("mend", model, tok, {"layers": [-1], "rank": 4}).layers == [3]
+    with pytest.raises(ConfigError, match="valid keys"):
+        build_editor("rome", model, tok, {"layers": [1]})
 
 
 # ---------------------------------------------------------------------- real SmolLM2 (select with -m slow)

@@ -22,8 +22,11 @@ fingerprint, these params and a hash of the training requests; `apply` then edit
 edits accumulate (each one's gradient taken on the already-edited model).
 
 Scale-downs (SmolLM2 on one CPU core, a few minutes): editor rank 64 instead of 1920, 1 edit per
-step instead of batches of 10, a few hundred steps instead of ~100k, meta-lr 1e-4 instead of 1e-6 (so
-that so few steps move the editor), locality from the training facts instead of Natural Questions.
+step instead of batches of 10, 100 steps (one pass over 100 training edits: 181 s on SmolLM2 on one
+shared CPU core, measured; an edit then takes ~1 s) instead of ~100k, meta-lr 1e-4 instead of 1e-6 (so that so few steps move the editor),
+locality from the training facts' own probes instead of Natural Questions. Even so the training is
+what edits: on SmolLM2 after 30 steps, 6 held-out zsRE-style edits reach target NLL 0.0-2.0 (from
+6.7-17.4), against 2.6-9.6 for the same editor with frozen networks and step sizes.
 Deviations: only the FFN output projections of the last `layers` are edited (the paper also edits the
 input projections; the family's layer access names only the output ones); one editor network per
 layer instead of one shared per shape with per-layer scale/shift ("shared"); the update is written
@@ -58,7 +61,7 @@ class Params:
     lr_lr: float = 1e-4            # Adam lr of the per-layer step sizes
     edit_weight: float = 0.1       # cedit
     loc_weight: float = 1.0        # cloc
-    train_steps: int = 200
+    train_steps: int = 100         # one pass over 100 training edits: ~3 min for SmolLM2 on one CPU core
     grad_clip: float = 100.0
     seed: int = 0
 
