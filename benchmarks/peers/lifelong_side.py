@@ -38,13 +38,14 @@ from lifelong.runner import build_model, compute_stem_features, prepare_trainabl
 METHOD_NAMES = {"naive": "finetune", "ewc": "ewc", "lwf": "lwf", "replay": "replay"}
 
 
-def method_params(method: str, params: dict, train_items: int) -> dict:
+def method_params(method: str, params: dict, train_items: int, seed: int) -> dict:
     if method == "ewc":  # online EWC with decay 1 (Avalanche: mode online, decay_factor 1); labels as given
         return {"reg_weight": 2.0 * params["ewc_lambda"], "decay": 1.0, "fisher": "empirical", "fisher_samples": train_items}
     if method == "lwf":
         return {"reg_weight": params["alpha"] / params["temperature"] ** 2, "temperature": params["temperature"]}
-    if method == "replay":  # Avalanche's default storage policy; a replay batch as large as the current one
-        return {"memory_size": params["mem_size"], "policy": "experience", "replay_batch": 0}
+    if method == "replay":  # Avalanche's default storage policy; a replay batch as large as the current one;
+        # the buffer's random draws follow the run's seed, as Avalanche's (seeded by RNGManager)
+        return {"memory_size": params["mem_size"], "policy": "experience", "replay_batch": 0, "seed": seed}
     return {}
 
 
@@ -61,7 +62,7 @@ def run_config(settings: dict, backbone: str, method: str, seed: int):
     ]
     if backbone == "mlp":
         overrides.append(f"model.hidden_sizes={json.dumps(spec['hidden_sizes'])}")
-    for key, value in method_params(method, settings["methods"][method], spec["train_items"]).items():
+    for key, value in method_params(method, settings["methods"][method], spec["train_items"], seed).items():
         overrides.append(f"methods.0.{key}={json.dumps(value)}")
     return load_config(None, overrides)
 

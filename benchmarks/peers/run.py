@@ -53,6 +53,7 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--frameworks", default=",".join(FRAMEWORKS), help="comma-separated: lifelong,avalanche")
     ap.add_argument("--backbones", default="", help="comma-separated subset of the settings' backbones")
     ap.add_argument("--methods", default="", help="comma-separated subset of the settings' methods")
+    ap.add_argument("--seeds", default="", help="comma-separated seeds instead of the settings' (e.g. 1,2,3,4)")
     ap.add_argument("--avalanche-python", type=Path, default=AVALANCHE_PYTHON)
     ap.add_argument("--work-dir", type=Path, default=None, help="where the shared arrays and per-run JSON go (default: a temp dir)")
     args = ap.parse_args(argv)
@@ -68,8 +69,10 @@ def main(argv: list[str] | None = None) -> dict:
     methods = pick(args.methods, settings["methods"], "method")
     work = args.work_dir or Path(tempfile.mkdtemp(prefix="lifelong-peers-"))
     work.mkdir(parents=True, exist_ok=True)
+    if args.seeds:
+        settings["seeds"] = [int(x) for x in args.seeds.split(",")]
     settings_file = work / "settings.yaml"
-    shutil.copyfile(args.settings, settings_file)
+    settings_file.write_text(yaml.safe_dump(settings, sort_keys=False))  # what both sides read
 
     started = time.time()
     load_before = os.getloadavg()

@@ -34,7 +34,7 @@ import torch
 import torch.nn.functional as F
 
 from lifelong.errors import ConfigError
-from lifelong.learn.common import TaskData, classification_loss
+from lifelong.learn.common import TaskData, classification_loss, global_batch_size, process_share
 
 POLICIES = ("experience", "class")
 
@@ -82,7 +82,8 @@ class Replay:
         if self.inputs is None:
             ce = classification_loss(model, batch, data, p.label_smoothing)
             return ce, {"ce": ce.item()}
-        replay = self.replay_indices(data.index, p.replay_batch or len(batch["inputs"]))
+        # drawn for the global batch (the same draw in every process), of which this process takes its share
+        replay = process_share(batch, self.replay_indices(data.index, p.replay_batch or global_batch_size(batch)))
         self.replay_step += 1
         inputs = torch.cat([batch["inputs"], self.inputs[replay]])  # (B + R, ...)
         names, groups = self.label_space_groups(batch["targets"], replay, data)
