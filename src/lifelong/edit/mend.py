@@ -23,10 +23,12 @@ edits accumulate (each one's gradient taken on the already-edited model).
 
 Scale-downs (SmolLM2 on one CPU core, a few minutes): editor rank 64 instead of 1920, 1 edit per
 step instead of batches of 10, 100 steps (one pass over 100 training edits: 181 s on SmolLM2 on one
-shared CPU core, measured; an edit then takes ~1 s) instead of ~100k, meta-lr 1e-4 instead of 1e-6 (so that so few steps move the editor),
-locality from the training facts' own probes instead of Natural Questions. Even so the training is
-what edits: on SmolLM2 after 30 steps, 6 held-out zsRE-style edits reach target NLL 0.0-2.0 (from
-6.7-17.4), against 2.6-9.6 for the same editor with frozen networks and step sizes.
+shared CPU core, measured; an edit then takes ~1 s) instead of ~100k, meta-lr 1e-4 instead of 1e-6
+(so that so few steps move the editor), locality from the training facts' own probes instead of
+Natural Questions. Even so the training is what edits: on SmolLM2 after 30 steps, 6 held-out
+zsRE-style edits reach target NLL 0.0-2.0 (from 6.7-17.4), against 2.6-9.6 for the same editor with
+frozen networks and step sizes. Sequential edits still spill (after two edits "The capital of
+Germany is" continues with the first edit's city), as the paper's lifelong numbers lead one to expect.
 Deviations: only the FFN output projections of the last `layers` are edited (the paper also edits the
 input projections; the family's layer access names only the output ones); one editor network per
 layer instead of one shared per shape with per-layer scale/shift ("shared"); the update is written
@@ -141,12 +143,13 @@ class MEND(Editor):
         n_layers = len(decoder_layers(model))
         bad = [l for l in params.layers if not -n_layers <= l < n_layers]
         if bad or not params.layers:
-            raise ValueError(f"mend: layers {list(params.layers)} must be non-empty and within a {n_layers}-layer model")
+            raise ValueError(f"mend: layers {list(params.layers)} must be non-empty and within "
+                             f"a {n_layers}-layer model")
         self.layers = sorted({l % n_layers for l in params.layers})
-        self.modules_ = [ffn_out(model, l) for l in self.layers]
+        self.edited_modules = [ffn_out(model, l) for l in self.layers]
         names = {id(p): n for n, p in model.named_parameters()}
-        self.weight_names = [names[id(m.weight)] for m in self.modules_]
-        self.originals = [linear_weight(m).detach().clone() for m in self.modules_]  # (out, in) each
+        self.weight_names = [names[id(m.weight)] for m in self.edited_modules]
+        self.originals = [linear_weight(m).detach().clone() for m in self.edited_modules]  # (out, in) each
         device = self.originals[0].device
         self.nets = EditorNetworks([tuple(w.shape) for w in self.originals], params).to(device)
         self.prepared = False
@@ -189,7 +192,8 @@ class MEND(Editor):
         for step in range(p.train_steps):
             i = order[step % len(order)]
             request = requests[i]
-            loc_texts = [q.prompt + q.answer for q in request.locality] or [_fact_text(requests[(i + 1) % len(requests)])]
+            loc_texts = ([q.prompt + q.answer for q in request.locality]
+                         or [_fact_text(requests[(i + 1) % len(requests)])])
             outer = [request.prompt, *request.paraphrases]
             # Two forward passes per step, each batching edit rows with the locality rows:
             # f_W on [edit prompt; loc] gives the gradient to decompose and the base locality logits,
@@ -202,7 +206,7 @@ class MEND(Editor):
 
             weights, base_logits = self._edited_weights(before, n_edit_rows=1, train=True)
             new_params = {name: (w.T if is_transposed(m) else w)
-                          for name, w, m in zip(self.weight_names, weights, self.modules_)}
+                          for name, w, m in zip(self.weight_names, weights, self.edited_modules)}
             kwargs = {"input_ids": after["input_ids"], "attention_mask": after["attention_mask"]}
             logits = torch.func.functional_call(self.model, new_params, args=(), kwargs=kwargs).logits
             n = len(outer)
@@ -230,7 +234,7 @@ class MEND(Editor):
         with torch.no_grad():
             weights, _ = self._edited_weights(batch, n_edit_rows=1, train=False)
             norms = []
-            for module, new in zip(self.modules_, weights):
+            for module, new in zip(self.edited_modules, weights):
                 current = linear_weight(module)
                 norms.append(float((new - current).norm()))
                 current.copy_(new)
@@ -240,7 +244,7 @@ class MEND(Editor):
 
     def reset(self) -> None:
         with torch.no_grad():
-            for module, original in zip(self.modules_, self.originals):
+            for module, original in zip(self.edited_modules, self.originals):
                 linear_weight(module).copy_(original)
 
     # ------------------------------------------------------------------ pieces
@@ -261,7 +265,7 @@ class MEND(Editor):
             inputs.append(args[0])
             outputs.append(out)
 
-        handles = [m.register_forward_hook(record) for m in self.modules_]
+        handles = [m.register_forward_hook(record) for m in self.edited_modules]
         try:
             with torch.enable_grad():
                 logits = self.model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
@@ -272,7 +276,7 @@ class MEND(Editor):
                 h.remove()
         mask = batch["attention_mask"].bool()
         new = []
-        for l, (module, transform) in enumerate(zip(self.modules_, self.nets.transforms)):
+        for l, (module, transform) in enumerate(zip(self.edited_modules, self.nets.transforms)):
             u, delta = inputs[l].detach()[mask].float(), deltas[l][mask].float()  # (N, in), (N, out)
             keep = (u != 0).any(-1) & (delta != 0).any(-1)  # tokens with no gradient carry no edit
             u, delta = u[keep], delta[keep]

@@ -7,8 +7,9 @@ new object, while keys of other text move as little as possible (least squares u
 
     W <- W + (v* - W k*) (C^-1 k*)^T / ((C^-1 k*)^T k*),      C = E[k k^T] over a text corpus
 
-- k*: the key averaged over the bare prompt and the prompt behind short texts (`prefix_lengths` x `prefixes_per_length`) that the
-  model itself samples (top-5) from the paper's seed words ("The", "Therefore", ...).
+- k*: the key averaged over the bare prompt and the prompt behind short texts that the model itself
+  samples (top-5) from the paper's seed words ("The", "Therefore", ...): `prefixes_per_length` texts
+  for each of `prefix_lengths`.
 - v* = W k* + delta. delta is optimised (Adam, `v_steps` steps, `v_lr`) while it is added to the FFN
   output at the subject's last token of every prefixed prompt, minimising
       NLL(target) + kl_factor * KL(P_edited || P_0)[next token of "{subject} is a"]
@@ -303,7 +304,8 @@ def key_covariance(model, tokenizer, layer: int, corpus: str, n_tokens: int,
     module = ffn_out(model, layer)
     weight = linear_weight(module)
     device = weight.device
-    key = f"{model_fingerprint(model, exclude=(module.weight,))[:16]}-L{layer}-{corpus}-{corpus_hash(corpus)}-{n_tokens}"
+    fingerprint = model_fingerprint(model, exclude=(module.weight,))[:16]
+    key = f"{fingerprint}-L{layer}-{corpus}-{corpus_hash(corpus)}-{n_tokens}"
     path = cache_dir() / "rome" / f"cov-{key}.safetensors"
     if path.is_file():
         try:
