@@ -158,3 +158,15 @@ def test_edits_past_the_budget_stop_and_leave_f0(tiny):
         lifelong(build_editor("grace", model, tokenizer, GRACE), model, tokenizer, requests, base, budget_s=0.0)
     assert e.value.done == 1 and "per edit" in str(e.value)
     assert_same(model, before)
+
+
+def test_a_rerun_continues_the_sweep(tmp_path, tiny_folder, capsys):
+    common = [f"model={tiny_folder}", "methods=[grace]", "single_n=1", f"output_dir={tmp_path}", "name=resume",
+              "knobs={grace: {eps: 0.05, steps: 40}}"]
+    run_bench(load_bench_config(None, common + ["T=[1]"]))
+    first = json.loads((tmp_path / "resume" / "results.json").read_text())["methods"]["grace"]
+    capsys.readouterr()
+    run_bench(load_bench_config(None, common + ["T=[1, 2]"]))
+    assert "T=1 (earlier run)" in capsys.readouterr().out
+    second = json.loads((tmp_path / "resume" / "results.json").read_text())["methods"]["grace"]
+    assert second["lifelong"][0] == first["lifelong"][0] and [r["T"] for r in second["lifelong"]] == [1, 2]

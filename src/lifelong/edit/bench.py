@@ -115,16 +115,23 @@ def run_bench(config: EditBenchConfig) -> Path:
     train = build_requests("train", n=config.train_n, seed=config.seed) if "mend" in config.methods else []
 
     results = {"config": to_dict(config), "requests": source, "versions": versions(), "methods": {}}
+    done = finished_rows(out / "results.json", config)
     for method in config.methods:
         t0 = time.perf_counter()
         editor = make_editor(method, model, tokenizer, config.knobs.get(method), train)
         rows = {"prepare_seconds": time.perf_counter() - t0, "params": to_dict(editor.params), "lifelong": [], "skipped": []}
         print(f"== {method}")
+        earlier = done.get(method, {})
         if config.single_n:
-            rows["single"] = single(editor, model, tokenizer, requests[: config.single_n], base)
+            rows["single"] = earlier.get("single") or single(editor, model, tokenizer, requests[: config.single_n], base)
             print(f"   single (N={config.single_n}): " + _line(rows["single"]))
         per_edit = rows.get("single", {}).get("seconds_per_edit")
         for T in sorted(config.T):
+            if T in earlier.get("lifelong", {}):  # measured by an earlier run of this same benchmark
+                rows["lifelong"].append(earlier["lifelong"][T])
+                per_edit = earlier["lifelong"][T]["seconds_per_edit"]
+                print(f"   T={T} (earlier run): " + _line(rows["lifelong"][-1]))
+                continue
             if T > len(requests):
                 rows["skipped"].append({"T": T, "why": f"only {len(requests)} requests"})
                 continue
@@ -152,6 +159,30 @@ def run_bench(config: EditBenchConfig) -> Path:
     print(summary(results))
     print(f"wrote {out}/ (results.json, summary.md, metrics_vs_T.png)")
     return out
+
+
+def finished_rows(path: Path, config: EditBenchConfig) -> dict:
+    """What an earlier run of the same benchmark (same config but for methods, T and the time budget)
+    already measured: {method: {"single": row, "lifelong": {T: row}}}. Rerunning the command with a
+    larger budget or more T continues the sweep instead of starting over; skipped T are retried."""
+    import json
+
+    if not path.is_file():
+        return {}
+    try:
+        earlier = json.loads(path.read_text())
+    except ValueError:
+        return {}
+    free = ("methods", "T", "time_budget_s", "knobs")
+    same = {k: v for k, v in to_dict(config).items() if k not in free}
+    if {k: v for k, v in earlier.get("config", {}).items() if k not in free} != same:
+        return {}
+    done = {}
+    for method, rows in earlier.get("methods", {}).items():
+        if earlier["config"].get("knobs", {}).get(method) != config.knobs.get(method):
+            continue  # other knobs: other numbers
+        done[method] = {"single": rows.get("single"), "lifelong": {r["T"]: r for r in rows.get("lifelong", [])}}
+    return done
 
 
 def _line(row: dict) -> str:
