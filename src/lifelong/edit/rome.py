@@ -28,15 +28,16 @@ the paper's covariance adjustment on (EasyEdit switches it off for Llama for lac
 have them). Layer 7 of SmolLM2's 30: ROME edits the early-middle MLP where causal tracing peaks
 (GPT-2 XL 17/48; EasyEdit uses 5 for Llama-2-7B and Llama-3.2-1B). Measured on SmolLM2 (12 "The
 capital of X is" facts, subject embeddings noised at 3x their std, clean MLP outputs restored at the
-subject's last token over a window of 5 layers, mean gain in P(capital)): windows touching layers 0-1
-restore the token itself (+0.44, the embedding-like first MLPs); past them the effect peaks at
-layer 7 (+0.071; layers 5, 6, 8: +0.049, +0.049, +0.046) and is below +0.002 from layer 16 on.
+subject's last token over a window of 5 layers, mean gain in P(capital)): windows that include
+layer 0 (centred on 0-2) restore the token itself (+0.44, the embedding-like first MLP); past them
+the effect peaks at layer 7 (+0.071; layers 5, 6, 8: +0.049, +0.049, +0.046) and is below +0.002 from layer 16 on.
 
 Deviations: 10 prefixes (5 of 5 tokens, 5 of 10) instead of 20, and C from 2e4 tokens of the Python
-reference instead of 1e5 Wikipedia samples, both for CPU time (C took ~2.5 min once on a shared core,
-then is cached); the closed form uses the averaged key k* on both sides (the paper's equation; the
-official code takes the bare prompt's key for W k*). On SmolLM2 one edit takes 30-50 s on one shared
-CPU core (each of up to 25 steps is a forward and backward pass over the 11 prompts).
+reference instead of 1e5 Wikipedia samples, both for CPU time (C took ~2.5 min on a busy shared core,
+then is cached; a first edit with a cold cache took 87 s on a quieter one); the closed form uses the
+averaged key k* on both sides (the paper's equation; the official code takes the bare prompt's key
+for W k*). On SmolLM2 one edit takes 30-50 s on one shared CPU core (each of up to 25 steps is a
+forward and backward pass over the 11 prompts).
 """
 
 from __future__ import annotations
