@@ -352,8 +352,6 @@ LEDGER_COMMANDS = {"init": cmd_init, "learn": cmd_learn, "resume": cmd_resume, "
                    "revert": cmd_revert, "export": cmd_export, "verify": cmd_verify}
 
 
-if __name__ == "__main__":
-    sys.exit(main())
 
 
 # ---------------------------------------------------------------------------------------------
@@ -482,3 +480,7 @@ def cmd_bench_edit(args) -> int:
         overrides.append(f"split={args.split}")
     run_bench(load_bench_config(args.config, overrides))
     return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
