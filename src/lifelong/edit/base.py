@@ -16,7 +16,7 @@ rephrase_prompt(s), locality, portability) so users can bring ZsRE/CounterFact f
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import ClassVar
 
 import torch

@@ -27,7 +27,7 @@ from dataclasses import dataclass
 import torch
 
 from lifelong.edit.base import EditRequest, Editor, target_batch, target_nll
-from lifelong.families.lm import decoder_layers, ffn_out
+from lifelong.families.lm import ffn_out, resolve_layer
 
 
 @dataclass(frozen=True)
@@ -39,14 +39,7 @@ class Params:
     stop_loss: float = 1e-2       # stop once the target NLL is below this
 
 
-def resolve_layer(model: torch.nn.Module, layer: int | None, default_depth: float) -> int:
-    """`layer`, checked against the model's depth; None = `default_depth` of the way up."""
-    n = len(decoder_layers(model))
-    if layer is None:
-        return round(default_depth * (n - 1))
-    if not 0 <= layer < n:
-        raise ValueError(f"layer {layer} out of range: the model has {n} decoder layers (0..{n - 1})")
-    return layer
+
 
 
 class FTL(Editor):
@@ -100,4 +93,4 @@ class FTL(Editor):
             self.weight.copy_(self.original)
 
 
-__all__ = ["FTL", "Params", "resolve_layer"]
+__all__ = ["FTL", "Params"]

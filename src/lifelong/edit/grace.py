@@ -33,14 +33,13 @@ the target's token ids exactly (EasyEdit compares the mean token id). Early stop
 
 from __future__ import annotations
 
-from contextlib import contextmanager
 from dataclasses import dataclass
 
 import torch
 from torch import nn
 
 from lifelong.edit.base import EditRequest, Editor, target_batch, target_nll
-from lifelong.families.lm import decoder_layers, ffn_out, linear_weight
+from lifelong.families.lm import ffn_out, frozen, linear_weight, resolve_layer, swap_module
 
 
 @dataclass(frozen=True)
@@ -97,38 +96,13 @@ class GraceCodebook(nn.Module):
         return len(self.labels) - 1
 
 
-# Copied from lifelong.edit.ft_l.resolve_layer
-def resolve_layer(model: nn.Module, layer: int | None, default_depth: float) -> int:
-    """`layer`, checked against the model's depth; None = `default_depth` of the way up."""
-    n = len(decoder_layers(model))
-    if layer is None:
-        return round(default_depth * (n - 1))
-    if not 0 <= layer < n:
-        raise ValueError(f"layer {layer} out of range: the model has {n} decoder layers (0..{n - 1})")
-    return layer
 
 
-def swap_module(model: nn.Module, old: nn.Module, new: nn.Module) -> None:
-    """Put `new` where `old` sits in `model` (found by identity, so no module path is hard-coded)."""
-    for parent in model.modules():
-        for name, child in parent.named_children():
-            if child is old:
-                setattr(parent, name, new)
-                return
-    raise ValueError(f"{type(old).__name__} is not a submodule of {type(model).__name__}")
 
 
-@contextmanager
-def frozen(model: nn.Module):
-    """No base parameter collects gradients inside; everyone's flag comes back afterwards."""
-    flags = [(q, q.requires_grad) for q in model.parameters()]
-    for q, _ in flags:
-        q.requires_grad_(False)
-    try:
-        yield
-    finally:
-        for q, flag in flags:
-            q.requires_grad_(flag)
+
+
+
 
 
 class GRACE(Editor):

@@ -51,7 +51,7 @@ from torch import nn
 from torch.nn import functional as F
 
 from lifelong.edit.base import EditRequest, Editor, target_batch
-from lifelong.families.lm import decoder_layers, ffn_out, linear_weight
+from lifelong.families.lm import decoder_layers, ffn_out, frozen, linear_weight, resolve_layer, swap_module
 
 # x_i: ordinary sentences unrelated to any fact request, which must keep Delta below alpha
 IRRELEVANT_TEXTS = (
@@ -163,40 +163,13 @@ class WiseSideMemory(nn.Module):
         return best_score, best_diff
 
 
-# Copied from lifelong.edit.ft_l.resolve_layer
-def resolve_layer(model: nn.Module, layer: int | None, default_depth: float) -> int:
-    """`layer`, checked against the model's depth; None = `default_depth` of the way up."""
-    n = len(decoder_layers(model))
-    if layer is None:
-        return round(default_depth * (n - 1))
-    if not 0 <= layer < n:
-        raise ValueError(f"layer {layer} out of range: the model has {n} decoder layers (0..{n - 1})")
-    return layer
 
 
-# Copied from lifelong.edit.grace.swap_module
-def swap_module(model: nn.Module, old: nn.Module, new: nn.Module) -> None:
-    """Put `new` where `old` sits in `model` (found by identity, so no module path is hard-coded)."""
-    for parent in model.modules():
-        for name, child in parent.named_children():
-            if child is old:
-                setattr(parent, name, new)
-                return
-    raise ValueError(f"{type(old).__name__} is not a submodule of {type(model).__name__}")
 
 
-# Copied from lifelong.edit.grace.frozen
-@contextmanager
-def frozen(model: nn.Module):
-    """No base parameter collects gradients inside; everyone's flag comes back afterwards."""
-    flags = [(q, q.requires_grad) for q in model.parameters()]
-    for q, _ in flags:
-        q.requires_grad_(False)
-    try:
-        yield
-    finally:
-        for q, flag in flags:
-            q.requires_grad_(flag)
+
+
+
 
 
 @contextmanager

@@ -19,6 +19,8 @@ GPT-2 `mlp.c_proj`), and `linear_weight(module)`, which returns that projection'
 
 from __future__ import annotations
 
+from contextlib import contextmanager
+
 import hashlib
 import importlib.util
 import json
@@ -60,6 +62,39 @@ def is_transposed(module: nn.Module) -> bool:
 def linear_weight(module: nn.Module) -> torch.Tensor:
     """The weight as (out_features, in_features); a view, so in-place edits reach the module."""
     return module.weight.T if is_transposed(module) else module.weight
+
+
+def resolve_layer(model: nn.Module, layer: int | None, default_depth: float) -> int:
+    """`layer`, checked against the model's depth; None = `default_depth` of the way up."""
+    n = len(decoder_layers(model))
+    if layer is None:
+        return round(default_depth * (n - 1))
+    if not 0 <= layer < n:
+        raise ValueError(f"layer {layer} out of range: the model has {n} decoder layers (0..{n - 1})")
+    return layer
+
+
+def swap_module(model: nn.Module, old: nn.Module, new: nn.Module) -> None:
+    """Put `new` where `old` sits in `model` (found by identity, so no module path is hard-coded)."""
+    for parent in model.modules():
+        for name, child in parent.named_children():
+            if child is old:
+                setattr(parent, name, new)
+                return
+    raise ValueError(f"{type(old).__name__} is not a submodule of {type(model).__name__}")
+
+
+@contextmanager
+def frozen(model: nn.Module):
+    """No base parameter collects gradients inside; everyone's flag comes back afterwards."""
+    flags = [(q, q.requires_grad) for q in model.parameters()]
+    for q, _ in flags:
+        q.requires_grad_(False)
+    try:
+        yield
+    finally:
+        for q, flag in flags:
+            q.requires_grad_(flag)
 
 
 def lm_fingerprint(model: nn.Module) -> str:
