@@ -89,6 +89,24 @@ def target_batch(tokenizer, prompts: list[str], targets: list[str], device=None)
     return {k: v.to(device) for k, v in batch.items()} if device is not None else batch
 
 
+def fit_target(model, batch: dict[str, torch.Tensor], params: list[torch.Tensor], *, lr: float, steps: int,
+               stop_loss: float, after_step=None) -> int:
+    """Adam on `params` to lower the target NLL of `batch`: at most `steps` updates, stopping as soon as
+    the loss is below `stop_loss`; `after_step()` runs after every update (e.g. a projection back into
+    a norm ball). Returns the number of updates made."""
+    opt = torch.optim.Adam(params, lr=lr)
+    for step in range(steps):
+        loss = target_nll(model, batch)
+        if loss.item() < stop_loss:
+            return step  # this pass only measured
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        if after_step is not None:
+            after_step()
+    return steps
+
+
 def target_nll(model, batch: dict[str, torch.Tensor]) -> torch.Tensor:
     """Mean negative log-likelihood of the target tokens (per request, then averaged)."""
     logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits

@@ -26,7 +26,7 @@ from dataclasses import dataclass
 
 import torch
 
-from lifelong.edit.base import EditRequest, Editor, target_batch, target_nll
+from lifelong.edit.base import EditRequest, Editor, fit_target, target_batch, target_nll
 from lifelong.families.lm import ffn_out, resolve_layer
 
 
@@ -61,23 +61,17 @@ class FTL(Editor):
         for q in self.model.parameters():
             q.requires_grad_(False)
         self.weight.requires_grad_(True)
-        opt = torch.optim.Adam([self.weight], lr=p.lr)
+        def project():  # back into the L-inf ball around W_0
+            if p.norm_constraint > 0:
+                with torch.no_grad():
+                    lo, hi = self.original - p.norm_constraint, self.original + p.norm_constraint
+                    self.weight.copy_(torch.clamp(self.weight, lo, hi))
+
         try:
             with torch.no_grad():
                 loss_before = target_nll(self.model, batch).item()
-            steps = 0
-            for steps in range(1, p.steps + 1):
-                loss = target_nll(self.model, batch)
-                if loss.item() < p.stop_loss:
-                    steps -= 1  # this pass only measured
-                    break
-                opt.zero_grad(set_to_none=True)
-                loss.backward()
-                opt.step()
-                if p.norm_constraint > 0:
-                    with torch.no_grad():  # project back into the L-inf ball around W_0
-                        lo, hi = self.original - p.norm_constraint, self.original + p.norm_constraint
-                        self.weight.copy_(torch.clamp(self.weight, lo, hi))
+            steps = fit_target(self.model, batch, [self.weight], lr=p.lr, steps=p.steps, stop_loss=p.stop_loss,
+                               after_step=project)
             with torch.no_grad():
                 loss_after = target_nll(self.model, batch).item()
         finally:

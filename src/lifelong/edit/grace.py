@@ -38,7 +38,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from lifelong.edit.base import EditRequest, Editor, target_batch, target_nll
+from lifelong.edit.base import EditRequest, Editor, fit_target, target_batch, target_nll
 from lifelong.families.lm import ffn_out, frozen, linear_weight, resolve_layer, swap_module
 
 
@@ -164,18 +164,10 @@ class GRACE(Editor):
         # --- train the chosen value on the target NLL ---
         value = nn.Parameter(book.values[slot].clone())
         book.training_value = (slot, value)
-        opt = torch.optim.Adam([value], lr=p.lr)
         steps = 0
         try:
             with frozen(self.model):
-                for steps in range(1, p.steps + 1):
-                    loss = target_nll(self.model, batch)
-                    if loss.item() < p.stop_loss:
-                        steps -= 1
-                        break
-                    opt.zero_grad(set_to_none=True)
-                    loss.backward()
-                    opt.step()
+                steps = fit_target(self.model, batch, [value], lr=p.lr, steps=p.steps, stop_loss=p.stop_loss)
         finally:
             book.training_value = None
             book.values[slot] = value.detach()

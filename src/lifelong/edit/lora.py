@@ -27,7 +27,7 @@ from dataclasses import dataclass
 
 import torch
 
-from lifelong.edit.base import EditRequest, Editor, target_batch, target_nll
+from lifelong.edit.base import EditRequest, Editor, fit_target, target_batch, target_nll
 from lifelong.families.lm import decoder_layers, ffn_out, is_transposed
 
 
@@ -86,18 +86,9 @@ class LoRAEdit(Editor):
         adapter = [q for _, q in self._adapter_parameters()]
         device = adapter[0].device
         batch = target_batch(self.tokenizer, [request.prompt], [request.target_new], device)
-        opt = torch.optim.Adam(adapter, lr=p.lr)
         with torch.no_grad():
             loss_before = target_nll(self.model, batch).item()
-        steps = 0
-        for steps in range(1, p.steps + 1):
-            loss = target_nll(self.model, batch)
-            if loss.item() < p.stop_loss:
-                steps -= 1
-                break
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
+        steps = fit_target(self.model, batch, adapter, lr=p.lr, steps=p.steps, stop_loss=p.stop_loss)
         for q in adapter:
             q.grad = None
         with torch.no_grad():
