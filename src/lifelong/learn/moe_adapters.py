@@ -213,6 +213,8 @@ class MoEAdapters:
     @torch.no_grad()
     def end_task(self, model, data: TaskData) -> None:
         p, t = self.params, self.task
+        if torch.distributed.is_available() and torch.distributed.is_initialized():
+            torch.distributed.all_reduce(self.usage)  # each process counted its share of every batch
         if p.freeze_top:
             counts, experts = self.usage.topk(p.freeze_top, dim=1)  # (sites, freeze_top)
             self.frozen |= torch.zeros_like(self.frozen).scatter_(1, experts, counts > 0)  # never-chosen stay free
