@@ -10,12 +10,11 @@ import sys
 import time
 from pathlib import Path
 
-import pytest
 import torch
 
 from lifelong.cli import main
 from lifelong.ledger.core import Ledger
-from lifelong.ledger.store import LedgerLock, sha256_file
+from lifelong.ledger.store import LedgerLock
 
 INIT = ["--model", "tiny-embedded", "--resolution", "32", "--trainable-blocks", "2",
         "--probe", "digits", "--probe", "lfw", "--probe-items", "20"]
