@@ -8,10 +8,11 @@ import torch
 from lifelong.cli import main
 from lifelong.edit import build_editor
 from lifelong.edit.bench import load_bench_config, read_requests_file, run_bench
-from lifelong.edit.protocol import base_for, lifelong, single
+from lifelong.edit.protocol import lifelong, single
 from lifelong.edit.requests import build_requests, save_requests
 from lifelong.errors import ConfigError, DataFormatError
 from lifelong.families.lm import tiny_lm
+from lifelong.metrics.editing import cached_base_predictions
 
 # tiny Llama keys have norm ~0.15 and other prompts lie >= 0.18 away (tests/test_editors_a.py): a radius
 # of 0.05 catches only the edited prompt. GRACE's value replaces the prompt's last position, so on
@@ -47,7 +48,7 @@ def tiny_folder(tmp_path_factory):
 def test_single_edits_roll_back_to_f0_and_report_costs(tiny):
     model, tokenizer = tiny
     requests = build_requests("zsre", n=3)
-    base = base_for(model, tokenizer, requests)
+    base = cached_base_predictions(model, tokenizer, requests)
     from lifelong.metrics.editing import score_requests
 
     unedited = score_requests(model, tokenizer, requests, base)
@@ -62,7 +63,7 @@ def test_single_edits_roll_back_to_f0_and_report_costs(tiny):
 def test_lifelong_judges_every_edit_on_the_final_model(tiny):
     model, tokenizer = tiny
     requests = build_requests("zsre", n=4)
-    base = base_for(model, tokenizer, requests)
+    base = cached_base_predictions(model, tokenizer, requests)
     from lifelong.metrics.editing import score_requests
 
     unedited = score_requests(model, tokenizer, requests, base)
@@ -152,7 +153,7 @@ def test_edits_past_the_budget_stop_and_leave_f0(tiny):
 
     model, tokenizer = tiny
     requests = build_requests("zsre", n=3)
-    base = base_for(model, tokenizer, requests)
+    base = cached_base_predictions(model, tokenizer, requests)
     before = snapshot(model)
     with pytest.raises(OverBudget) as e:
         lifelong(build_editor("grace", model, tokenizer, GRACE), model, tokenizer, requests, base, budget_s=0.0)
@@ -170,3 +171,10 @@ def test_a_rerun_continues_the_sweep(tmp_path, tiny_folder, capsys):
     assert "T=1 (earlier run)" in capsys.readouterr().out
     second = json.loads((tmp_path / "resume" / "results.json").read_text())["methods"]["grace"]
     assert second["lifelong"][0] == first["lifelong"][0] and [r["T"] for r in second["lifelong"]] == [1, 2]
+
+
+def test_edit_command_prepares_a_learned_editor(tiny_folder, capsys):
+    """MEND trains on the `train` split by default (it used to get no training requests and fail)."""
+    code = main(["edit", "--model", str(tiny_folder), "--method", "mend", "--prompt", "The capital of France is",
+                 "--target", "Lyon", "train_steps=2"])
+    assert code == 0 and "mend: 1 edit(s)" in capsys.readouterr().out

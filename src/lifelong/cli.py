@@ -444,7 +444,7 @@ def cmd_edit(args) -> int:
     prompts = [p for r in requests for p in (r.prompt, *r.paraphrases, *(q.prompt for q in r.locality))]
     before = generate(model, tokenizer, prompts, max_new_tokens=8)
     base = base_predictions(model, tokenizer, requests)
-    editor = make_editor(args.method, model, tokenizer, knobs, [])
+    editor = make_editor(args.method, model, tokenizer, knobs)
     cost = apply_all(editor, requests, desc=f"{args.method}")
     after = generate(model, tokenizer, prompts, max_new_tokens=8)
     print(f"{args.method}: {len(requests)} edit(s), {cost['seconds_per_edit']:.2f} s per edit, peak RSS {cost['peak_rss_mb']:.0f} MiB")

@@ -101,9 +101,10 @@ def evaluation_requests(config: EditBenchConfig, model, tokenizer) -> tuple[list
 
 
 def run_bench(config: EditBenchConfig) -> Path:
-    from lifelong.edit.protocol import OverBudget, base_for, lifelong, make_editor, single
+    from lifelong.edit.protocol import OverBudget, lifelong, make_editor, single
     from lifelong.edit.requests import build_requests
     from lifelong.families.lm import build_lm
+    from lifelong.metrics.editing import cached_base_predictions
     from lifelong.runner import versions
 
     out = Path(config.output_dir) / config.name
@@ -111,8 +112,8 @@ def run_bench(config: EditBenchConfig) -> Path:
     atomic_write_text(out / "config.yaml", yaml.safe_dump(to_dict(config), sort_keys=False))
     model, tokenizer = build_lm(config.model)
     requests, source = evaluation_requests(config, model, tokenizer)
-    base = base_for(model, tokenizer, requests[: max(max(config.T), config.single_n)])
-    train = build_requests("train", n=config.train_n, seed=config.seed) if "mend" in config.methods else []
+    base = cached_base_predictions(model, tokenizer, requests[: max(max(config.T), config.single_n)])
+    train = build_requests("train", n=config.train_n, seed=config.seed)
 
     results = {"config": to_dict(config), "requests": source, "versions": versions(), "methods": {}}
     done = finished_rows(out / "results.json", config)

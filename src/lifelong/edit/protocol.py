@@ -19,15 +19,21 @@ from tqdm.auto import tqdm
 from lifelong.edit import build_editor
 from lifelong.edit.base import EditRequest
 from lifelong.metrics.cost import PeakMemory
-from lifelong.metrics.editing import cached_base_predictions, fluency, score_requests
+from lifelong.metrics.editing import fluency, score_requests
 
 FLUENCY_PROMPTS = 10  # generations scored for fluency after the last edit (50 tokens each)
+TRAIN_N = 200  # requests of the `train` split a learned editor (MEND) trains on by default
 
 
-def make_editor(method: str, model, tokenizer, knobs: dict | None, train_requests: list[EditRequest] | None):
-    """The editor, prepared: learned editors (MEND) train on `train_requests` (disjoint from the evaluated ones)."""
+def make_editor(method: str, model, tokenizer, knobs: dict | None, train_requests: list[EditRequest] | None = None):
+    """The editor, prepared: learned editors (MEND) train on `train_requests`, by default the first
+    TRAIN_N of the `train` split, whose subjects are disjoint from the evaluated splits'."""
+    from lifelong.edit.requests import build_requests
+
     editor = build_editor(method, model, tokenizer, knobs)
-    editor.prepare(list(train_requests or []))  # a no-op for editors that do not learn
+    if train_requests is None:
+        train_requests = build_requests("train", n=TRAIN_N)
+    editor.prepare(train_requests)  # a no-op for editors that do not learn
     return editor
 
 
@@ -83,11 +89,6 @@ def single(editor, model, tokenizer, requests: list[EditRequest], base: dict) ->
     return {"protocol": "single", "T": 1, "n_requests": len(requests), **metrics,
             "seconds_per_edit": _mean([c["seconds_per_edit"] for c in costs]),
             "peak_rss_mb": max(c["peak_rss_mb"] for c in costs)}
-
-
-def base_for(model, tokenizer, requests: list[EditRequest]) -> dict:
-    """f_0's predictions on every locality probe of `requests` (cached on disk by model and requests)."""
-    return cached_base_predictions(model, tokenizer, requests)
 
 
 def _mean(values: list) -> float | None:
