@@ -152,3 +152,25 @@ def test_a_resumed_task_ends_bit_identical(name, tiny_model, tiny_stream, tiny_s
     index = torch.arange(8)
     batch = {"inputs": third.inputs[index], "targets": third.targets[index], "index": index}
     assert method.loss(tiny_model, batch, third)[0].item() == start_method.loss(start_model, batch, third)[0].item()
+
+
+def test_methods_from_the_same_model_share_the_zero_shot_row(tiny_model, tiny_stream, tiny_stem, tiny_config):
+    """Row 0 is evaluated once per starting model: a second method from the same model reuses it (and
+    its matrix equals a run without the cache); a LoRA model, whose state differs, is evaluated anew."""
+    cache = {}
+    first = copy.deepcopy(tiny_model)
+    prepare_trainable(first, tiny_config, MODES["full"])
+    run_stream(first, build_method(MethodConfig(name="finetune")), tiny_stream, tiny_stem, tiny_config, None, cache)
+    assert len(cache) == 1
+    second = copy.deepcopy(tiny_model)
+    prepare_trainable(second, tiny_config, MODES["full"])
+    shared = run_stream(second, build_method(MethodConfig(name="lwf")), tiny_stream, tiny_stem, tiny_config, None, cache)
+    alone_model = copy.deepcopy(tiny_model)
+    prepare_trainable(alone_model, tiny_config, MODES["full"])
+    alone = run_stream(alone_model, build_method(MethodConfig(name="lwf")), tiny_stream, tiny_stem, tiny_config, None)
+    np.testing.assert_array_equal(shared.accuracy_matrix, alone.accuracy_matrix)
+    assert len(cache) == 1
+    lora = copy.deepcopy(tiny_model)
+    prepare_trainable(lora, tiny_config, MODES["lora"])
+    run_stream(lora, build_method(MethodConfig(name="finetune")), tiny_stream, tiny_stem, tiny_config, None, cache)
+    assert len(cache) == 2

@@ -114,8 +114,13 @@ def evaluate(model, stream: Stream, stem: StemFeatures, after_task: int, batch_s
     return row, (100.0 * seen_correct / seen_total if seen_total else float("nan"))
 
 
-def run_stream(model, method, stream: Stream, stem: StemFeatures, config: RunConfig, checkpoint_dir: Path | None) -> StreamResult:
-    """Train `method` on every task of `stream` in order; return the accuracy matrix and the costs."""
+def run_stream(model, method, stream: Stream, stem: StemFeatures, config: RunConfig, checkpoint_dir: Path | None,
+               zero_shot: dict[str, np.ndarray] | None = None) -> StreamResult:
+    """Train `method` on every task of `stream` in order; return the accuracy matrix and the costs.
+
+    `zero_shot`: a cache of row 0 (the model before training) shared by the methods run on this
+    stream, keyed by a digest of the model's whole state: methods that start from the same model and
+    score it the same way (no `eval_logits`) evaluate it once."""
     train_cfg: TrainConfig = config.train
     set_seed(config.seed)
     accelerator = make_accelerator()
@@ -130,7 +135,13 @@ def run_stream(model, method, stream: Stream, stem: StemFeatures, config: RunCon
     matrix = np.zeros((T + 1, T))
     result = StreamResult(matrix)
     t0 = time.perf_counter()
-    matrix[0], _ = evaluate(model, stream, stem, 0, train_cfg.eval_batch_size, method, accelerator)
+    key = state_digest(model.state_dict()) if zero_shot is not None and not hasattr(method, "eval_logits") else None
+    if key is not None and key in zero_shot:
+        matrix[0] = zero_shot[key]
+    else:
+        matrix[0], _ = evaluate(model, stream, stem, 0, train_cfg.eval_batch_size, method, accelerator)
+        if key is not None:
+            zero_shot[key] = matrix[0].copy()
     result.eval_seconds += time.perf_counter() - t0
 
     spaces = label_spaces(stream)
@@ -242,21 +253,27 @@ def assert_replicated(accelerator: Accelerator, model, method, where: str) -> No
     gradients and everything else is computed from identical data and seeds. Compared by digest."""
     if accelerator.num_processes == 1:
         return
-    import hashlib
-
     from accelerate.utils import gather_object
 
     state = {f"model.{k}": v for k, v in model.trainable_state().items()}
     state.update({f"method.{k}": v for k, v in method.state_dict().items()})
-    digest = hashlib.sha256()
-    for name in sorted(state):
-        digest.update(name.encode())
-        digest.update(state[name].detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
-    digests = gather_object([digest.hexdigest()])
+    digests = gather_object([state_digest(state)])
     if len(set(digests)) > 1:
         raise TrainingDivergedError(f"after {where} the {accelerator.num_processes} processes hold different weights or "
                                     f"method state ({', '.join(d[:8] for d in digests)}): a method draws randomness or "
                                     "data that differs per process")
+
+
+def state_digest(tensors: dict[str, torch.Tensor]) -> str:
+    """SHA-256 of named tensors: names, dtypes, shapes and bytes."""
+    import hashlib
+
+    digest = hashlib.sha256()
+    for name in sorted(tensors):
+        t = tensors[name].detach().cpu().contiguous()
+        digest.update(json.dumps([name, str(t.dtype), list(t.shape)]).encode())
+        digest.update(t.reshape(-1).view(torch.uint8).numpy().tobytes())
+    return digest.hexdigest()
 
 
 class MethodLoss(torch.nn.Module):
