@@ -25,6 +25,8 @@ a model's history (a ledger):
   lifelong log my-model --matrix                  every change with its probe scores; the interference matrix
   lifelong revert my-model 1                      a new change that takes change 1 out
   lifelong export my-model out/                   the current model in the family's native format
+  lifelong init my-lm --family lm                 a causal LM's history (SmolLM2 embedded): knowledge edits
+  lifelong edit --ledger my-lm --method ft_l --prompt "The capital of France is" --target Lyon
 
 knowledge editing of a causal LM (SmolLM2-135M-Instruct embedded):
   lifelong edit --prompt "The capital of France is" --target Lyon --method wise
@@ -145,10 +147,15 @@ def add_ledger_commands(sub) -> None:
                               formatter_class=argparse.RawDescriptionHelpFormatter)
 
     init = command("init", "start a ledger: a base model and the probes run after every change",
-                   "Create DIR as a new ledger of MODEL and score the base model on its probes.")
+                   "Create DIR as a new ledger of MODEL and score the base model on its probes. A vlm ledger (the "
+                   "default) takes `lifelong learn` changes; an lm ledger (--family lm, a causal LM) takes "
+                   "`lifelong edit --ledger DIR` changes and is probed by the edits in effect and held-out facts.")
     init.add_argument("dir", type=Path)
+    init.add_argument("--family", choices=("vlm", "lm"), default="vlm", help="vlm (default): a CLIP-style dual encoder; "
+                      "lm: a causal LM")
     init.add_argument("--model", default="embedded", help="model.name: embedded (default), a CLIP hub name or folder, "
-                      "an export folder, tiny-embedded / tiny-clip (tests)")
+                      "an export folder, tiny-embedded / tiny-clip (tests); lm: embedded (SmolLM2-135M-Instruct), a "
+                      "hub id or a folder of a transformers causal LM")
     init.add_argument("--resolution", type=int, default=112, help="model.resolution (default 112)")
     init.add_argument("--trainable-blocks", type=int, default=3, help="model.trainable_blocks (default 3): the top of "
                       "the image tower that changes may train; fixed for the ledger's life")
@@ -159,7 +166,8 @@ def add_ledger_commands(sub) -> None:
     init.add_argument("--probe", action="append", metavar="SOURCE[:KEY=VALUE,...]",
                       help="a probe: a data source's test set, e.g. mnist or fashion-mnist:invert=true (repeatable; "
                       "default: the five mtil-mini sources)")
-    init.add_argument("--probe-items", type=int, default=500, help="test images per probe (default 500)")
+    init.add_argument("--probe-items", type=int, help="test images per probe (default 500); lm: held-out fact "
+                      "prompts (default 50)")
 
     learn = command("learn", "one change: a method trained on a task, probed before and after",
                     "Train METHOD on one task on top of the ledger's current model and record the change. The "
@@ -204,7 +212,8 @@ def add_ledger_commands(sub) -> None:
 
     export = command("export", "write the current model in the family's native format",
                      "Write the ledger's current model (base + every patch) to OUT: a transformers save_pretrained "
-                     "folder for CLIP models; the towers and heads for the embedded model. `--model OUT` loads it.")
+                     "folder for CLIP models and causal LMs; the towers and heads for the embedded model. "
+                     "`--model OUT` loads it.")
     export.add_argument("dir", type=Path)
     export.add_argument("out", type=Path)
     export.add_argument("--upto", type=int, help="the model as it was after change N")
@@ -219,12 +228,14 @@ def cmd_init(args) -> int:
     from lifelong.ledger.core import Ledger
     from lifelong.ledger.probes import DEFAULT_PROBES, Probe, run_probes, unique_name
 
+    if args.family == "lm":
+        return init_lm(args)
     specs = [parse_probe(p) for p in args.probe] if args.probe else list(DEFAULT_PROBES)
     probes, taken = [], set()
     for spec in specs:
         name = unique_name(spec["source"], taken)
         taken.add(name)
-        probes.append(Probe(name=name, source=spec["source"], options=spec["options"], test_items=args.probe_items))
+        probes.append(Probe(name=name, source=spec["source"], options=spec["options"], test_items=args.probe_items or 500))
     for probe in probes:  # a bad source or option fails before anything is written
         probe.dataset()
     model = ModelConfig(name=args.model, resolution=args.resolution, trainable_blocks=args.trainable_blocks)
@@ -233,6 +244,24 @@ def cmd_init(args) -> int:
     print(f"created ledger {args.dir} of {args.model!r} (base SHA-256 {ledger.manifest['base']['sha256'][:12]})")
     for name, score in ledger.manifest["baseline"].items():
         print(f"  probe {name:16s} {score:5.1f}%")
+    return 0
+
+
+def init_lm(args) -> int:
+    from lifelong.errors import ConfigError
+    from lifelong.ledger.edits import create_lm_ledger
+
+    if args.probe:
+        raise ConfigError("--probe names image test sets of a vlm ledger; an lm ledger's probes are the edits in effect "
+                          "and --probe-items held-out facts")
+    ledger = create_lm_ledger(args.dir, args.model, heldout_items=args.probe_items or 50, weights=args.weights,
+                              trust_pickle=args.trust_pickle)
+    print(f"created lm ledger {args.dir} of {args.model!r} (base SHA-256 {ledger.manifest['base']['sha256'][:12]})")
+    for probe in ledger.probes:
+        score = ledger.manifest["baseline"].get(probe.name)
+        shown = f"{score:5.1f}% agreement with the base model on {len(probe.prompts)} prompts" if score is not None \
+            else "no edits yet"
+        print(f"  probe {probe.name:16s} {shown}")
     return 0
 
 
@@ -325,11 +354,15 @@ def cmd_revert(args) -> int:
 def cmd_export(args) -> int:
     from lifelong.families.vlm import export_native
     from lifelong.ledger.core import Ledger
+    from lifelong.ledger.edits import export_lm
 
     ledger = Ledger.open(args.dir)
     if args.upto is not None:
         ledger.change(args.upto)
-    out = export_native(ledger.materialize(upto=args.upto), args.out)
+    if ledger.family == "lm":
+        out = export_lm(ledger, args.out, upto=args.upto)
+    else:
+        out = export_native(ledger.materialize(upto=args.upto), args.out)
     state = f"after change {args.upto}" if args.upto is not None else f"after {len(ledger.changes)} change(s)"
     print(f"exported the model {state} to {out}; load it with `--model {out}` (or model.name={out})")
     return 0
@@ -362,6 +395,7 @@ examples:
   lifelong edit --prompt "The capital of France is" --target Lyon --subject France
   lifelong edit --method grace --prompt "The capital of France is" --target Lyon --paraphrase "France's capital is"
   lifelong edit --requests my_edits.json --method wise steps=30        (EasyEdit ZsRE/CounterFact JSON too)
+  lifelong edit --ledger my-lm --method ft_l --prompt "The capital of France is" --target Lyon
   lifelong bench edit --methods ft_l,grace,wise --T 1,10,100
   lifelong bench edit configs/edit_bench.yaml single_n=10
 
@@ -378,7 +412,10 @@ def add_edit_commands(sub) -> None:
                           "editing metric (EasyEdit token-level and CounterFact conventions).",
                           epilog=EDIT_EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
     edit.add_argument("--method", default="wise", help="the editor (default: wise); see --list")
-    edit.add_argument("--model", default="embedded", help="embedded (SmolLM2-135M-Instruct), a hub id or a folder")
+    edit.add_argument("--model", help="embedded (SmolLM2-135M-Instruct, the default), a hub id or a folder")
+    edit.add_argument("--ledger", type=Path, metavar="DIR", help="edit the current model of the lm ledger DIR "
+                      "(`lifelong init DIR --family lm`) and record the edits as one change (weight editors: ft_l, "
+                      "rome, mend, lora)")
     edit.add_argument("--prompt", help="the edit prompt, e.g. 'The capital of France is'")
     edit.add_argument("--target", help="the new answer, e.g. Lyon (a leading space is added when missing)")
     edit.add_argument("--subject", help="the subject inside the prompt (ROME needs it; default: the prompt's last word)")
@@ -435,12 +472,15 @@ def cmd_edit(args) -> int:
         requests = [EditRequest(prompt=args.prompt, target_new=target, subject=subject,
                                 paraphrases=tuple(args.paraphrase),
                                 locality=tuple(Probe(p, "") for p in args.locality))]
+    if args.ledger is not None:
+        return edit_ledger(args, requests, knobs)
     from lifelong.edit.protocol import apply_all, make_editor
     from lifelong.families.lm import build_lm
+    from lifelong.ledger.edits import with_answers
     from lifelong.metrics.editing import base_predictions, generate, score_requests
 
-    model, tokenizer = build_lm(args.model)
-    requests = _with_base_answers(model, tokenizer, requests, generate)
+    model, tokenizer = build_lm(args.model or "embedded")
+    requests = with_answers(model, tokenizer, requests)
     prompts = [p for r in requests for p in (r.prompt, *r.paraphrases, *(q.prompt for q in r.locality))]
     before = generate(model, tokenizer, prompts, max_new_tokens=8)
     base = base_predictions(model, tokenizer, requests)
@@ -455,17 +495,16 @@ def cmd_edit(args) -> int:
     return 0
 
 
-def _with_base_answers(model, tokenizer, requests, generate):
-    """Command-line locality prompts get f_0's own greedy answer as the text they are scored on."""
-    import dataclasses as dc
+def edit_ledger(args, requests, knobs) -> int:
+    """`lifelong edit --ledger DIR`: the edits become one change of the lm ledger DIR."""
+    from lifelong.errors import ConfigError
+    from lifelong.ledger.core import Ledger
+    from lifelong.ledger.edits import edit
 
-    from lifelong.edit import Probe
-
-    missing = [p.prompt for r in requests for p in r.locality if not p.answer]
-    if not missing:
-        return requests
-    answers = dict(zip(missing, generate(model, tokenizer, missing, max_new_tokens=3)))
-    return [dc.replace(r, locality=tuple(Probe(p.prompt, p.answer or answers[p.prompt]) for p in r.locality)) for r in requests]
+    if args.model is not None:
+        raise ConfigError(f"--model: a ledger's model is fixed at `lifelong init` (see `lifelong log {args.ledger}`)")
+    n = edit(args.ledger, args.method, requests, knobs)
+    return print_change(Ledger.open(args.ledger), n)
 
 
 def cmd_bench_edit(args) -> int:

@@ -58,7 +58,7 @@ def learn_spec(config: RunConfig, task: dict, checkpoint_every: int) -> dict:
 def learn(root: str | Path, spec: dict) -> int:
     """Record one learn change (a method on a task); returns its id."""
     root = Path(root)
-    Ledger.open(root)  # a clear error before the lock file is created in a non-ledger
+    Ledger.open(root).require_family("vlm", "learn")  # a clear error before the lock file is created in a non-ledger
     with LedgerLock(root, "lifelong learn"):
         ledger = Ledger.open(root)
         pending = _pending_spec(root)
@@ -229,11 +229,15 @@ def revert(root: str | Path, n: int, strategy: str = "auto") -> int:
         if _pending_spec(root) is not None:
             raise LedgerError(f"{root} has an interrupted change: `lifelong resume {root}` (or --discard) first")
         target = ledger.change(n)
-        if target["kind"] != "learn":
-            raise LedgerError(f"change {n} is a {target['kind']}, not a learn change; only learn changes can be reverted")
+        if target["kind"] not in ("learn", "edit"):
+            raise LedgerError(f"change {n} is a {target['kind']}; only learn and edit changes can be reverted")
         if n in ledger.reverted_ids():
             by = next(c["id"] for c in ledger.changes if c.get("reverts") == n)
             raise LedgerError(f"change {n} is already reverted (by change {by})")
+        if target["kind"] == "edit":
+            from lifelong.ledger.edits import revert_edit
+
+            return revert_edit(ledger, n, strategy)
         later = [c for c in ledger.active_learn_changes() if c["id"] > n]
         if strategy == "auto":
             strategy = "replay" if later else "subtract"

@@ -11,6 +11,10 @@
     DIR/pending/                       a change in progress: its spec, probe scores before it, and the
                                        last training checkpoint (`lifelong resume DIR` continues it)
 
+The model family decides the base and the changes: a `vlm` ledger (a CLIP-style dual encoder) takes
+`learn` changes probed by image test sets (probes.py); an `lm` ledger (a causal LM) takes `edit`
+changes probed by the edits in effect and held-out facts (edits.py). Both record `revert` changes.
+
 The current model is the base plus every patch in order. Nothing is rewritten in place: a revert is a
 new change whose patch undoes the reverted one. A change becomes part of the history at one atomic
 write of the manifest, after its files are on disk; a crash before that leaves the previous history
@@ -58,14 +62,14 @@ class Ledger:
     def create(cls, root: str | Path, model: ModelConfig, probes: list[Probe], weights: Path | None = None,
                trust_pickle: bool = False) -> Ledger:
         """A new ledger whose base is `model` (optionally with its parameters from a weights file)."""
-        from lifelong.families.vlm import build_vlm, model_fingerprint
-
         root = Path(root)
+        if model.family not in FAMILIES:
+            raise LedgerError(f"a ledger's model.family is one of {', '.join(FAMILIES)}, not {model.family!r}")
         if (root / "ledger.json").exists():
             raise LedgerError(f"{root} is already a ledger; `lifelong log {root}` shows it")
         if root.exists() and any(root.iterdir()):
             raise LedgerError(f"{root} exists and is not empty: give a new or empty directory")
-        base = build_vlm(model)
+        base, _ = build_base(model)
         files = []
         if weights is not None:
             load_base_weights(base, load_tensors(weights, trust_pickle=trust_pickle), weights)
@@ -76,7 +80,8 @@ class Ledger:
             "created": _now(),
             "family": model.family,
             "model": asdict(model),
-            "base": {"name": model.name, "weights": str(weights) if weights else None, "sha256": model_fingerprint(base)},
+            "base": {"name": model.name, "weights": str(weights) if weights else None,
+                     "sha256": fingerprint(base, model.family)},
             "files": files,
             "probes": [p.to_dict() for p in probes],
             "baseline": {},  # probe scores of the base model
@@ -87,12 +92,28 @@ class Ledger:
 
     # -- what it holds ------------------------------------------------------------------------
     @property
+    def family(self) -> str:
+        return self.manifest["family"]
+
+    def require_family(self, family: str, change: str) -> None:
+        """Refuse a `change` (learn, edit) that another family's ledger takes, saying what this one takes."""
+        if self.family != family:
+            takes = {"vlm": "learn changes (`lifelong learn DIR --task SOURCE`)",
+                     "lm": "edit changes (`lifelong edit --ledger DIR --method ft_l ...`)"}
+            raise LedgerError(f"{self.root} is a ledger of a {self.family} model: it takes {takes[self.family]}, "
+                              f"not {change} changes; those need a {family} ledger (`lifelong init DIR --family {family}`)")
+
+    @property
     def model_config(self) -> ModelConfig:
         return from_dict(ModelConfig, self.manifest["model"], "model")
 
     @property
-    def probes(self) -> list[Probe]:
-        return [Probe.from_dict(p) for p in self.manifest["probes"]]
+    def probes(self) -> list:
+        """The probe suite: `Probe`s (image test sets) of a vlm ledger, `FactProbe`s of an lm ledger."""
+        from lifelong.ledger.probes import FactProbe
+
+        cls = FactProbe if self.family == "lm" else Probe
+        return [cls.from_dict(p) for p in self.manifest["probes"]]
 
     @property
     def changes(self) -> list[dict]:
@@ -126,13 +147,15 @@ class Ledger:
     # -- models -------------------------------------------------------------------------------
     def base_model(self):
         """The base model, checked against the content hash recorded at init."""
-        from lifelong.families.vlm import build_vlm, model_fingerprint
+        return self._base()[0]
 
-        model = build_vlm(self.model_config)
+    def _base(self):
+        """(base model, its tokenizer for an lm ledger, else None), checked against the recorded hash."""
+        model, tokenizer = build_base(self.model_config)
         for entry in self.manifest["files"]:
             if entry["path"] == BASE_WEIGHTS:
                 load_base_weights(model, load_tensors(check_file(self.root, entry)), self.root / BASE_WEIGHTS)
-        found = model_fingerprint(model)
+        found = fingerprint(model, self.family)
         if found != self.manifest["base"]["sha256"]:
             raise LedgerCorruptError(
                 f"the base model {self.manifest['base']['name']!r} built here does not match the one this ledger was "
@@ -140,7 +163,7 @@ class Ledger:
                 "changed since `lifelong init` (another package version?). Install the versions in the ledger's "
                 "manifest or start a new ledger."
             )
-        return model
+        return model, tokenizer
 
     def patch(self, n: int) -> dict[str, torch.Tensor]:
         return load_tensors(check_file(self.root, self._entry(n, "patch.safetensors")))
@@ -158,7 +181,16 @@ class Ledger:
 
     def materialize(self, upto: int | None = None):
         """Base + the patches of every change with id <= `upto` (all when None): the model at that point."""
-        model = self.base_model()
+        return self.materialize_lm(upto)[0] if self.family == "lm" else self._patched(self.base_model(), upto)
+
+    def materialize_lm(self, upto: int | None = None):
+        """An lm ledger's (model, tokenizer) after change `upto` (all changes when None)."""
+        if self.family != "lm":
+            raise LedgerError(f"{self.root} is a {self.family} ledger, not an lm ledger")
+        model, tokenizer = self._base()
+        return self._patched(model, upto), tokenizer
+
+    def _patched(self, model, upto: int | None):
         for c in self.changes:
             if upto is not None and c["id"] > upto:
                 break
@@ -173,7 +205,9 @@ class Ledger:
         raise LedgerCorruptError(f"change {n} lists no file {path} in {self.root / 'ledger.json'}")
 
     # -- writing ------------------------------------------------------------------------------
-    def record_baseline(self, scores: dict[str, float]) -> None:
+    def record_baseline(self, scores: dict[str, float], new_probes: list = ()) -> None:
+        """The base model's probe scores (and the probes they come from, when not registered yet)."""
+        self.manifest["probes"].extend(p.to_dict() for p in new_probes)
         self.manifest["baseline"].update(scores)
         write_manifest(self.root, self.manifest)
 
@@ -204,6 +238,31 @@ class Ledger:
         except LedgerCorruptError as e:
             problems.append(str(e))
         return problems
+
+
+FAMILIES = ("vlm", "lm")
+
+
+def build_base(model: ModelConfig):
+    """(model, tokenizer) of a ledger's family: `build_vlm` (no tokenizer: None) or `build_lm`."""
+    if model.family == "lm":
+        from lifelong.families.lm import build_lm
+
+        return build_lm(model.name)
+    from lifelong.families.vlm import build_vlm
+
+    return build_vlm(model), None
+
+
+def fingerprint(model, family: str) -> str:
+    """The content hash a ledger records for its base (the family's own fingerprint function)."""
+    if family == "lm":
+        from lifelong.families.lm import lm_fingerprint
+
+        return lm_fingerprint(model)
+    from lifelong.families.vlm import model_fingerprint
+
+    return model_fingerprint(model)
 
 
 def load_base_weights(model, state: dict[str, torch.Tensor], source: Path) -> None:

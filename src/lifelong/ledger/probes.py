@@ -5,11 +5,23 @@ A probe is one labelled test set and a score on it. For the `vlm` family the sco
 model never trained on measures its zero-shot ability, and the probe a `learn` change adds for its
 own task measures what the change learned. Every change runs every probe registered so far; the
 ledger keeps the scores before and after, which makes the interference matrix (change x probe).
+
+For the `lm` family a probe is a `FactProbe`, scored in % with EasyEdit's token-level metrics
+(`metrics/editing.py`, `score_requests`):
+    edits in effect   reliability_token over every request of every edit change in effect (not
+                      reverted) other than the change being recorded or reverted: whether old edits
+                      survive it (absent while there are none)
+    held-out facts    locality_token of `n` cloze prompts of the counterfact split, each with the base
+                      model's greedy answer: the fraction of answer tokens whose argmax (teacher-forced)
+                      is still the base model's, i.e. what the base model said that the edits left alone
+                      (an edit of one of these very facts counts here as a loss of locality)
 """
 
 from __future__ import annotations
 
+import dataclasses
 import json
+import random
 from dataclasses import asdict, dataclass, field
 from functools import lru_cache
 
@@ -82,3 +94,97 @@ def run_probes(model, probes: list[Probe], batch_size: int = 256) -> dict[str, f
         correct = count_correct(model, inputs, torch.as_tensor(data.labels), data.class_names, batch_size)
         scores[probe.name] = 100.0 * correct / len(data)
     return scores
+
+
+# ----------------------------------------------------------------------------- lm ledgers
+
+EDITS_IN_EFFECT = "edits in effect"
+HELDOUT_FACTS = "held-out facts"
+ANSWER_TOKENS = 3  # greedy tokens of the base model's answer to a held-out prompt
+
+
+@dataclass(frozen=True)
+class FactProbe:
+    """A probe of an lm ledger. kind "edits": the ledger's edit requests in effect (no data of its own).
+    kind "facts": `prompts` with the base model's greedy `answers` and its argmax tokens on each
+    prompt + answer (`base`), against which later models are scored."""
+
+    name: str
+    kind: str  # "edits" or "facts"
+    prompts: tuple[str, ...] = ()
+    answers: tuple[str, ...] = ()
+    base: tuple[tuple[int, ...], ...] = ()
+    seed: int = 0
+    origin: str = "init"
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, raw: dict) -> FactProbe:
+        raw = dict(raw)
+        for key in ("prompts", "answers"):
+            raw[key] = tuple(raw.get(key, ()))
+        raw["base"] = tuple(tuple(t) for t in raw.get("base", ()))
+        return cls(**raw)
+
+    def requests(self) -> list:
+        """The held-out prompts as requests whose locality probe is the prompt and its base answer."""
+        from lifelong.edit.base import EditRequest, Probe as TextProbe
+
+        return [EditRequest(prompt=p, target_new=a, subject="", locality=(TextProbe(p, a),))
+                for p, a in zip(self.prompts, self.answers)]
+
+
+def heldout_facts_probe(model, tokenizer, n: int = 50, seed: int = 0) -> FactProbe:
+    """`n` cloze prompts drawn (seeded) from the counterfact split's candidate facts (real facts whose
+    subjects the `train` split, on which MEND learns to edit, never uses), with the base model's greedy
+    answers (`ANSWER_TOKENS` tokens; prompts it answers with nothing are skipped)."""
+    from lifelong.edit.requests import candidate_facts, fact_prompts
+    from lifelong.metrics.editing import base_predictions, generate
+
+    facts = candidate_facts("counterfact", max_cities=2000)
+    pool = [fact_prompts(f)[0] for f in random.Random(f"heldout-{seed}").sample(facts, len(facts))]
+    kept, start = [], 0
+    while len(kept) < n and start < len(pool):
+        prompts = pool[start : start + n - len(kept)]
+        start += len(prompts)
+        answers = generate(model, tokenizer, prompts, max_new_tokens=ANSWER_TOKENS)
+        kept += [(p, a) for p, a in zip(prompts, answers) if a.strip()]
+    probe = FactProbe(name=HELDOUT_FACTS, kind="facts", prompts=tuple(p for p, _ in kept),
+                      answers=tuple(a for _, a in kept), seed=seed)
+    base = base_predictions(model, tokenizer, probe.requests())
+    return dataclasses.replace(probe, base=tuple(tuple(base[key]) for key in _keys(probe)))
+
+
+def lm_probes(model, tokenizer, heldout_items: int = 50, seed: int = 0) -> list[FactProbe]:
+    """The suite a new lm ledger gets: the edits in effect, and held-out facts of its base model."""
+    return [FactProbe(name=EDITS_IN_EFFECT, kind="edits"), heldout_facts_probe(model, tokenizer, heldout_items, seed)]
+
+
+@torch.no_grad()
+def run_fact_probes(model, tokenizer, probes: list[FactProbe], edits: list) -> dict[str, float]:
+    """Every probe's score (%) on `model`; `edits` are the requests in effect ("edits in effect" is left
+    out when there are none)."""
+    from lifelong.metrics.editing import score_requests
+
+    scores = {}
+    for probe in probes:
+        if probe.kind == "edits" and edits:  # reliability only: the prompts with their new targets
+            bare = [dataclasses.replace(r, paraphrases=(), locality=(), portability=(), ground_truth="") for r in edits]
+            scores[probe.name] = 100.0 * score_requests(model, tokenizer, bare, None)["reliability_token"]
+        elif probe.kind == "facts":
+            base = {key: list(tokens) for key, tokens in zip(_keys(probe), probe.base)}
+            scores[probe.name] = 100.0 * score_requests(model, tokenizer, probe.requests(), base)["locality_token"]
+    return scores
+
+
+def without_locality(requests: list) -> list:
+    """The requests without locality probes (those need the predictions of the model before the edit)."""
+    return [dataclasses.replace(r, locality=()) for r in requests]
+
+
+def _keys(probe: FactProbe) -> list[str]:
+    from lifelong.metrics.editing import probe_key
+
+    return [probe_key(p, a) for p, a in zip(probe.prompts, probe.answers)]

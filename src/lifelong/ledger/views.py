@@ -35,12 +35,16 @@ def log_rows(ledger: Ledger) -> list[dict]:
         own = c["data"]["task"] if c["kind"] == "learn" else None
         before, after = c["probes_before"], c["probes_after"]
         others = [p for p in after if p != own and p in before]
+        if "own_before" in c:  # an lm ledger's change: its own requests' reliability (%)
+            own_arrow = _arrow(*(100 * c[k]["reliability_token"] for k in ("own_before", "own_after")))
+        else:
+            own_arrow = _arrow(before.get(own), after.get(own)) if own else ""
         rows.append({
             "id": c["id"],
             "kind": c["kind"] + (f" ({c['strategy']})" if c["kind"] == "revert" else ""),
             "label": c["label"],
-            "data": c["data"]["task"] if c["kind"] == "learn" else f"undo {c['reverts']}",
-            "own": _arrow(before.get(own), after.get(own)) if own else "",
+            "data": f"undo {c['reverts']}" if c["kind"] == "revert" else c["data"]["task"],
+            "own": own_arrow,
             "others": _arrow(np.mean([before[p] for p in others]), np.mean([after[p] for p in others])) if others else "",
             "seconds": c["cost"]["wall_seconds"],
             "peak_rss_mb": c["cost"]["peak_rss_mb"],
@@ -97,17 +101,29 @@ def format_log(ledger: Ledger, markdown: bool = False) -> str:
     base = ledger.manifest["base"]
     head = (f"ledger {ledger.root}: {ledger.manifest['family']} model {base['name']!r} "
             f"(base SHA-256 {base['sha256'][:12]}), {len(ledger.changes)} change(s), {len(ledger.probes)} probe(s)")
+    lm = ledger.family == "lm"
     if not ledger.changes:
-        return head + "\nno changes yet: `lifelong learn DIR --task SOURCE` adds one"
-    return head + "\n" + format_table(log_rows(ledger), LOG_COLUMNS, markdown=markdown) + \
-        "\n(probe scores: top-1 accuracy %; `own task`: the probe of the change's own task)"
+        how = "`lifelong edit --ledger DIR --method ft_l --prompt ... --target ...`" if lm else \
+            "`lifelong learn DIR --task SOURCE`"
+        return head + f"\nno changes yet: {how} adds one"
+    note = ("(scores: token-level accuracy %, EasyEdit convention; `own task`: reliability on the change's own "
+            "edit requests (a revert: the reverted change's); other probes: the edits in effect before the change, "
+            "and agreement with the base model on held-out facts)") if lm else \
+        "(probe scores: top-1 accuracy %; `own task`: the probe of the change's own task)"
+    return head + "\n" + format_table(log_rows(ledger), LOG_COLUMNS, markdown=markdown) + "\n" + note
 
 
 def format_change(ledger: Ledger, n: int) -> str:
     c = ledger.change(n)
-    what = f"{c['label']} on {c['data']['task']}" if c["kind"] == "learn" else f"of change {c['reverts']} ({c['strategy']})"
+    what = f"of change {c['reverts']} ({c['strategy']})" if c["kind"] == "revert" else f"{c['label']} on {c['data']['task']}"
     lines = [f"change {c['id']}: {c['kind']} {what}  ({c['created']})"]
-    if c["kind"] == "learn":
+    if c["kind"] == "edit":
+        lines.append(f"  method     {c['method']} {json.dumps(c['knobs'])}")
+        for r in c["requests"]:
+            lines.append(f"  request    {r['prompt']!r} -> {r['target_new']!r}"
+                         + (f" (+{len(r['paraphrases'])} paraphrases)" if r["paraphrases"] else "")
+                         + (f" (+{len(r['locality'])} locality)" if r["locality"] else ""))
+    elif c["kind"] == "learn":
         spec = c["spec"]
         lines.append(f"  task       {c['data']['task']} ({c['data']['source']}, {c['data']['train_items']} training images, "
                      f"classes {', '.join(c['data']['classes'])})")
@@ -118,9 +134,21 @@ def format_change(ledger: Ledger, n: int) -> str:
     else:
         lines.append(f"  reverts    change {c['reverts']} by {c['strategy']}"
                      + (f" (replayed {', '.join(map(str, c['replayed']))})" if c["replayed"] else ""))
+        if "exact" in c:
+            lines.append(f"  exact      {'yes' if c['exact'] else 'no: later edits in effect were made on top of it'}")
     cost = c["cost"]
-    lines.append(f"  cost       {cost['wall_seconds']:.1f} s wall ({cost['train_seconds']:.1f} s training), peak RSS "
-                 f"{cost['peak_rss_mb']:.0f} MiB, {cost['trainable_params']:,} trainable params, patch {cost['patch_bytes']:,} bytes")
+    spent = (f"{cost['prepare_seconds']:.1f} s preparing the editor, {cost['edit_seconds']:.1f} s editing"
+             if c["kind"] == "edit" else f"{cost['train_seconds']:.1f} s training")
+    changed = "numbers in the patch" if c["kind"] == "edit" else "trainable params"
+    lines.append(f"  cost       {cost['wall_seconds']:.1f} s wall ({spent}), peak RSS "
+                 f"{cost['peak_rss_mb']:.0f} MiB, {cost['trainable_params']:,} {changed}, patch {cost['patch_bytes']:,} bytes")
+    if "own_before" in c:
+        whose = "its own requests" if c["kind"] == "edit" else f"change {c['reverts']}'s requests"
+        lines.append(f"  scores     on {whose} (token-level %, EasyEdit), before -> after")
+        for key, after in c["own_after"].items():
+            before = c["own_before"].get(key)
+            if isinstance(after, float) and isinstance(before, float):
+                lines.append(f"    {key:24s} {_arrow(100 * before, 100 * after)}")
     lines.append("  probes     before -> after")
     for name, after in c["probes_after"].items():
         before = c["probes_before"].get(name)
@@ -139,7 +167,8 @@ def write_report(ledger: Ledger) -> Path:
 
     rows, probes, scores, deltas = interference_matrix(ledger)
     figure = plot_interference_matrix(rows, probes, scores, deltas, ledger.root / "interference_matrix.png")
-    notes = ("Interference matrix: each cell is a probe's score (top-1 %) after the change of its row, and in "
+    score = "token-level accuracy %" if ledger.family == "lm" else "top-1 %"
+    notes = (f"Interference matrix: each cell is a probe's score ({score}) after the change of its row, and in "
              "brackets how much that change moved it; the colour shows that move. Rows start at the base model.")
     return write_html_report(ledger.root / "report.html", f"lifelong ledger: {ledger.root.name}", log_rows(ledger),
                              LOG_COLUMNS, [figure], notes=notes)

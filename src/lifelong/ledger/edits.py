@@ -1,0 +1,212 @@
+"""The changes of an lm ledger: knowledge edits of a causal LM, each recorded as one reversible patch.
+
+    lifelong init DIR --family lm                   base model + its probes (probes.lm_probes)
+    lifelong edit --ledger DIR --method ft_l ...    one `edit` change: every request applied in order
+
+An edit change applies its requests in sequence (the lifelong protocol) to the ledger's current model
+and records: the method and its resolved knobs, the requests, the patch, the cost (wall time, the
+editor's preparation and edit time, peak RSS, the numbers in the patch, patch bytes), the scores of its
+own requests before and after (`own_before`, `own_after`: every metric of `score_requests`, locality
+judged against the model just before the change, whose greedy answers fill probes given without
+one), and the ledger's probes before and after, where "edits in effect" covers the earlier edits.
+
+Only editors that change weights in place are recorded: ft_l, rome, mend (dense deltas of the matrices
+they wrote) and lora (peft's factors, B @ A). Their patch is additive like any other, so materialize,
+revert (the negated patch) and export need nothing new. grace, wise and t_patcher add modules with
+state of their own (a codebook, side memories, neurons), which an additive weight patch cannot hold:
+they are refused.
+
+A revert of an edit subtracts its patch: exact when no later edit is in effect; with later edits in
+effect it is the task-arithmetic approximation (they were made on top of it; the record says which).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import time
+from pathlib import Path
+
+import torch
+
+from lifelong.config import ModelConfig
+from lifelong.errors import ConfigError, LedgerError
+from lifelong.ledger.core import Ledger
+from lifelong.ledger.patch import apply_patch, negate, patch_from_model, patch_numel
+from lifelong.ledger.probes import lm_probes, run_fact_probes, without_locality
+from lifelong.ledger.store import LedgerLock
+from lifelong.metrics.cost import PeakMemory, count_parameters
+
+WEIGHT_EDITORS = ("ft_l", "rome", "mend", "lora")  # what an edit change can record
+
+
+def create_lm_ledger(root: str | Path, name: str = "embedded", heldout_items: int = 50, seed: int = 0,
+                     weights: Path | None = None, trust_pickle: bool = False) -> Ledger:
+    """A new lm ledger of the causal LM `name` (build_lm), its probes scored on the base."""
+    if heldout_items < 1:
+        raise ConfigError(f"held-out facts: give at least 1 prompt, got {heldout_items}")
+    ledger = Ledger.create(root, ModelConfig(family="lm", name=name), [], weights=weights, trust_pickle=trust_pickle)
+    model, tokenizer = ledger.materialize_lm()
+    probes = lm_probes(model, tokenizer, heldout_items, seed)
+    ledger.record_baseline(run_fact_probes(model, tokenizer, probes, []), new_probes=probes)
+    return ledger
+
+
+def check_editor(method: str, knobs: dict | None) -> None:
+    """An editor the ledger can record, with valid knobs (before any model is loaded)."""
+    from lifelong.edit import editor_class, editor_params
+
+    editor_class(method)  # an unknown name fails here, listing the editors
+    if method not in WEIGHT_EDITORS:
+        raise LedgerError(f"{method} adds modules with their own state to the model, which a ledger's additive patch "
+                          f"cannot hold; a ledger records the weight editors: {', '.join(WEIGHT_EDITORS)} "
+                          f"(or run `lifelong edit --method {method}` without --ledger)")
+    editor_params(method, knobs)
+
+
+def edit(root: str | Path, method: str, requests: list, knobs: dict | None = None,
+         train_requests: list | None = None) -> int:
+    """Record one edit change: `requests` applied in order by `method` to the current model; its id."""
+    from lifelong.edit import Editor, editor_class
+    from lifelong.edit.protocol import make_editor
+    from lifelong.metrics.editing import base_predictions, score_requests
+
+    if not requests:
+        raise ConfigError("an edit change needs at least one request")
+    check_editor(method, knobs)
+    root = Path(root)
+    Ledger.open(root).require_family("lm", "edit")
+    with LedgerLock(root, "lifelong edit"):
+        ledger = Ledger.open(root)
+        t_start = time.perf_counter()
+        model, tokenizer = ledger.materialize_lm()
+        requests = with_answers(model, tokenizer, requests)
+        base = base_predictions(model, tokenizer, requests)  # f_{k-1}: what the edits' locality is judged against
+        earlier = edits_in_effect(ledger)
+        own_before = score_requests(model, tokenizer, requests, base)
+        before = run_fact_probes(model, tokenizer, ledger.probes, earlier)
+
+        params = {k: p.detach().clone() for k, p in model.named_parameters()}
+        with PeakMemory() as memory:
+            t0 = time.perf_counter()
+            # only editors that learn to edit (MEND) need training requests; none are built for the others
+            learns = editor_class(method).prepare is not Editor.prepare
+            editor = make_editor(method, model, tokenizer, knobs, train_requests if learns else [])
+            t1 = time.perf_counter()
+            stats = [editor.apply(r) for r in requests]
+            t2 = time.perf_counter()
+        patch = patch_from_model(model, params)
+        editor.reset()  # f_{k-1} again (bit-identical, the editors' contract); then the recorded patch on it,
+        apply_patch(model, patch, where=f"change {ledger.next_id()}")  # so the scores are of the recorded model
+
+        own_after = score_requests(model, tokenizer, requests, base)
+        after = run_fact_probes(model, tokenizer, ledger.probes, earlier)
+        record = {
+            "id": ledger.next_id(),
+            "kind": "edit",
+            "method": method,
+            "label": method,
+            "knobs": dataclasses.asdict(editor.params),
+            "data": {"task": summary(requests), "requests": len(requests)},
+            "requests": [dataclasses.asdict(r) for r in requests],
+            "edit_stats": stats,
+            "own_before": own_before,
+            "own_after": own_after,
+            "probes_before": before,
+            "probes_after": after,
+            "cost": {"prepare_seconds": t1 - t0, "edit_seconds": t2 - t1, "train_seconds": t2 - t0,
+                     "wall_seconds": time.perf_counter() - t_start, "peak_rss_mb": memory.peak_mb,
+                     "trainable_params": patch_numel(patch), "total_params": count_parameters(model)[1]},
+        }
+        return ledger.commit(record, patch, {})
+
+
+def revert_edit(ledger: Ledger, n: int, strategy: str) -> int:
+    """Record a change that subtracts edit change `n` (the caller holds the lock); its id."""
+    if strategy == "replay":
+        raise LedgerError(f"change {n} is an edit: it is reverted by subtracting its patch (--strategy subtract or "
+                          "auto); replay retrains learn changes")
+    t_start = time.perf_counter()
+    model, tokenizer = ledger.materialize_lm()
+    target = requests_of(ledger.change(n))
+    others = edits_in_effect(ledger, exclude=n)
+    own_before = _score(model, tokenizer, target)
+    before = run_fact_probes(model, tokenizer, ledger.probes, others)
+    with PeakMemory() as memory:
+        patch = negate(ledger.patch(n))
+        apply_patch(model, patch, where=f"revert of change {n}")
+    later = [c["id"] for c in ledger.changes if c["id"] > n and c["id"] not in ledger.reverted_ids() and c["kind"] == "edit"]
+    record = {
+        "id": ledger.next_id(),
+        "kind": "revert",
+        "reverts": n,
+        "strategy": "subtract",
+        "replayed": [],
+        "exact": not later,  # False: later edits in effect were made on top of change n
+        "method": "-",
+        "label": "-",
+        "data": {"task": f"change {n}", "classes": []},
+        "own_before": own_before,
+        "own_after": _score(model, tokenizer, target),
+        "probes_before": before,
+        "probes_after": run_fact_probes(model, tokenizer, ledger.probes, others),
+        "cost": {"train_seconds": 0.0, "wall_seconds": time.perf_counter() - t_start, "peak_rss_mb": memory.peak_mb,
+                 "trainable_params": 0, "total_params": count_parameters(model)[1]},
+    }
+    return ledger.commit(record, patch, {})
+
+
+def export_lm(ledger: Ledger, out: str | Path, upto: int | None = None) -> Path:
+    """The lm ledger's model after change `upto` (all when None) as a transformers save_pretrained folder
+    with its tokenizer, into a new or empty folder: `build_lm(out)` (`--model OUT`) loads it."""
+    out = Path(out)
+    if out.exists() and (not out.is_dir() or any(out.iterdir())):
+        raise ConfigError(f"cannot export into {out}: it exists and is not an empty folder")
+    model, tokenizer = ledger.materialize_lm(upto)
+    model.save_pretrained(out)
+    tokenizer.save_pretrained(out)
+    return out
+
+
+# ----------------------------------------------------------------------------- pieces
+
+def requests_of(change: dict) -> list:
+    from lifelong.edit.requests import request_from_dict
+
+    return [request_from_dict(r) for r in change["requests"]]
+
+
+def edits_in_effect(ledger: Ledger, exclude: int | None = None) -> list:
+    """The requests of every edit change not reverted (and not `exclude`), in order."""
+    gone = ledger.reverted_ids() | {exclude}
+    return [r for c in ledger.changes if c["kind"] == "edit" and c["id"] not in gone for r in requests_of(c)]
+
+
+def with_answers(model, tokenizer, requests: list) -> list:
+    """Locality probes given without an answer get the model's own greedy answer (3 tokens): the text
+    their locality is scored on (`lifelong edit --locality PROMPT`)."""
+    from lifelong.edit.base import Probe
+    from lifelong.metrics.editing import generate
+
+    missing = [p.prompt for r in requests for p in r.locality if not p.answer]
+    if not missing:
+        return requests
+    answers = dict(zip(missing, generate(model, tokenizer, missing, max_new_tokens=3)))
+    return [dataclasses.replace(r, locality=tuple(Probe(p.prompt, p.answer or answers[p.prompt]) for p in r.locality))
+            for r in requests]
+
+
+def summary(requests: list) -> str:
+    """What the log shows for an edit change's requests."""
+    if len(requests) > 1:
+        return f"{len(requests)} requests"
+    r = requests[0]
+    prompt = r.prompt if len(r.prompt) <= 32 else r.prompt[:29] + "..."
+    return f"{prompt!r} -> {r.target_new.strip()!r}"
+
+
+def _score(model, tokenizer, requests: list) -> dict:
+    """score_requests without locality (judged against the model before a change; here unknown)."""
+    from lifelong.metrics.editing import score_requests
+
+    with torch.no_grad():
+        return score_requests(model, tokenizer, without_locality(requests), None)

@@ -1,0 +1,185 @@
+"""lm ledgers: knowledge edits recorded as changes, probed, materialized, reverted and exported.
+
+The base is a tiny random Llama saved as a transformers folder (the path a user's own model takes), with
+its tied embeddings scaled by 8 as in test_editors_a.py, so that an edit can reach a low NLL.
+"""
+
+import shutil
+
+import pytest
+import torch
+
+from lifelong.cli import main
+from lifelong.edit import EditRequest, Probe, editor_class
+from lifelong.errors import ConfigError, LedgerError
+from lifelong.families.lm import build_lm, tiny_lm
+from lifelong.ledger.changes import learn, revert
+from lifelong.ledger.core import Ledger
+from lifelong.ledger.edits import create_lm_ledger, edit
+from lifelong.ledger.probes import EDITS_IN_EFFECT, HELDOUT_FACTS
+
+FT_L = dict(layer=2, lr=0.05, norm_constraint=0.5)  # test_editors_a's knobs for the tiny model
+LORA = dict(lr=0.02, steps=30)
+EDIT = EditRequest(prompt="The capital of France is", target_new=" Tokyo", subject="France",
+                   paraphrases=("The capital city of France is",),
+                   locality=(Probe("She said that the weather was nice", ""),))  # answer: the model's own
+EDIT2 = EditRequest(prompt="The currency of India is the", target_new=" euro", subject="India")
+TEXT = ["The capital of France is Tokyo", "She said that the weather was nice, and they went outside"]
+
+
+@pytest.fixture(scope="module")
+def base_folder(tmp_path_factory):
+    model, tok = tiny_lm("llama")
+    with torch.no_grad():
+        model.get_input_embeddings().weight.mul_(8)
+    folder = tmp_path_factory.mktemp("tiny-llama")
+    model.save_pretrained(folder)
+    tok.save_pretrained(folder)
+    return folder
+
+
+@pytest.fixture(scope="module")
+def _empty_ledger(base_folder, tmp_path_factory):
+    return create_lm_ledger(tmp_path_factory.mktemp("template") / "ledger", str(base_folder), heldout_items=10).root
+
+
+@pytest.fixture
+def ledger_dir(_empty_ledger, tmp_path):
+    """A fresh copy of a new lm ledger of the tiny Llama (creating one scores its held-out facts)."""
+    return shutil.copytree(_empty_ledger, tmp_path / "ledger")
+
+
+def logits(model, tok, texts=TEXT):
+    batch = tok(texts, return_tensors="pt", padding=True)
+    with torch.no_grad():
+        return model(**batch).logits
+
+
+def test_new_lm_ledger_has_its_probes_scored_on_the_base(ledger_dir):
+    ledger = Ledger.open(ledger_dir)
+    assert ledger.family == "lm" and ledger.manifest["model"]["family"] == "lm"
+    assert [p.name for p in ledger.probes] == [EDITS_IN_EFFECT, HELDOUT_FACTS]
+    facts = ledger.probes[1]
+    assert len(facts.prompts) == len(facts.answers) == len(facts.base) == 10
+    assert ledger.manifest["baseline"] == {HELDOUT_FACTS: 100.0}  # the base agrees with itself
+    assert ledger.verify() == []
+
+
+def test_ft_l_edit_is_one_change_with_its_requests_cost_and_probes(ledger_dir):
+    n = edit(ledger_dir, "ft_l", [EDIT], FT_L)
+    ledger = Ledger.open(ledger_dir)
+    assert n == 1 and len(ledger.changes) == 1
+    c = ledger.change(1)
+    assert c["kind"] == "edit" and c["method"] == "ft_l" and c["knobs"]["lr"] == 0.05 and c["knobs"]["steps"] == 25
+    assert c["requests"][0]["prompt"] == EDIT.prompt and c["requests"][0]["target_new"] == " Tokyo"
+    assert c["requests"][0]["locality"][0]["answer"]  # filled with the model's own answer before the edit
+    assert c["own_before"]["reliability_token"] < c["own_after"]["reliability_token"] == 1.0
+    assert c["own_before"]["locality_token"] == 1.0  # judged against the model before the change
+    assert set(c["probes_before"]) == set(c["probes_after"]) == {HELDOUT_FACTS}  # no earlier edits yet
+    cost = c["cost"]
+    assert cost["patch_bytes"] > 0 and cost["peak_rss_mb"] > 0 and cost["edit_seconds"] > 0
+    assert cost["trainable_params"] == 64 * 128  # one down_proj (d=64, d_ff=128)
+    assert all(k.startswith("delta::") for k in ledger.patch(1))
+    assert ledger.verify() == []
+
+
+def test_materialize_is_the_edited_model_and_revert_gives_f0_back(ledger_dir, base_folder):
+    edited, tok = build_lm(str(base_folder))
+    f0 = logits(edited, tok)
+    f0_params = {k: p.clone() for k, p in edited.state_dict().items()}
+    editor = editor_class("ft_l")(edited, tok, editor_class("ft_l").Params(**FT_L))
+    editor.apply(EDIT)  # the same edit outside the ledger
+
+    edit(ledger_dir, "ft_l", [EDIT], FT_L)
+    ledger = Ledger.open(ledger_dir)
+    torch.testing.assert_close(logits(ledger.materialize(), tok), logits(edited, tok), atol=1e-5, rtol=0)
+    assert not torch.allclose(logits(ledger.materialize(), tok), f0, atol=1e-3)
+
+    n = revert(ledger_dir, 1)
+    ledger = Ledger.open(ledger_dir)
+    c = ledger.change(n)
+    assert c["kind"] == "revert" and c["strategy"] == "subtract" and c["exact"]
+    assert c["own_after"]["reliability_token"] < c["own_before"]["reliability_token"]
+    assert c["probes_after"][HELDOUT_FACTS] == 100.0
+    reverted = ledger.materialize()
+    for k, v in reverted.state_dict().items():
+        torch.testing.assert_close(v, f0_params[k], atol=1e-6, rtol=0)
+    torch.testing.assert_close(logits(reverted, tok), f0, atol=1e-5, rtol=0)
+    assert ledger.verify() == []
+
+
+def test_edits_in_effect_track_earlier_edits_and_a_revert_under_later_edits_is_not_exact(ledger_dir):
+    edit(ledger_dir, "ft_l", [EDIT], FT_L)
+    edit(ledger_dir, "ft_l", [EDIT2], FT_L)
+    c = Ledger.open(ledger_dir).change(2)
+    assert set(c["probes_before"]) == {EDITS_IN_EFFECT, HELDOUT_FACTS}
+    assert c["probes_before"][EDITS_IN_EFFECT] == 100.0  # change 1's edit holds before change 2
+    n = revert(ledger_dir, 1)
+    c = Ledger.open(ledger_dir).change(n)
+    assert not c["exact"]  # change 2 was made on top of change 1
+    assert set(c["probes_after"]) == {EDITS_IN_EFFECT, HELDOUT_FACTS}  # in effect now: change 2's edit
+    with pytest.raises(LedgerError, match="already reverted"):
+        revert(ledger_dir, 1)
+
+
+def test_lora_edit_is_stored_as_factors_and_reverts(ledger_dir, base_folder):
+    edited, tok = build_lm(str(base_folder))
+    f0 = logits(edited, tok)
+    editor = editor_class("lora")(edited, tok, editor_class("lora").Params(**LORA))
+    editor.apply(EDIT)
+
+    edit(ledger_dir, "lora", [EDIT], LORA)
+    ledger = Ledger.open(ledger_dir)
+    kinds = {k.partition("::")[0] for k in ledger.patch(1)}
+    assert kinds == {"lora_A", "lora_B", "lora_scale"}
+    assert ledger.change(1)["own_after"]["reliability_token"] > ledger.change(1)["own_before"]["reliability_token"]
+    # the ledger adds B @ A into W; peft computes W x + B A x: the same up to float rounding
+    torch.testing.assert_close(logits(ledger.materialize(), tok), logits(edited, tok), atol=1e-4, rtol=1e-4)
+    revert(ledger_dir, 1)
+    torch.testing.assert_close(logits(Ledger.open(ledger_dir).materialize(), tok), f0, atol=1e-5, rtol=0)
+
+
+def test_bad_input_fails_clearly_and_records_nothing(ledger_dir, tmp_path, tiny_config):
+    with pytest.raises(ConfigError, match="unknown editor 'nope'; available: ft_l"):
+        edit(ledger_dir, "nope", [EDIT])
+    with pytest.raises(LedgerError, match="grace adds modules.*weight editors: ft_l, rome, mend, lora"):
+        edit(ledger_dir, "grace", [EDIT])
+    with pytest.raises(ConfigError, match="unknown"):
+        edit(ledger_dir, "ft_l", [EDIT], {"lrr": 1.0})
+    with pytest.raises(LedgerError, match="ledger of a lm model: it takes edit changes.*not learn changes"):
+        learn(ledger_dir, {"kind": "learn"})
+    assert Ledger.open(ledger_dir).changes == []
+
+    vlm = Ledger.create(tmp_path / "vlm", tiny_config.model, []).root
+    with pytest.raises(LedgerError, match="ledger of a vlm model: it takes learn changes.*not edit changes"):
+        edit(vlm, "ft_l", [EDIT], FT_L)
+
+    edit(ledger_dir, "ft_l", [EDIT], FT_L)
+    with pytest.raises(LedgerError, match="subtracting its patch"):
+        revert(ledger_dir, 1, strategy="replay")
+
+
+def test_cli_init_edit_log_revert_export(base_folder, tmp_path, capsys):
+    root, out = tmp_path / "led", tmp_path / "exported"
+    assert main(["init", str(root), "--family", "lm", "--model", str(base_folder), "--probe-items", "5"]) == 0
+    assert "held-out facts" in capsys.readouterr().out
+    knobs = [f"{k}={v}" for k, v in FT_L.items()]
+    assert main(["edit", "--ledger", str(root), "--method", "ft_l", "--prompt", EDIT.prompt, "--target", "Tokyo",
+                 "--paraphrase", EDIT.paraphrases[0], *knobs]) == 0
+    shown = capsys.readouterr().out
+    assert "change 1: edit ft_l on 'The capital of France is' -> 'Tokyo'" in shown
+    assert "reliability_token" in shown and "held-out facts" in shown
+    assert main(["log", str(root), "--matrix"]) == 0
+    shown = capsys.readouterr().out
+    assert "lm model" in shown and "edit" in shown and "token-level accuracy" in shown
+    assert main(["export", str(root), str(out)]) == 0
+    exported, tok = build_lm(str(out))
+    torch.testing.assert_close(logits(exported, tok), logits(Ledger.open(root).materialize(), tok), atol=0, rtol=0)
+    assert main(["revert", str(root), "1"]) == 0
+    assert "revert of change 1 (subtract)" in capsys.readouterr().out
+
+    assert main(["edit", "--ledger", str(root), "--model", "embedded", "--prompt", "a b", "--target", "c"]) == 2
+    assert main(["edit", "--ledger", str(root), "--prompt", "a b", "--target", "c"]) == 2  # default wise: refused
+    assert "weight editors" in capsys.readouterr().err
+    assert main(["init", str(tmp_path / "l2"), "--family", "lm", "--probe", "mnist"]) == 2
+    assert len(Ledger.open(root).changes) == 2
