@@ -38,6 +38,9 @@ valid ones. User errors exit with code 2.
 
 
 def main(argv: list[str] | None = None) -> int:
+    from lifelong.runtime import tune_allocator
+
+    tune_allocator()  # keep freed tensor memory in the heap: no page faults per training step
     parser = argparse.ArgumentParser(
         prog="lifelong",
         description="Change pretrained models after pretraining without breaking what they know. "

@@ -1,0 +1,194 @@
+"""CPU efficiency of the demo's training step: how close it gets to the machine's fp32 matmul peak,
+and where its time goes.
+
+    python benchmarks/cpu_efficiency.py                 # the demo's model and settings, fashion-mnist task
+    python benchmarks/cpu_efficiency.py --steps 10      # a quick look
+
+Three measurements, in one process, with torch's thread count as it is (pin it with OMP_NUM_THREADS
+and taskset to measure one core):
+
+1. **Peak**: fp32 `torch.mm` of two n x n matrices (n = 512, 1024, 2048), best of `--repeats`, in
+   GFLOP/s (2 n^3 FLOPs). The best size is the machine's measured peak.
+2. **Step**: the demo's training step as `lifelong demo` runs it (model `embedded`, 112 px, the last 3
+   blocks trainable, batch 32, `finetune`, AdamW, grad clipping) on cached stem outputs. Its FLOPs are
+   counted by `torch.utils.flop_counter.FlopCounterMode` (matmuls and convolutions, forward and
+   backward); the median step time gives GFLOP/s and the fraction of the peak.
+3. **Where the time goes**: `torch.profiler` over `--profile-steps` steps, the self CPU time of every
+   op grouped into convolution / depthwise convolution / matmul / optimizer / normalisation and
+   activation / other, plus the top ops. And, for the methods of the demo whose per-task work is not
+   a training step (EWC's Fisher, LwF's teacher logits), the time of that work on one task, against
+   the time of the task's 100 steps.
+
+Results: benchmarks/results/cpu_efficiency.json (atomic write), with the machine and the command.
+Exit status: non-zero only on an error.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import shlex
+import statistics
+import sys
+import time
+from collections import defaultdict
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from loop_overhead import machine, one_task_stream  # noqa: E402  (benchmarks/ is not a package)
+
+from lifelong.config import load_config, to_dict  # noqa: E402
+from lifelong.families.vlm import build_vlm  # noqa: E402
+from lifelong.learn import build_method  # noqa: E402
+from lifelong.learn.common import TaskData  # noqa: E402
+from lifelong.loop import batch_order, targets_in, train_task  # noqa: E402
+from lifelong.report.io import atomic_write_json  # noqa: E402
+from lifelong.runner import compute_stem_features, prepare_trainable, versions  # noqa: E402
+
+RESULTS = Path(__file__).resolve().parent / "results"
+
+
+def matmul_peak(sizes=(512, 1024, 2048), repeats: int = 5) -> dict:
+    """Best fp32 GFLOP/s of torch.mm per matrix size."""
+    out = {}
+    for n in sizes:
+        a, b = torch.randn(n, n), torch.randn(n, n)
+        torch.mm(a, b)  # warm-up
+        best = float("inf")
+        for _ in range(repeats):
+            t0 = time.perf_counter()
+            torch.mm(a, b)
+            best = min(best, time.perf_counter() - t0)
+        out[str(n)] = 2 * n**3 / best / 1e9
+    return out
+
+
+def op_category(name: str) -> str:
+    n = name.lower()
+    if "conv" in n:
+        return "convolution"
+    if n.startswith(("aten::mm", "aten::addmm", "aten::bmm", "aten::matmul", "aten::linear")):
+        return "matmul"
+    if "adam" in n or "_foreach" in n or "clip_grad" in n or "norm" == n.rsplit("::", 1)[-1]:
+        return "optimizer and clipping"
+    if any(k in n for k in ("batch_norm", "silu", "sigmoid", "relu", "hardtanh", "native_batch_norm")):
+        return "normalisation and activation"
+    return "other"
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--steps", type=int, default=40, help="timed training steps (default 40)")
+    parser.add_argument("--profile-steps", type=int, default=10, help="steps under torch.profiler (default 10)")
+    parser.add_argument("--repeats", type=int, default=5, help="repeats of each matmul size (default 5)")
+    parser.add_argument("--task", default="fashion-mnist", help="the mtil-mini task (default fashion-mnist)")
+    parser.add_argument("--out", type=Path, default=RESULTS / "cpu_efficiency.json")
+    parser.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="run-config overrides of the demo config")
+    args = parser.parse_args(argv)
+
+    peak = matmul_peak(repeats=args.repeats)
+    peak_gflops = max(peak.values())
+    print(f"fp32 matmul peak: {peak_gflops:.1f} GFLOP/s ({', '.join(f'n={n}: {g:.1f}' for n, g in peak.items())})")
+
+    config = load_config(Path(__file__).resolve().parents[1] / "configs" / "demo.yaml",
+                         ["train.checkpoints=false", *args.overrides])
+    stream = one_task_stream(args.task, test_items=64)
+    task = stream.tasks[0]
+    base = build_vlm(config.model)
+    stem = compute_stem_features(base, stream, config.train.eval_batch_size)
+    data = TaskData(index=0, task=task, inputs=stem.train[0], targets=targets_in(stream, 0, task.train.labels),
+                    class_names=task.class_names, seen_class_names=())
+    model = base
+    prepare_trainable(model, config, config.adapter)
+    finetune = build_method(next(m for m in config.methods if m.name == "finetune"))
+    params = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(params, lr=config.train.lr, weight_decay=config.train.weight_decay)
+    order = batch_order(len(data.inputs), config.train.batch_size, args.steps + args.profile_steps + 3, seed=0)
+
+    def step(index):
+        batch = {"inputs": data.inputs[index], "targets": data.targets[index], "index": index}
+        loss, _ = finetune.loss(model, batch, data)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, config.train.grad_clip)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        return loss
+
+    from torch.utils.flop_counter import FlopCounterMode
+
+    step(order[0])  # warm-up (first-call allocations, the frozen text cache)
+    counter = FlopCounterMode(display=False)
+    with counter:
+        step(order[1])
+    flops = counter.get_total_flops()
+    by_op = {str(k): v for k, v in counter.get_flop_counts().get("Global", {}).items()}
+
+    times = []
+    for i in range(args.steps):
+        t0 = time.perf_counter()
+        step(order[2 + i])
+        times.append(time.perf_counter() - t0)
+    median = statistics.median(times)
+    achieved = flops / median / 1e9
+    print(f"training step: {flops / 1e9:.2f} GFLOP, median {median * 1e3:.1f} ms -> {achieved:.1f} GFLOP/s "
+          f"= {100 * achieved / peak_gflops:.1f}% of the matmul peak")
+
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
+        for i in range(args.profile_steps):
+            step(order[2 + args.steps + i])
+    events = prof.key_averages()
+    total_self = sum(e.self_cpu_time_total for e in events)
+    categories: dict[str, float] = defaultdict(float)
+    for e in events:
+        categories[op_category(e.key)] += e.self_cpu_time_total
+    top = sorted(events, key=lambda e: e.self_cpu_time_total, reverse=True)[:15]
+    share = {k: 100 * v / total_self for k, v in sorted(categories.items(), key=lambda kv: -kv[1])}
+    print("self CPU time by category (% of the profiled steps):")
+    for k, v in share.items():
+        print(f"  {k:32s} {v:5.1f}%")
+    print("top ops:")
+    for e in top:
+        print(f"  {e.key:45s} {100 * e.self_cpu_time_total / total_self:5.1f}%  calls {e.count}")
+
+    # per-task work outside the steps: EWC's Fisher and LwF's teacher logits, on this task
+    extra = {}
+    for name in ("ewc", "lwf"):
+        mc = next((m for m in config.methods if m.name == name), None)
+        if mc is None:
+            continue
+        method = build_method(mc)
+        t0 = time.perf_counter()
+        if name == "ewc":
+            method.end_task(model, data)
+        else:
+            method.begin_task(model, TaskData(**{**data.__dict__, "seen_class_names": task.class_names}))
+        extra[name] = time.perf_counter() - t0
+        print(f"{name} per-task work ({'Fisher' if name == 'ewc' else 'teacher logits'}): {extra[name]:.2f} s "
+              f"= {extra[name] / (median * config.train.steps_per_task):.2f} x the task's {config.train.steps_per_task} steps")
+
+    result = {
+        "command": "python " + " ".join(shlex.quote(a) for a in [sys.argv[0], *(argv if argv is not None else sys.argv[1:])]),
+        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "machine": machine(),
+        "versions": versions(),
+        "config": to_dict(config),
+        "matmul_peak_gflops": peak,
+        "step": {"flops": flops, "flops_by_op": by_op, "median_seconds": median, "seconds": times,
+                 "gflops": achieved, "fraction_of_peak": achieved / peak_gflops},
+        "profile": {"steps": args.profile_steps, "self_cpu_share_percent": share,
+                    "top_ops": [{"op": e.key, "self_percent": 100 * e.self_cpu_time_total / total_self, "calls": e.count}
+                                for e in top]},
+        "per_task_work_seconds": extra,
+    }
+    atomic_write_json(args.out, result)
+    print(f"wrote {args.out}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
