@@ -7,8 +7,8 @@ tasks x 100 steps on mtil-mini, embedded model) runs as `python -m lifelong.cli 
 worktree's sources first on PYTHONPATH, this venv's packages, and the shared stem cache (warm: the
 venv set-up and the cold stem cache of `make demo` are not timed). Recorded per run: wall time,
 user/system CPU time, minor page faults and peak RSS of the child process (getrusage), each method's
-train and eval seconds and its table row from the run's results.json, so that the numbers can be
-compared too. `--rounds 2` alternates before/after twice (machine noise hits both alike).
+table row (train and eval seconds included) from the run's results.json and the run's summary.md, so
+that the numbers can be compared too. `--rounds 2` alternates before/after twice (machine noise hits both alike).
 
 Results: benchmarks/results/demo_time.json (atomic write). Exit status: non-zero only on an error.
 """
@@ -34,7 +34,6 @@ from lifelong.report.io import atomic_write_json  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "benchmarks" / "results"
-ROW_KEYS = ("avg", "last", "max_forgetting", "zero_shot_degradation", "train_seconds", "eval_seconds", "peak_rss_mb")
 
 
 def git(*args: str) -> str:
@@ -59,7 +58,9 @@ def run_demo(worktree: Path, out_dir: Path, name: str) -> dict:
         "system_seconds": after.ru_stime - before.ru_stime,
         "minor_page_faults": after.ru_minflt - before.ru_minflt,
         "peak_rss_mb": after.ru_maxrss / 1024,
-        "methods": {label: {k: m.get(k) for k in ROW_KEYS} for label, m in results["methods"].items()},
+        # each method's table row (metrics, seconds, peak RSS) without its per-order matrices
+        "methods": {label: {k: v for k, v in m.items() if k != "per_order"} for label, m in results["methods"].items()},
+        "summary_md": (out_dir / name / "summary.md").read_text(),
     }
 
 
