@@ -24,7 +24,15 @@ SmolLM2-135M -> layer 25 of 30. Scale-downs for SmolLM2 on a CPU: lr 0.1 (EasyEd
 saturates the norm constraint within a few steps, edit and unrelated scores reach 78 and 51, and
 "The capital of Germany is" is routed to " Lyon" too; at 0.1 the scores settle near 26 and 5 and it keeps
 " Berlin"), and 5 context prefixes instead of 10 (a training step's cost grows with the rows; 5 keep
-the paraphrase "The capital city of France is" edited). Two speed-ups change no number: layers below the
+the paraphrase "The capital city of France is" edited). lr 0.1 stays after a sweep on train-split
+questions (scripts/tune_wise.py, docs/wise_tuning.json; T = 10 sequential edits, token level): at
+0.1 an edit is under-fitted (its routed target NLL ends at 1.1-5.8 from 7-13, all 70 steps used;
+routing is not at fault: every edit prompt scores above the threshold) and
+Rel/Gen/Loc are .30/.28/.97; lr 0.5 / 1.0 fit each edit (NLL 0.11-0.75 / 0.001-0.56 right after it) but later
+edits in the same shard overwrite earlier ones (mean NLL 2.4 / 1.9 after all 10) and the side memory
+fires on unrelated prompts too: Rel/Gen .40/.53 and .60/.50 with Loc .95 / .92 and only .76 of 80
+extra unrelated probes kept; act_ratio 1.0 keeps .94 of those but Rel/Gen fall to .40/.40 and .45/.38
+- no setting was clearly better on 10 edits. Two speed-ups change no number: layers below the
 edited one run once per edit (`replay_lower_layers`) and the 49k-way output layer runs only where a
 target token is predicted (`target_only_nll`).
 
