@@ -213,6 +213,37 @@ def test_grace_codebook_add_expand_split(tiny):
         assert predicted == target
 
 
+@pytest.mark.parametrize("arch", ARCHS)
+def test_grace_state_round_trips_to_a_fresh_model_and_continues(tiny, arch):
+    """load_state_dict on a fresh model: the same logits bit for bit, and a further edit continues the
+    codebook exactly as the editor that made it would; reset is still f_0."""
+    model, tok = tiny(arch)
+    probe = batch_of(tok, (EDIT.prompt, EDIT.target_new), UNRELATED)
+    base = logits(model, probe)
+    grace = make("grace", model, tok, arch)
+    assert grace.state_dict()["keys"].shape[0] == 0  # nothing yet
+    grace.apply(EDIT)
+    state = grace.state_dict()
+    assert state["keys"].shape[0] == 1 and int(state["layer"]) == grace.layer
+
+    fresh, _ = tiny(arch)
+    again = make("grace", fresh, tok, arch)
+    again.load_state_dict(state)
+    assert torch.equal(logits(fresh, probe), logits(model, probe))
+    grace.apply(EDIT2)
+    again.apply(EDIT2)
+    assert again.codebook.labels == grace.codebook.labels
+    assert all(torch.equal(a, b) for a, b in zip(again.state_dict().values(), grace.state_dict().values()))
+    assert torch.equal(logits(fresh, probe), logits(model, probe))
+    again.load_state_dict(state)  # replaces the codebook: back to one edit
+    assert len(again.codebook.labels) == 1
+    again.reset()
+    assert torch.equal(logits(fresh, probe), base)
+    assert "grace" not in dict(again.original.named_children()) and not again.original._forward_hooks
+    with pytest.raises(ValueError, match="give layer="):
+        make("grace", fresh, tok, arch, layer=0).load_state_dict(state)
+
+
 def test_grace_reedit_of_the_same_prompt_takes_the_new_answer(tiny):
     model, tok = tiny("llama")
     grace = make("grace", model, tok, "llama")

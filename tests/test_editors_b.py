@@ -207,6 +207,32 @@ def test_t_patcher_reset_is_exact_and_seeded_runs_agree(arch, llama):
     assert all(torch.equal(a, b) for a, b in zip(runs[0][1], runs[1][1]))
 
 
+def test_t_patcher_state_round_trips_to_a_fresh_model_and_continues(llama, _trained_llama):
+    """load_state_dict on a fresh model: the same logits bit for bit; a further edit (whose new neuron
+    must stay silent on the first edit's inputs) continues exactly as the editor that made the first."""
+    model, tok = llama
+    params = PatcherParams(memory_tokens=128, max_steps=10)
+    editor = TPatcher(model, tok, params)
+    editor.apply(PATCH_REQUESTS[0])
+    state = editor.state_dict()
+    assert state["keys"].shape[0] == 1 and state["edit_memory"].shape[0] > 0 and int(state["layer"]) == editor.layer
+
+    fresh = copy.deepcopy(_trained_llama[0])
+    before, logits0 = snapshot(fresh), probe_logits(fresh, tok)
+    again = TPatcher(fresh, tok, params)
+    again.load_state_dict(state)
+    assert torch.equal(probe_logits(fresh, tok), probe_logits(model, tok))
+    editor.apply(PATCH_REQUESTS[1])
+    again.apply(PATCH_REQUESTS[1])
+    assert all(torch.equal(a, b) for a, b in zip(again.state_dict().values(), editor.state_dict().values()))
+    assert torch.equal(probe_logits(fresh, tok), probe_logits(model, tok))
+    again.reset()
+    assert_same_state(fresh, before)
+    assert torch.equal(probe_logits(fresh, tok), logits0)
+    with pytest.raises(ValueError, match="give layer="):
+        TPatcher(fresh, tok, dataclasses.replace(params, layer=0)).load_state_dict(state)
+
+
 # ---------------------------------------------------------------------- MEND
 
 

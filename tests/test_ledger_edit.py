@@ -4,6 +4,7 @@ The base is a tiny random Llama saved as a transformers folder (the path a user'
 its tied embeddings scaled by 8 as in test_editors_a.py, so that an edit can reach a low NLL.
 """
 
+import dataclasses
 import shutil
 
 import pytest
@@ -15,11 +16,13 @@ from lifelong.errors import ConfigError, LedgerError
 from lifelong.families.lm import build_lm, tiny_lm
 from lifelong.ledger.changes import learn, revert
 from lifelong.ledger.core import Ledger
-from lifelong.ledger.edits import create_lm_ledger, edit
+from lifelong.ledger.edits import create_lm_ledger, edit, export_lm
 from lifelong.ledger.probes import EDITS_IN_EFFECT, HELDOUT_FACTS
 
 FT_L = dict(layer=2, lr=0.05, norm_constraint=0.5)  # test_editors_a's knobs for the tiny model
 LORA = dict(lr=0.02, steps=30)
+GRACE = dict(eps=0.05)  # test_editors_a's radius for the tiny Llama
+PATCHER = dict(memory_tokens=128, max_steps=10)
 EDIT = EditRequest(prompt="The capital of France is", target_new=" Tokyo", subject="France",
                    paraphrases=("The capital city of France is",),
                    locality=(Probe("She said that the weather was nice", ""),))  # answer: the model's own
@@ -139,11 +142,89 @@ def test_lora_edit_is_stored_as_factors_and_reverts(ledger_dir, base_folder):
     torch.testing.assert_close(logits(Ledger.open(ledger_dir).materialize(), tok), f0, atol=1e-5, rtol=0)
 
 
+MODULE_TEXT = [*TEXT, "The currency of India is the euro"]
+
+
+def test_grace_edits_accumulate_in_one_codebook_and_revert_to_the_previous_state(ledger_dir, base_folder, tmp_path):
+    own, tok = build_lm(str(base_folder))  # the same two edits by the editor itself
+    f0 = logits(own, tok, MODULE_TEXT)
+    grace = editor_class("grace")(own, tok, editor_class("grace").Params(**GRACE))
+    grace.apply(EDIT)
+    first = logits(own, tok, MODULE_TEXT)
+    grace.apply(EDIT2)
+    both = logits(own, tok, MODULE_TEXT)
+    assert not torch.equal(first, f0) and not torch.equal(both, first)
+    assert torch.equal(first[1], f0[1])  # the unrelated sentence: no position falls in a key's ball
+
+    edit(ledger_dir, "grace", [EDIT], GRACE)
+    ledger = Ledger.open(ledger_dir)
+    c = ledger.change(1)
+    assert ledger.patch(1) == {} and c["method_states"] == ["grace"] and c["own_after"]["reliability_token"] == 1.0
+    assert c["cost"]["trainable_params"] == sum(t.numel() for t in ledger.method_state("grace").values())
+    assert torch.equal(logits(ledger.materialize(), tok, MODULE_TEXT), first)
+
+    edit(ledger_dir, "grace", [EDIT2], GRACE)  # continues change 1's codebook
+    ledger = Ledger.open(ledger_dir)
+    assert ledger.method_state("grace")["keys"].shape[0] == 2
+    assert ledger.change(2)["probes_after"][EDITS_IN_EFFECT] == 100.0  # change 1's edit still holds
+    assert torch.equal(logits(ledger.materialize(), tok, MODULE_TEXT), both)
+    assert torch.equal(logits(ledger.materialize(upto=1), tok, MODULE_TEXT), first)
+    with pytest.raises(LedgerError, match=r"cannot: grace \(change 2\); revert"):
+        export_lm(ledger, tmp_path / "out")
+    assert not (tmp_path / "out").exists()
+
+    with pytest.raises(LedgerError, match=r"change\(s\) 2 continued from.*revert it first \(2, latest first\), "
+                                          "then change 1"):
+        revert(ledger_dir, 1)
+    n = revert(ledger_dir, 2)
+    ledger = Ledger.open(ledger_dir)
+    assert ledger.change(n)["exact"] and ledger.change(n)["strategy"] == "restore" and ledger.patch(n) == {}
+    assert ledger.change(n)["own_after"]["reliability_token"] < 1.0
+    assert torch.equal(logits(ledger.materialize(), tok, MODULE_TEXT), first)  # the first edit only
+    revert(ledger_dir, 1)
+    model = Ledger.open(ledger_dir).materialize()
+    assert torch.equal(logits(model, tok, MODULE_TEXT), f0) and not any(m._forward_hooks for m in model.modules())
+    export_lm(Ledger.open(ledger_dir), tmp_path / "out")  # no module in effect: the weights alone
+    assert Ledger.open(ledger_dir).verify() == []
+
+
+def test_t_patcher_edit_round_trips_beside_a_weight_edit(ledger_dir, base_folder, tmp_path):
+    request = dataclasses.replace(EDIT, locality=())  # the ledger fills a locality answer, which T-Patcher trains on
+    own, tok = build_lm(str(base_folder))  # a T-Patcher edit, then an FT-L edit on top, by the editors themselves
+    f0 = logits(own, tok, MODULE_TEXT)
+    patcher = editor_class("t_patcher")(own, tok, editor_class("t_patcher").Params(**PATCHER))
+    patcher.apply(request)
+    patched = logits(own, tok, MODULE_TEXT)
+    editor_class("ft_l")(own, tok, editor_class("ft_l").Params(**FT_L)).apply(EDIT2)
+
+    edit(ledger_dir, "t_patcher", [request], PATCHER)
+    ledger = Ledger.open(ledger_dir)
+    assert ledger.patch(1) == {} and set(ledger.method_state("t_patcher")) == {"layer", "keys", "biases", "values",
+                                                                                 "edit_memory"}
+    assert torch.equal(logits(ledger.materialize(), tok, MODULE_TEXT), patched)
+    edit(ledger_dir, "ft_l", [EDIT2], FT_L)  # recorded with the plain parameter names while the neurons are on
+    ledger = Ledger.open(ledger_dir)
+    assert all(k.startswith("delta::model.layers.2.") for k in ledger.patch(2))
+    torch.testing.assert_close(logits(ledger.materialize(), tok, MODULE_TEXT), logits(own, tok, MODULE_TEXT),
+                               atol=1e-5, rtol=0)
+    with pytest.raises(LedgerError, match=r"cannot: t_patcher \(change 1\)"):
+        export_lm(ledger, tmp_path / "out")
+
+    n = revert(ledger_dir, 1)  # no later t_patcher change: allowed, not exact (change 2 was made on top)
+    ledger = Ledger.open(ledger_dir)
+    assert not ledger.change(n)["exact"] and ledger.module_states() == {}
+    exported, _ = build_lm(str(export_lm(ledger, tmp_path / "out")))  # the weights alone: base + FT-L's patch
+    torch.testing.assert_close(logits(exported, tok, MODULE_TEXT), logits(ledger.materialize(), tok, MODULE_TEXT),
+                               atol=0, rtol=0)
+    assert not torch.equal(logits(exported, tok, MODULE_TEXT), f0)
+
+
 def test_bad_input_fails_clearly_and_records_nothing(ledger_dir, tmp_path, tiny_config):
     with pytest.raises(ConfigError, match="unknown editor 'nope'; available: ft_l"):
         edit(ledger_dir, "nope", [EDIT])
-    with pytest.raises(LedgerError, match="grace adds modules.*weight editors: ft_l, rome, mend, lora"):
-        edit(ledger_dir, "grace", [EDIT])
+    with pytest.raises(LedgerError, match="wise adds modules.*weight editors: ft_l, rome, mend, lora and the module "
+                                          "editors: grace, t_patcher"):
+        edit(ledger_dir, "wise", [EDIT])
     with pytest.raises(ConfigError, match="unknown"):
         edit(ledger_dir, "ft_l", [EDIT], {"lrr": 1.0})
     with pytest.raises(LedgerError, match="ledger of a lm model: it takes edit changes.*not learn changes"):

@@ -1,7 +1,7 @@
 """GRACE: a discrete key-value codebook at one layer (Hartvigsen et al. 2023, "Aging with GRACE:
 Lifelong Model Editing with Discrete Key-Value Adaptors").
 
-The editor wraps one FFN output projection (Llama `down_proj`, GPT-2 `c_proj`). Keys k_i live in that
+The codebook sits on one FFN output projection (Llama `down_proj`, GPT-2 `c_proj`). Keys k_i live in that
 module's input space (the FFN's hidden activation, EasyEdit's choice), each with a deferral radius
 eps_i and a trained value v_i in its output space. At every position t of every input,
 
@@ -29,6 +29,10 @@ prompt alone or prompt + target, teacher-forced scoring and greedy decoding see 
 New values start "warm" (the layer's own output at the key, so an untrained value is a no-op) instead
 of EasyEdit's "cold" uniform noise, which also makes the editor free of randomness. Labels compare
 the target's token ids exactly (EasyEdit compares the mean token id). Early stop below `stop_loss`.
+
+The codebook is applied by a forward hook on the projection (not a wrapper module), so the model's
+parameter names stay those of the plain model; `state_dict` / `load_state_dict` move the whole codebook
+to another copy of the model (what an lm ledger records, ledger/edits.py).
 """
 
 from __future__ import annotations
@@ -39,7 +43,7 @@ import torch
 from torch import nn
 
 from lifelong.edit.base import EditRequest, Editor, fit_target, target_batch, target_nll
-from lifelong.families.lm import ffn_out, frozen, linear_weight, resolve_layer, swap_module
+from lifelong.families.lm import ffn_out, frozen, linear_weight, resolve_layer
 
 
 @dataclass(frozen=True)
@@ -52,25 +56,27 @@ class Params:
 
 
 class GraceCodebook(nn.Module):
-    """Wraps a projection: positions whose input falls inside a key's ball output that key's value."""
+    """A projection's codebook: positions whose input falls inside a key's ball output that key's value.
 
-    def __init__(self, inner: nn.Module, d_in: int, d_out: int) -> None:
+    Attached to the projection as a child (`proj.grace`) and applied to its output by a forward hook, so
+    the model's parameter names stay those of the plain model (a ledger's weight patches still fit)."""
+
+    def __init__(self, d_in: int, d_out: int, device=None) -> None:
         super().__init__()
-        self.inner = inner
-        ref = inner.weight
-        self.register_buffer("keys", ref.new_zeros(0, d_in, dtype=torch.float32))      # (K, d_in)
-        self.register_buffer("values", ref.new_zeros(0, d_out, dtype=torch.float32))   # (K, d_out)
-        self.register_buffer("radii", ref.new_zeros(0, dtype=torch.float32))           # (K,)
+        self.register_buffer("keys", torch.zeros(0, d_in, device=device))      # (K, d_in) float32
+        self.register_buffer("values", torch.zeros(0, d_out, device=device))   # (K, d_out) float32
+        self.register_buffer("radii", torch.zeros(0, device=device))           # (K,) float32
         self.labels: list[tuple[int, ...]] = []  # each key's target token ids
         self.training_value: tuple[int, nn.Parameter] | None = None  # (slot, value) while it trains
+        self.active = True        # False: the projection runs as without the codebook
         self.record = False       # when True, forward keeps its input in `last_input`
         self.last_input: torch.Tensor | None = None
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        out = self.inner(x)  # (B, T, d_out)
+    def forward(self, x: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
+        """x: the projection's input (B, T, d_in); out: its own output (B, T, d_out)."""
         if self.record:
             self.last_input = x.detach()
-        if len(self.keys) == 0:
+        if len(self.keys) == 0 or not self.active:
             return out
         values = self.values
         if self.training_value is not None:  # splice the trainable vector in, so gradients reach it
@@ -96,15 +102,6 @@ class GraceCodebook(nn.Module):
         return len(self.labels) - 1
 
 
-
-
-
-
-
-
-
-
-
 class GRACE(Editor):
     name = "grace"
     Params = Params
@@ -116,11 +113,14 @@ class GRACE(Editor):
         self.layer = resolve_layer(model, params.layer, 0.85)
         self.original = ffn_out(model, self.layer)
         self.codebook: GraceCodebook | None = None  # installed by the first apply
+        self._hook = None
 
     def _install(self) -> GraceCodebook:
         d_out, d_in = linear_weight(self.original).shape
-        self.codebook = GraceCodebook(self.original, d_in, d_out)
-        swap_module(self.model, self.original, self.codebook)
+        self.codebook = GraceCodebook(d_in, d_out, device=self.original.weight.device)
+        self.original.grace = self.codebook
+        # the hook reads the module it runs on (not self), so a deep copy of the model keeps its own codebook
+        self._hook = self.original.register_forward_hook(lambda m, args, out: m.grace(args[0], out))
         return self.codebook
 
     def apply(self, request: EditRequest) -> dict:
@@ -139,7 +139,9 @@ class GRACE(Editor):
             book.record = False
             query = book.last_input[0, key_pos].float()   # (d_in,)
             book.last_input = None
-            warm = book.inner(query[None].to(book.inner.weight.dtype))[0]  # the layer's own output
+            book.active = False
+            warm = self.original(query[None].to(self.original.weight.dtype))[0]  # the layer's own output
+            book.active = True
 
         # --- codebook maintenance (GRACE's add / expand / split) ---
         nearest_dist, split = -1.0, 0.0
@@ -179,5 +181,41 @@ class GRACE(Editor):
 
     def reset(self) -> None:
         if self.codebook is not None:
-            swap_module(self.model, self.codebook, self.original)
-            self.codebook = None
+            self._hook.remove()
+            del self.original.grace
+            self._hook, self.codebook = None, None
+
+    # ------------------------------------------------------------------ state (a ledger records it)
+
+    def state_dict(self) -> dict[str, torch.Tensor]:
+        """Everything the codebook holds (keys, values, radii, labels; empty before the first edit) and its
+        layer: `load_state_dict` on an editor of a fresh model gives a model that answers bit-identically."""
+        book = self.codebook
+        d_out, d_in = linear_weight(self.original).shape
+        labels = book.labels if book is not None else []
+        return {
+            "layer": torch.tensor(self.layer),
+            "keys": book.keys.detach().cpu().clone() if book is not None else torch.zeros(0, d_in),
+            "values": book.values.detach().cpu().clone() if book is not None else torch.zeros(0, d_out),
+            "radii": book.radii.detach().cpu().clone() if book is not None else torch.zeros(0),
+            "labels": torch.tensor([t for label in labels for t in label], dtype=torch.long),  # concatenated
+            "label_lengths": torch.tensor([len(label) for label in labels], dtype=torch.long),
+        }
+
+    def load_state_dict(self, state: dict[str, torch.Tensor]) -> None:
+        """Replace the codebook (if any) by the one `state` holds; later edits continue from it."""
+        layer = int(state["layer"])
+        if layer != self.layer:
+            raise ValueError(f"grace: the codebook sits at layer {layer}, this editor edits layer {self.layer} "
+                             f"(give layer={layer} to continue it)")
+        self.reset()
+        lengths = state["label_lengths"].tolist()
+        if not lengths:
+            return
+        book = self._install()
+        device = book.keys.device
+        book.keys, book.values, book.radii = (state[k].to(device=device, dtype=torch.float32).clone()
+                                              for k in ("keys", "values", "radii"))
+        flat = state["labels"].tolist()
+        starts = [sum(lengths[:i]) for i in range(len(lengths))]
+        book.labels = [tuple(flat[s:s + n]) for s, n in zip(starts, lengths)]

@@ -25,6 +25,9 @@ Llama), so a neuron whose pre-activation is negative adds exactly 0 (a memory in
 model's output bit for bit); value init 0 (the paper draws it at random), scaled by `amplify` as the
 paper's amplification factor; memory of 2000 corpus tokens instead of 40000 training-set states (the
 memory's FFN inputs cost a forward pass through the model on one CPU core).
+
+`state_dict` / `load_state_dict` move the neurons and the edit memory to another copy of the model (what
+an lm ledger records, ledger/edits.py).
 """
 
 from __future__ import annotations
@@ -165,6 +168,38 @@ class TPatcher(Editor):
         self._hook, self.patches = None, None
         self._edit_memory = []  # earlier edits leave the memory too
 
+    # ------------------------------------------------------------------ state (a ledger records it)
+
+    def state_dict(self) -> dict[str, torch.Tensor]:
+        """The neurons (keys, biases, values; none before the first edit), their layer, and the earlier
+        edits' FFN inputs the next neuron must stay silent on: `load_state_dict` on an editor of a fresh
+        model gives a model that answers bit-identically, and later edits continue as this editor would."""
+        width = self.model.config.hidden_size
+        empty = torch.zeros(0, width)
+        patches = self.patches
+        return {
+            "layer": torch.tensor(self.layer),
+            "keys": patches.keys.detach().cpu().clone() if patches is not None else empty,
+            "biases": patches.biases.detach().cpu().clone() if patches is not None else torch.zeros(0),
+            "values": patches.values.detach().cpu().clone() if patches is not None else empty,
+            "edit_memory": torch.cat(self._edit_memory).detach().cpu() if self._edit_memory else empty,  # (P, d)
+        }
+
+    def load_state_dict(self, state: dict[str, torch.Tensor]) -> None:
+        """Replace the neurons (if any) by those `state` holds; later edits continue from them."""
+        layer = int(state["layer"])
+        if layer != self.layer:
+            raise ValueError(f"t_patcher: the neurons sit in layer {layer}'s FFN, this editor edits layer "
+                             f"{self.layer} (give layer={layer} to continue them)")
+        self.reset()
+        if len(state["keys"]) == 0:
+            return
+        self._attach()
+        for name in ("keys", "biases", "values"):
+            setattr(self.patches, name, state[name].to(self._device).clone())
+        memory = state["edit_memory"]
+        self._edit_memory = [memory.to(self._device).clone()] if len(memory) else []
+
     # ------------------------------------------------------------------ pieces
 
     def _attach(self) -> None:
@@ -174,7 +209,8 @@ class TPatcher(Editor):
         param = next(self.ffn.parameters())
         self.patches = PatchNeurons(width).to(device=param.device, dtype=param.dtype)
         self.ffn.t_patcher = self.patches
-        self._hook = self.ffn.register_forward_hook(lambda _m, args, out: out + self.patches(args[0]))
+        # the hook reads the module it runs on (not self), so a deep copy of the model keeps its own neurons
+        self._hook = self.ffn.register_forward_hook(lambda m, args, out: out + m.t_patcher(args[0]))
 
     def ffn_inputs_at_targets(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
         """(P, d): the FFN's inputs at the positions whose logits predict target tokens. Patches never

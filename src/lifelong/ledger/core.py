@@ -6,8 +6,9 @@
     DIR/base/weights.safetensors       only when the base was initialised from a weights file
     DIR/changes/0001/patch.safetensors the change's additive patch (see patch.py)
     DIR/changes/0001/method_state.safetensors
-                                       the method's state after the change (Fisher, anchors, ...),
-                                       keyed `<method>/<name>`: what the next change of that method continues from
+                                       the method's state after the change (Fisher, anchors, a GRACE
+                                       codebook, T-Patcher neurons...), keyed `<method>/<name>`: what the
+                                       next change of that method continues from
     DIR/pending/                       a change in progress: its spec, probe scores before it, and the
                                        last training checkpoint (`lifelong resume DIR` continues it)
 
@@ -15,8 +16,10 @@ The model family decides the base and the changes: a `vlm` ledger (a CLIP-style 
 `learn` changes probed by image test sets (probes.py); an `lm` ledger (a causal LM) takes `edit`
 changes probed by the edits in effect and held-out facts (edits.py). Both record `revert` changes.
 
-The current model is the base plus every patch in order. Nothing is rewritten in place: a revert is a
-new change whose patch undoes the reverted one. A change becomes part of the history at one atomic
+The current model is the base plus every patch in order (an lm ledger then re-attaches the modules of
+its module editors, GRACE and T-Patcher, from their latest states in effect). Nothing is rewritten in
+place: a revert is a new change whose patch undoes the reverted one (or, for a module editor, whose
+record takes the reverted state out of effect). A change becomes part of the history at one atomic
 write of the manifest, after its files are on disk; a crash before that leaves the previous history
 intact, and the pending directory lets the change continue.
 """
@@ -174,10 +177,26 @@ class Ledger:
         for c in reversed(self.changes):
             if (before is not None and c["id"] >= before) or c["id"] in gone or method not in c.get("method_states", ()):
                 continue
-            state = load_tensors(check_file(self.root, self._entry(c["id"], "method_state.safetensors")))
-            prefix = f"{method}/"
-            return {k.removeprefix(prefix): v for k, v in state.items() if k.startswith(prefix)}
+            return self.state_of(c["id"], method)
         return {}
+
+    def state_of(self, n: int, method: str) -> dict[str, torch.Tensor]:
+        """The state change `n` recorded for `method`."""
+        state = load_tensors(check_file(self.root, self._entry(n, "method_state.safetensors")))
+        prefix = f"{method}/"
+        return {k.removeprefix(prefix): v for k, v in state.items() if k.startswith(prefix)}
+
+    def module_states(self, upto: int | None = None) -> dict[str, int]:
+        """An lm ledger's module editors (GRACE, T-Patcher) in effect after change `upto` (all when None):
+        method -> the id of its latest change in effect then, whose recorded state holds all it added."""
+        gone = {c["reverts"] for c in self.changes if c.get("reverts") and (upto is None or c["id"] <= upto)}
+        latest: dict[str, int] = {}
+        for c in self.changes:
+            if upto is not None and c["id"] > upto:
+                break
+            if c["id"] not in gone:
+                latest.update((method, c["id"]) for method in c.get("method_states", ()))
+        return latest
 
     def materialize(self, upto: int | None = None):
         """Base + the patches of every change with id <= `upto` (all when None): the model at that point."""
@@ -185,10 +204,27 @@ class Ledger:
 
     def materialize_lm(self, upto: int | None = None):
         """An lm ledger's (model, tokenizer) after change `upto` (all changes when None)."""
+        model, tokenizer, _ = self.materialize_lm_editors(upto)
+        return model, tokenizer
+
+    def materialize_lm_editors(self, upto: int | None = None):
+        """(model, tokenizer, {method: editor}) of an lm ledger after change `upto`: base + every weight patch
+        in order, then each module editor in effect re-attached with the state of its latest change in
+        effect (`module_states`); the editors hold those modules (their `reset` takes them off)."""
         if self.family != "lm":
             raise LedgerError(f"{self.root} is a {self.family} ledger, not an lm ledger")
         model, tokenizer = self._base()
-        return self._patched(model, upto), tokenizer
+        self._patched(model, upto)
+        editors = {method: self.attach(model, tokenizer, method, n) for method, n in self.module_states(upto).items()}
+        return model, tokenizer, editors
+
+    def attach(self, model, tokenizer, method: str, n: int):
+        """An editor of `method` (with change n's knobs) on `model`, holding the state change `n` recorded."""
+        from lifelong.edit import build_editor
+
+        editor = build_editor(method, model, tokenizer, self.change(n)["knobs"])
+        editor.load_state_dict(self.state_of(n, method))
+        return editor
 
     def _patched(self, model, upto: int | None):
         for c in self.changes:
@@ -222,6 +258,7 @@ class Ledger:
         record["files"] = [file_entry(self.root, p.relative_to(self.root).as_posix()) for p in (patch_path, state_path)]
         record["method_states"] = sorted(method_states)
         record["cost"]["patch_bytes"] = patch_path.stat().st_size
+        record["cost"]["state_bytes"] = state_path.stat().st_size
         record["created"] = _now()
         manifest = copy.deepcopy(self.manifest)
         manifest["probes"].extend(p.to_dict() for p in new_probes)

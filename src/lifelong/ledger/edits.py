@@ -1,23 +1,33 @@
-"""The changes of an lm ledger: knowledge edits of a causal LM, each recorded as one reversible patch.
+"""The changes of an lm ledger: knowledge edits of a causal LM, each recorded as one reversible change.
 
     lifelong init DIR --family lm                   base model + its probes (probes.lm_probes)
     lifelong edit --ledger DIR --method ft_l ...    one `edit` change: every request applied in order
 
 An edit change applies its requests in sequence (the lifelong protocol) to the ledger's current model
-and records: the method and its resolved knobs, the requests, the patch, the cost (wall time, the
-editor's preparation and edit time, peak RSS, the numbers in the patch, patch bytes), the scores of its
+and records: the method and its resolved knobs, the requests, the patch (or module state), the cost
+(wall time, the editor's preparation and edit time, peak RSS, the numbers in the patch or state, their
+bytes), the scores of its
 own requests before and after (`own_before`, `own_after`: every metric of `score_requests`, locality
 judged against the model just before the change, whose greedy answers fill probes given without
 one), and the ledger's probes before and after, where "edits in effect" covers the earlier edits.
 
-Only editors that change weights in place are recorded: ft_l, rome, mend (dense deltas of the matrices
-they wrote) and lora (peft's factors, B @ A). Their patch is additive like any other, so materialize,
-revert (the negated patch) and export need nothing new. grace, wise and t_patcher add modules with
-state of their own (a codebook, side memories, neurons), which an additive weight patch cannot hold:
-they are refused.
+Weight editors change weights in place: ft_l, rome, mend (dense deltas of the matrices they wrote) and
+lora (peft's factors, B @ A). Their patch is additive like any other, so materialize, revert (the
+negated patch) and export need nothing new.
 
-A revert of an edit subtracts its patch: exact when no later edit is in effect; with later edits in
+Module editors add a module with state of its own: grace (a codebook at one layer) and t_patcher
+(neurons added to one FFN). Their change records an empty patch and the editor's state after it
+(`state_dict`: everything the module holds, in the change's method_state.safetensors), accumulated: a
+change continues from the state of the latest change in effect of the same method, so a second grace
+change adds to the first one's codebook. The model is the base plus every weight patch, then each
+module editor re-attached with the state of its latest change in effect (`Ledger.materialize_lm`).
+Such a model cannot be saved as a plain transformers folder: export is refused while one is in effect.
+wise (side memories and a router) is still refused.
+
+A revert of a weight edit subtracts its patch: exact when no later edit is in effect; with later edits in
 effect it is the task-arithmetic approximation (they were made on top of it; the record says which).
+A revert of a module edit puts back the state of the method's previous change in effect; a change that
+later changes of the same method continued from can only be reverted after them.
 """
 
 from __future__ import annotations
@@ -36,7 +46,8 @@ from lifelong.ledger.probes import lm_probes, run_fact_probes, without_locality
 from lifelong.ledger.store import LedgerLock
 from lifelong.metrics.cost import PeakMemory, count_parameters
 
-WEIGHT_EDITORS = ("ft_l", "rome", "mend", "lora")  # what an edit change can record
+WEIGHT_EDITORS = ("ft_l", "rome", "mend", "lora")  # recorded as an additive weight patch
+MODULE_EDITORS = ("grace", "t_patcher")  # recorded as their editor's state (a codebook, neurons)
 
 
 def create_lm_ledger(root: str | Path, name: str = "embedded", heldout_items: int = 50, seed: int = 0,
@@ -56,10 +67,10 @@ def check_editor(method: str, knobs: dict | None) -> None:
     from lifelong.edit import editor_class, editor_params
 
     editor_class(method)  # an unknown name fails here, listing the editors
-    if method not in WEIGHT_EDITORS:
-        raise LedgerError(f"{method} adds modules with their own state to the model, which a ledger's additive patch "
-                          f"cannot hold; a ledger records the weight editors: {', '.join(WEIGHT_EDITORS)} "
-                          f"(or run `lifelong edit --method {method}` without --ledger)")
+    if method not in WEIGHT_EDITORS + MODULE_EDITORS:
+        raise LedgerError(f"{method} adds modules with their own state to the model, which a ledger cannot hold yet; "
+                          f"a ledger records the weight editors: {', '.join(WEIGHT_EDITORS)} and the module editors: "
+                          f"{', '.join(MODULE_EDITORS)} (or run `lifelong edit --method {method}` without --ledger)")
     editor_params(method, knobs)
 
 
@@ -78,7 +89,7 @@ def edit(root: str | Path, method: str, requests: list, knobs: dict | None = Non
     with LedgerLock(root, "lifelong edit"):
         ledger = Ledger.open(root)
         t_start = time.perf_counter()
-        model, tokenizer = ledger.materialize_lm()
+        model, tokenizer, attached = ledger.materialize_lm_editors()
         requests = with_answers(model, tokenizer, requests)
         base = base_predictions(model, tokenizer, requests)  # f_{k-1}: what the edits' locality is judged against
         earlier = edits_in_effect(ledger)
@@ -91,12 +102,21 @@ def edit(root: str | Path, method: str, requests: list, knobs: dict | None = Non
             # only editors that learn to edit (MEND) need training requests; none are built for the others
             learns = editor_class(method).prepare is not Editor.prepare
             editor = make_editor(method, model, tokenizer, knobs, train_requests if learns else [])
+            if method in attached:  # continue the codebook / neurons of the method's latest change
+                continue_from(attached.pop(method), editor)
             t1 = time.perf_counter()
             stats = [editor.apply(r) for r in requests]
             t2 = time.perf_counter()
-        patch = patch_from_model(model, params)
-        editor.reset()  # f_{k-1} again (bit-identical, the editors' contract); then the recorded patch on it,
-        apply_patch(model, patch, where=f"change {ledger.next_id()}")  # so the scores are of the recorded model
+        if method in MODULE_EDITORS:
+            patch, states = {}, {method: editor.state_dict()}
+            editor.reset()  # then the recorded state on f_{k-1}, so the scores are of the recorded model
+            editor.load_state_dict(states[method])
+            size = sum(t.numel() for t in states[method].values())
+        else:
+            patch, states = patch_from_model(model, params), {}
+            editor.reset()  # f_{k-1} again (bit-identical, the editors' contract); then the recorded patch on it,
+            apply_patch(model, patch, where=f"change {ledger.next_id()}")  # so the scores are of the recorded model
+            size = patch_numel(patch)
 
         own_after = score_requests(model, tokenizer, requests, base)
         after = run_fact_probes(model, tokenizer, ledger.probes, earlier)
@@ -115,31 +135,54 @@ def edit(root: str | Path, method: str, requests: list, knobs: dict | None = Non
             "probes_after": after,
             "cost": {"prepare_seconds": t1 - t0, "edit_seconds": t2 - t1, "train_seconds": t2 - t0,
                      "wall_seconds": time.perf_counter() - t_start, "peak_rss_mb": memory.peak_mb,
-                     "trainable_params": patch_numel(patch), "total_params": count_parameters(model)[1]},
+                     "trainable_params": size, "total_params": count_parameters(model)[1]},
         }
-        return ledger.commit(record, patch, {})
+        return ledger.commit(record, patch, states)
 
 
 def revert_edit(ledger: Ledger, n: int, strategy: str) -> int:
-    """Record a change that subtracts edit change `n` (the caller holds the lock); its id."""
+    """Record a change that takes edit change `n` out (the caller holds the lock); its id.
+
+    A weight edit: its negated patch. A module edit: the method's state of its previous change in effect
+    (none: the module is taken off), refused while later changes of the method that continued from it
+    are in effect."""
+    change = ledger.change(n)
+    method = change["method"]
+    module = method in change.get("method_states", ())
     if strategy == "replay":
-        raise LedgerError(f"change {n} is an edit: it is reverted by subtracting its patch (--strategy subtract or "
+        how = f"putting {method}'s previous state back" if module else "subtracting its patch"
+        raise LedgerError(f"change {n} is an edit: it is reverted by {how} (--strategy subtract or "
                           "auto); replay retrains learn changes")
+    gone = ledger.reverted_ids()
+    later = [c["id"] for c in ledger.changes if c["id"] > n and c["id"] not in gone and c["kind"] == "edit"]
+    built_on = [i for i in later if method in ledger.change(i).get("method_states", ())]
+    if module and built_on:
+        order = ", ".join(str(i) for i in reversed(built_on))
+        raise LedgerError(f"change {n} is a {method} edit that later {method} change(s) {', '.join(map(str, built_on))} "
+                          f"continued from (each holds its predecessors' {method} state plus its own): revert "
+                          f"{'them' if len(built_on) > 1 else 'it'} first ({order}, latest first), then change {n}")
     t_start = time.perf_counter()
-    model, tokenizer = ledger.materialize_lm()
-    target = requests_of(ledger.change(n))
+    model, tokenizer, attached = ledger.materialize_lm_editors()
+    target = requests_of(change)
     others = edits_in_effect(ledger, exclude=n)
     own_before = _score(model, tokenizer, target)
     before = run_fact_probes(model, tokenizer, ledger.probes, others)
     with PeakMemory() as memory:
-        patch = negate(ledger.patch(n))
-        apply_patch(model, patch, where=f"revert of change {n}")
-    later = [c["id"] for c in ledger.changes if c["id"] > n and c["id"] not in ledger.reverted_ids() and c["kind"] == "edit"]
+        if module:
+            patch = {}
+            attached.pop(method).reset()
+            previous = [c["id"] for c in ledger.changes
+                        if c["id"] < n and c["id"] not in gone and method in c.get("method_states", ())]
+            if previous:
+                ledger.attach(model, tokenizer, method, previous[-1])
+        else:
+            patch = negate(ledger.patch(n))
+            apply_patch(model, patch, where=f"revert of change {n}")
     record = {
         "id": ledger.next_id(),
         "kind": "revert",
         "reverts": n,
-        "strategy": "subtract",
+        "strategy": "restore" if module else "subtract",  # restore: the method's previous state back in effect
         "replayed": [],
         "exact": not later,  # False: later edits in effect were made on top of change n
         "method": "-",
@@ -161,6 +204,12 @@ def export_lm(ledger: Ledger, out: str | Path, upto: int | None = None) -> Path:
     out = Path(out)
     if out.exists() and (not out.is_dir() or any(out.iterdir())):
         raise ConfigError(f"cannot export into {out}: it exists and is not an empty folder")
+    modules = ledger.module_states(upto)
+    if modules:
+        held = ", ".join(f"{method} (change {n})" for method, n in modules.items())
+        raise LedgerError(f"the model {f'after change {upto}' if upto is not None else 'now'} holds modules that a "
+                          f"transformers folder cannot: {held}; revert those changes (or export an earlier "
+                          "change with --upto) to export the weights alone")
     model, tokenizer = ledger.materialize_lm(upto)
     model.save_pretrained(out)
     tokenizer.save_pretrained(out)
@@ -168,6 +217,17 @@ def export_lm(ledger: Ledger, out: str | Path, upto: int | None = None) -> Path:
 
 
 # ----------------------------------------------------------------------------- pieces
+
+def continue_from(old, new) -> None:
+    """Move a module editor's state from `old` (re-attached by materialize) to `new` (this change's knobs)."""
+    state = old.state_dict()
+    old.reset()
+    try:
+        new.load_state_dict(state)
+    except ValueError as e:
+        raise LedgerError(f"{e}: the {new.name} changes in effect hold one {new.name} state, which this change "
+                          "continues") from None
+
 
 def requests_of(change: dict) -> list:
     from lifelong.edit.requests import request_from_dict

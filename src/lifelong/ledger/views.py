@@ -49,7 +49,8 @@ def log_rows(ledger: Ledger) -> list[dict]:
             "seconds": c["cost"]["wall_seconds"],
             "peak_rss_mb": c["cost"]["peak_rss_mb"],
             "trainable_params": c["cost"]["trainable_params"],
-            "patch_bytes": c["cost"]["patch_bytes"],
+            # a module editor's change (GRACE, T-Patcher) stores its module's state instead of a weight patch
+            "patch_bytes": c["cost"]["state_bytes" if c["kind"] == "edit" and c.get("method_states") else "patch_bytes"],
         })
     return rows
 
@@ -139,9 +140,12 @@ def format_change(ledger: Ledger, n: int) -> str:
     cost = c["cost"]
     spent = (f"{cost['prepare_seconds']:.1f} s preparing the editor, {cost['edit_seconds']:.1f} s editing"
              if c["kind"] == "edit" else f"{cost['train_seconds']:.1f} s training")
-    changed = "numbers in the patch" if c["kind"] == "edit" else "trainable params"
+    module = c["kind"] == "edit" and c.get("method_states")  # a module editor (GRACE, T-Patcher): its state
+    changed = "trainable params" if c["kind"] != "edit" else "numbers in its module's state" if module else \
+        "numbers in the patch"
+    stored = f"state {cost['state_bytes']:,} bytes" if module else f"patch {cost['patch_bytes']:,} bytes"
     lines.append(f"  cost       {cost['wall_seconds']:.1f} s wall ({spent}), peak RSS "
-                 f"{cost['peak_rss_mb']:.0f} MiB, {cost['trainable_params']:,} {changed}, patch {cost['patch_bytes']:,} bytes")
+                 f"{cost['peak_rss_mb']:.0f} MiB, {cost['trainable_params']:,} {changed}, {stored}")
     if "own_before" in c:
         whose = "its own requests" if c["kind"] == "edit" else f"change {c['reverts']}'s requests"
         lines.append(f"  scores     on {whose} (token-level %, EasyEdit), before -> after")
