@@ -4,7 +4,8 @@
 dynamic threshold, and heap trimming), so every training step's activation and gradient tensors are
 page-faulted in afresh: on the demo's training step that was 1.8M minor page faults per 60 steps and
 ~30% of the step time (benchmarks/cpu_efficiency.py records it). Keeping freed memory in the heap
-removes it; the cost is that the process holds on to its peak heap. The same effect as starting
+removes it; the cost is that the process holds on to its peak heap (`trim_heap` gives it back, as
+`metrics.cost.PeakMemory` does before every measured block). The same effect as starting
 Python with MALLOC_MMAP_THRESHOLD_/MALLOC_TRIM_THRESHOLD_ set, applied from inside the process.
 Linux/glibc only (elsewhere a no-op); `LIFELONG_MALLOC=default` turns it off.
 """
@@ -35,3 +36,13 @@ def tune_allocator(mmap_threshold: int = 1 << 30, trim_threshold: int = 1 << 30,
              ((M_MMAP_THRESHOLD, mmap_threshold), (M_TRIM_THRESHOLD, trim_threshold), (M_TOP_PAD, top_pad)))
     _tuned = ok
     return ok
+
+
+def trim_heap() -> None:
+    """Return the heap's free memory to the system (glibc malloc_trim); a no-op elsewhere."""
+    if not sys.platform.startswith("linux"):
+        return
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):
+        pass

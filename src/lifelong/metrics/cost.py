@@ -66,7 +66,9 @@ class PeakMemory:
     once used more memory before the block, they cannot see the block's own peak. So a background
     thread samples the current RSS every ``interval_s`` (default 20 ms) from /proc/self/statm.
     A spike shorter than the interval can fall between samples; on exit, if VmHWM rose during the
-    block, that rise was the block's peak and is used exactly.
+    block, that rise was the block's peak and is used exactly. On entry the heap's free memory is
+    returned to the system (`runtime.trim_heap`): the tuned allocator keeps freed memory, which would
+    otherwise count towards the next block's baseline and peak.
 
     After the block: ``baseline_mb`` (RSS at entry), ``peak_mb`` (peak RSS during the block) and
     ``delta_mb`` (peak - baseline, the memory the block added). Without /proc (macOS), no sampling
@@ -100,6 +102,9 @@ class PeakMemory:
             self._sample()
 
     def __enter__(self) -> PeakMemory:
+        from lifelong.runtime import trim_heap
+
+        trim_heap()  # freed memory an earlier block left in the heap (runtime.tune_allocator) is not this block's
         baseline = _rss_bytes()
         self._hwm_at_entry = _vm_hwm_bytes()
         if baseline is not None:
