@@ -17,8 +17,9 @@ and taskset to measure one core):
    `groups` in convolution_backward and would count a depthwise backward 192x too high). The median
    step time gives GFLOP/s and the fraction of the peak; minor page faults per step are recorded.
 3. **Where the time goes**: `torch.profiler` over `--profile-steps` steps, the self CPU time of every
-   op grouped into convolution / depthwise convolution / matmul / optimizer / normalisation and
-   activation / other, plus the top ops. And, for the methods of the demo whose per-task work is not
+   op grouped into convolution / matmul / optimizer / normalisation and activation / other, plus the
+   top ops; and every convolution of the trunk alone (forward + backward on its real input), in
+   GFLOP/s. And, for the methods of the demo whose per-task work is not
    a training step (EWC's Fisher, LwF's teacher logits), the time of that work on one task, against
    the time of the task's 100 steps.
 
@@ -68,6 +69,40 @@ def matmul_peak(sizes=(512, 1024, 2048), repeats: int = 5) -> dict:
             best = min(best, time.perf_counter() - t0)
         out[str(n)] = 2 * n**3 / best / 1e9
     return out
+
+
+def conv_layers(model, stem_batch: torch.Tensor, repeats: int = 20) -> list[dict]:
+    """Each convolution of the image trunk alone: median forward + backward time on the input it gets
+    in the model (same shape and memory layout), and its GFLOP/s (3x the forward FLOPs)."""
+    inputs = {}
+    def keep(name):
+        def hook(_module, args, _output):
+            inputs.setdefault(name, args[0].detach())  # returns None: the output is left as it is
+        return hook
+
+    hooks = [m.register_forward_hook(keep(name)) for name, m in model.image_trunk.named_modules()
+             if isinstance(m, torch.nn.Conv2d)]
+    with torch.no_grad():
+        model.image_trunk(stem_batch)
+    for h in hooks:
+        h.remove()
+    rows = []
+    for name, conv in model.image_trunk.named_modules():
+        if name not in inputs:
+            continue
+        x = inputs[name].clone().requires_grad_(True)
+        out = conv(x)
+        grad = torch.ones_like(out)
+        forward = 2 * out.numel() * conv.weight[0].numel()  # per output: in/groups * kh * kw multiply-adds
+        times = []
+        for _ in range(repeats + 2):
+            t0 = time.perf_counter()
+            torch.autograd.grad(conv(x), [x, conv.weight], grad)
+            times.append(time.perf_counter() - t0)
+        median = statistics.median(times[2:])
+        rows.append({"name": name, "kernel": conv.kernel_size[0], "groups": conv.groups, "input": list(x.shape),
+                     "ms": median * 1e3, "gflops": 3 * forward / median / 1e9})
+    return rows
 
 
 def op_category(name: str) -> str:
@@ -166,6 +201,11 @@ def main(argv: list[str] | None = None) -> int:
     for e in top:
         print(f"  {e.key:45s} {100 * e.self_cpu_time_total / total_self:5.1f}%  calls {e.count}")
 
+    layers = conv_layers(model, data.inputs[order[0]])
+    print("trunk convolutions alone, forward + backward (input and weight gradients) on their real inputs:")
+    for row in layers:
+        print(f"  {row['name']:28s} k{row['kernel']} groups {row['groups']:5d}  {row['ms']:6.2f} ms  {row['gflops']:6.1f} GFLOP/s")
+
     # per-task work outside the steps: EWC's Fisher and LwF's teacher logits, on this task
     extra = {}
     for name in ("ewc", "lwf"):
@@ -196,6 +236,7 @@ def main(argv: list[str] | None = None) -> int:
         "profile": {"steps": args.profile_steps, "self_cpu_share_percent": share,
                     "top_ops": [{"op": e.key, "self_percent": 100 * e.self_cpu_time_total / total_self, "calls": e.count}
                                 for e in top]},
+        "conv_layers": layers,
         "per_task_work_seconds": extra,
     }
     atomic_write_json(args.out, result)

@@ -51,3 +51,16 @@ def test_layers_without_a_closed_form_fall_back_to_vmap(tiny_model, tiny_stream,
     with pytest.raises(ValueError, match="vmap"):
         data = task_data(tiny_stream, tiny_stem, 0)
         diagonal_fisher(tiny_model, data.inputs[:2], data.targets[:2], data.class_names, method="closed_form")
+
+
+@pytest.mark.parametrize("mode", ["exact", "empirical"])
+def test_closed_form_fisher_matches_vmap_on_a_two_class_mlp(mode):
+    """The peer benchmark's case: Linear layers without a sequence axis, 2 classes per task, and the
+    class side a classifier's head rows."""
+    from test_classifier import tiny_mlp
+
+    model = tiny_mlp()
+    model.add_classes(("a", "b", "c"))
+    model.default_trainable()
+    x, y = torch.randn(7, 64), torch.tensor([0, 1, 0, 1, 1, 0, 1])
+    assert_same_fisher(model, x, y, ("a", "b"), mode)

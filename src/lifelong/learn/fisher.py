@@ -158,13 +158,13 @@ class LayerFisher:
     M_n[o] = sum_c D_nc[o]^T D_nc[o] (L x L): one batched matmul for the Gram matrices and one matmul
     over (n, s, t) per chunk, instead of forming and squaring B x C per-sample gradients. Used while
     L <= MAX_POSITIONS and the layer runs once per forward pass (a Linear without a sequence axis has
-    L = 1: (sum_c D^2)^T (A^2)) and there are at least MIN_CLASSES output gradients per sample;
-    otherwise, and for grouped convolutions, whose per-channel products are cheap, the G_nc are formed
-    and squared.
+    L = 1: (sum_c D^2)^T (A^2), always the cheaper way) and, for L > 1, there are at least MIN_CLASSES
+    output gradients per sample; otherwise, and for grouped convolutions, whose per-channel products
+    are cheap, the G_nc are formed and squared.
     """
 
     MAX_POSITIONS = 16  # a 4 x 4 feature map
-    MIN_CLASSES = 3  # with fewer output gradients per sample, forming the G_nc is cheaper
+    MIN_CLASSES = 3  # with fewer output gradients per sample (and L > 1), forming the G_nc is cheaper
 
     def __init__(self, module: nn.Module, inputs: list[torch.Tensor], n_classes: int):
         self.module = module
@@ -172,9 +172,10 @@ class LayerFisher:
         self.sums: dict[str, torch.Tensor] = {}
         self.q, self.deltas = None, []
         dense = isinstance(module, nn.Linear) or (isinstance(module, nn.Conv2d) and module.groups == 1)
-        if "weight" in self.trains and dense and len(inputs) == 1 and n_classes >= self.MIN_CLASSES:
+        if "weight" in self.trains and dense and len(inputs) == 1:
             cols = _columns(module, inputs[0])  # (B, in, L)
-            if cols.shape[-1] <= self.MAX_POSITIONS:
+            L = cols.shape[-1]
+            if L == 1 or (L <= self.MAX_POSITIONS and n_classes >= self.MIN_CLASSES):
                 self.q = torch.einsum("bis,bit->bsti", cols, cols).reshape(-1, cols.shape[1])  # (B L L, in)
         self.rest = self.trains - ({"weight"} if self.q is not None else set())
         self.pre = [_precompute(module, a, self.rest) for a in inputs] if self.rest else None
