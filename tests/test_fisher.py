@@ -53,14 +53,17 @@ def test_layers_without_a_closed_form_fall_back_to_vmap(tiny_model, tiny_stream,
         diagonal_fisher(tiny_model, data.inputs[:2], data.targets[:2], data.class_names, method="closed_form")
 
 
+@pytest.mark.parametrize("frozen_backbone", [False, True])
 @pytest.mark.parametrize("mode", ["exact", "empirical"])
-def test_closed_form_fisher_matches_vmap_on_a_two_class_mlp(mode):
-    """The peer benchmark's case: Linear layers without a sequence axis, 2 classes per task, and the
-    class side a classifier's head rows."""
+def test_closed_form_fisher_matches_vmap_on_a_two_class_mlp(mode, frozen_backbone):
+    """The peer benchmark's cases: Linear layers without a sequence axis, 2 classes per task, the
+    class side a classifier's head rows; and a frozen backbone, where only the head trains."""
     from test_classifier import tiny_mlp
 
     model = tiny_mlp()
     model.add_classes(("a", "b", "c"))
     model.default_trainable()
+    if frozen_backbone:  # only the head trains (the peer benchmark's frozen feature extractor)
+        model.backbone.requires_grad_(False)
     x, y = torch.randn(7, 64), torch.tensor([0, 1, 0, 1, 1, 0, 1])
     assert_same_fisher(model, x, y, ("a", "b"), mode)

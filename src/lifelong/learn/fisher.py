@@ -135,7 +135,7 @@ def _closed_form_chunk(model, layers, _image_names, fisher, class_emb, x, y, mod
     for c, w in weights:
         # d sqrt(w_n) log p(c_n | x_n) / d logits_n = sqrt(w_n) (e_{c_n} - p_n)
         cot = w.sqrt().unsqueeze(1) * (F.one_hot(c, logits.shape[1]).to(probs.dtype) - probs)
-        grads = iter(torch.autograd.grad(logits, outputs, grad_outputs=cot, retain_graph=True))
+        grads = iter(torch.autograd.grad(logits, outputs, grad_outputs=cot, retain_graph=True) if outputs else ())
         for name in layers:
             accumulators[name].add([next(grads) for _ in records[name]])
         # per-sample dlog p / dE for the class side: the logits' vjp w.r.t. E, one sample per batch entry
