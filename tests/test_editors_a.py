@@ -309,6 +309,51 @@ def test_wise_shards_merge_with_ties_and_edits_survive(tiny):
     assert len(wise.memory.copies()) == 2  # the merged memory and the new shard in progress
 
 
+@pytest.mark.parametrize("arch", ARCHS)
+def test_wise_state_round_trips_to_a_fresh_model_and_continues(tiny, arch):
+    """load_state_dict on a fresh model: the same logits bit for bit, and further edits (filling the shard,
+    drawing the next shard's mask, merging) continue exactly as the editor that made the first; reset is f_0."""
+    model, tok = tiny(arch)
+    probe = batch_of(tok, (EDIT.prompt, EDIT.target_new), UNRELATED, (EDIT2.prompt, EDIT2.target_new))
+    base = logits(model, probe)
+    modules = [(n, type(m)) for n, m in model.named_modules()]
+    names = [n for n, _ in model.named_parameters()]
+    wise = make("wise", model, tok, arch, shard_size=2, num_shards=2)
+    assert not bool(wise.state_dict()["installed"])  # nothing yet
+    wise.apply(EDIT)
+    assert [n for n, _ in model.named_parameters()] == names  # a hook, not a wrapper: the plain names
+    state = wise.state_dict()
+    assert int(state["layer"]) == wise.layer and state["current"].shape[0] == 1 and int(state["edits_in_shard"]) == 1
+
+    fresh, _ = tiny(arch)
+    again = make("wise", fresh, tok, arch, shard_size=2, num_shards=2)
+    again.load_state_dict(state)
+    assert torch.equal(logits(fresh, probe), logits(model, probe))
+    more = (EDIT2, EditRequest(prompt="The capital of Japan is", target_new=" Paris", subject="Japan"),
+            EditRequest(prompt="The capital of Italy is", target_new=" Berlin", subject="Italy"))
+    for request in more:  # the shard fills and is parked, a new shard draws its mask, the two merge
+        assert again.apply(request) == wise.apply(request)
+        assert torch.equal(logits(fresh, probe), logits(model, probe))
+    assert wise.memory.side is not None and wise.memory.current is None
+    done = wise.state_dict()
+    assert all(torch.equal(a, b) for a, b in zip(again.state_dict().values(), done.values()))
+
+    third, _ = tiny(arch)  # a merged memory round trips too
+    other = make("wise", third, tok, arch, shard_size=2, num_shards=2)
+    other.load_state_dict(done)
+    assert torch.equal(logits(third, probe), logits(model, probe))
+    again.load_state_dict(state)  # replaces the memory: back to one edit
+    assert len(again.memory.copies()) == 1 and again.memory.side is None
+    again.reset()
+    assert torch.equal(logits(fresh, probe), base)
+    assert [(n, type(m)) for n, m in fresh.named_modules()] == modules
+    assert not again.original._forward_hooks and not fresh._forward_pre_hooks
+    with pytest.raises(ValueError, match="give layer="):
+        make("wise", fresh, tok, arch, layer=0).load_state_dict(state)
+    with pytest.raises(ValueError, match="shard_size=1, num_shards=2 cannot continue it"):
+        make("wise", fresh, tok, arch, shard_size=1, num_shards=2).load_state_dict(state)
+
+
 def test_ties_merge_trims_elects_and_averages_the_agreeing():
     from lifelong.edit.wise import ties_merge
 

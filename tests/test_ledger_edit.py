@@ -23,6 +23,7 @@ FT_L = dict(layer=2, lr=0.05, norm_constraint=0.5)  # test_editors_a's knobs for
 LORA = dict(lr=0.02, steps=30)
 GRACE = dict(eps=0.05)  # test_editors_a's radius for the tiny Llama
 PATCHER = dict(memory_tokens=128, max_steps=10)
+WISE = dict(alpha=0.1, beta=2.0, gamma=1.5, n_prefixes=2, steps=40, lr=30.0, norm_constraint=5.0)  # test_editors_a's
 EDIT = EditRequest(prompt="The capital of France is", target_new=" Tokyo", subject="France",
                    paraphrases=("The capital city of France is",),
                    locality=(Probe("She said that the weather was nice", ""),))  # answer: the model's own
@@ -219,12 +220,63 @@ def test_t_patcher_edit_round_trips_beside_a_weight_edit(ledger_dir, base_folder
     assert not torch.equal(logits(exported, tok, MODULE_TEXT), f0)
 
 
-def test_bad_input_fails_clearly_and_records_nothing(ledger_dir, tmp_path, tiny_config):
+def test_wise_edits_accumulate_in_one_side_memory_and_revert_to_the_previous_state(ledger_dir, base_folder, tmp_path):
+    own, tok = build_lm(str(base_folder))  # the same two edits by the editor itself
+    f0 = logits(own, tok, MODULE_TEXT)
+    wise = editor_class("wise")(own, tok, editor_class("wise").Params(**WISE))
+    wise.apply(EDIT)
+    first = logits(own, tok, MODULE_TEXT)
+    wise.apply(EDIT2)
+    both = logits(own, tok, MODULE_TEXT)
+    assert not torch.equal(first, f0) and not torch.equal(both, first)
+
+    edit(ledger_dir, "wise", [EDIT], WISE)
+    ledger = Ledger.open(ledger_dir)
+    c = ledger.change(1)
+    assert ledger.patch(1) == {} and c["method_states"] == ["wise"] and c["own_after"]["reliability_token"] == 1.0
+    assert c["cost"]["trainable_params"] == sum(t.numel() for t in ledger.method_state("wise").values())
+    model = ledger.materialize()
+    assert torch.equal(logits(model, tok, MODULE_TEXT), first)  # the edit prompt and the unrelated sentences
+    assert [n for n, _ in model.named_parameters()] == [n for n, _ in build_lm(str(base_folder))[0].named_parameters()]
+
+    edit(ledger_dir, "wise", [EDIT2], WISE)  # continues change 1's shard
+    ledger = Ledger.open(ledger_dir)
+    assert int(ledger.method_state("wise")["edits_in_shard"]) == 2
+    assert ledger.change(2)["probes_after"][EDITS_IN_EFFECT] == 100.0  # change 1's edit still holds
+    assert torch.equal(logits(ledger.materialize(), tok, MODULE_TEXT), both)
+    assert torch.equal(logits(ledger.materialize(upto=1), tok, MODULE_TEXT), first)
+    with pytest.raises(LedgerError, match=r"cannot: wise \(change 2\); revert"):
+        export_lm(ledger, tmp_path / "out")
+    with pytest.raises(LedgerError, match=r"change\(s\) 2 continued from"):
+        revert(ledger_dir, 1)
+    with pytest.raises(LedgerError, match="wise: the side memory sits at layer 3.*give layer=3.*changes in effect"):
+        edit(ledger_dir, "wise", [EDIT2], dict(WISE, layer=0))
+    assert len(Ledger.open(ledger_dir).changes) == 2
+
+    n = revert(ledger_dir, 2)
+    ledger = Ledger.open(ledger_dir)
+    assert ledger.change(n)["exact"] and ledger.change(n)["strategy"] == "restore" and ledger.patch(n) == {}
+    assert torch.equal(logits(ledger.materialize(), tok, MODULE_TEXT), first)  # the first edit only
+    edit(ledger_dir, "ft_l", [EDIT2], FT_L)  # recorded with the plain parameter names while the side memory is on
+    assert all(k.startswith("delta::model.layers.2.") for k in Ledger.open(ledger_dir).patch(n + 1))
+    revert(ledger_dir, n + 1)
+    revert(ledger_dir, 1)
+    model = Ledger.open(ledger_dir).materialize()
+    torch.testing.assert_close(logits(model, tok, MODULE_TEXT), f0, atol=1e-5, rtol=0)  # ft_l's: subtracted
+    assert not any(m._forward_hooks or m._forward_pre_hooks for m in model.modules())
+    assert Ledger.open(ledger_dir).verify() == []
+
+
+def test_bad_input_fails_clearly_and_records_nothing(ledger_dir, tmp_path, tiny_config, monkeypatch):
+    import lifelong.ledger.edits as edits
+
     with pytest.raises(ConfigError, match="unknown editor 'nope'; available: ft_l"):
         edit(ledger_dir, "nope", [EDIT])
+    monkeypatch.setattr(edits, "MODULE_EDITORS", ("grace", "t_patcher"))  # an editor the ledger cannot record
     with pytest.raises(LedgerError, match="wise adds modules.*weight editors: ft_l, rome, mend, lora and the module "
                                           "editors: grace, t_patcher"):
         edit(ledger_dir, "wise", [EDIT])
+    monkeypatch.undo()
     with pytest.raises(ConfigError, match="unknown"):
         edit(ledger_dir, "ft_l", [EDIT], {"lrr": 1.0})
     with pytest.raises(LedgerError, match="ledger of a lm model: it takes edit changes.*not learn changes"):
@@ -260,7 +312,7 @@ def test_cli_init_edit_log_revert_export(base_folder, tmp_path, capsys):
     assert "revert of change 1 (subtract)" in capsys.readouterr().out
 
     assert main(["edit", "--ledger", str(root), "--model", "embedded", "--prompt", "a b", "--target", "c"]) == 2
-    assert main(["edit", "--ledger", str(root), "--prompt", "a b", "--target", "c"]) == 2  # default wise: refused
-    assert "weight editors" in capsys.readouterr().err
+    assert main(["edit", "--ledger", str(root), "--prompt", "a b", "--target", "c", "stepz=3"]) == 2  # default wise
+    assert "unknown" in capsys.readouterr().err
     assert main(["init", str(tmp_path / "l2"), "--family", "lm", "--probe", "mnist"]) == 2
     assert len(Ledger.open(root).changes) == 2

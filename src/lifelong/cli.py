@@ -418,7 +418,7 @@ def add_edit_commands(sub) -> None:
     edit.add_argument("--model", help="embedded (SmolLM2-135M-Instruct, the default), a hub id or a folder")
     edit.add_argument("--ledger", type=Path, metavar="DIR", help="edit the current model of the lm ledger DIR "
                       "(`lifelong init DIR --family lm`) and record the edits as one change (ft_l, rome, mend, lora: "
-                      "a weight patch; grace, t_patcher: the editor's state; wise is not recorded yet)")
+                      "a weight patch; grace, t_patcher, wise: the editor's state)")
     edit.add_argument("--prompt", help="the edit prompt, e.g. 'The capital of France is'")
     edit.add_argument("--target", help="the new answer, e.g. Lyon (a leading space is added when missing)")
     edit.add_argument("--subject", help="the subject inside the prompt (ROME needs it; default: the prompt's last word)")

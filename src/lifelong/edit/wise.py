@@ -47,6 +47,11 @@ memory as one more task vector (EasyEdit weights it 0.6 against 0.4 for the new 
 irrelevant inputs are a fixed in-file memory, scored from cached activations (W is upstream-frozen,
 so A(x_i) never changes); EasyEdit draws one unrelated NQ sentence per edit. No weight decay
 (EasyEdit: 1e-5). Early stop once the total loss is below `stop_loss` (EasyEdit: 0.02 and flat).
+
+The side memory is applied by a forward hook on the projection (not a wrapper module), so the model's
+parameter names stay those of the plain model; `state_dict` / `load_state_dict` move the whole editor
+state (side copies, threshold, shard bookkeeping, the shard's gradient mask and random state, the
+context prefixes) to another copy of the model (what an lm ledger records, ledger/edits.py).
 """
 
 from __future__ import annotations
@@ -59,7 +64,7 @@ from torch import nn
 from torch.nn import functional as F
 
 from lifelong.edit.base import EditRequest, Editor, target_batch
-from lifelong.families.lm import decoder_layers, ffn_out, frozen, linear_weight, resolve_layer, swap_module
+from lifelong.families.lm import decoder_layers, ffn_out, frozen, linear_weight, resolve_layer
 
 # x_i: ordinary sentences unrelated to any fact request, which must keep Delta below alpha
 IRRELEVANT_TEXTS = (
@@ -115,11 +120,14 @@ def _hinge_mean(v: torch.Tensor) -> torch.Tensor:
 
 
 class WiseSideMemory(nn.Module):
-    """Wraps the projection `main`: routes each sequence to the best side copy or to `main`."""
+    """The projection `main`'s side memory: routes each sequence to the best side copy or to `main`.
+
+    Attached to the projection as a child (`main.wise`) and applied to its output by a forward hook, so
+    the model's parameter names stay those of the plain model (a ledger's weight patches still fit)."""
 
     def __init__(self, main: nn.Module) -> None:
         super().__init__()
-        self.main = main
+        object.__setattr__(self, "main", main)  # a reference, not a submodule (main holds this module)
         self.side: torch.Tensor | None = None  # merged side memory (out, in)
         self.pending: list[torch.Tensor] = []   # finished shards awaiting the merge
         self.current: torch.Tensor | None = None  # the shard in progress (a leaf while training)
@@ -140,8 +148,8 @@ class WiseSideMemory(nn.Module):
             return like.new_ones(B, T)
         return m[:, -T:].to(like.dtype)  # with a KV cache the mask covers past tokens too
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        out = self.main(x)  # (B, T, d_out) = A W^T (+ b)
+    def forward(self, x: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
+        """x: the projection's input A (B, T, d_in); out: its own output (B, T, d_out) = A W^T (+ b)."""
         if self.record:
             self.last_input = x.detach()
         if self.editing:
@@ -169,15 +177,6 @@ class WiseSideMemory(nn.Module):
             best_score = torch.where(better, score, best_score)
             best_diff = torch.where(better[:, None, None], diff, best_diff)
         return best_score, best_diff
-
-
-
-
-
-
-
-
-
 
 
 @contextmanager
@@ -242,18 +241,20 @@ class WISE(Editor):
 
     # ------------------------------------------------------------------ setup
     def _install(self) -> WiseSideMemory:
-        if self.prefixes is None:  # from f_0, before anything is wrapped
+        if self.prefixes is None:  # from f_0, before anything is attached
             self.prefixes = self._context_prefixes()
         self.memory = WiseSideMemory(self.original)
-        swap_module(self.model, self.original, self.memory)
-        memory = self.memory
+        self.original.wise = self.memory
+        layer = self.layer
 
-        def keep_mask(module, args, kwargs):  # routing needs to know which tokens are padding
-            memory.attention_mask = kwargs.get("attention_mask")
+        # the hooks read the module they run on (not self), so a deep copy of the model keeps its own memory
+        def keep_mask(model, args, kwargs):  # routing needs to know which tokens are padding
+            ffn_out(model, layer).wise.attention_mask = kwargs.get("attention_mask")
 
         self.hook = self.model.register_forward_pre_hook(keep_mask, with_kwargs=True)
+        self.out_hook = self.original.register_forward_hook(lambda m, args, out: m.wise(args[0], out))
         self.irrelevant_acts, self.irrelevant_mask = self._irrelevant_activations()
-        return memory
+        return self.memory
 
     @torch.no_grad()
     def _context_prefixes(self) -> list[str]:
@@ -361,9 +362,87 @@ class WISE(Editor):
 
     def reset(self) -> None:
         if self.memory is not None:
-            swap_module(self.model, self.memory, self.original)
+            self.out_hook.remove()
             self.hook.remove()
+            del self.original.wise
             self.memory = None
         self.generator = torch.Generator().manual_seed(self.params.seed)
         self.min_edit_score = float("inf")
         self.edits_in_shard = 0
+
+    # ------------------------------------------------------------------ state (a ledger records it)
+
+    def state_dict(self) -> dict[str, torch.Tensor]:
+        """Everything the editor carries from edit to edit: the side copies (merged memory, shards awaiting
+        the merge, the shard in progress; each with its memory layout), the routing threshold, the smallest
+        edit score, the edits in the current shard, its gradient mask, the mask generator's state, the
+        context prefixes (f_0's, made once) and the layer. `load_state_dict` on an editor of a fresh model
+        gives a model that answers bit-identically and edits on exactly as this editor would."""
+        mem = self.memory
+        w = linear_weight(self.original)
+        side = [mem.side] if mem is not None and mem.side is not None else []
+        pending = list(mem.pending) if mem is not None else []
+        current = [mem.current] if mem is not None and mem.current is not None else []
+
+        def stack(copies: list[torch.Tensor]) -> torch.Tensor:  # (n, out, in), row-major on disk
+            if not copies:
+                return torch.zeros(0, *w.shape, dtype=w.dtype)
+            return torch.stack([c.detach().cpu() for c in copies]).contiguous()
+
+        encoded = [prefix.encode() for prefix in (self.prefixes or [])]
+        return {
+            "layer": torch.tensor(self.layer),
+            "side": stack(side),            # (0 or 1, out, in)
+            "pending": stack(pending),      # (P, out, in)
+            "current": stack(current),      # (0 or 1, out, in)
+            # each copy's strides, in copies() order (a copy of a transposed weight keeps its layout)
+            "strides": torch.tensor([list(c.stride()) for c in side + pending + current], dtype=torch.long).view(-1, 2),
+            "grad_mask": (self.grad_mask.detach().cpu().bool()[None] if current
+                          else torch.zeros(0, *w.shape, dtype=torch.bool)),  # the current shard's mask
+            "threshold": torch.tensor(mem.threshold if mem is not None else float("inf"), dtype=torch.float64),
+            "min_edit_score": torch.tensor(self.min_edit_score, dtype=torch.float64),
+            "edits_in_shard": torch.tensor(self.edits_in_shard),
+            "generator": self.generator.get_state(),
+            "installed": torch.tensor(mem is not None),
+            "prefixes": torch.tensor(list(b"".join(encoded)), dtype=torch.uint8),  # utf-8, concatenated
+            "prefix_lengths": torch.tensor([len(e) for e in encoded], dtype=torch.long),
+        }
+
+    def load_state_dict(self, state: dict[str, torch.Tensor]) -> None:
+        """Replace the side memory (if any) and the editing state by those `state` holds; later edits
+        continue from them."""
+        p = self.params
+        layer = int(state["layer"])
+        if layer != self.layer:
+            raise ValueError(f"wise: the side memory sits at layer {layer}, this editor edits layer {self.layer} "
+                             f"(give layer={layer} to continue it)")
+        w = linear_weight(self.original).detach()
+        if tuple(state["pending"].shape[1:]) != tuple(w.shape):
+            raise ValueError(f"wise: the side memory's copies are {tuple(state['pending'].shape[1:])}, this model's "
+                             f"projection is {tuple(w.shape)}")
+        edits, parked = int(state["edits_in_shard"]), len(state["pending"])
+        if edits >= p.shard_size or parked >= p.num_shards:
+            raise ValueError(f"wise: the side memory holds {edits} edit(s) in its current shard and {parked} shard(s) "
+                             f"awaiting the merge; this editor's shard_size={p.shard_size}, num_shards={p.num_shards} "
+                             "cannot continue it")
+        self.reset()
+        flat, lengths = bytes(state["prefixes"].tolist()), state["prefix_lengths"].tolist()
+        starts = [sum(lengths[:i]) for i in range(len(lengths))]
+        if bool(state["installed"]):
+            self.prefixes = [flat[s:s + n].decode() for s, n in zip(starts, lengths)]
+            mem = self._install()
+            strides = iter(state["strides"].tolist())
+
+            def restore(saved: torch.Tensor) -> torch.Tensor:  # on the model's device, in its original layout
+                copy = torch.empty_strided(w.shape, tuple(next(strides)), dtype=w.dtype, device=w.device)
+                return copy.copy_(saved)
+
+            mem.side = restore(state["side"][0]) if len(state["side"]) else None
+            mem.pending = [restore(t) for t in state["pending"]]
+            mem.current = restore(state["current"][0]) if len(state["current"]) else None
+            mem.threshold = float(state["threshold"])
+            if mem.current is not None:
+                self.grad_mask = state["grad_mask"][0].to(w)
+        self.min_edit_score = float(state["min_edit_score"])
+        self.edits_in_shard = edits
+        self.generator.set_state(state["generator"].clone())

@@ -7,8 +7,8 @@
     DIR/changes/0001/patch.safetensors the change's additive patch (see patch.py)
     DIR/changes/0001/method_state.safetensors
                                        the method's state after the change (Fisher, anchors, a GRACE
-                                       codebook, T-Patcher neurons...), keyed `<method>/<name>`: what the
-                                       next change of that method continues from
+                                       codebook, T-Patcher neurons, a WISE side memory...), keyed
+                                       `<method>/<name>`: what the next change of that method continues from
     DIR/pending/                       a change in progress: its spec, probe scores before it, and the
                                        last training checkpoint (`lifelong resume DIR` continues it)
 
@@ -17,11 +17,11 @@ The model family decides the base and the changes: a `vlm` ledger (a CLIP-style 
 changes probed by the edits in effect and held-out facts (edits.py). Both record `revert` changes.
 
 The current model is the base plus every patch in order (an lm ledger then re-attaches the modules of
-its module editors, GRACE and T-Patcher, from their latest states in effect). Nothing is rewritten in
-place: a revert is a new change whose patch undoes the reverted one (or, for a module editor, whose
-record takes the reverted state out of effect). A change becomes part of the history at one atomic
-write of the manifest, after its files are on disk; a crash before that leaves the previous history
-intact, and the pending directory lets the change continue.
+its module editors, GRACE, T-Patcher and WISE, from their latest states in effect). Nothing is
+rewritten in place: a revert is a new change whose patch undoes the reverted one (or, for a module
+editor, whose record takes the reverted state out of effect). A change becomes part of the history at
+one atomic write of the manifest, after its files are on disk; a crash before that leaves the previous
+history intact, and the pending directory lets the change continue.
 """
 
 from __future__ import annotations
@@ -187,7 +187,7 @@ class Ledger:
         return {k.removeprefix(prefix): v for k, v in state.items() if k.startswith(prefix)}
 
     def module_states(self, upto: int | None = None) -> dict[str, int]:
-        """An lm ledger's module editors (GRACE, T-Patcher) in effect after change `upto` (all when None):
+        """An lm ledger's module editors (GRACE, T-Patcher, WISE) in effect after change `upto` (all when None):
         method -> the id of its latest change in effect then, whose recorded state holds all it added."""
         gone = {c["reverts"] for c in self.changes if c.get("reverts") and (upto is None or c["id"] <= upto)}
         latest: dict[str, int] = {}

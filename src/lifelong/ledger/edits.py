@@ -15,14 +15,14 @@ Weight editors change weights in place: ft_l, rome, mend (dense deltas of the ma
 lora (peft's factors, B @ A). Their patch is additive like any other, so materialize, revert (the
 negated patch) and export need nothing new.
 
-Module editors add a module with state of its own: grace (a codebook at one layer) and t_patcher
-(neurons added to one FFN). Their change records an empty patch and the editor's state after it
+Module editors add a module with state of its own: grace (a codebook at one layer), t_patcher
+(neurons added to one FFN) and wise (side copies of one FFN projection, a router and its shard
+bookkeeping). Their change records an empty patch and the editor's state after it
 (`state_dict`: everything the module holds, in the change's method_state.safetensors), accumulated: a
 change continues from the state of the latest change in effect of the same method, so a second grace
 change adds to the first one's codebook. The model is the base plus every weight patch, then each
 module editor re-attached with the state of its latest change in effect (`Ledger.materialize_lm`).
 Such a model cannot be saved as a plain transformers folder: export is refused while one is in effect.
-wise (side memories and a router) is still refused.
 
 A revert of a weight edit subtracts its patch: exact when no later edit is in effect; with later edits in
 effect it is the task-arithmetic approximation (they were made on top of it; the record says which).
@@ -47,7 +47,7 @@ from lifelong.ledger.store import LedgerLock
 from lifelong.metrics.cost import PeakMemory, count_parameters
 
 WEIGHT_EDITORS = ("ft_l", "rome", "mend", "lora")  # recorded as an additive weight patch
-MODULE_EDITORS = ("grace", "t_patcher")  # recorded as their editor's state (a codebook, neurons)
+MODULE_EDITORS = ("grace", "t_patcher", "wise")  # recorded as their editor's state (a codebook, neurons, side memory)
 
 
 def create_lm_ledger(root: str | Path, name: str = "embedded", heldout_items: int = 50, seed: int = 0,
