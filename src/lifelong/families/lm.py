@@ -74,16 +74,6 @@ def resolve_layer(model: nn.Module, layer: int | None, default_depth: float) -> 
     return layer
 
 
-def swap_module(model: nn.Module, old: nn.Module, new: nn.Module) -> None:
-    """Put `new` where `old` sits in `model` (found by identity, so no module path is hard-coded)."""
-    for parent in model.modules():
-        for name, child in parent.named_children():
-            if child is old:
-                setattr(parent, name, new)
-                return
-    raise ValueError(f"{type(old).__name__} is not a submodule of {type(model).__name__}")
-
-
 @contextmanager
 def frozen(model: nn.Module):
     """No base parameter collects gradients inside; everyone's flag comes back afterwards."""
