@@ -26,18 +26,13 @@ import sys
 import time
 from pathlib import Path
 
-import torch
-
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from loop_overhead import machine, one_task_stream  # noqa: E402  (benchmarks/ is not a package)
+from cpu_efficiency import demo_step  # noqa: E402  (benchmarks/ is not a package)
+from loop_overhead import machine  # noqa: E402
 
-from lifelong.config import load_config  # noqa: E402
-from lifelong.families.vlm import build_vlm  # noqa: E402
-from lifelong.learn import build_method  # noqa: E402
-from lifelong.learn.common import TaskData  # noqa: E402
-from lifelong.loop import batch_order, targets_in  # noqa: E402
+from lifelong.loop import batch_order  # noqa: E402
 from lifelong.report.io import atomic_write_json  # noqa: E402
-from lifelong.runner import compute_stem_features, prepare_trainable, versions  # noqa: E402
+from lifelong.runner import versions  # noqa: E402
 from lifelong.runtime import M_MMAP_THRESHOLD, M_TOP_PAD, M_TRIM_THRESHOLD  # noqa: E402
 
 RESULTS = Path(__file__).resolve().parent / "results"
@@ -58,28 +53,13 @@ def main(argv: list[str] | None = None) -> int:
             if libc.mallopt(param, value) != 1:
                 raise SystemExit(f"mallopt({param}, {value}) failed")
 
-    config = load_config(Path(__file__).resolve().parents[1] / "configs" / "demo.yaml", ["train.checkpoints=false"])
-    stream = one_task_stream("fashion-mnist", test_items=64)
-    task = stream.tasks[0]
-    model = build_vlm(config.model)
-    stem = compute_stem_features(model, stream, config.train.eval_batch_size)
-    data = TaskData(index=0, task=task, inputs=stem.train[0], targets=targets_in(stream, 0, task.train.labels),
-                    class_names=task.class_names, seen_class_names=())
-    prepare_trainable(model, config, config.adapter)
-    finetune = build_method(next(m for m in config.methods if m.name == "finetune"))
-    params = [p for p in model.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(params, lr=config.train.lr, weight_decay=config.train.weight_decay, fused=True)
+    config, _model, data, train_step = demo_step()
     order = batch_order(len(data.inputs), config.train.batch_size, 2 * args.blocks * args.block + 4, seed=0)
 
     def step(index) -> tuple[float, int]:
         faults = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
         t0 = time.perf_counter()
-        batch = {"inputs": data.inputs[index], "targets": data.targets[index], "index": index}
-        loss, _ = finetune.loss(model, batch, data)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(params, config.train.grad_clip)
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
+        train_step(index)
         return time.perf_counter() - t0, resource.getrusage(resource.RUSAGE_SELF).ru_minflt - faults
 
     for i in range(4):  # warm-up, both settings

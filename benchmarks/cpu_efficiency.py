@@ -18,10 +18,10 @@ and taskset to measure one core):
    step time gives GFLOP/s and the fraction of the peak; minor page faults per step are recorded.
 3. **Where the time goes**: `torch.profiler` over `--profile-steps` steps, the self CPU time of every
    op grouped into convolution / matmul / optimizer / normalisation and activation / other, plus the
-   top ops; and every convolution of the trunk alone (forward + backward on its real input), in
-   GFLOP/s. EWC's Fisher is timed both ways: closed form (what EWC runs) and torch.func vmap. And, for the methods of the demo whose per-task work is not
-   a training step (EWC's Fisher, LwF's teacher logits), the time of that work on one task, against
-   the time of the task's 100 steps.
+   top ops; every convolution of the trunk alone (forward + backward on its real input), in GFLOP/s;
+   and, for the demo's methods whose per-task work is not a training step (EWC's Fisher, LwF's
+   teacher logits), the time of that work on one task against the time of the task's 100 steps.
+   EWC's Fisher is timed both ways: in closed form (what EWC runs) and through torch.func vmap.
 
 Results: benchmarks/results/cpu_efficiency.json (atomic write), with the machine and the command.
 Exit status: non-zero only on an error.
@@ -68,6 +68,34 @@ def matmul_peak(sizes=(512, 1024, 2048), repeats: int = 5) -> dict:
             best = min(best, time.perf_counter() - t0)
         out[str(n)] = 2 * n**3 / best / 1e9
     return out
+
+
+def demo_step(task_source: str = "fashion-mnist", overrides=()):
+    """The demo's training step as `lifelong demo` runs it, on one mtil-mini task's cached stem outputs:
+    (config, model, task data, step(index) -> loss), finetune with fused AdamW and clipping."""
+    config = load_config(Path(__file__).resolve().parents[1] / "configs" / "demo.yaml",
+                         ["train.checkpoints=false", *overrides])
+    stream = one_task_stream(task_source, test_items=64)
+    task = stream.tasks[0]
+    model = build_vlm(config.model)
+    stem = compute_stem_features(model, stream, config.train.eval_batch_size)
+    data = TaskData(index=0, task=task, inputs=stem.train[0], targets=targets_in(stream, 0, task.train.labels),
+                    class_names=task.class_names, seen_class_names=())
+    prepare_trainable(model, config, config.adapter)
+    finetune = build_method(next(m for m in config.methods if m.name == "finetune"))
+    params = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(params, lr=config.train.lr, weight_decay=config.train.weight_decay, fused=True)
+
+    def step(index):
+        batch = {"inputs": data.inputs[index], "targets": data.targets[index], "index": index}
+        loss, _ = finetune.loss(model, batch, data)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, config.train.grad_clip)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        return loss
+
+    return config, model, data, step
 
 
 def conv_layers(model, stem_batch: torch.Tensor, repeats: int = 20) -> list[dict]:
@@ -132,29 +160,9 @@ def main(argv: list[str] | None = None) -> int:
     peak_gflops = max(peak.values())
     print(f"fp32 matmul peak: {peak_gflops:.1f} GFLOP/s ({', '.join(f'n={n}: {g:.1f}' for n, g in peak.items())})")
 
-    config = load_config(Path(__file__).resolve().parents[1] / "configs" / "demo.yaml",
-                         ["train.checkpoints=false", *args.overrides])
-    stream = one_task_stream(args.task, test_items=64)
-    task = stream.tasks[0]
-    base = build_vlm(config.model)
-    stem = compute_stem_features(base, stream, config.train.eval_batch_size)
-    data = TaskData(index=0, task=task, inputs=stem.train[0], targets=targets_in(stream, 0, task.train.labels),
-                    class_names=task.class_names, seen_class_names=())
-    model = base
-    prepare_trainable(model, config, config.adapter)
-    finetune = build_method(next(m for m in config.methods if m.name == "finetune"))
-    params = [p for p in model.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(params, lr=config.train.lr, weight_decay=config.train.weight_decay, fused=True)
+    config, model, data, step = demo_step(args.task, args.overrides)
+    task = data.task
     order = batch_order(len(data.inputs), config.train.batch_size, args.steps + args.profile_steps + 3, seed=0)
-
-    def step(index):
-        batch = {"inputs": data.inputs[index], "targets": data.targets[index], "index": index}
-        loss, _ = finetune.loss(model, batch, data)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(params, config.train.grad_clip)
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-        return loss
 
     from torch.utils.flop_counter import FlopCounterMode
 
