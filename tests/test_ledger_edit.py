@@ -146,15 +146,21 @@ def test_lora_edit_is_stored_as_factors_and_reverts(ledger_dir, base_folder):
 MODULE_TEXT = [*TEXT, "The currency of India is the euro"]
 
 
-def test_grace_edits_accumulate_in_one_codebook_and_revert_to_the_previous_state(ledger_dir, base_folder, tmp_path):
-    own, tok = build_lm(str(base_folder))  # the same two edits by the editor itself
+def own_two_edits(base_folder, method: str, knobs: dict):
+    """f_0, then the editor's own model after EDIT and after EDIT2 (what the ledger must reproduce)."""
+    own, tok = build_lm(str(base_folder))
     f0 = logits(own, tok, MODULE_TEXT)
-    grace = editor_class("grace")(own, tok, editor_class("grace").Params(**GRACE))
-    grace.apply(EDIT)
+    editor = editor_class(method)(own, tok, editor_class(method).Params(**knobs))
+    editor.apply(EDIT)
     first = logits(own, tok, MODULE_TEXT)
-    grace.apply(EDIT2)
+    editor.apply(EDIT2)
     both = logits(own, tok, MODULE_TEXT)
     assert not torch.equal(first, f0) and not torch.equal(both, first)
+    return tok, f0, first, both
+
+
+def test_grace_edits_accumulate_in_one_codebook_and_revert_to_the_previous_state(ledger_dir, base_folder, tmp_path):
+    tok, f0, first, both = own_two_edits(base_folder, "grace", GRACE)  # the same two edits by the editor itself
     assert torch.equal(first[1], f0[1])  # the unrelated sentence: no position falls in a key's ball
 
     edit(ledger_dir, "grace", [EDIT], GRACE)
@@ -221,14 +227,7 @@ def test_t_patcher_edit_round_trips_beside_a_weight_edit(ledger_dir, base_folder
 
 
 def test_wise_edits_accumulate_in_one_side_memory_and_revert_to_the_previous_state(ledger_dir, base_folder, tmp_path):
-    own, tok = build_lm(str(base_folder))  # the same two edits by the editor itself
-    f0 = logits(own, tok, MODULE_TEXT)
-    wise = editor_class("wise")(own, tok, editor_class("wise").Params(**WISE))
-    wise.apply(EDIT)
-    first = logits(own, tok, MODULE_TEXT)
-    wise.apply(EDIT2)
-    both = logits(own, tok, MODULE_TEXT)
-    assert not torch.equal(first, f0) and not torch.equal(both, first)
+    tok, f0, first, both = own_two_edits(base_folder, "wise", WISE)  # the same two edits by the editor itself
 
     edit(ledger_dir, "wise", [EDIT], WISE)
     ledger = Ledger.open(ledger_dir)

@@ -61,6 +61,13 @@ class Editor:
     def reset(self) -> None:
         raise NotImplementedError
 
+    def check_state_layer(self, state: dict[str, torch.Tensor], holder: str) -> None:
+        """A module editor's saved state (`state_dict`) continues only at the layer it was made at."""
+        layer = int(state["layer"])
+        if layer != self.layer:
+            raise ValueError(f"{self.name}: the {holder} sits at layer {layer}, this editor edits layer {self.layer} "
+                             f"(give layer={layer} to continue it)")
+
 
 def target_batch(tokenizer, prompts: list[str], targets: list[str], device=None) -> dict[str, torch.Tensor]:
     """Teacher-forced batch of `prompt + target`: input_ids, attention_mask, and labels that are -100

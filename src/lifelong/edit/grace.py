@@ -204,10 +204,7 @@ class GRACE(Editor):
 
     def load_state_dict(self, state: dict[str, torch.Tensor]) -> None:
         """Replace the codebook (if any) by the one `state` holds; later edits continue from it."""
-        layer = int(state["layer"])
-        if layer != self.layer:
-            raise ValueError(f"grace: the codebook sits at layer {layer}, this editor edits layer {self.layer} "
-                             f"(give layer={layer} to continue it)")
+        self.check_state_layer(state, "codebook")
         self.reset()
         lengths = state["label_lengths"].tolist()
         if not lengths:

@@ -187,10 +187,7 @@ class TPatcher(Editor):
 
     def load_state_dict(self, state: dict[str, torch.Tensor]) -> None:
         """Replace the neurons (if any) by those `state` holds; later edits continue from them."""
-        layer = int(state["layer"])
-        if layer != self.layer:
-            raise ValueError(f"t_patcher: the neurons sit in layer {layer}'s FFN, this editor edits layer "
-                             f"{self.layer} (give layer={layer} to continue them)")
+        self.check_state_layer(state, "neuron set")
         self.reset()
         if len(state["keys"]) == 0:
             return

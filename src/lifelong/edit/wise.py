@@ -412,10 +412,7 @@ class WISE(Editor):
         """Replace the side memory (if any) and the editing state by those `state` holds; later edits
         continue from them."""
         p = self.params
-        layer = int(state["layer"])
-        if layer != self.layer:
-            raise ValueError(f"wise: the side memory sits at layer {layer}, this editor edits layer {self.layer} "
-                             f"(give layer={layer} to continue it)")
+        self.check_state_layer(state, "side memory")
         w = linear_weight(self.original).detach()
         if tuple(state["pending"].shape[1:]) != tuple(w.shape):
             raise ValueError(f"wise: the side memory's copies are {tuple(state['pending'].shape[1:])}, this model's "
