@@ -25,6 +25,7 @@ from lifelong.data.base import Stream
 from lifelong.errors import TrainingDivergedError
 from lifelong.learn.common import TaskData
 from lifelong.report.io import atomic_write_bytes
+from lifelong.fingerprint import tensor_digest
 from lifelong.runtime import tune_allocator
 
 
@@ -136,7 +137,7 @@ def run_stream(model, method, stream: Stream, stem: StemFeatures, config: RunCon
     matrix = np.zeros((T + 1, T))
     result = StreamResult(matrix)
     t0 = time.perf_counter()
-    key = state_digest(model.state_dict()) if zero_shot is not None and not hasattr(method, "eval_logits") else None
+    key = tensor_digest(model.state_dict()) if zero_shot is not None and not hasattr(method, "eval_logits") else None
     if key is not None and key in zero_shot:
         matrix[0] = zero_shot[key]
     else:
@@ -260,23 +261,11 @@ def assert_replicated(accelerator: Accelerator, model, method, where: str) -> No
 
     state = {f"model.{k}": v for k, v in model.trainable_state().items()}
     state.update({f"method.{k}": v for k, v in method.state_dict().items()})
-    digests = gather_object([state_digest(state)])
+    digests = gather_object([tensor_digest(state)])
     if len(set(digests)) > 1:
         raise TrainingDivergedError(f"after {where} the {accelerator.num_processes} processes hold different weights or "
                                     f"method state ({', '.join(d[:8] for d in digests)}): a method draws randomness or "
                                     "data that differs per process")
-
-
-def state_digest(tensors: dict[str, torch.Tensor]) -> str:
-    """SHA-256 of named tensors: names, dtypes, shapes and bytes."""
-    import hashlib
-
-    digest = hashlib.sha256()
-    for name in sorted(tensors):
-        t = tensors[name].detach().cpu().contiguous()
-        digest.update(json.dumps([name, str(t.dtype), list(t.shape)]).encode())
-        digest.update(t.reshape(-1).view(torch.uint8).numpy().tobytes())
-    return digest.hexdigest()
 
 
 class MethodLoss(torch.nn.Module):

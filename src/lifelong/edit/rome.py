@@ -281,15 +281,11 @@ def corpus_hash(name: str) -> str:
 def model_fingerprint(model: torch.nn.Module, exclude: tuple[torch.Tensor, ...] = ()) -> str:
     """SHA-256 of the model class, config and every state tensor's bytes (the key of cached statistics),
     skipping the tensors in `exclude` (those an editor changes, when the statistic does not read them)."""
+    from lifelong.fingerprint import tensor_digest
+
     skip = {t.data_ptr() for t in exclude}
-    h = hashlib.sha256(type(model).__name__.encode())
-    h.update(json.dumps(model.config.to_dict(), sort_keys=True, default=str).encode())
-    for name, t in sorted(model.state_dict().items()):
-        if t.data_ptr() in skip:
-            continue
-        h.update(json.dumps([name, str(t.dtype), list(t.shape)]).encode())
-        h.update(t.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
-    return h.hexdigest()
+    prefix = type(model).__name__.encode() + json.dumps(model.config.to_dict(), sort_keys=True, default=str).encode()
+    return tensor_digest({n: t for n, t in model.state_dict().items() if t.data_ptr() not in skip}, prefix)
 
 
 def key_covariance(model, tokenizer, layer: int, corpus: str, n_tokens: int,

@@ -21,9 +21,7 @@ from __future__ import annotations
 
 from contextlib import contextmanager
 
-import hashlib
 import importlib.util
-import json
 import os
 import shutil
 from functools import lru_cache
@@ -89,11 +87,9 @@ def frozen(model: nn.Module):
 
 def lm_fingerprint(model: nn.Module) -> str:
     """SHA-256 of the model's content: its class and every state_dict tensor (name, dtype, shape, bytes)."""
-    h = hashlib.sha256(type(model).__name__.encode())
-    for name, t in sorted(model.state_dict().items()):
-        h.update(json.dumps([name, str(t.dtype), list(t.shape)]).encode())
-        h.update(t.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
-    return h.hexdigest()
+    from lifelong.fingerprint import tensor_digest
+
+    return tensor_digest(model.state_dict(), type(model).__name__.encode())
 
 
 # ----------------------------------------------------------------------------- loading

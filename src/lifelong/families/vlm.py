@@ -208,11 +208,9 @@ class DualEncoder(nn.Module):
 
 def model_fingerprint(model: DualEncoder) -> str:
     """SHA-256 of the model's content: its kind and every state_dict tensor (name, dtype, shape, bytes)."""
-    h = hashlib.sha256(model.kind.encode())
-    for name, t in sorted(model.state_dict().items()):
-        h.update(json.dumps([name, str(t.dtype), list(t.shape)]).encode())
-        h.update(t.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
-    return h.hexdigest()
+    from lifelong.fingerprint import tensor_digest
+
+    return tensor_digest(model.state_dict(), model.kind.encode())
 
 
 # ---------------------------------------------------------------------------------------------

@@ -129,8 +129,9 @@ class Ledger:
         ids = ", ".join(str(c["id"]) for c in self.changes) or "none yet"
         raise LedgerError(f"{self.root} has no change {n}; its changes: {ids}")
 
-    def reverted_ids(self) -> set[int]:
-        return {c["reverts"] for c in self.changes if c.get("reverts")}
+    def reverted_ids(self, upto: int | None = None) -> set[int]:
+        """The changes a revert took out (only reverts with id <= `upto` when given)."""
+        return {c["reverts"] for c in self.changes if c.get("reverts") and (upto is None or c["id"] <= upto)}
 
     def active_learn_changes(self, before: int | None = None) -> list[dict]:
         """Learn changes in effect (not reverted), optionally only those with id < `before`."""
@@ -189,7 +190,7 @@ class Ledger:
     def module_states(self, upto: int | None = None) -> dict[str, int]:
         """An lm ledger's module editors (GRACE, T-Patcher, WISE) in effect after change `upto` (all when None):
         method -> the id of its latest change in effect then, whose recorded state holds all it added."""
-        gone = {c["reverts"] for c in self.changes if c.get("reverts") and (upto is None or c["id"] <= upto)}
+        gone = self.reverted_ids(upto)
         latest: dict[str, int] = {}
         for c in self.changes:
             if upto is not None and c["id"] > upto:
