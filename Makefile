@@ -10,11 +10,14 @@ STAMP := $(VENV)/.installed
 demo: $(STAMP) system-data
 	$(BIN)/lifelong demo
 
+# The layering contracts (pyproject.toml [tool.importlinter]) first: a broken layer fails the tests.
 test: $(STAMP) system-data
+	$(BIN)/lint-imports
 	$(BIN)/python -m pytest -q
 
 # Including the slower integration tests on the embedded real models.
 test-all: $(STAMP) system-data
+	$(BIN)/lint-imports
 	$(BIN)/python -m pytest -q -m ""
 
 setup: $(STAMP) system-data

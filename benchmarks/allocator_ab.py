@@ -31,8 +31,8 @@ from cpu_efficiency import demo_step  # noqa: E402  (benchmarks/ is not a packag
 from loop_overhead import machine  # noqa: E402
 
 from lifelong.loop import batch_order  # noqa: E402
-from lifelong.report.io import atomic_write_json  # noqa: E402
-from lifelong.runner import versions  # noqa: E402
+from lifelong.atomic import atomic_write_json  # noqa: E402
+from lifelong.runtime import versions  # noqa: E402
 from lifelong.runtime import M_MMAP_THRESHOLD, M_TOP_PAD, M_TRIM_THRESHOLD  # noqa: E402
 
 RESULTS = Path(__file__).resolve().parent / "results"

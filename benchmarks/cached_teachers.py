@@ -52,7 +52,8 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from loop_overhead import machine, median_ci, quartiles  # noqa: E402  (the sibling benchmark's helpers)
 
-from lifelong.config import MethodConfig, load_config, to_dict  # noqa: E402
+from lifelong.config import MethodConfig, to_dict  # noqa: E402
+from lifelong.learn.driver import load_run_config  # noqa: E402
 from lifelong.data.reference import reference_texts  # noqa: E402
 from lifelong.data.streams import PRESETS, build_stream  # noqa: E402
 from lifelong.errors import ConfigError, LifelongError  # noqa: E402
@@ -62,8 +63,10 @@ from lifelong.learn.common import TaskData  # noqa: E402
 from lifelong.learn.finetune import Finetune  # noqa: E402
 from lifelong.loop import batch_order, targets_in  # noqa: E402
 from lifelong.metrics.cost import count_parameters  # noqa: E402
-from lifelong.report.io import atomic_write_json  # noqa: E402
-from lifelong.runner import compute_stem_features, prepare_trainable, versions  # noqa: E402
+from lifelong.atomic import atomic_write_json  # noqa: E402
+from lifelong.loop import compute_stem_features  # noqa: E402
+from lifelong.families import prepare_trainable  # noqa: E402
+from lifelong.runtime import versions  # noqa: E402
 
 TARGET = 3.0  # per-step teacher / cached teacher, per training step
 RESULTS = Path(__file__).resolve().parent / "results"
@@ -170,13 +173,13 @@ def main(argv: list[str] | None = None) -> int:
     overrides += [f"model.resolution={args.resolution}"] * (args.resolution is not None)
     overrides += [f"model.trainable_blocks={args.blocks}"] * (args.blocks is not None)
     overrides += [f"train.batch_size={args.batch_size}"] * (args.batch_size is not None)
-    config = load_config(None, overrides + args.overrides)
+    config = load_run_config(None, overrides + args.overrides)
 
     stream = first_items_stream(args.task, args.train_items)
     task = stream.tasks[0]
     base = build_vlm(config.model)
     stem = compute_stem_features(base, stream, config.train.eval_batch_size)
-    prepare_trainable(base, config, config.adapter)
+    prepare_trainable(base, config.model, config.adapter)
     with torch.no_grad():  # the frozen text tower's cache, warm for every copy: the class names, the reference texts
         base.class_embeddings(task.class_names)
         base.text_embeddings(reference_texts())

@@ -43,13 +43,16 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from loop_overhead import machine, one_task_stream  # noqa: E402  (benchmarks/ is not a package)
 
-from lifelong.config import load_config, to_dict  # noqa: E402
+from lifelong.config import to_dict  # noqa: E402
+from lifelong.learn.driver import load_run_config  # noqa: E402
 from lifelong.families.vlm import build_vlm  # noqa: E402
 from lifelong.learn import build_method  # noqa: E402
 from lifelong.learn.common import TaskData  # noqa: E402
 from lifelong.loop import batch_order, targets_in  # noqa: E402
-from lifelong.report.io import atomic_write_json  # noqa: E402
-from lifelong.runner import compute_stem_features, prepare_trainable, versions  # noqa: E402
+from lifelong.atomic import atomic_write_json  # noqa: E402
+from lifelong.loop import compute_stem_features  # noqa: E402
+from lifelong.families import prepare_trainable  # noqa: E402
+from lifelong.runtime import versions  # noqa: E402
 from lifelong.runtime import tune_allocator  # noqa: E402
 
 RESULTS = Path(__file__).resolve().parent / "results"
@@ -73,7 +76,7 @@ def matmul_peak(sizes=(512, 1024, 2048), repeats: int = 5) -> dict:
 def demo_step(task_source: str = "fashion-mnist", overrides=()):
     """The demo's training step as `lifelong demo` runs it, on one mtil-mini task's cached stem outputs:
     (config, model, task data, step(index) -> loss), finetune with fused AdamW and clipping."""
-    config = load_config(Path(__file__).resolve().parents[1] / "configs" / "demo.yaml",
+    config = load_run_config(Path(__file__).resolve().parents[1] / "configs" / "demo.yaml",
                          ["train.checkpoints=false", *overrides])
     stream = one_task_stream(task_source, test_items=64)
     task = stream.tasks[0]
@@ -81,7 +84,7 @@ def demo_step(task_source: str = "fashion-mnist", overrides=()):
     stem = compute_stem_features(model, stream, config.train.eval_batch_size)
     data = TaskData(index=0, task=task, inputs=stem.train[0], targets=targets_in(stream, 0, task.train.labels),
                     class_names=task.class_names, seen_class_names=())
-    prepare_trainable(model, config, config.adapter)
+    prepare_trainable(model, config.model, config.adapter)
     finetune = build_method(next(m for m in config.methods if m.name == "finetune"))
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=config.train.lr, weight_decay=config.train.weight_decay, fused=True)

@@ -30,7 +30,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from loop_overhead import machine  # noqa: E402  (benchmarks/ is not a package)
 
-from lifelong.report.io import atomic_write_json  # noqa: E402
+from lifelong.atomic import atomic_write_json  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "benchmarks" / "results"

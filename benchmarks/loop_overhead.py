@@ -47,7 +47,8 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from lifelong.config import RunConfig, load_config, to_dict
+from lifelong.config import RunConfig, to_dict
+from lifelong.learn.driver import load_run_config
 from lifelong.data.base import Stream
 from lifelong.data.streams import PRESETS, build_stream
 from lifelong.errors import ConfigError, LifelongError
@@ -55,8 +56,10 @@ from lifelong.families.vlm import build_vlm
 from lifelong.learn import build_method
 from lifelong.loop import run_stream, targets_in
 from lifelong.metrics.cost import count_parameters
-from lifelong.report.io import atomic_write_json
-from lifelong.runner import compute_stem_features, prepare_trainable, versions
+from lifelong.atomic import atomic_write_json
+from lifelong.loop import compute_stem_features
+from lifelong.families import prepare_trainable
+from lifelong.runtime import versions
 
 TARGET = 1.10  # loop / bare, per step
 RESULTS = Path(__file__).resolve().parent / "results"
@@ -186,7 +189,7 @@ def main(argv: list[str] | None = None) -> int:
     overrides += [f"model.resolution={args.resolution}"] * (args.resolution is not None)
     overrides += [f"model.trainable_blocks={args.blocks}"] * (args.blocks is not None)
     overrides += [f"train.batch_size={args.batch_size}"] * (args.batch_size is not None)
-    config = load_config(None, overrides + args.overrides)
+    config = load_run_config(None, overrides + args.overrides)
     if [m.name for m in config.methods] != ["finetune"]:
         raise ConfigError("this benchmark times the finetune method alone; do not override `methods`")
 
@@ -195,7 +198,7 @@ def main(argv: list[str] | None = None) -> int:
     task = stream.tasks[0]
     base = build_vlm(config.model)
     stem = compute_stem_features(base, stream, config.train.eval_batch_size)
-    prepare_trainable(base, config, config.adapter)
+    prepare_trainable(base, config.model, config.adapter)
     with torch.no_grad():
         base.class_embeddings(task.class_names)
     trainable, total = count_parameters(base)

@@ -164,7 +164,7 @@ def main() -> int:
     sys.path.insert(0, str(ROOT / "src"))
     from safetensors.torch import save
 
-    from lifelong.report.io import atomic_write_bytes
+    from lifelong.atomic import atomic_write_bytes
 
     start = time.perf_counter()
     log: list[str] = []

@@ -68,7 +68,7 @@ def extra_locality(stop: int) -> list[tuple[str, str]]:
 @torch.no_grad()
 def routing(editor, model, tokenizer, pairs: list[tuple[str, str]]) -> list[float]:
     """Delta of each teacher-forced prompt + answer under the side memory (the best copy's score)."""
-    from lifelong.edit.base import target_batch
+    from lifelong.families.lm import target_batch
 
     mem, scores = editor.memory, []
     mem.record = True
@@ -85,7 +85,7 @@ def routing(editor, model, tokenizer, pairs: list[tuple[str, str]]) -> list[floa
 @torch.no_grad()
 def forced_side_nll(editor, model, tokenizer, pairs: list[tuple[str, str]]) -> float:
     """Mean target NLL with every sequence sent through the shard in training (routing bypassed)."""
-    from lifelong.edit.base import target_batch, target_nll
+    from lifelong.families.lm import target_batch, target_nll
 
     mem = editor.memory
     mem.editing = True
@@ -172,7 +172,7 @@ def main(argv: list[str] | None = None) -> int:
     from lifelong.edit.wise import IRRELEVANT_TEXTS
     from lifelong.families.lm import build_lm
     from lifelong.metrics.editing import cached_base_predictions, score_targets
-    from lifelong.report.io import atomic_write_json
+    from lifelong.atomic import atomic_write_json
 
     cells = json.loads(args.cells)
     out = Path(args.out)

@@ -22,9 +22,9 @@ def tiny_stream():
 
 @pytest.fixture(scope="session")
 def tiny_config():
-    from lifelong.config import load_config
+    from lifelong.learn.driver import load_run_config
 
-    return load_config(None, ["model.name=tiny-embedded", "model.resolution=32", "model.trainable_blocks=2",
+    return load_run_config(None, ["model.name=tiny-embedded", "model.resolution=32", "model.trainable_blocks=2",
                               "stream.name=tiny", "train.steps_per_task=4", "train.batch_size=8", "train.lr=1e-3"])
 
 
@@ -52,6 +52,6 @@ def tiny_clip(_tiny_models):
 
 @pytest.fixture(scope="session")
 def tiny_stem(tiny_stream, _tiny_models):
-    from lifelong.runner import compute_stem_features
+    from lifelong.loop import compute_stem_features
 
     return compute_stem_features(_tiny_models["tiny-embedded"], tiny_stream, 64)

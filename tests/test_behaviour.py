@@ -12,13 +12,13 @@ from lifelong.config import MethodConfig
 from lifelong.learn import build_method
 from lifelong.learn.ewc import diagonal_fisher
 from lifelong.loop import run_stream
-from lifelong.runner import prepare_trainable
+from lifelong.families import prepare_trainable
 
 from test_methods import MODES, task_data
 
 
 def test_vectorised_fisher_matches_a_per_sample_loop(tiny_model, tiny_stream, tiny_stem, tiny_config):
-    prepare_trainable(tiny_model, tiny_config, MODES["full"])
+    prepare_trainable(tiny_model, tiny_config.model, MODES["full"])
     data = task_data(tiny_stream, tiny_stem, 0)
     x, y = data.inputs[:4], data.targets[:4]
     fast = diagonal_fisher(tiny_model, x, y, data.class_names, "exact", chunk=3)
@@ -44,7 +44,7 @@ def test_ewc_keeps_weights_closer_to_the_previous_task(tiny_model, tiny_stream, 
     drifts = {}
     for weight in (0.0, 1e5):
         model = copy.deepcopy(tiny_model)
-        prepare_trainable(model, tiny_config, MODES["full"])
+        prepare_trainable(model, tiny_config.model, MODES["full"])
         method = build_method(MethodConfig(name="ewc", params={"reg_weight": weight}))
         method.prepare(model)
         first = task_data(tiny_stream, tiny_stem, 0)
@@ -64,7 +64,7 @@ def test_ewc_keeps_weights_closer_to_the_previous_task(tiny_model, tiny_stream, 
 
 
 def test_wise_ft_alpha_zero_returns_to_zero_shot(tiny_model, tiny_stream, tiny_stem, tiny_config):
-    prepare_trainable(tiny_model, tiny_config, MODES["full"])
+    prepare_trainable(tiny_model, tiny_config.model, MODES["full"])
     zero_shot = tiny_model.trainable_state()
     method = build_method(MethodConfig(name="wise_ft", params={"alpha": 0.0}))
     result = run_stream(tiny_model, method, tiny_stream, tiny_stem, tiny_config, checkpoint_dir=None)
@@ -75,7 +75,7 @@ def test_wise_ft_alpha_zero_returns_to_zero_shot(tiny_model, tiny_stream, tiny_s
 
 
 def test_wise_ft_interpolates_halfway(tiny_model, tiny_stream, tiny_stem, tiny_config):
-    prepare_trainable(tiny_model, tiny_config, MODES["full"])
+    prepare_trainable(tiny_model, tiny_config.model, MODES["full"])
     method = build_method(MethodConfig(name="wise_ft", params={"alpha": 0.5}))
     method.prepare(tiny_model)
     zero_shot = tiny_model.trainable_state()
@@ -89,7 +89,7 @@ def test_wise_ft_interpolates_halfway(tiny_model, tiny_stream, tiny_stem, tiny_c
 
 
 def test_lwf_teacher_is_the_model_at_task_start(tiny_model, tiny_stream, tiny_stem, tiny_config):
-    prepare_trainable(tiny_model, tiny_config, MODES["full"])
+    prepare_trainable(tiny_model, tiny_config.model, MODES["full"])
     method = build_method(MethodConfig(name="lwf"))
     data = task_data(tiny_stream, tiny_stem, 1)
     method.begin_task(tiny_model, data)

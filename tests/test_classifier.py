@@ -7,13 +7,16 @@ import numpy as np
 import pytest
 import torch
 
-from lifelong.config import AdapterConfig, MethodConfig, ModelConfig, load_config
+from lifelong.config import AdapterConfig, MethodConfig, ModelConfig
+from lifelong.learn.driver import load_run_config
 from lifelong.errors import ConfigError
 from lifelong.families.classifier import METHODS, build_classifier
 from lifelong.learn import build_method
 from lifelong.learn.ewc import diagonal_fisher
 from lifelong.loop import run_stream
-from lifelong.runner import build_model, compute_stem_features, prepare_trainable
+from lifelong.learn.driver import build_model
+from lifelong.loop import compute_stem_features
+from lifelong.families import prepare_trainable
 
 TINY_MLP = ["model.family=classifier", "model.name=mlp", "model.resolution=8", "model.hidden_sizes=[16]"]
 # Class-incremental, three tasks of two digit classes each: real data that every install has.
@@ -29,7 +32,7 @@ def class_stream():
 
 
 def config(*overrides):
-    return load_config(None, [*TINY_MLP, "train.steps_per_task=6", "train.batch_size=8", "train.lr=1e-2",
+    return load_run_config(None, [*TINY_MLP, "train.steps_per_task=6", "train.batch_size=8", "train.lr=1e-2",
                               "train.checkpoints=false", *overrides])
 
 
@@ -122,7 +125,7 @@ def test_every_supported_method_learns_a_class_incremental_stream(name, class_st
     cfg = config(f"methods=[{name}]")
     model = build_model(cfg.model, class_stream)
     stem = compute_stem_features(model, class_stream, 64)
-    prepare_trainable(model, cfg, cfg.adapter)
+    prepare_trainable(model, cfg.model, cfg.adapter)
     stem_before = copy.deepcopy(model.stem.state_dict())
     head_before = model.head.detach().clone()
     method = build_method(cfg.methods[0] if name != "icarl" else MethodConfig(name="icarl", params={"memory_size": 12}))
@@ -136,25 +139,27 @@ def test_every_supported_method_learns_a_class_incremental_stream(name, class_st
 
 
 def test_config_checks_name_the_family_knobs_and_methods():
-    with pytest.raises(ConfigError, match="model.family='cnn' is not one of: vlm, classifier"):
-        load_config(None, ["model.family=cnn"])
+    with pytest.raises(ConfigError, match="model.family='lm' does not learn tasks .* learning families: vlm, classifier"):
+        load_run_config(None, ["model.family=lm"])
+    with pytest.raises(ConfigError, match="model.family='cnn' is not a model family; valid: vlm, classifier, lm"):
+        load_run_config(None, ["model.family=cnn"])
     with pytest.raises(ConfigError, match="valid for family classifier: mlp, efficientnet-lite0"):
-        load_config(None, ["model.family=classifier"])  # name left at the vlm default, embedded
+        load_run_config(None, ["model.family=classifier"])  # name left at the vlm default, embedded
     with pytest.raises(ConfigError, match="hidden_sizes applies to model.family=classifier"):
-        load_config(None, ["model.hidden_sizes=[8]"])
+        load_run_config(None, ["model.hidden_sizes=[8]"])
     with pytest.raises(ConfigError, match="mlp classifier only"):
-        load_config(None, ["model.family=classifier", "model.name=efficientnet-lite0", "model.hidden_sizes=[8]"])
+        load_run_config(None, ["model.family=classifier", "model.name=efficientnet-lite0", "model.hidden_sizes=[8]"])
     with pytest.raises(ConfigError, match="trainable_blocks applies to model.family=vlm only"):
-        load_config(None, [*TINY_MLP, "model.trainable_blocks=1"])
+        load_run_config(None, [*TINY_MLP, "model.trainable_blocks=1"])
     with pytest.raises(ConfigError, match="'zscl' does not run on model.family=classifier"):
-        load_config(None, [*TINY_MLP, "methods=[finetune, zscl]"])
+        load_run_config(None, [*TINY_MLP, "methods=[finetune, zscl]"])
     with pytest.raises(ConfigError, match="positive widths"):
-        load_config(None, [*TINY_MLP, "model.hidden_sizes=[0]"])
-    assert load_config(None, [*TINY_MLP, "model.hidden_sizes=[]"]).model.hidden_sizes == ()
+        load_run_config(None, [*TINY_MLP, "model.hidden_sizes=[0]"])
+    assert load_run_config(None, [*TINY_MLP, "model.hidden_sizes=[]"]).model.hidden_sizes == ()
 
 
 def test_run_experiment_dispatches_on_the_family(tmp_path):
-    from lifelong.runner import run_experiment
+    from lifelong.learn.driver import run_experiment
 
     cfg = config("methods=[finetune, replay]", f"output_dir={tmp_path}", "name=clf")
     cfg = type(cfg)(**{**cfg.__dict__, "stream": TINY_CLASS_STREAM})

@@ -8,7 +8,7 @@ import pytest
 import torch
 from torch import nn
 
-from lifelong.edit.base import EditRequest, Probe
+from lifelong.data.edit_requests import EditRequest, Probe
 from lifelong.edit.facts import RELATIONS, Fact, answers_of, countries
 from lifelong.edit.readers import read_counterfact, read_easyedit_zsre
 from lifelong.edit.requests import (

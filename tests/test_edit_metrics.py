@@ -6,7 +6,7 @@ import pytest
 import torch
 from torch import nn
 
-from lifelong.edit.base import EditRequest, Probe
+from lifelong.data.edit_requests import EditRequest, Probe
 from lifelong.families.lm import tiny_lm, tiny_tokenizer
 from lifelong.metrics.editing import (
     base_predictions,

@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from lifelong.edit import EditRequest, editor_class, editor_params
-from lifelong.edit.base import target_batch, target_nll
+from lifelong.families.lm import target_batch, target_nll
 from lifelong.families.lm import tiny_lm
 
 ARCHS = ("llama", "gpt2")

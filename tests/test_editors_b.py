@@ -15,7 +15,8 @@ import time
 import pytest
 import torch
 
-from lifelong.edit.base import EditRequest, Probe, target_batch, target_nll
+from lifelong.data.edit_requests import EditRequest, Probe
+from lifelong.families.lm import target_batch, target_nll
 from lifelong.edit.mend import MEND
 from lifelong.edit.mend import Params as MendParams
 from lifelong.edit.rome import ROME, corpus_chunks
@@ -141,7 +142,7 @@ def test_rome_gpt2_reset_is_exact_and_seeded_runs_agree():
 
 def test_rome_covariance_is_cached(llama, monkeypatch):
     from lifelong.edit import rome
-    from lifelong.runner import cache_dir
+    from lifelong.cache import cache_dir
 
     model, tok = llama
     cov = rome.key_covariance(model, tok, 2, "python-reference", 1024)

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from lifelong.learn.fisher import closed_form_layers, diagonal_fisher
-from lifelong.runner import prepare_trainable
+from lifelong.families import prepare_trainable
 
 from test_methods import MODES, force_nonzero_lora, task_data
 
@@ -24,7 +24,7 @@ def assert_same_fisher(model, x, y, class_names, mode):
 @pytest.mark.parametrize("mode", ["exact", "empirical"])
 @pytest.mark.parametrize("adapter", ["full", "lora"])
 def test_closed_form_fisher_matches_vmap_on_the_embedded_model(tiny_model, tiny_stream, tiny_stem, tiny_config, mode, adapter):
-    prepare_trainable(tiny_model, tiny_config, MODES[adapter])
+    prepare_trainable(tiny_model, tiny_config.model, MODES[adapter])
     if adapter == "lora":
         force_nonzero_lora(tiny_model)
     data = task_data(tiny_stream, tiny_stem, 0)
@@ -43,7 +43,7 @@ def test_closed_form_fisher_matches_vmap_on_a_clip_trunk(tiny_clip, tiny_config)
 
 
 def test_layers_without_a_closed_form_fall_back_to_vmap(tiny_model, tiny_stream, tiny_stem, tiny_config):
-    prepare_trainable(tiny_model, tiny_config, MODES["full"])
+    prepare_trainable(tiny_model, tiny_config.model, MODES["full"])
     extra = torch.nn.Parameter(torch.zeros(()))
     tiny_model.image_trunk.register_parameter("free_scalar", extra)  # a parameter outside any layer kind
     image = [n for n, p in tiny_model.named_parameters() if p.requires_grad and not n.startswith(tiny_model.class_side_prefixes)]

@@ -13,7 +13,7 @@ from lifelong.config import MethodConfig
 from lifelong.learn import build_method
 from lifelong.learn.icarl import ICaRL, herding_order, image_features
 from lifelong.loop import count_correct, evaluate, run_stream
-from lifelong.runner import prepare_trainable
+from lifelong.families import prepare_trainable
 
 from test_methods import MODES, task_data
 
@@ -31,7 +31,7 @@ def snapshot(method: ICaRL) -> dict:
 def trained(_tiny_models, tiny_stream, tiny_stem, tiny_config):
     """One run_stream of iCaRL with a small budget, with the memory recorded after every task."""
     model = copy.deepcopy(_tiny_models["tiny-embedded"])
-    prepare_trainable(model, tiny_config, MODES["full"])
+    prepare_trainable(model, tiny_config.model, MODES["full"])
     method = build_method(MethodConfig(name="icarl", params={"memory_size": BUDGET}))
     snapshots, end_task = [], method.end_task
 
@@ -81,7 +81,7 @@ def test_herding_mean_is_closer_to_the_class_mean_than_random_sets(tiny_model, t
 
 
 def test_evaluation_uses_the_nearest_mean_of_exemplars(tiny_model, tiny_stream, tiny_stem, tiny_config):
-    prepare_trainable(tiny_model, tiny_config, MODES["full"])
+    prepare_trainable(tiny_model, tiny_config.model, MODES["full"])
     method = build_method(MethodConfig(name="icarl"))
     first = task_data(tiny_stream, tiny_stem, 0)
     method.begin_task(tiny_model, first)
@@ -112,7 +112,7 @@ def test_evaluation_uses_the_nearest_mean_of_exemplars(tiny_model, tiny_stream, 
 
 
 def test_teacher_is_cached_at_task_start(tiny_model, tiny_stream, tiny_stem, tiny_config):
-    prepare_trainable(tiny_model, tiny_config, MODES["full"])
+    prepare_trainable(tiny_model, tiny_config.model, MODES["full"])
     method = build_method(MethodConfig(name="icarl"))
     first, second = task_data(tiny_stream, tiny_stem, 0), task_data(tiny_stream, tiny_stem, 1)
     method.begin_task(tiny_model, first)

@@ -16,7 +16,7 @@ from lifelong.errors import ConfigError, LedgerError
 from lifelong.families.lm import build_lm, tiny_lm
 from lifelong.ledger.changes import learn, revert
 from lifelong.ledger.core import Ledger
-from lifelong.ledger.edits import create_lm_ledger, edit, export_lm
+from lifelong.ledger.edits import create_lm_ledger, edit
 from lifelong.ledger.probes import EDITS_IN_EFFECT, HELDOUT_FACTS
 
 FT_L = dict(layer=2, lr=0.05, norm_constraint=0.5)  # test_editors_a's knobs for the tiny model
@@ -177,7 +177,7 @@ def test_grace_edits_accumulate_in_one_codebook_and_revert_to_the_previous_state
     assert torch.equal(logits(ledger.materialize(), tok, MODULE_TEXT), both)
     assert torch.equal(logits(ledger.materialize(upto=1), tok, MODULE_TEXT), first)
     with pytest.raises(LedgerError, match=r"cannot: grace \(change 2\); revert"):
-        export_lm(ledger, tmp_path / "out")
+        ledger.export(tmp_path / "out")
     assert not (tmp_path / "out").exists()
 
     with pytest.raises(LedgerError, match=r"change\(s\) 2 continued from.*revert it first \(2, latest first\), "
@@ -191,7 +191,7 @@ def test_grace_edits_accumulate_in_one_codebook_and_revert_to_the_previous_state
     revert(ledger_dir, 1)
     model = Ledger.open(ledger_dir).materialize()
     assert torch.equal(logits(model, tok, MODULE_TEXT), f0) and not any(m._forward_hooks for m in model.modules())
-    export_lm(Ledger.open(ledger_dir), tmp_path / "out")  # no module in effect: the weights alone
+    Ledger.open(ledger_dir).export(tmp_path / "out")  # no module in effect: the weights alone
     assert Ledger.open(ledger_dir).verify() == []
 
 
@@ -215,12 +215,12 @@ def test_t_patcher_edit_round_trips_beside_a_weight_edit(ledger_dir, base_folder
     torch.testing.assert_close(logits(ledger.materialize(), tok, MODULE_TEXT), logits(own, tok, MODULE_TEXT),
                                atol=1e-5, rtol=0)
     with pytest.raises(LedgerError, match=r"cannot: t_patcher \(change 1\)"):
-        export_lm(ledger, tmp_path / "out")
+        ledger.export(tmp_path / "out")
 
     n = revert(ledger_dir, 1)  # no later t_patcher change: allowed, not exact (change 2 was made on top)
     ledger = Ledger.open(ledger_dir)
     assert not ledger.change(n)["exact"] and ledger.module_states() == {}
-    exported, _ = build_lm(str(export_lm(ledger, tmp_path / "out")))  # the weights alone: base + FT-L's patch
+    exported, _ = build_lm(str(ledger.export(tmp_path / "out")))  # the weights alone: base + FT-L's patch
     torch.testing.assert_close(logits(exported, tok, MODULE_TEXT), logits(ledger.materialize(), tok, MODULE_TEXT),
                                atol=0, rtol=0)
     assert not torch.equal(logits(exported, tok, MODULE_TEXT), f0)
@@ -245,7 +245,7 @@ def test_wise_edits_accumulate_in_one_side_memory_and_revert_to_the_previous_sta
     assert torch.equal(logits(ledger.materialize(), tok, MODULE_TEXT), both)
     assert torch.equal(logits(ledger.materialize(upto=1), tok, MODULE_TEXT), first)
     with pytest.raises(LedgerError, match=r"cannot: wise \(change 2\); revert"):
-        export_lm(ledger, tmp_path / "out")
+        ledger.export(tmp_path / "out")
     with pytest.raises(LedgerError, match=r"change\(s\) 2 continued from"):
         revert(ledger_dir, 1)
     with pytest.raises(LedgerError, match="wise: the side memory sits at layer 3.*give layer=3.*changes in effect"):
@@ -271,19 +271,21 @@ def test_bad_input_fails_clearly_and_records_nothing(ledger_dir, tmp_path, tiny_
 
     with pytest.raises(ConfigError, match="unknown editor 'nope'; available: ft_l"):
         edit(ledger_dir, "nope", [EDIT])
-    monkeypatch.setattr(edits, "MODULE_EDITORS", ("grace", "t_patcher"))  # an editor the ledger cannot record
-    with pytest.raises(LedgerError, match="wise adds modules.*weight editors: ft_l, rome, mend, lora and the module "
-                                          "editors: grace, t_patcher"):
+    monkeypatch.setattr(edits, "RECORDABLE", ("weights",))  # an editor's kind of record the ledger cannot hold
+    with pytest.raises(LedgerError, match="wise records its edits as 'module', which a ledger cannot hold yet; a "
+                                          "ledger records: ft_l, lora, mend, rome"):
         edit(ledger_dir, "wise", [EDIT])
     monkeypatch.undo()
+    with pytest.raises(ConfigError, match="editor wise: "):  # a knob's own check is a user error, not a traceback
+        edit(ledger_dir, "wise", [EDIT], {"mask_ratio": 2.0})
     with pytest.raises(ConfigError, match="unknown"):
         edit(ledger_dir, "ft_l", [EDIT], {"lrr": 1.0})
-    with pytest.raises(LedgerError, match="ledger of a lm model: it takes edit changes.*not learn changes"):
+    with pytest.raises(LedgerError, match="ledger of a lm model: it takes `lifelong edit` changes, not learn changes"):
         learn(ledger_dir, {"kind": "learn"})
     assert Ledger.open(ledger_dir).changes == []
 
     vlm = Ledger.create(tmp_path / "vlm", tiny_config.model, []).root
-    with pytest.raises(LedgerError, match="ledger of a vlm model: it takes learn changes.*not edit changes"):
+    with pytest.raises(LedgerError, match="ledger of a vlm model: it takes `lifelong learn` changes, not edit changes"):
         edit(vlm, "ft_l", [EDIT], FT_L)
 
     edit(ledger_dir, "ft_l", [EDIT], FT_L)

@@ -12,7 +12,7 @@ from lifelong.config import AdapterConfig, MethodConfig
 from lifelong.learn import METHODS, build_method
 from lifelong.learn.common import TaskData
 from lifelong.loop import label_spaces, run_stream, targets_in
-from lifelong.runner import prepare_trainable
+from lifelong.families import prepare_trainable
 
 MODES = {"full": AdapterConfig(), "lora": AdapterConfig(kind="lora", rank=4, alpha=8)}
 KINDS = {"full": "none", "lora": "lora"}
@@ -35,7 +35,7 @@ def task_data(stream, stem, t):
 
 
 def setup(model, config, name, mode):
-    prepare_trainable(model, config, MODES[mode])
+    prepare_trainable(model, config.model, MODES[mode])
     method = build_method(MethodConfig(name=name))
     return method
 
@@ -159,18 +159,18 @@ def test_methods_from_the_same_model_share_the_zero_shot_row(tiny_model, tiny_st
     its matrix equals a run without the cache); a LoRA model, whose state differs, is evaluated anew."""
     cache = {}
     first = copy.deepcopy(tiny_model)
-    prepare_trainable(first, tiny_config, MODES["full"])
+    prepare_trainable(first, tiny_config.model, MODES["full"])
     run_stream(first, build_method(MethodConfig(name="finetune")), tiny_stream, tiny_stem, tiny_config, None, cache)
     assert len(cache) == 1
     second = copy.deepcopy(tiny_model)
-    prepare_trainable(second, tiny_config, MODES["full"])
+    prepare_trainable(second, tiny_config.model, MODES["full"])
     shared = run_stream(second, build_method(MethodConfig(name="lwf")), tiny_stream, tiny_stem, tiny_config, None, cache)
     alone_model = copy.deepcopy(tiny_model)
-    prepare_trainable(alone_model, tiny_config, MODES["full"])
+    prepare_trainable(alone_model, tiny_config.model, MODES["full"])
     alone = run_stream(alone_model, build_method(MethodConfig(name="lwf")), tiny_stream, tiny_stem, tiny_config, None)
     np.testing.assert_array_equal(shared.accuracy_matrix, alone.accuracy_matrix)
     assert len(cache) == 1
     lora = copy.deepcopy(tiny_model)
-    prepare_trainable(lora, tiny_config, MODES["lora"])
+    prepare_trainable(lora, tiny_config.model, MODES["lora"])
     run_stream(lora, build_method(MethodConfig(name="finetune")), tiny_stream, tiny_stem, tiny_config, None, cache)
     assert len(cache) == 2

@@ -13,7 +13,7 @@ from lifelong.errors import ConfigError
 from lifelong.learn import build_method
 from lifelong.learn.o_lora import ADAPTER, lora_layers, orthogonality_loss
 from lifelong.loop import train_task
-from lifelong.runner import prepare_trainable
+from lifelong.families import prepare_trainable
 
 from test_methods import MODES, task_data
 
@@ -21,7 +21,7 @@ RANK = MODES["lora"].rank
 
 
 def olora(model, config, **params):
-    prepare_trainable(model, config, MODES["lora"])
+    prepare_trainable(model, config.model, MODES["lora"])
     method = build_method(MethodConfig(name="o_lora", params=params))
     method.prepare(model)
     return method
@@ -150,7 +150,7 @@ def test_state_round_trips_and_needs_lora(tiny_model, tiny_stream, tiny_stem, ti
     assert logs["orth"] > 0 and logs["l2"] > 0
     assert loss.item() == clone.loss(tiny_model, batch, third)[0].item()
 
-    prepare_trainable(full, tiny_config, MODES["full"])
+    prepare_trainable(full, tiny_config.model, MODES["full"])
     with pytest.raises(ConfigError, match="adapter.kind: lora"):
         build_method(MethodConfig(name="o_lora")).prepare(full)
     with pytest.raises(ConfigError):

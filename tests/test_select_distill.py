@@ -16,7 +16,7 @@ from lifelong.learn.finetune import Finetune
 from lifelong.learn.select_distill import Params, SelectAndDistill, selection_scores
 from lifelong.learn.zscl import embed_images, load_reference_images
 from lifelong.loop import label_spaces, targets_in, train_task
-from lifelong.runner import prepare_trainable
+from lifelong.families import prepare_trainable
 
 SMALL = dict(reference_images=64, reference_batch_size=16)  # the defaults are 1000 and 64
 
@@ -28,7 +28,7 @@ def task_data(stream, stem, t):
 
 
 def prepared(model, config, adapter=AdapterConfig()):
-    prepare_trainable(model, config, adapter)
+    prepare_trainable(model, config.model, adapter)
     return model
 
 

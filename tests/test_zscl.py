@@ -15,7 +15,7 @@ from lifelong.learn.common import TaskData
 from lifelong.learn.finetune import Finetune
 from lifelong.learn.zscl import ZSCL, Params, embed_images, load_reference_images
 from lifelong.loop import label_spaces, targets_in, train_task
-from lifelong.runner import prepare_trainable
+from lifelong.families import prepare_trainable
 
 # A small reference set keeps the tests fast; the method's defaults are 1000 images and 1000 texts.
 SMALL = dict(reference_images=64, reference_batch_size=16, reference_texts=48, reference_texts_per_step=16)
@@ -28,7 +28,7 @@ def task_data(stream, stem, t):
 
 
 def prepared(model, config):
-    prepare_trainable(model, config, AdapterConfig())
+    prepare_trainable(model, config.model, AdapterConfig())
     return model
 
 

@@ -26,11 +26,13 @@ import numpy as np  # noqa: E402
 import torch  # noqa: E402
 import yaml  # noqa: E402
 
-from lifelong.config import load_config  # noqa: E402
+from lifelong.learn.driver import load_run_config  # noqa: E402
 from lifelong.data.base import ImageDataset, Stream, Task  # noqa: E402
 from lifelong.learn import build_method  # noqa: E402
 from lifelong.loop import run_stream  # noqa: E402
-from lifelong.runner import build_model, compute_stem_features, prepare_trainable  # noqa: E402
+from lifelong.learn.driver import build_model  # noqa: E402
+from lifelong.loop import compute_stem_features  # noqa: E402
+from lifelong.families import prepare_trainable  # noqa: E402
 
 # Each shared setting in lifelong's terms. Avalanche's EWC adds lambda * sum F (theta - theta*)^2 (no 1/2)
 # and its LwF alpha * KL at temperature T (no T^2), where lifelong's add (reg_weight / 2) * ... and
@@ -64,7 +66,7 @@ def run_config(settings: dict, backbone: str, method: str, seed: int):
         overrides.append(f"model.hidden_sizes={json.dumps(spec['hidden_sizes'])}")
     for key, value in method_params(method, settings["methods"][method], spec["train_items"], seed).items():
         overrides.append(f"methods.0.{key}={json.dumps(value)}")
-    return load_config(None, overrides)
+    return load_run_config(None, overrides)
 
 
 def steps_per_task(settings: dict, backbone: str) -> int:
@@ -103,7 +105,7 @@ def main() -> None:
         if name in init.files and not np.array_equal(value.detach().numpy(), init[name]):
             raise SystemExit(f"initial {name} differs from init_{backbone}.npz")
     stem = compute_stem_features(model, stream, config.train.eval_batch_size)
-    prepare_trainable(model, config, config.adapter)
+    prepare_trainable(model, config.model, config.adapter)
     method_obj = build_method(config.methods[0])
     with torch.no_grad():  # the model check: run.py compares these with Avalanche's initial logits
         probe = model(stem.test[0][:8], stream.class_names)

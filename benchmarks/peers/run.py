@@ -139,7 +139,7 @@ def write_shared_inputs(settings: dict, backbone: str, work: Path) -> list[list[
     from lifelong_side import run_config
 
     from lifelong.data.streams import build_stream
-    from lifelong.runner import build_model
+    from lifelong.learn.driver import build_model
 
     config = run_config(settings, backbone, "naive", settings["seeds"][0])
     stream = build_stream(config.stream)

@@ -7,7 +7,15 @@ import dataclasses
 import sys
 from pathlib import Path
 
-from lifelong.errors import LifelongError
+from lifelong import api
+from lifelong.data.edit_requests import EditRequest, Probe
+from lifelong.data.streams import PRESETS
+from lifelong.edit import EDITORS, editor_class
+from lifelong.edit.bench import load_bench_config, read_requests_file, run_bench
+from lifelong.errors import ConfigError, LifelongError
+from lifelong.families import FAMILIES, ledger_families
+from lifelong.learn import METHODS
+from lifelong.runtime import tune_allocator
 
 CONFIG_DIR = Path(__file__).resolve().parent / "configs"
 
@@ -38,8 +46,6 @@ valid ones. User errors exit with code 2.
 
 
 def main(argv: list[str] | None = None) -> int:
-    from lifelong.runtime import tune_allocator
-
     tune_allocator()  # keep freed tensor memory in the heap: no page faults per training step
     parser = argparse.ArgumentParser(
         prog="lifelong",
@@ -104,20 +110,11 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def cmd_run(config_path: Path, overrides: list[str], ledger: Path | None = None) -> int:
-    from lifelong.config import load_config
-    from lifelong.runner import run_experiment, run_into_ledgers
-
-    config = load_config(config_path, overrides)
-    if ledger is not None:
-        run_into_ledgers(config, ledger)
-    else:
-        run_experiment(config)
+    api.run(config_path, overrides, ledger)
     return 0
 
 
 def cmd_methods() -> int:
-    from lifelong.learn import METHODS
-
     for name, cls in METHODS.items():
         doc = (sys.modules[cls.__module__].__doc__ or "").strip().splitlines()[0]
         knobs = ", ".join(f"{f.name}={f.default!r}" for f in dataclasses.fields(cls.Params))
@@ -126,8 +123,6 @@ def cmd_methods() -> int:
 
 
 def cmd_streams() -> int:
-    from lifelong.data.streams import PRESETS
-
     for name, spec in PRESETS.items():
         print(f"{name}: {spec}")
     return 0
@@ -154,8 +149,8 @@ def add_ledger_commands(sub) -> None:
                    "default) takes `lifelong learn` changes; an lm ledger (--family lm, a causal LM) takes "
                    "`lifelong edit --ledger DIR` changes and is probed by the edits in effect and held-out facts.")
     init.add_argument("dir", type=Path)
-    init.add_argument("--family", choices=("vlm", "lm"), default="vlm", help="vlm (default): a CLIP-style dual encoder; "
-                      "lm: a causal LM")
+    init.add_argument("--family", default="vlm", help="the model family: " + "; ".join(
+        f"{name}: {FAMILIES[name].summary}" for name in ledger_families()) + " (default vlm)")
     init.add_argument("--model", default="embedded", help="model.name: embedded (default), a CLIP hub name or folder, "
                       "an export folder, tiny-embedded / tiny-clip (tests); lm: embedded (SmolLM2-135M-Instruct), a "
                       "hub id or a folder of a transformers causal LM")
@@ -227,167 +222,67 @@ def add_ledger_commands(sub) -> None:
 
 
 def cmd_init(args) -> int:
-    from lifelong.config import ModelConfig
-    from lifelong.ledger.core import Ledger
-    from lifelong.ledger.probes import DEFAULT_PROBES, Probe, run_probes, unique_name
-
-    if args.family == "lm":
-        return init_lm(args)
-    specs = [parse_probe(p) for p in args.probe] if args.probe else list(DEFAULT_PROBES)
-    probes, taken = [], set()
-    for spec in specs:
-        name = unique_name(spec["source"], taken)
-        taken.add(name)
-        probes.append(Probe(name=name, source=spec["source"], options=spec["options"], test_items=args.probe_items or 500))
-    for probe in probes:  # a bad source or option fails before anything is written
-        probe.dataset()
-    model = ModelConfig(name=args.model, resolution=args.resolution, trainable_blocks=args.trainable_blocks)
-    ledger = Ledger.create(args.dir, model, probes, weights=args.weights, trust_pickle=args.trust_pickle)
-    ledger.record_baseline(run_probes(ledger.base_model(), ledger.probes))
-    print(f"created ledger {args.dir} of {args.model!r} (base SHA-256 {ledger.manifest['base']['sha256'][:12]})")
-    for name, score in ledger.manifest["baseline"].items():
-        print(f"  probe {name:16s} {score:5.1f}%")
-    return 0
-
-
-def init_lm(args) -> int:
-    from lifelong.errors import ConfigError
-    from lifelong.ledger.edits import create_lm_ledger
-
-    if args.probe:
-        raise ConfigError("--probe names image test sets of a vlm ledger; an lm ledger's probes are the edits in effect "
-                          "and --probe-items held-out facts")
-    ledger = create_lm_ledger(args.dir, args.model, heldout_items=args.probe_items or 50, weights=args.weights,
-                              trust_pickle=args.trust_pickle)
-    print(f"created lm ledger {args.dir} of {args.model!r} (base SHA-256 {ledger.manifest['base']['sha256'][:12]})")
+    ledger = api.init(args.dir, family=args.family, model=args.model, probes=args.probe, probe_items=args.probe_items,
+                      resolution=args.resolution, trainable_blocks=args.trainable_blocks, weights=args.weights,
+                      trust_pickle=args.trust_pickle)
+    print(f"created {ledger.family} ledger {args.dir} of {args.model!r} (base SHA-256 {ledger.manifest['base']['sha256'][:12]})")
     for probe in ledger.probes:
         score = ledger.manifest["baseline"].get(probe.name)
-        shown = f"{score:5.1f}% agreement with the base model on {len(probe.prompts)} prompts" if score is not None \
-            else "no edits yet"
+        prompts = getattr(probe, "prompts", None)
+        if score is None:
+            shown = "no edits yet"
+        elif prompts is not None:
+            shown = f"{score:5.1f}% agreement with the base model on {len(prompts)} prompts"
+        else:
+            shown = f"{score:5.1f}%"
         print(f"  probe {probe.name:16s} {shown}")
     return 0
 
 
-def parse_probe(text: str) -> dict:
-    import yaml
-
-    from lifelong.errors import ConfigError
-
-    source, _, rest = text.partition(":")
-    options = {}
-    for item in filter(None, rest.split(",")):
-        key, eq, value = item.partition("=")
-        if not eq:
-            raise ConfigError(f"--probe {text!r}: options look like SOURCE:key=value,key=value")
-        options[key.strip()] = yaml.safe_load(value)
-    return {"source": source.strip(), "options": options}
-
-
 def cmd_learn(args) -> int:
-    import yaml
-
-    from lifelong.config import load_config
-    from lifelong.errors import ConfigError
-    from lifelong.ledger.changes import learn, learn_spec
-    from lifelong.ledger.core import Ledger
-
-    fixed = [o for o in args.overrides if o.split("=", 1)[0].split(".")[0] in ("model", "stream")]
-    if fixed:
-        raise ConfigError(f"{', '.join(fixed)}: a ledger's model is fixed at `lifelong init` and a change's data is "
-                          "given by --task/--option; override train.*, adapter.*, methods.*, seed")
-    overrides = list(args.overrides) + ([f"methods=[{args.method}]"] if args.method else [])
-    config = load_config(args.config, ["stream.name=tiny"] + overrides)  # the stream section is unused here
-    options = {}
-    for item in args.option:
-        key, eq, value = item.partition("=")
-        if not eq:
-            raise ConfigError(f"--option {item!r} must look like KEY=VALUE")
-        options[key] = yaml.safe_load(value)
-    task = {"source": args.task, "options": options, "name": args.name, "train_items": args.train_items,
-            "test_items": args.test_items}
-    n = learn(args.dir, learn_spec(config, task, args.checkpoint_every))
-    return print_change(Ledger.open(args.dir), n)
-
-
-def print_change(ledger, n: int) -> int:
-    from lifelong.ledger.views import format_change
-
-    print(format_change(ledger, n))
+    n = api.learn(args.dir, args.task, method=args.method, options=api.parse_options(args.option), name=args.name,
+                  train_items=args.train_items, test_items=args.test_items, config=args.config,
+                  overrides=args.overrides, checkpoint_every=args.checkpoint_every)
+    print(api.show(args.dir, n))
     return 0
 
 
 def cmd_resume(args) -> int:
-    from lifelong.ledger.changes import resume
-    from lifelong.ledger.core import Ledger
-
-    n = resume(args.dir, discard=args.discard)
-    if n is None:
-        print(f"dropped the interrupted change of {args.dir}")
-        return 0
-    return print_change(Ledger.open(args.dir), n)
+    n = api.resume(args.dir, discard=args.discard)
+    print(f"dropped the interrupted change of {args.dir}" if n is None else api.show(args.dir, n))
+    return 0
 
 
 def cmd_log(args) -> int:
-    from lifelong.ledger.core import Ledger
-    from lifelong.ledger.views import format_log, format_matrix, write_report
-
-    ledger = Ledger.open(args.dir)
-    print(format_log(ledger, markdown=args.markdown))
-    if args.matrix:
-        print("\ninterference matrix: probe score after each change (how much that change moved it)")
-        print(format_matrix(ledger, markdown=args.markdown))
-        print(f"\nwrote {write_report(ledger)}")
+    print(api.log(args.dir, matrix=args.matrix, markdown=args.markdown))
     return 0
 
 
 def cmd_show(args) -> int:
-    from lifelong.ledger.core import Ledger
-
-    return print_change(Ledger.open(args.dir), args.n)
+    print(api.show(args.dir, args.n))
+    return 0
 
 
 def cmd_revert(args) -> int:
-    from lifelong.ledger.changes import revert
-    from lifelong.ledger.core import Ledger
-
-    n = revert(args.dir, args.n, strategy=args.strategy)
-    return print_change(Ledger.open(args.dir), n)
+    print(api.show(args.dir, api.revert(args.dir, args.n, strategy=args.strategy)))
+    return 0
 
 
 def cmd_export(args) -> int:
-    from lifelong.families.vlm import export_native
-    from lifelong.ledger.core import Ledger
-    from lifelong.ledger.edits import export_lm
-
-    ledger = Ledger.open(args.dir)
-    if args.upto is not None:
-        ledger.change(args.upto)
-    if ledger.family == "lm":
-        out = export_lm(ledger, args.out, upto=args.upto)
-    else:
-        out = export_native(ledger.materialize(upto=args.upto), args.out)
-    state = f"after change {args.upto}" if args.upto is not None else f"after {len(ledger.changes)} change(s)"
+    out = api.export(args.dir, args.out, upto=args.upto)
+    state = f"after change {args.upto}" if args.upto is not None else "after every change"
     print(f"exported the model {state} to {out}; load it with `--model {out}` (or model.name={out})")
     return 0
 
 
 def cmd_verify(args) -> int:
-    from lifelong.errors import LedgerCorruptError
-    from lifelong.ledger.core import Ledger
-
-    ledger = Ledger.open(args.dir)
-    problems = ledger.verify()
-    if problems:
-        raise LedgerCorruptError(f"{args.dir} failed verification:\n  " + "\n  ".join(problems))
-    files = len(ledger.manifest["files"]) + sum(len(c["files"]) for c in ledger.changes)
+    files = api.verify(args.dir)
     print(f"ok: {files} file(s) match their SHA-256; the base model matches its hash")
     return 0
 
 
 LEDGER_COMMANDS = {"init": cmd_init, "learn": cmd_learn, "resume": cmd_resume, "log": cmd_log, "show": cmd_show,
                    "revert": cmd_revert, "export": cmd_export, "verify": cmd_verify}
-
-
 
 
 # ---------------------------------------------------------------------------------------------
@@ -444,25 +339,17 @@ def add_edit_commands(sub) -> None:
 
 
 def cmd_edit(args) -> int:
-    from lifelong.config import apply_override
-    from lifelong.edit import EDITORS, EditRequest, Probe, editor_class
-    from lifelong.errors import ConfigError
-
     if args.list:
         for name in EDITORS:
             cls = editor_class(name)
             doc = (sys.modules[cls.__module__].__doc__ or "").strip().splitlines()[0]
             knobs = ", ".join(f"{f.name}={f.default!r}" for f in dataclasses.fields(cls.Params))
-            print(f"{name:10s} {doc}\n{'':10s} knobs: {knobs}")
+            print(f"{name:10s} {doc} [ledger records: {cls.records}]\n{'':10s} knobs: {knobs}")
         return 0
-    knobs: dict = {}
-    for item in args.overrides:
-        apply_override(knobs, item)
+    knobs = api.parse_knobs(args.overrides)
     if args.requests is not None:
         if args.prompt or args.target:
             raise ConfigError("give either --requests FILE or --prompt/--target, not both")
-        from lifelong.edit.bench import read_requests_file
-
         requests = read_requests_file(args.requests)[: args.limit]
     else:
         if not (args.prompt and args.target):
@@ -475,44 +362,19 @@ def cmd_edit(args) -> int:
         requests = [EditRequest(prompt=args.prompt, target_new=target, subject=subject,
                                 paraphrases=tuple(args.paraphrase),
                                 locality=tuple(Probe(p, "") for p in args.locality))]
+    result = api.edit(requests, args.method, model=args.model, ledger=args.ledger, knobs=knobs)
     if args.ledger is not None:
-        return edit_ledger(args, requests, knobs)
-    from lifelong.edit.protocol import apply_all, make_editor
-    from lifelong.families.lm import build_lm
-    from lifelong.ledger.edits import with_answers
-    from lifelong.metrics.editing import base_predictions, generate, score_requests
-
-    model, tokenizer = build_lm(args.model or "embedded")
-    requests = with_answers(model, tokenizer, requests)
-    prompts = [p for r in requests for p in (r.prompt, *r.paraphrases, *(q.prompt for q in r.locality))]
-    before = generate(model, tokenizer, prompts, max_new_tokens=8)
-    base = base_predictions(model, tokenizer, requests)
-    editor = make_editor(args.method, model, tokenizer, knobs)
-    cost = apply_all(editor, requests, desc=f"{args.method}")
-    after = generate(model, tokenizer, prompts, max_new_tokens=8)
+        print(api.show(args.ledger, result["change"]))
+        return 0
+    cost = result["cost"]
     print(f"{args.method}: {len(requests)} edit(s), {cost['seconds_per_edit']:.2f} s per edit, peak RSS {cost['peak_rss_mb']:.0f} MiB")
-    for prompt, b, a in zip(prompts, before, after):
+    for prompt, b, a in result["answers"]:
         print(f"  {prompt!r}\n      before: {b!r}\n      after:  {a!r}")
-    scores = score_requests(model, tokenizer, requests, base)
-    print("  " + "  ".join(f"{k} {v:.2f}" for k, v in scores.items() if isinstance(v, float)))
+    print("  " + "  ".join(f"{k} {v:.2f}" for k, v in result["scores"].items() if isinstance(v, float)))
     return 0
 
 
-def edit_ledger(args, requests, knobs) -> int:
-    """`lifelong edit --ledger DIR`: the edits become one change of the lm ledger DIR."""
-    from lifelong.errors import ConfigError
-    from lifelong.ledger.core import Ledger
-    from lifelong.ledger.edits import edit
-
-    if args.model is not None:
-        raise ConfigError(f"--model: a ledger's model is fixed at `lifelong init` (see `lifelong log {args.ledger}`)")
-    n = edit(args.ledger, args.method, requests, knobs)
-    return print_change(Ledger.open(args.ledger), n)
-
-
 def cmd_bench_edit(args) -> int:
-    from lifelong.edit.bench import load_bench_config, run_bench
-
     overrides = list(args.overrides)
     if args.methods:
         overrides.append(f"methods=[{args.methods}]")

@@ -20,7 +20,7 @@ from lifelong.errors import ConfigError
 
 @dataclass(frozen=True)
 class ModelConfig:
-    family: str = "vlm"  # "vlm" (lifelong.families.vlm) or "classifier" (lifelong.families.classifier)
+    family: str = "vlm"  # a name in lifelong.families.FAMILIES: vlm, classifier, lm
     # "embedded" (EfficientNet-Lite0 + all-MiniLM-L6-v2 + the project's heads), a transformers CLIP
     # model's hub name or local path, or "tiny-embedded" / "tiny-clip" (random, for tests).
     name: str = "embedded"
@@ -232,10 +232,9 @@ def _coerce(tp: Any, value: Any, where: str) -> Any:
 
 
 def validate(config: RunConfig) -> None:
-    """Checks across sections, and each method's own knobs. Runs before any model or data is loaded."""
-    from lifelong.learn import METHODS, method_params
-
-    choices = {"model.family": (config.model.family, ("vlm", "classifier"))}
+    """Checks within and across sections that need no registry (the learn driver's `check_run` adds the
+    family, method and stream checks). Runs before any model or data is loaded."""
+    choices = {}
     for where, adapter in [("adapter", config.adapter)] + [
         (f"methods.{i}.adapter", m.adapter) for i, m in enumerate(config.methods) if m.adapter is not None
     ]:
@@ -254,52 +253,11 @@ def validate(config: RunConfig) -> None:
     for key, value in positive.items():
         if value <= 0:
             raise ConfigError(f"{key} must be positive, got {value}")
-    if not config.methods:
-        raise ConfigError("methods is empty: name at least one of " + ", ".join(METHODS))
+    if any(h <= 0 for h in config.model.hidden_sizes):
+        raise ConfigError(f"model.hidden_sizes must be positive widths, got {list(config.model.hidden_sizes)}")
     labels = [m.display_name for m in config.methods]
     if len(set(labels)) != len(labels):
         raise ConfigError(f"methods have duplicate names {labels}: give each a distinct `label`")
-    for i, m in enumerate(config.methods):
-        if m.name not in METHODS:
-            raise ConfigError(f"methods.{i}.name={m.name!r} is not a method; valid: {', '.join(METHODS)}")
-        method_params(m, f"methods.{i}")
-    validate_model(config)
-    resolve_stream(config.stream)
-
-
-def validate_model(config: RunConfig) -> None:
-    """The model knobs that apply to the chosen family (and name) only, and the methods it runs."""
-    model, default = config.model, ModelConfig()
-    if any(h <= 0 for h in model.hidden_sizes):
-        raise ConfigError(f"model.hidden_sizes must be positive widths, got {list(model.hidden_sizes)}")
-    if model.family == "vlm":
-        if model.hidden_sizes != default.hidden_sizes:
-            raise ConfigError("model.hidden_sizes applies to model.family=classifier, name mlp only")
-        return
-    from lifelong.families.classifier import METHODS, NAMES
-
-    if model.name not in NAMES:
-        raise ConfigError(f"model.name={model.name!r} is not a classifier; valid for family classifier: {', '.join(NAMES)}")
-    if model.name != "mlp" and model.hidden_sizes != default.hidden_sizes:
-        raise ConfigError(f"model.hidden_sizes applies to the mlp classifier only, not {model.name} (a frozen trunk + linear head)")
-    for key in ("trainable_blocks", "train_text_projection"):
-        if getattr(model, key) != getattr(default, key):
-            raise ConfigError(f"model.{key} applies to model.family=vlm only")
-    for i, m in enumerate(config.methods):
-        if m.name not in METHODS:
-            raise ConfigError(f"methods.{i}.name={m.name!r} does not run on model.family=classifier (it needs a text "
-                              f"encoder or the vlm towers); methods that do: {', '.join(METHODS)}")
-
-
-def resolve_stream(raw: dict):
-    """The stream section -> a validated StreamSpec. `{name: <preset>, key: value}` is that preset with
-    overrides (seed, order, rotation, train_items, test_items); a section with `tasks` is a full spec."""
-    from lifelong.data.streams import PRESETS, stream_spec
-
-    raw = dict(raw)
-    if "tasks" not in raw and raw.get("name") in PRESETS:
-        return stream_spec(raw.pop("name"), **raw)
-    return stream_spec(raw)
 
 
 def to_dict(config: Any) -> Any:

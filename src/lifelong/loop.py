@@ -18,15 +18,79 @@ import numpy as np
 import torch
 from accelerate import Accelerator
 from accelerate.utils import set_seed
+from safetensors.torch import load, save
 from tqdm.auto import tqdm
 
+from lifelong.atomic import atomic_write_bytes
+from lifelong.cache import cache_dir
 from lifelong.config import RunConfig, TrainConfig
-from lifelong.data.base import Stream
-from lifelong.errors import TrainingDivergedError
-from lifelong.learn.common import TaskData
-from lifelong.report.io import atomic_write_bytes
+from lifelong.data.base import ImageDataset, Stream, Task
+from lifelong.errors import ConfigError, TrainingDivergedError
 from lifelong.fingerprint import tensor_digest
 from lifelong.runtime import tune_allocator
+
+
+@dataclass
+class TaskData:
+    """One task as the training loop hands it to a method.
+
+    inputs: the frozen stem's outputs for the task's training images (cached, never recomputed).
+    targets: each image's index into `class_names`, the label space the task trains on (the task's
+    own classes when task-incremental; every class seen so far when class-incremental).
+    seen_class_names: the label spaces of the tasks before this one, for distillation on old classes.
+    """
+
+    index: int
+    task: Task
+    inputs: torch.Tensor
+    targets: torch.Tensor
+    class_names: tuple[str, ...]
+    seen_class_names: tuple[str, ...]
+
+
+def process_share(batch: dict, drawn: torch.Tensor) -> torch.Tensor:
+    """This process's share of samples a method draws for the whole batch (e.g. replayed exemplars).
+
+    Under several processes the loop gives each process an equal share of every global batch and sets
+    `batch["share"] = (rank, world)`. Whatever a method draws per step must be drawn for the global
+    batch (the same draw in every process: seeded by task and step) and split the same way; else
+    every process would replay the same samples and the run would differ from one process.
+    """
+    rank, world = batch.get("share", (0, 1))
+    return drawn[rank::world]
+
+
+def global_batch_size(batch: dict) -> int:
+    """The size of the global batch this process's share belongs to."""
+    return len(batch["inputs"]) * batch.get("share", (0, 1))[1]
+
+
+def stem_outputs(model, dataset: ImageDataset, batch_size: int = 256) -> torch.Tensor:
+    """The frozen stem's outputs for a dataset, from the disk cache when this exact stem saw it before."""
+    path = cache_dir() / "stem" / f"{model.stem_fingerprint()}-{dataset.fingerprint[:16]}.safetensors"
+    if path.is_file():
+        try:
+            return _stem_layout(load(path.read_bytes())["stem"])
+        except Exception:  # noqa: BLE001 - a damaged cache file is recomputed, never trusted
+            pass
+    out = model.encode_stem(dataset.images, batch_size)
+    atomic_write_bytes(path, save({"stem": out.contiguous()}))
+    return _stem_layout(out)
+
+
+def _stem_layout(out: torch.Tensor) -> torch.Tensor:
+    """Conv feature maps in channels-last layout, as the conv stem returns them, whether computed or
+    loaded from the cache: the trunk's kernels round differently on the two layouts, so without this a
+    cold and a warm cache would train to different numbers."""
+    return out.contiguous(memory_format=torch.channels_last) if out.dim() == 4 else out.contiguous()
+
+
+def compute_stem_features(model, stream: Stream, batch_size: int) -> "StemFeatures":
+    train, test = [], []
+    for task in tqdm(stream.tasks, desc="stem features", leave=False):
+        train.append(stem_outputs(model, task.train, batch_size))
+        test.append(stem_outputs(model, task.test, batch_size))
+    return StemFeatures(train, test)
 
 
 @dataclass
@@ -77,7 +141,7 @@ def count_correct(model, stem_out: torch.Tensor, targets: torch.Tensor, class_na
         rank, world = accelerator.process_index, accelerator.num_processes
         mine = count_correct(model, stem_out[rank::world], targets[rank::world], class_names, batch_size, method)
         return int(accelerator.reduce(torch.tensor([mine]), reduction="sum").item())
-    if method is not None and hasattr(method, "eval_logits"):
+    if method is not None and hasattr(method, "eval_logits"):  # the EvalLogits protocol
         def score(x):
             return method.eval_logits(model, x, class_names)
     else:
@@ -127,8 +191,6 @@ def run_stream(model, method, stream: Stream, stem: StemFeatures, config: RunCon
     set_seed(config.seed)
     accelerator = make_accelerator()
     if train_cfg.batch_size % accelerator.num_processes:
-        from lifelong.errors import ConfigError
-
         raise ConfigError(f"train.batch_size={train_cfg.batch_size} must be a multiple of the number of processes "
                           f"({accelerator.num_processes}): each process takes an equal share of every batch")
     method.prepare(model)

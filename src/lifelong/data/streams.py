@@ -117,6 +117,15 @@ def stream_spec(name_or_dict: str | Mapping[str, Any] | StreamSpec, **overrides)
     return spec
 
 
+def stream_from_section(raw: Mapping[str, Any]) -> StreamSpec:
+    """A config's `stream` section -> a validated StreamSpec. `{name: <preset>, key: value}` is that preset
+    with overrides (seed, order, rotation, train_items, test_items); a section with `tasks` is a full spec."""
+    raw = dict(raw)
+    if "tasks" not in raw and raw.get("name") in PRESETS:
+        return stream_spec(raw.pop("name"), **raw)
+    return stream_spec(raw)
+
+
 def build_stream(spec: str | Mapping[str, Any] | StreamSpec) -> Stream:
     """Load every task of a stream (see the module docstring for ids, order and naming)."""
     spec = stream_spec(spec)

@@ -7,7 +7,10 @@ from __future__ import annotations
 
 import importlib
 
-from lifelong.edit.base import EditRequest, Editor, Probe
+from lifelong.config import from_dict
+from lifelong.edit.base import Editor
+from lifelong.data.edit_requests import EditRequest, Probe
+from lifelong.errors import ConfigError
 
 # name -> "module:Class"; imported on first use so that `lifelong --help` stays fast
 EDITORS = {
@@ -22,7 +25,6 @@ EDITORS = {
 
 
 def editor_class(name: str) -> type[Editor]:
-    from lifelong.errors import ConfigError
 
     if name not in EDITORS:
         raise ConfigError(f"unknown editor {name!r}; available: {', '.join(EDITORS)}")
@@ -32,9 +34,11 @@ def editor_class(name: str) -> type[Editor]:
 
 def editor_params(name: str, knobs: dict | None = None, where: str = "editor"):
     """The editor's validated `Params` (unknown knobs fail and list the valid ones)."""
-    from lifelong.config import from_dict
 
-    return from_dict(editor_class(name).Params, dict(knobs or {}), where)
+    try:
+        return from_dict(editor_class(name).Params, dict(knobs or {}), where)
+    except (ValueError, TypeError) as e:  # a knob's own check (e.g. a WISE ratio outside (0, 1]): a user error
+        raise ConfigError(f"{where} {name}: {e}") from None
 
 
 def build_editor(name: str, model, tokenizer, knobs: dict | None = None) -> Editor:

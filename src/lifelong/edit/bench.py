@@ -10,16 +10,23 @@ and metrics_vs_T.png under output_dir/name.
 
 from __future__ import annotations
 
+import json
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import yaml
 
+from lifelong.atomic import atomic_write_json, atomic_write_text
 from lifelong.config import from_dict, read_raw, to_dict
-from lifelong.errors import ConfigError
 from lifelong.edit import EDITORS, editor_params
-from lifelong.report.io import atomic_write_json, atomic_write_text
+from lifelong.edit.protocol import OverBudget, lifelong, make_editor, single
+from lifelong.edit.readers import read_counterfact, read_easyedit_zsre
+from lifelong.edit.requests import build_requests, counterfact_requests, load_requests
+from lifelong.errors import ConfigError, DataFormatError
+from lifelong.families.lm import build_lm
+from lifelong.metrics.editing import cached_base_predictions
+from lifelong.runtime import versions
 
 TABLE_METRICS = ("reliability_token", "generality_token", "locality_token", "portability_token",
                  "reliability_cf", "generality_cf", "locality_cf", "fluency_ngram_entropy")
@@ -60,11 +67,7 @@ def load_bench_config(path: str | Path | None, overrides: list[str] | tuple[str,
 def read_requests_file(path: str | Path) -> list:
     """Our request JSON, EasyEdit's ZsRE JSON (records with `src`) or ROME's CounterFact JSON
     (records with `requested_rewrite`), told apart by their fields."""
-    import json
 
-    from lifelong.edit.readers import read_counterfact, read_easyedit_zsre
-    from lifelong.edit.requests import load_requests
-    from lifelong.errors import DataFormatError
 
     try:
         data = json.loads(Path(path).read_text(encoding="utf-8"))
@@ -82,7 +85,6 @@ def read_requests_file(path: str | Path) -> list:
 
 def evaluation_requests(config: EditBenchConfig, model, tokenizer) -> tuple[list, dict]:
     """The evaluated requests (enough for the largest T) and a description of where they came from."""
-    from lifelong.edit.requests import build_requests, counterfact_requests
 
     need = max(max(config.T), config.single_n)
     if config.requests_file:
@@ -101,11 +103,6 @@ def evaluation_requests(config: EditBenchConfig, model, tokenizer) -> tuple[list
 
 
 def run_bench(config: EditBenchConfig) -> Path:
-    from lifelong.edit.protocol import OverBudget, lifelong, make_editor, single
-    from lifelong.edit.requests import build_requests
-    from lifelong.families.lm import build_lm
-    from lifelong.metrics.editing import cached_base_predictions
-    from lifelong.runner import versions
 
     out = Path(config.output_dir) / config.name
     out.mkdir(parents=True, exist_ok=True)
@@ -166,7 +163,6 @@ def finished_rows(path: Path, config: EditBenchConfig) -> dict:
     """What an earlier run of the same benchmark (same config but for methods, T and the time budget)
     already measured: {method: {"single": row, "lifelong": {T: row}}}. Rerunning the command with a
     larger budget or more T continues the sweep instead of starting over; skipped T are retried."""
-    import json
 
     if not path.is_file():
         return {}

@@ -26,7 +26,9 @@ from dataclasses import dataclass
 
 import torch
 
-from lifelong.edit.base import EditRequest, Editor, fit_target, target_batch, target_nll
+from lifelong.edit.base import Editor, fit_target
+from lifelong.data.edit_requests import EditRequest
+from lifelong.families.lm import target_batch, target_nll
 from lifelong.families.lm import ffn_out, resolve_layer
 
 
@@ -44,6 +46,7 @@ class Params:
 
 class FTL(Editor):
     name = "ft_l"
+    records = "weights"  # how a ledger records an edit: an additive weight patch
     Params = Params
 
     def __init__(self, model, tokenizer, params: Params) -> None:

@@ -42,7 +42,9 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from lifelong.edit.base import EditRequest, Editor, fit_target, target_batch, target_nll
+from lifelong.edit.base import Editor, fit_target
+from lifelong.data.edit_requests import EditRequest
+from lifelong.families.lm import target_batch, target_nll
 from lifelong.families.lm import ffn_out, frozen, linear_weight, resolve_layer
 
 
@@ -104,6 +106,7 @@ class GraceCodebook(nn.Module):
 
 class GRACE(Editor):
     name = "grace"
+    records = "module"  # how a ledger records an edit: the state of the modules it adds
     Params = Params
 
     def __init__(self, model, tokenizer, params: Params) -> None:

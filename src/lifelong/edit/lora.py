@@ -27,7 +27,9 @@ from dataclasses import dataclass
 
 import torch
 
-from lifelong.edit.base import EditRequest, Editor, fit_target, target_batch, target_nll
+from lifelong.edit.base import Editor, fit_target
+from lifelong.data.edit_requests import EditRequest
+from lifelong.families.lm import target_batch, target_nll
 from lifelong.families.lm import decoder_layers, ffn_out, is_transposed
 
 
@@ -44,6 +46,7 @@ class Params:
 
 class LoRAEdit(Editor):
     name = "lora"
+    records = "weights"  # how a ledger records an edit: an additive weight patch
     Params = Params
 
     def __init__(self, model, tokenizer, params: Params) -> None:

@@ -44,10 +44,12 @@ from dataclasses import asdict, dataclass
 import torch
 from torch import nn
 
-from lifelong.edit.base import EditRequest, Editor, target_batch, target_nll
+from lifelong.cache import load_cached, store_cached
+from lifelong.edit.base import Editor
+from lifelong.data.edit_requests import EditRequest
+from lifelong.families.lm import target_batch, target_nll
 from lifelong.edit.t_patcher import target_nll_from_logits
 from lifelong.families.lm import decoder_layers, ffn_out, is_transposed, linear_weight, lm_fingerprint
-
 
 # Part of the cache key of trained editors: bump it when the training changes what an editor learns.
 TRAINING_VERSION = 2
@@ -136,6 +138,8 @@ class EditorNetworks(nn.Module):
 
 class MEND(Editor):
     name = "mend"
+    records = "weights"  # how a ledger records an edit: an additive weight patch
+    learns_to_edit = True  # `prepare` trains the editor networks on held-out requests
     Params = Params
 
     def __init__(self, model, tokenizer, params: Params = Params()) -> None:
@@ -159,26 +163,17 @@ class MEND(Editor):
 
     def prepare(self, train_requests: list[EditRequest]) -> None:
         """Train the editor networks on held-out edits, or load them from the cache."""
-        from safetensors.torch import load_file, save
-
-        from lifelong.report.io import atomic_write_bytes
-        from lifelong.runner import cache_dir
-
         if len(train_requests) < 2:
             raise ValueError("mend: prepare needs at least 2 training requests (one edit, one locality input)")
         key = hashlib.sha256(json.dumps([TRAINING_VERSION, lm_fingerprint(self.model), asdict(self.params),
                                          requests_hash(train_requests)]).encode()).hexdigest()[:24]
-        path = cache_dir() / "mend" / f"editor-{key}.safetensors"
-        if path.is_file():
-            try:
-                self.nets.load_state_dict(load_file(str(path), device=str(self.originals[0].device)))
-                self.prepared = True
-                return
-            except Exception:  # a damaged cache file is retrained, never trusted
-                pass
+        cached = load_cached("mend", f"editor-{key}")
+        if cached is not None:
+            self.nets.load_state_dict({k: v.to(self.originals[0].device) for k, v in cached.items()})
+            self.prepared = True
+            return
         self._train(train_requests)
-        state = {k: v.detach().contiguous().cpu() for k, v in self.nets.state_dict().items()}
-        atomic_write_bytes(path, save(state, metadata={"params": json.dumps(asdict(self.params))}))
+        store_cached("mend", f"editor-{key}", self.nets.state_dict(), {"params": json.dumps(asdict(self.params))})
         self.prepared = True
 
     def _train(self, requests: list[EditRequest]) -> None:

@@ -17,7 +17,8 @@ import torch
 from tqdm.auto import tqdm
 
 from lifelong.edit import build_editor
-from lifelong.edit.base import EditRequest
+from lifelong.data.edit_requests import EditRequest
+from lifelong.edit.requests import build_requests
 from lifelong.metrics.cost import PeakMemory
 from lifelong.metrics.editing import fluency, score_requests
 
@@ -26,14 +27,12 @@ TRAIN_N = 200  # requests of the `train` split a learned editor (MEND) trains on
 
 
 def make_editor(method: str, model, tokenizer, knobs: dict | None, train_requests: list[EditRequest] | None = None):
-    """The editor, prepared: learned editors (MEND) train on `train_requests`, by default the first
-    TRAIN_N of the `train` split, whose subjects are disjoint from the evaluated splits'."""
-    from lifelong.edit.requests import build_requests
-
+    """The editor, prepared: editors that learn to edit (MEND) train on `train_requests`, by default the
+    first TRAIN_N of the `train` split, whose subjects are disjoint from the evaluated splits'. The one
+    place that decides it: `lifelong edit`, the ledger and the bench all build editors here."""
     editor = build_editor(method, model, tokenizer, knobs)
-    if train_requests is None:
-        train_requests = build_requests("train", n=TRAIN_N)
-    editor.prepare(train_requests)  # a no-op for editors that do not learn
+    if editor.learns_to_edit:
+        editor.prepare(train_requests if train_requests is not None else build_requests("train", n=TRAIN_N))
     return editor
 
 

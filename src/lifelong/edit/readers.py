@@ -21,7 +21,7 @@ import json
 import os
 from pathlib import Path
 
-from lifelong.edit.base import EditRequest, Probe
+from lifelong.data.edit_requests import EditRequest, Probe
 from lifelong.errors import DataFormatError
 
 

@@ -36,7 +36,9 @@ from collections import defaultdict
 from dataclasses import asdict
 from pathlib import Path
 
-from lifelong.edit.base import EditRequest, Probe
+from lifelong.atomic import atomic_write_json
+from lifelong.cache import load_cached_json, store_cached_json
+from lifelong.data.edit_requests import EditRequest, Probe
 from lifelong.edit.facts import (
     RELATIONS,
     Fact,
@@ -48,6 +50,8 @@ from lifelong.edit.facts import (
     sentence,
 )
 from lifelong.errors import DataFormatError
+from lifelong.families.lm import lm_fingerprint
+from lifelong.metrics.editing import next_token_argmax, score_targets
 
 SPLITS = ("train", "zsre", "counterfact")
 
@@ -177,7 +181,6 @@ def filter_known(model, tokenizer, facts: list[Fact], batch_size: int = 32) -> t
     Greedy decoding emits an answer exactly when every teacher-forced argmax over its tokens is right.
     So: one forward per prompt gives the first predicted token; only variants that start with it are
     teacher-forced in full. The first variant that passes counts."""
-    from lifelong.metrics.editing import next_token_argmax, score_targets
 
     prompts = {f: fact_prompts(f)[0] for f in facts}
     first = dict(zip(prompts.values(), next_token_argmax(model, tokenizer, list(prompts.values()), batch_size)))
@@ -198,21 +201,16 @@ def filter_known(model, tokenizer, facts: list[Fact], batch_size: int = 32) -> t
 def cached_filter_known(model, tokenizer, facts: list[Fact], batch_size: int = 32) -> tuple[list[tuple[Fact, str]], dict]:
     """`filter_known`, stored under cache_dir()/edit/known keyed by the model's content hash and the
     facts: SmolLM2 needs minutes on one CPU core for the full candidate set, then it is a file read."""
-    from lifelong.families.lm import lm_fingerprint
-    from lifelong.report.io import atomic_write_json
-    from lifelong.runner import cache_dir
-
     facts_hash = hashlib.sha256(json.dumps([asdict(f) for f in facts]).encode()).hexdigest()[:16]
-    path = cache_dir() / "edit" / "known" / f"{lm_fingerprint(model)[:16]}-{facts_hash}.json"
-    if path.is_file():
-        try:
-            cached = json.loads(path.read_text())
-            return [(facts[i], answer) for i, answer in cached["known"]], cached["report"]
-        except (OSError, ValueError, KeyError, IndexError, TypeError):  # damaged: recompute, never trust
-            pass
+    key = f"{lm_fingerprint(model)[:16]}-{facts_hash}"
+    cached = load_cached_json("edit/known", key)
+    try:
+        return [(facts[i], answer) for i, answer in cached["known"]], cached["report"]
+    except (KeyError, IndexError, TypeError):  # absent or damaged: recompute, never trust
+        pass
     known, report = filter_known(model, tokenizer, facts, batch_size)
     index = {f: i for i, f in enumerate(facts)}
-    atomic_write_json(path, {"known": [[index[f], a] for f, a in known], "report": report}, indent=None)
+    store_cached_json("edit/known", key, {"known": [[index[f], a] for f, a in known], "report": report})
     return known, report
 
 
@@ -239,7 +237,6 @@ FORMAT = "lifelong.edit_requests"
 
 def save_requests(path: str | os.PathLike[str], requests: list[EditRequest], meta: dict | None = None) -> Path:
     """Write requests atomically as {"format", "version", "meta", "requests": [EditRequest fields]}."""
-    from lifelong.report.io import atomic_write_json
 
     return atomic_write_json(path, {"format": FORMAT, "version": 1, "meta": meta or {},
                                     "requests": [asdict(r) for r in requests]})

@@ -51,8 +51,12 @@ from functools import lru_cache
 import torch
 import torch.nn.functional as F
 
-from lifelong.edit.base import EditRequest, Editor, target_batch, target_nll
+from lifelong.cache import load_cached, store_cached
+from lifelong.edit.base import Editor
+from lifelong.data.edit_requests import EditRequest
+from lifelong.families.lm import target_batch, target_nll
 from lifelong.families.lm import decoder_layers, ffn_out, linear_weight
+from lifelong.fingerprint import tensor_digest
 
 # The paper's seed words for the random prefixes (official get_context_templates).
 PREFIX_SEEDS = ("The", "Therefore", "Because", "I", "You")
@@ -76,6 +80,7 @@ class Params:
 
 class ROME(Editor):
     name = "rome"
+    records = "weights"  # how a ledger records an edit: an additive weight patch
     Params = Params
 
     def __init__(self, model, tokenizer, params: Params = Params()) -> None:
@@ -281,7 +286,6 @@ def corpus_hash(name: str) -> str:
 def model_fingerprint(model: torch.nn.Module, exclude: tuple[torch.Tensor, ...] = ()) -> str:
     """SHA-256 of the model class, config and every state tensor's bytes (the key of cached statistics),
     skipping the tensors in `exclude` (those an editor changes, when the statistic does not read them)."""
-    from lifelong.fingerprint import tensor_digest
 
     skip = {t.data_ptr() for t in exclude}
     prefix = type(model).__name__.encode() + json.dumps(model.config.to_dict(), sort_keys=True, default=str).encode()
@@ -293,22 +297,14 @@ def key_covariance(model, tokenizer, layer: int, corpus: str, n_tokens: int,
     """C = E[k k^T] of FFN `layer`'s output-projection inputs over `n_tokens` corpus tokens (in x in),
     read from / written to the disk cache. The cache key hashes every weight except the projection
     itself: the keys are its inputs, so they (and C) do not change when ROME edits it."""
-    from safetensors.torch import load_file, save
-
-    from lifelong.report.io import atomic_write_bytes
-    from lifelong.runner import cache_dir
-
     module = ffn_out(model, layer)
     weight = linear_weight(module)
     device = weight.device
     fingerprint = model_fingerprint(model, exclude=(module.weight,))[:16]
     key = f"{fingerprint}-L{layer}-{corpus}-{corpus_hash(corpus)}-{n_tokens}"
-    path = cache_dir() / "rome" / f"cov-{key}.safetensors"
-    if path.is_file():
-        try:
-            return load_file(str(path))["cov"].to(device)
-        except Exception:  # a damaged cache file is recomputed, never trusted
-            pass
+    cached = load_cached("rome", f"cov-{key}")
+    if cached is not None:
+        return cached["cov"].to(device)
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
     chunks = corpus_chunks(tokenizer, corpus, chunk_len, n_tokens)
     cov = torch.zeros(weight.shape[1], weight.shape[1], dtype=torch.float64, device=device)
@@ -338,5 +334,5 @@ def key_covariance(model, tokenizer, layer: int, corpus: str, n_tokens: int,
     if count == 0:
         raise ValueError(f"corpus {corpus!r} gave no tokens for the key covariance")
     cov = (cov / count).float()
-    atomic_write_bytes(path, save({"cov": cov.contiguous().cpu()}))
+    store_cached("rome", f"cov-{key}", {"cov": cov})
     return cov.to(device)

@@ -38,7 +38,9 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from lifelong.edit.base import EditRequest, Editor, target_batch
+from lifelong.edit.base import Editor
+from lifelong.data.edit_requests import EditRequest
+from lifelong.families.lm import target_batch
 from lifelong.edit.rome import corpus_chunks
 from lifelong.families.lm import decoder_layers
 
@@ -94,6 +96,7 @@ class PatchNeurons(nn.Module):
 
 class TPatcher(Editor):
     name = "t_patcher"
+    records = "module"  # how a ledger records an edit: the state of the modules it adds
     Params = Params
 
     def __init__(self, model, tokenizer, params: Params = Params()) -> None:

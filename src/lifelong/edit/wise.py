@@ -63,7 +63,9 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from lifelong.edit.base import EditRequest, Editor, target_batch
+from lifelong.edit.base import Editor
+from lifelong.data.edit_requests import EditRequest
+from lifelong.families.lm import target_batch
 from lifelong.families.lm import decoder_layers, ffn_out, frozen, linear_weight, resolve_layer
 
 # x_i: ordinary sentences unrelated to any fact request, which must keep Delta below alpha
@@ -99,6 +101,14 @@ class Params:
     n_prefixes: int = 5          # context prefixes added to each edit, 0..10 (EasyEdit: 10)
     stop_loss: float = 0.02
     seed: int = 0                # gradient masks
+
+    def __post_init__(self) -> None:  # checked when the knobs are read, before any model is loaded
+        if not 0 < self.mask_ratio <= 1:
+            raise ValueError(f"mask_ratio must be in (0, 1], got {self.mask_ratio}")
+        if self.shard_size < 1 or self.num_shards < 1:
+            raise ValueError(f"shard_size and num_shards must be >= 1, got {self.shard_size}, {self.num_shards}")
+        if not 0 <= self.n_prefixes <= 2 * len(PREFIX_SEEDS):
+            raise ValueError(f"n_prefixes must be in 0..{2 * len(PREFIX_SEEDS)}, got {self.n_prefixes}")
 
 
 def ties_merge(base: torch.Tensor, tensors: list[torch.Tensor], density: float) -> torch.Tensor:
@@ -223,15 +233,10 @@ def target_only_nll(model: nn.Module, batch: dict[str, torch.Tensor]) -> torch.T
 
 class WISE(Editor):
     name = "wise"
+    records = "module"  # how a ledger records an edit: the state of the modules it adds
     Params = Params
 
     def __init__(self, model, tokenizer, params: Params) -> None:
-        if not 0 < params.mask_ratio <= 1:
-            raise ValueError(f"mask_ratio must be in (0, 1], got {params.mask_ratio}")
-        if params.shard_size < 1 or params.num_shards < 1:
-            raise ValueError(f"shard_size and num_shards must be >= 1, got {params.shard_size}, {params.num_shards}")
-        if not 0 <= params.n_prefixes <= 2 * len(PREFIX_SEEDS):
-            raise ValueError(f"n_prefixes must be in 0..{2 * len(PREFIX_SEEDS)}, got {params.n_prefixes}")
         super().__init__(model, tokenizer, params)
         self.layer = resolve_layer(model, params.layer, 0.85)
         self.original = ffn_out(model, self.layer)

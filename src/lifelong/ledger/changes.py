@@ -18,19 +18,29 @@ from pathlib import Path
 import torch
 from accelerate.utils import set_seed
 
-from lifelong.config import AdapterConfig, MethodConfig, ModelConfig, RunConfig, TrainConfig, from_dict, method_train, to_dict
+from lifelong.atomic import atomic_write_bytes, atomic_write_json
+from lifelong.config import (
+    AdapterConfig,
+    MethodConfig,
+    ModelConfig,
+    RunConfig,
+    TrainConfig,
+    from_dict,
+    method_train,
+    to_dict,
+)
 from lifelong.data.base import Task
 from lifelong.data.sources import load_source
 from lifelong.errors import LedgerError, LifelongError
+from lifelong.families import prepare_trainable
 from lifelong.learn import build_method, method_params
-from lifelong.learn.common import TaskData
 from lifelong.ledger.core import Ledger
+from lifelong.ledger.edits import revert_edit
 from lifelong.ledger.patch import apply_patch, check_recordable, dense_patch, negate, patch_from_model
 from lifelong.ledger.probes import Probe, run_probes, unique_name
 from lifelong.ledger.store import LedgerLock
-from lifelong.loop import TrainState, train_task
+from lifelong.loop import TaskData, TrainState, stem_outputs, train_task
 from lifelong.metrics.cost import PeakMemory, count_parameters
-from lifelong.report.io import atomic_write_bytes, atomic_write_json
 
 PENDING = "pending"
 
@@ -58,7 +68,7 @@ def learn_spec(config: RunConfig, task: dict, checkpoint_every: int) -> dict:
 def learn(root: str | Path, spec: dict) -> int:
     """Record one learn change (a method on a task); returns its id."""
     root = Path(root)
-    Ledger.open(root).require_family("vlm", "learn")  # a clear error before the lock file is created in a non-ledger
+    Ledger.open(root).require_operation("learn")  # a clear error before the lock file is created in a non-ledger
     with LedgerLock(root, "lifelong learn"):
         ledger = Ledger.open(root)
         pending = _pending_spec(root)
@@ -177,7 +187,6 @@ def train_change(model, model_config: ModelConfig, spec: dict, *, prior_state: d
     training time (summed over interrupted sessions). With `checkpoint`, training resumes from that
     file when it exists and writes it every `checkpoint_every` steps.
     """
-    from lifelong.runner import prepare_trainable, stem_outputs
 
     mc = from_dict(MethodConfig, spec["method"], "method")
     train_cfg = from_dict(TrainConfig, spec["train"], "train")
@@ -185,7 +194,7 @@ def train_change(model, model_config: ModelConfig, spec: dict, *, prior_state: d
     task = load_task(spec)
     inputs = stem_outputs(model, task.train, train_cfg.eval_batch_size)
     before = {n: p.detach().clone() for n, p in model.named_parameters()}
-    prepare_trainable(model, RunConfig(model=model_config), adapter)
+    prepare_trainable(model, model_config, adapter)
     method = build_method(mc)
     method.prepare(model)
     check_recordable(model, before, mc.name)  # before any training time is spent
@@ -235,8 +244,6 @@ def revert(root: str | Path, n: int, strategy: str = "auto") -> int:
             by = next(c["id"] for c in ledger.changes if c.get("reverts") == n)
             raise LedgerError(f"change {n} is already reverted (by change {by})")
         if target["kind"] == "edit":
-            from lifelong.ledger.edits import revert_edit
-
             return revert_edit(ledger, n, strategy)
         later = [c for c in ledger.active_learn_changes() if c["id"] > n]
         if strategy == "auto":

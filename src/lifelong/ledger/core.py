@@ -34,9 +34,11 @@ from pathlib import Path
 import torch
 
 from lifelong.config import ModelConfig, from_dict
+from lifelong.edit import build_editor
 from lifelong.errors import LedgerCorruptError, LedgerError
+from lifelong.families import Family, get_family, ledger_families
 from lifelong.ledger.patch import apply_patch
-from lifelong.ledger.probes import Probe
+from lifelong.ledger.probes import PROBE_KINDS, Probe
 from lifelong.ledger.store import (
     check_file,
     file_entry,
@@ -66,13 +68,14 @@ class Ledger:
                trust_pickle: bool = False) -> Ledger:
         """A new ledger whose base is `model` (optionally with its parameters from a weights file)."""
         root = Path(root)
-        if model.family not in FAMILIES:
-            raise LedgerError(f"a ledger's model.family is one of {', '.join(FAMILIES)}, not {model.family!r}")
+        if model.family not in ledger_families():
+            raise LedgerError(f"a ledger's model.family is one of {', '.join(ledger_families())}, not {model.family!r}")
         if (root / "ledger.json").exists():
             raise LedgerError(f"{root} is already a ledger; `lifelong log {root}` shows it")
         if root.exists() and any(root.iterdir()):
             raise LedgerError(f"{root} exists and is not empty: give a new or empty directory")
-        base, _ = build_base(model)
+        family = get_family(model.family)
+        base, _ = family.build(model)
         files = []
         if weights is not None:
             load_base_weights(base, load_tensors(weights, trust_pickle=trust_pickle), weights)
@@ -84,7 +87,7 @@ class Ledger:
             "family": model.family,
             "model": asdict(model),
             "base": {"name": model.name, "weights": str(weights) if weights else None,
-                     "sha256": fingerprint(base, model.family)},
+                     "sha256": family.fingerprint(base)},
             "files": files,
             "probes": [p.to_dict() for p in probes],
             "baseline": {},  # probe scores of the base model
@@ -98,13 +101,18 @@ class Ledger:
     def family(self) -> str:
         return self.manifest["family"]
 
-    def require_family(self, family: str, change: str) -> None:
-        """Refuse a `change` (learn, edit) that another family's ledger takes, saying what this one takes."""
-        if self.family != family:
-            takes = {"vlm": "learn changes (`lifelong learn DIR --task SOURCE`)",
-                     "lm": "edit changes (`lifelong edit --ledger DIR --method ft_l ...`)"}
-            raise LedgerError(f"{self.root} is a ledger of a {self.family} model: it takes {takes[self.family]}, "
-                              f"not {change} changes; those need a {family} ledger (`lifelong init DIR --family {family}`)")
+    @property
+    def family_spec(self) -> Family:
+        return get_family(self.family)
+
+    def require_operation(self, operation: str) -> None:
+        """Refuse a change (learn, edit) that this ledger's family does not take, saying which families do."""
+        if operation not in self.family_spec.operations:
+            takes = ", ".join(f"`lifelong {op}`" for op in sorted(self.family_spec.operations))
+            others = [n for n in ledger_families() if operation in get_family(n).operations]
+            raise LedgerError(f"{self.root} is a ledger of a {self.family} model: it takes {takes} changes, not "
+                              f"{operation} changes; those need a ledger of {' or '.join(others)} "
+                              f"(`lifelong init DIR --family {others[0] if others else '...'}`)")
 
     @property
     def model_config(self) -> ModelConfig:
@@ -112,10 +120,8 @@ class Ledger:
 
     @property
     def probes(self) -> list:
-        """The probe suite: `Probe`s (image test sets) of a vlm ledger, `FactProbe`s of an lm ledger."""
-        from lifelong.ledger.probes import FactProbe
-
-        cls = FactProbe if self.family == "lm" else Probe
+        """The probe suite: the family's probe kind (`Probe`: image test sets, `FactProbe`: edits and facts)."""
+        cls = PROBE_KINDS[self.family_spec.probe_kind]
         return [cls.from_dict(p) for p in self.manifest["probes"]]
 
     @property
@@ -155,11 +161,11 @@ class Ledger:
 
     def _base(self):
         """(base model, its tokenizer for an lm ledger, else None), checked against the recorded hash."""
-        model, tokenizer = build_base(self.model_config)
+        model, tokenizer = self.family_spec.build(self.model_config)
         for entry in self.manifest["files"]:
             if entry["path"] == BASE_WEIGHTS:
                 load_base_weights(model, load_tensors(check_file(self.root, entry)), self.root / BASE_WEIGHTS)
-        found = fingerprint(model, self.family)
+        found = self.family_spec.fingerprint(model)
         if found != self.manifest["base"]["sha256"]:
             raise LedgerCorruptError(
                 f"the base model {self.manifest['base']['name']!r} built here does not match the one this ledger was "
@@ -195,25 +201,24 @@ class Ledger:
         for c in self.changes:
             if upto is not None and c["id"] > upto:
                 break
-            if c["id"] not in gone:
+            if c["id"] not in gone and c["kind"] == "edit":  # a learn change's state is its method's, not a module
                 latest.update((method, c["id"]) for method in c.get("method_states", ()))
         return latest
 
     def materialize(self, upto: int | None = None):
         """Base + the patches of every change with id <= `upto` (all when None): the model at that point."""
-        return self.materialize_lm(upto)[0] if self.family == "lm" else self._patched(self.base_model(), upto)
+        return self.materialize_with_tokenizer(upto)[0]
 
-    def materialize_lm(self, upto: int | None = None):
-        """An lm ledger's (model, tokenizer) after change `upto` (all changes when None)."""
-        model, tokenizer, _ = self.materialize_lm_editors(upto)
+    def materialize_with_tokenizer(self, upto: int | None = None):
+        """(model, tokenizer or None) after change `upto` (all changes when None)."""
+        model, tokenizer, _ = self.materialize_with_editors(upto)
         return model, tokenizer
 
-    def materialize_lm_editors(self, upto: int | None = None):
-        """(model, tokenizer, {method: editor}) of an lm ledger after change `upto`: base + every weight patch
-        in order, then each module editor in effect re-attached with the state of its latest change in
-        effect (`module_states`); the editors hold those modules (their `reset` takes them off)."""
-        if self.family != "lm":
-            raise LedgerError(f"{self.root} is a {self.family} ledger, not an lm ledger")
+    def materialize_with_editors(self, upto: int | None = None):
+        """(model, tokenizer, {method: editor}) after change `upto`: base + every weight patch in order, then
+        each module editor in effect (GRACE, T-Patcher, WISE) re-attached with the state of its latest change
+        in effect (`module_states`); the editors hold those modules (their `reset` takes them off). Every
+        file used is checked against its recorded SHA-256 first."""
         model, tokenizer = self._base()
         self._patched(model, upto)
         editors = {method: self.attach(model, tokenizer, method, n) for method, n in self.module_states(upto).items()}
@@ -221,8 +226,6 @@ class Ledger:
 
     def attach(self, model, tokenizer, method: str, n: int):
         """An editor of `method` (with change n's knobs) on `model`, holding the state change `n` recorded."""
-        from lifelong.edit import build_editor
-
         editor = build_editor(method, model, tokenizer, self.change(n)["knobs"])
         editor.load_state_dict(self.state_of(n, method))
         return editor
@@ -268,6 +271,25 @@ class Ledger:
         self.manifest = manifest
         return n
 
+    def export(self, out: str | Path, upto: int | None = None) -> Path:
+        """The model after change `upto` (all when None) in its family's native format, into `out`.
+
+        Refused when any recorded file fails its SHA-256 (what `lifelong verify` checks), and when the model
+        holds module edits (GRACE, T-Patcher, WISE) that the native format cannot hold."""
+        if upto is not None:
+            self.change(upto)
+        problems = verify(self.root, self.manifest)
+        if problems:
+            raise LedgerCorruptError(f"{self.root}: cannot export, files fail verification:\n  " + "\n  ".join(problems))
+        modules = self.module_states(upto)
+        if modules:
+            held = ", ".join(f"{method} (change {n})" for method, n in modules.items())
+            raise LedgerError(f"the model {f'after change {upto}' if upto is not None else 'now'} holds modules that a "
+                              f"{self.family} export cannot: {held}; revert those changes (or export an earlier "
+                              "change with --upto) to export the weights alone")
+        model, tokenizer = self.materialize_with_tokenizer(upto)
+        return self.family_spec.export(model, tokenizer, Path(out))
+
     def verify(self) -> list[str]:
         """Every recorded file re-hashed, and the base rebuilt and checked; a list of problems."""
         problems = verify(self.root, self.manifest)
@@ -276,31 +298,6 @@ class Ledger:
         except LedgerCorruptError as e:
             problems.append(str(e))
         return problems
-
-
-FAMILIES = ("vlm", "lm")
-
-
-def build_base(model: ModelConfig):
-    """(model, tokenizer) of a ledger's family: `build_vlm` (no tokenizer: None) or `build_lm`."""
-    if model.family == "lm":
-        from lifelong.families.lm import build_lm
-
-        return build_lm(model.name)
-    from lifelong.families.vlm import build_vlm
-
-    return build_vlm(model), None
-
-
-def fingerprint(model, family: str) -> str:
-    """The content hash a ledger records for its base (the family's own fingerprint function)."""
-    if family == "lm":
-        from lifelong.families.lm import lm_fingerprint
-
-        return lm_fingerprint(model)
-    from lifelong.families.vlm import model_fingerprint
-
-    return model_fingerprint(model)
 
 
 def load_base_weights(model, state: dict[str, torch.Tensor], source: Path) -> None:

@@ -21,7 +21,7 @@ bookkeeping). Their change records an empty patch and the editor's state after i
 (`state_dict`: everything the module holds, in the change's method_state.safetensors), accumulated: a
 change continues from the state of the latest change in effect of the same method, so a second grace
 change adds to the first one's codebook. The model is the base plus every weight patch, then each
-module editor re-attached with the state of its latest change in effect (`Ledger.materialize_lm`).
+module editor re-attached with the state of its latest change in effect (`Ledger.materialize_with_editors`).
 Such a model cannot be saved as a plain transformers folder: export is refused while one is in effect.
 
 A revert of a weight edit subtracts its patch: exact when no later edit is in effect; with later edits in
@@ -39,15 +39,19 @@ from pathlib import Path
 import torch
 
 from lifelong.config import ModelConfig
+from lifelong.edit import EDITORS, editor_class, editor_params
+from lifelong.data.edit_requests import Probe
+from lifelong.edit.protocol import make_editor
+from lifelong.edit.requests import request_from_dict
 from lifelong.errors import ConfigError, LedgerError
 from lifelong.ledger.core import Ledger
 from lifelong.ledger.patch import apply_patch, negate, patch_from_model, patch_numel
 from lifelong.ledger.probes import lm_probes, run_fact_probes, without_locality
 from lifelong.ledger.store import LedgerLock
 from lifelong.metrics.cost import PeakMemory, count_parameters
+from lifelong.metrics.editing import base_predictions, generate, score_requests
 
-WEIGHT_EDITORS = ("ft_l", "rome", "mend", "lora")  # recorded as an additive weight patch
-MODULE_EDITORS = ("grace", "t_patcher", "wise")  # recorded as their editor's state (a codebook, neurons, side memory)
+RECORDABLE = ("weights", "module")  # an editor's `records`: a weight patch, or the state of the modules it adds
 
 
 def create_lm_ledger(root: str | Path, name: str = "embedded", heldout_items: int = 50, seed: int = 0,
@@ -56,7 +60,7 @@ def create_lm_ledger(root: str | Path, name: str = "embedded", heldout_items: in
     if heldout_items < 1:
         raise ConfigError(f"held-out facts: give at least 1 prompt, got {heldout_items}")
     ledger = Ledger.create(root, ModelConfig(family="lm", name=name), [], weights=weights, trust_pickle=trust_pickle)
-    model, tokenizer = ledger.materialize_lm()
+    model, tokenizer = ledger.materialize_with_tokenizer()
     probes = lm_probes(model, tokenizer, heldout_items, seed)
     ledger.record_baseline(run_fact_probes(model, tokenizer, probes, []), new_probes=probes)
     return ledger
@@ -64,32 +68,28 @@ def create_lm_ledger(root: str | Path, name: str = "embedded", heldout_items: in
 
 def check_editor(method: str, knobs: dict | None) -> None:
     """An editor the ledger can record, with valid knobs (before any model is loaded)."""
-    from lifelong.edit import editor_class, editor_params
 
-    editor_class(method)  # an unknown name fails here, listing the editors
-    if method not in WEIGHT_EDITORS + MODULE_EDITORS:
-        raise LedgerError(f"{method} adds modules with their own state to the model, which a ledger cannot hold yet; "
-                          f"a ledger records the weight editors: {', '.join(WEIGHT_EDITORS)} and the module editors: "
-                          f"{', '.join(MODULE_EDITORS)} (or run `lifelong edit --method {method}` without --ledger)")
+    cls = editor_class(method)  # an unknown name fails here, listing the editors
+    if cls.records not in RECORDABLE:
+        recordable = [n for n in EDITORS if editor_class(n).records in RECORDABLE]
+        raise LedgerError(f"{method} records its edits as {cls.records!r}, which a ledger cannot hold yet; a ledger "
+                          f"records: {', '.join(recordable)} (or run `lifelong edit --method {method}` without --ledger)")
     editor_params(method, knobs)
 
 
 def edit(root: str | Path, method: str, requests: list, knobs: dict | None = None,
          train_requests: list | None = None) -> int:
     """Record one edit change: `requests` applied in order by `method` to the current model; its id."""
-    from lifelong.edit import Editor, editor_class
-    from lifelong.edit.protocol import make_editor
-    from lifelong.metrics.editing import base_predictions, score_requests
 
     if not requests:
         raise ConfigError("an edit change needs at least one request")
     check_editor(method, knobs)
     root = Path(root)
-    Ledger.open(root).require_family("lm", "edit")
+    Ledger.open(root).require_operation("edit")
     with LedgerLock(root, "lifelong edit"):
         ledger = Ledger.open(root)
         t_start = time.perf_counter()
-        model, tokenizer, attached = ledger.materialize_lm_editors()
+        model, tokenizer, attached = ledger.materialize_with_editors()
         requests = with_answers(model, tokenizer, requests)
         base = base_predictions(model, tokenizer, requests)  # f_{k-1}: what the edits' locality is judged against
         earlier = edits_in_effect(ledger)
@@ -99,15 +99,13 @@ def edit(root: str | Path, method: str, requests: list, knobs: dict | None = Non
         params = {k: p.detach().clone() for k, p in model.named_parameters()}
         with PeakMemory() as memory:
             t0 = time.perf_counter()
-            # only editors that learn to edit (MEND) need training requests; none are built for the others
-            learns = editor_class(method).prepare is not Editor.prepare
-            editor = make_editor(method, model, tokenizer, knobs, train_requests if learns else [])
+            editor = make_editor(method, model, tokenizer, knobs, train_requests)
             if method in attached:  # continue the codebook / neurons of the method's latest change
                 continue_from(attached.pop(method), editor)
             t1 = time.perf_counter()
             stats = [editor.apply(r) for r in requests]
             t2 = time.perf_counter()
-        if method in MODULE_EDITORS:
+        if editor.records == "module":
             patch, states = {}, {method: editor.state_dict()}
             editor.reset()  # then the recorded state on f_{k-1}, so the scores are of the recorded model
             editor.load_state_dict(states[method])
@@ -162,7 +160,7 @@ def revert_edit(ledger: Ledger, n: int, strategy: str) -> int:
                           f"continued from (each holds its predecessors' {method} state plus its own): revert "
                           f"{'them' if len(built_on) > 1 else 'it'} first ({order}, latest first), then change {n}")
     t_start = time.perf_counter()
-    model, tokenizer, attached = ledger.materialize_lm_editors()
+    model, tokenizer, attached = ledger.materialize_with_editors()
     target = requests_of(change)
     others = edits_in_effect(ledger, exclude=n)
     own_before = _score(model, tokenizer, target)
@@ -198,24 +196,6 @@ def revert_edit(ledger: Ledger, n: int, strategy: str) -> int:
     return ledger.commit(record, patch, {})
 
 
-def export_lm(ledger: Ledger, out: str | Path, upto: int | None = None) -> Path:
-    """The lm ledger's model after change `upto` (all when None) as a transformers save_pretrained folder
-    with its tokenizer, into a new or empty folder: `build_lm(out)` (`--model OUT`) loads it."""
-    out = Path(out)
-    if out.exists() and (not out.is_dir() or any(out.iterdir())):
-        raise ConfigError(f"cannot export into {out}: it exists and is not an empty folder")
-    modules = ledger.module_states(upto)
-    if modules:
-        held = ", ".join(f"{method} (change {n})" for method, n in modules.items())
-        raise LedgerError(f"the model {f'after change {upto}' if upto is not None else 'now'} holds modules that a "
-                          f"transformers folder cannot: {held}; revert those changes (or export an earlier "
-                          "change with --upto) to export the weights alone")
-    model, tokenizer = ledger.materialize_lm(upto)
-    model.save_pretrained(out)
-    tokenizer.save_pretrained(out)
-    return out
-
-
 # ----------------------------------------------------------------------------- pieces
 
 def continue_from(old, new) -> None:
@@ -230,7 +210,6 @@ def continue_from(old, new) -> None:
 
 
 def requests_of(change: dict) -> list:
-    from lifelong.edit.requests import request_from_dict
 
     return [request_from_dict(r) for r in change["requests"]]
 
@@ -244,8 +223,6 @@ def edits_in_effect(ledger: Ledger, exclude: int | None = None) -> list:
 def with_answers(model, tokenizer, requests: list) -> list:
     """Locality probes given without an answer get the model's own greedy answer (3 tokens): the text
     their locality is scored on (`lifelong edit --locality PROMPT`)."""
-    from lifelong.edit.base import Probe
-    from lifelong.metrics.editing import generate
 
     missing = [p.prompt for r in requests for p in r.locality if not p.answer]
     if not missing:
@@ -266,7 +243,6 @@ def summary(requests: list) -> str:
 
 def _score(model, tokenizer, requests: list) -> dict:
     """score_requests without locality (judged against the model before a change; here unknown)."""
-    from lifelong.metrics.editing import score_requests
 
     with torch.no_grad():
         return score_requests(model, tokenizer, without_locality(requests), None)

@@ -28,8 +28,12 @@ from functools import lru_cache
 import torch
 
 from lifelong.data.base import ImageDataset
+from lifelong.data.edit_requests import EditRequest
+from lifelong.data.edit_requests import Probe as TextProbe
 from lifelong.data.sources import load_source
-from lifelong.loop import count_correct
+from lifelong.edit.requests import candidate_facts, fact_prompts
+from lifelong.loop import count_correct, stem_outputs
+from lifelong.metrics.editing import base_predictions, generate, probe_key, score_requests
 
 # The held-out zero-shot suite a new ledger gets when `lifelong init` names no probe: the test sets of
 # the five mtil-mini sources, as that stream uses them.
@@ -85,7 +89,6 @@ def unique_name(name: str, taken: set[str]) -> str:
 @torch.no_grad()
 def run_probes(model, probes: list[Probe], batch_size: int = 256) -> dict[str, float]:
     """Top-1 accuracy (%) of `model` on every probe, each among its own classes."""
-    from lifelong.runner import stem_outputs
 
     scores = {}
     for probe in probes:
@@ -130,7 +133,6 @@ class FactProbe:
 
     def requests(self) -> list:
         """The held-out prompts as requests whose locality probe is the prompt and its base answer."""
-        from lifelong.edit.base import EditRequest, Probe as TextProbe
 
         return [EditRequest(prompt=p, target_new=a, subject="", locality=(TextProbe(p, a),))
                 for p, a in zip(self.prompts, self.answers)]
@@ -140,8 +142,6 @@ def heldout_facts_probe(model, tokenizer, n: int = 50, seed: int = 0) -> FactPro
     """`n` cloze prompts drawn (seeded) from the counterfact split's candidate facts (real facts whose
     subjects the `train` split, on which MEND learns to edit, never uses), with the base model's greedy
     answers (`ANSWER_TOKENS` tokens; prompts it answers with nothing are skipped)."""
-    from lifelong.edit.requests import candidate_facts, fact_prompts
-    from lifelong.metrics.editing import base_predictions, generate
 
     facts = candidate_facts("counterfact", max_cities=2000)
     pool = [fact_prompts(f)[0] for f in random.Random(f"heldout-{seed}").sample(facts, len(facts))]
@@ -166,7 +166,6 @@ def lm_probes(model, tokenizer, heldout_items: int = 50, seed: int = 0) -> list[
 def run_fact_probes(model, tokenizer, probes: list[FactProbe], edits: list) -> dict[str, float]:
     """Every probe's score (%) on `model`; `edits` are the requests in effect ("edits in effect" is left
     out when there are none)."""
-    from lifelong.metrics.editing import score_requests
 
     scores = {}
     for probe in probes:
@@ -185,6 +184,9 @@ def without_locality(requests: list) -> list:
 
 
 def _keys(probe: FactProbe) -> list[str]:
-    from lifelong.metrics.editing import probe_key
 
     return [probe_key(p, a) for p, a in zip(probe.prompts, probe.answers)]
+
+
+# The probe classes by a family's `probe_kind`: what a ledger of that family registers and runs.
+PROBE_KINDS = {"images": Probe, "facts": FactProbe}

@@ -3,7 +3,7 @@
 A ledger is a directory holding ``ledger.json`` (the manifest) and the files it lists. Each listed file
 is recorded as ``{"path", "sha256", "bytes"}`` and re-hashed before use: a file that is missing,
 truncated or modified is refused with ``LedgerCorruptError``, never used. Every write is atomic
-(``lifelong.report.io``: temp file, fsync, rename), so a crash leaves the old file or the new one.
+(``lifelong.atomic``: temp file, fsync, rename), so a crash leaves the old file or the new one.
 One process at a time may change a ledger (``LedgerLock``). Tensors are stored as safetensors;
 pickle-based files (``.pt``, ``.pkl``, ...) are read with torch's weights-only unpickler, and full
 unpickling, which runs whatever code the file names, happens only when the user passes ``--trust-pickle``.
@@ -24,8 +24,8 @@ import safetensors
 import safetensors.torch
 import torch
 
+from lifelong.atomic import atomic_write_bytes, atomic_write_json
 from lifelong.errors import LedgerCorruptError, LedgerError, LedgerLockedError, UnsafeFileError
-from lifelong.report.io import atomic_write_bytes, atomic_write_json
 
 __all__ = [
     "MANIFEST", "SCHEMA_VERSION", "LedgerLock", "check_file", "file_entry", "load_tensors",

@@ -13,6 +13,8 @@ from pathlib import Path
 import numpy as np
 
 from lifelong.ledger.core import Ledger
+from lifelong.report.html import write_html_report
+from lifelong.report.plots import plot_interference_matrix
 from lifelong.report.table import format_table
 
 LOG_COLUMNS = [
@@ -102,7 +104,7 @@ def format_log(ledger: Ledger, markdown: bool = False) -> str:
     base = ledger.manifest["base"]
     head = (f"ledger {ledger.root}: {ledger.manifest['family']} model {base['name']!r} "
             f"(base SHA-256 {base['sha256'][:12]}), {len(ledger.changes)} change(s), {len(ledger.probes)} probe(s)")
-    lm = ledger.family == "lm"
+    lm = ledger.family_spec.probe_kind == "facts"
     if not ledger.changes:
         how = "`lifelong edit --ledger DIR --method ft_l --prompt ... --target ...`" if lm else \
             "`lifelong learn DIR --task SOURCE`"
@@ -166,12 +168,10 @@ def format_change(ledger: Ledger, n: int) -> str:
 def write_report(ledger: Ledger) -> Path:
     """DIR/report.html: the log table and the interference matrix drawn as a heatmap (derived files,
     not part of the recorded history)."""
-    from lifelong.report.html import write_html_report
-    from lifelong.report.plots import plot_interference_matrix
 
     rows, probes, scores, deltas = interference_matrix(ledger)
     figure = plot_interference_matrix(rows, probes, scores, deltas, ledger.root / "interference_matrix.png")
-    score = "token-level accuracy %" if ledger.family == "lm" else "top-1 %"
+    score = ledger.family_spec.score_unit
     notes = (f"Interference matrix: each cell is a probe's score ({score}) after the change of its row, and in "
              "brackets how much that change moved it; the colour shows that move. Rows start at the base model.")
     return write_html_report(ledger.root / "report.html", f"lifelong ledger: {ledger.root.name}", log_rows(ledger),

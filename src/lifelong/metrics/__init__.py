@@ -7,8 +7,8 @@
 
 from lifelong.metrics.continual import (
     METRIC_DOCS,
-    average_incremental_accuracy,
     avalanche_forgetting,
+    average_incremental_accuracy,
     avg,
     bwt,
     chaudhry_forgetting,

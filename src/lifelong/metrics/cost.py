@@ -12,6 +12,8 @@ import threading
 import time
 from typing import Any
 
+from lifelong.runtime import trim_heap
+
 __all__ = ["PeakMemory", "Stopwatch", "count_parameters"]
 
 _MIB = 2**20
@@ -102,7 +104,6 @@ class PeakMemory:
             self._sample()
 
     def __enter__(self) -> PeakMemory:
-        from lifelong.runtime import trim_heap
 
         trim_heap()  # freed memory an earlier block left in the heap (runtime.tune_allocator) is not this block's
         baseline = _rss_bytes()

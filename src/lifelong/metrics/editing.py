@@ -47,7 +47,9 @@ from dataclasses import dataclass
 
 import torch
 
-from lifelong.edit.base import EditRequest, target_batch
+from lifelong.cache import load_cached_json, store_cached_json
+from lifelong.data.edit_requests import EditRequest
+from lifelong.families.lm import lm_fingerprint, target_batch
 
 METRIC_DOCS = {
     "reliability_token": "EasyEdit: mean token accuracy of target_new after the edit prompt (teacher-forced)",
@@ -181,22 +183,14 @@ def base_predictions(model, tokenizer, requests: list[EditRequest], batch_size: 
 def cached_base_predictions(model, tokenizer, requests: list[EditRequest], batch_size: int = 32) -> dict[str, list[int]]:
     """`base_predictions`, stored under cache_dir()/edit/base_predictions keyed by the model's content
     hash and the probes' text: the second call for the same model and probes reads the file."""
-    from lifelong.families.lm import lm_fingerprint
-    from lifelong.report.io import atomic_write_json
-    from lifelong.runner import cache_dir
-
     probes = sorted({probe_key(p.prompt, p.answer) for r in requests for p in r.locality})
     probe_hash = hashlib.sha256(json.dumps(probes).encode()).hexdigest()[:16]
-    path = cache_dir() / "edit" / "base_predictions" / f"{lm_fingerprint(model)[:16]}-{probe_hash}.json"
-    if path.is_file():
-        try:
-            cached = json.loads(path.read_text())
-            if set(cached) == set(probes):
-                return cached
-        except (OSError, ValueError):  # a damaged cache file is recomputed, never trusted
-            pass
+    key = f"{lm_fingerprint(model)[:16]}-{probe_hash}"
+    cached = load_cached_json("edit/base_predictions", key)
+    if isinstance(cached, dict) and set(cached) == set(probes):
+        return cached
     predictions = base_predictions(model, tokenizer, requests, batch_size)
-    atomic_write_json(path, predictions, indent=None)
+    store_cached_json("edit/base_predictions", key, predictions)
     return predictions
 
 

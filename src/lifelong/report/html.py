@@ -13,7 +13,7 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-from lifelong.report.io import atomic_write_text
+from lifelong.atomic import atomic_write_text
 from lifelong.report.table import Column, is_numeric_column, format_cell
 
 __all__ = ["render_html_report", "write_html_report"]

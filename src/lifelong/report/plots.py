@@ -19,7 +19,7 @@ from matplotlib.colors import Normalize
 from matplotlib.figure import Figure
 
 from lifelong.metrics.continual import validate_accuracy_matrix
-from lifelong.report.io import atomic_write_bytes
+from lifelong.atomic import atomic_write_bytes
 
 __all__ = ["plot_accuracy_matrices", "plot_interference_matrix", "plot_metric_bars"]
 

@@ -1,34 +1,35 @@
-"""One experiment: a config's methods over its stream, written to runs/<name>/.
+"""The learn driver: a config's methods over its stream (`lifelong run`), written to runs/<name>/.
 
 The stream is loaded and the frozen image stem is run over every image once; every method then
-starts from a fresh copy of the same pretrained model and reuses those stem outputs.
+starts from a fresh copy of the same pretrained model and reuses those stem outputs. The ledger's
+learn changes (`lifelong learn`) and `lifelong run --ledger` go through the same pieces: `check_run`,
+`build_model`, `prepare_trainable`, `build_method` and the one loop (`lifelong.loop`).
 """
 
 from __future__ import annotations
 
 import copy
 import dataclasses
-import os
-import platform
-import subprocess
 from dataclasses import dataclass
-from importlib import metadata
 from pathlib import Path
 
 import numpy as np
-import torch
 import yaml
-from safetensors.torch import load_file, save
 
-from lifelong.config import AdapterConfig, ModelConfig, RunConfig, method_train, resolve_stream, to_dict
-from lifelong.data.base import ImageDataset, Stream
-from lifelong.data.streams import build_stream
-from lifelong.families.vlm import DualEncoder, build_vlm
-from lifelong.learn import build_method
-from lifelong.loop import StemFeatures, run_stream
+from lifelong.atomic import atomic_write_json, atomic_write_text
+from lifelong.config import ModelConfig, RunConfig, load_config, method_train, to_dict
+from lifelong.data.base import Stream
+from lifelong.data.streams import build_stream, stream_from_section, task_order
+from lifelong.errors import ConfigError
+from lifelong.families import FAMILIES, get_family, prepare_trainable
+from lifelong.learn import METHODS, build_method, method_params
+from lifelong.loop import compute_stem_features, make_accelerator, run_stream
 from lifelong.metrics.continual import METRIC_DOCS, average_incremental_accuracy, summarize
 from lifelong.metrics.cost import PeakMemory, count_parameters
-from lifelong.report.io import atomic_write_bytes, atomic_write_json, atomic_write_text
+from lifelong.report.html import write_html_report
+from lifelong.report.plots import plot_accuracy_matrices, plot_metric_bars
+from lifelong.report.table import format_table
+from lifelong.runtime import versions
 
 TABLE_COLUMNS = [
     ("method", "method", ""),
@@ -54,63 +55,15 @@ class MethodRun:
     row: dict  # the table row: metrics (mean over orders) and costs
 
 
-def cache_dir() -> Path:
-    return Path(os.environ.get("LIFELONG_CACHE", Path.home() / ".cache" / "lifelong"))
-
-
-def stem_outputs(model: DualEncoder, dataset: ImageDataset, batch_size: int = 256) -> torch.Tensor:
-    """The frozen stem's outputs for a dataset, from the disk cache when this exact stem saw it before."""
-    path = cache_dir() / "stem" / f"{model.stem_fingerprint()}-{dataset.fingerprint[:16]}.safetensors"
-    if path.is_file():
-        try:
-            return _stem_layout(load_file(str(path))["stem"])
-        except Exception:  # a damaged cache file is recomputed, never trusted
-            pass
-    out = model.encode_stem(dataset.images, batch_size)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    atomic_write_bytes(path, save({"stem": out.contiguous()}))
-    return _stem_layout(out)
-
-
-def _stem_layout(out: torch.Tensor) -> torch.Tensor:
-    """Conv feature maps in channels-last layout, as the conv stem returns them, whether computed or
-    loaded from the cache: the trunk's kernels round differently on the two layouts, so without this a
-    cold and a warm cache would train to different numbers."""
-    return out.contiguous(memory_format=torch.channels_last) if out.dim() == 4 else out.contiguous()
-
-
-def compute_stem_features(model: DualEncoder, stream: Stream, batch_size: int) -> StemFeatures:
-    from tqdm.auto import tqdm
-
-    train, test = [], []
-    for task in tqdm(stream.tasks, desc="stem features", leave=False):
-        train.append(stem_outputs(model, task.train, batch_size))
-        test.append(stem_outputs(model, task.test, batch_size))
-    return StemFeatures(train, test)
-
-
 def build_model(config: ModelConfig, stream: Stream):
-    """The model of `config.family`; a classifier gets a head row for every class of the stream."""
-    if config.family == "classifier":
-        from lifelong.families.classifier import build_classifier
-
-        model = build_classifier(config)
-        model.add_classes(stream.class_names)
-        return model
-    return build_vlm(config)
-
-
-def prepare_trainable(model: DualEncoder, config: RunConfig, adapter: AdapterConfig) -> None:
-    if adapter.kind == "lora":
-        model.add_lora(adapter)
-    else:
-        model.default_trainable(config.model.train_text_projection)
+    """The model of `config.family` (the registry's builder); a classifier gets a head row per class of the stream."""
+    model, _ = get_family(config.family).build(config, tuple(stream.class_names))
+    return model
 
 
 def run_experiment(config: RunConfig) -> Path:
     """Run every configured method on the stream; write results, tables and figures; return the run dir."""
-    from lifelong.loop import make_accelerator
-
+    check_run(config)
     # Under `accelerate launch` every process trains (DDP) and evaluates its share; one writes and prints.
     main = make_accelerator().is_main_process
     say = print if main else (lambda *a, **k: None)
@@ -136,7 +89,7 @@ def run_experiment(config: RunConfig) -> Path:
             which = f", order {r + 1}/{len(streams)}: {' -> '.join(t.name for t in stream.tasks)}" if len(streams) > 1 else ""
             say(f"== {label}: {len(stream.tasks)} tasks x {mconfig.train.steps_per_task} steps, lr {mconfig.train.lr:g}{which}")
             model = copy.deepcopy(base)
-            prepare_trainable(model, config, mc.adapter or config.adapter)
+            prepare_trainable(model, config.model, mc.adapter or config.adapter)
             method = build_method(mc)
             checkpoints = out / "checkpoints" / label / (f"order_{r + 1}" if len(streams) > 1 else "")
             with PeakMemory() as memory:
@@ -159,13 +112,9 @@ def run_experiment(config: RunConfig) -> Path:
 
 def ordered_streams(config: RunConfig) -> list[Stream]:
     """The stream in `config.orders` cyclic orders of its task order (same tasks, same data)."""
-    from lifelong.data.streams import task_order
-
-    spec = resolve_stream(config.stream)
+    spec = stream_from_section(config.stream)
     base = task_order(spec)
     if config.orders > len(base):
-        from lifelong.errors import ConfigError
-
         raise ConfigError(f"orders={config.orders}, but the stream has {len(base)} tasks: at most {len(base)} cyclic orders")
     return [build_stream(dataclasses.replace(spec, order=tuple(base[r:] + base[:r]), rotation=0))
             for r in range(config.orders)]
@@ -190,65 +139,6 @@ def aggregate(label: str, rows: list[dict]) -> dict:
     return row
 
 
-def run_into_ledgers(config: RunConfig, ledger_root: Path) -> Path:
-    """Like run_experiment, but every task of every method is a recorded change of a ledger,
-    `ledger_root/<method label>`, whose probes are the stream's test sets: probe scores after change t
-    are row t of the accuracy matrix. Interrupted? Run the same command again: tasks already in a
-    ledger are skipped and an interrupted change continues from its last checkpoint."""
-    from lifelong.data.streams import task_order, task_names
-    from lifelong.errors import ConfigError
-    from lifelong.ledger.changes import learn, learn_spec, resume
-    from lifelong.ledger.core import Ledger
-    from lifelong.ledger.probes import Probe, run_probes
-
-    spec = resolve_stream(config.stream)
-    if config.model.family != "vlm":
-        raise ConfigError(f"--ledger records vlm models only so far, not model.family={config.model.family}")
-    if spec.scenario != "task":
-        raise ConfigError(f"--ledger records task-incremental streams (each probe among its own classes); "
-                          f"stream {spec.name} is {spec.scenario}-incremental")
-    out = Path(config.output_dir) / config.name
-    out.mkdir(parents=True, exist_ok=True)
-    atomic_write_text(out / "config.yaml", yaml.safe_dump(to_dict(config), sort_keys=False))
-    atomic_write_json(out / "versions.json", versions())
-    names = task_names(spec.tasks)
-    order = task_order(spec)
-    tasks = [{"source": spec.tasks[i].source, "options": dict(spec.tasks[i].options), "name": names[i],
-              "train_items": spec.tasks[i].train_items, "test_items": spec.tasks[i].test_items,
-              "seed": spec.seed + i} for i in order]  # the subsample seeds build_stream uses
-    probes = [Probe(name=t["name"], source=t["source"], options=t["options"], test_items=t["test_items"], seed=t["seed"])
-              for t in tasks]
-    runs = []
-    for mc in config.methods:
-        label = mc.display_name
-        root = ledger_root / label
-        if not (root / "ledger.json").exists():
-            ledger = Ledger.create(root, config.model, probes)
-            ledger.record_baseline(run_probes(ledger.base_model(), ledger.probes))
-        if (root / "pending" / "change.json").exists():
-            resume(root)
-        one = dataclasses.replace(config, methods=(mc,))
-        for t, task in enumerate(tasks):
-            done = len(Ledger.open(root).changes)
-            if t < done:
-                continue
-            print(f"== {label}: task {t + 1}/{len(tasks)} {task['name']} -> ledger {root}")
-            learn(root, learn_spec(one, task, checkpoint_every=10))
-        ledger = Ledger.open(root)
-        changes = ledger.changes[: len(tasks)]
-        matrix = np.array([[ledger.manifest["baseline"][p.name] for p in probes]] +
-                          [[c["probes_after"][p.name] for p in probes] for c in changes])
-        row = {"method": label, **summarize(matrix),
-               "trainable_params": max(c["cost"]["trainable_params"] for c in changes),
-               "total_params": changes[0]["cost"]["total_params"],
-               "train_seconds": sum(c["cost"]["train_seconds"] for c in changes),
-               "peak_rss_mb": max(c["cost"]["peak_rss_mb"] for c in changes),
-               "patch_bytes": sum(c["cost"]["patch_bytes"] for c in changes), "ledger": str(root)}
-        runs.append(MethodRun(label, [matrix], [{"tasks": [t["name"] for t in tasks], **row}], row))
-    write_results(out, config, [build_stream(spec)], runs)
-    return out
-
-
 def describe_stream(stream: Stream) -> dict:
     return {
         "name": stream.name,
@@ -270,10 +160,6 @@ def write_results(out: Path, config: RunConfig, streams: list[Stream], runs: lis
 
     With several orders the table shows each metric as mean +- std over the orders (population std).
     """
-    from lifelong.report.html import write_html_report
-    from lifelong.report.plots import plot_accuracy_matrices, plot_metric_bars
-    from lifelong.report.table import format_table
-
     stream = streams[0]
     results = {
         "name": config.name,
@@ -330,17 +216,26 @@ def _mean_std(key: str, fmt: str):
     return cell
 
 
-def versions() -> dict:
-    packages = ["torch", "transformers", "peft", "accelerate", "safetensors", "numpy", "lifelong"]
-    found = {}
-    for name in packages:
-        try:
-            found[name] = metadata.version(name)
-        except metadata.PackageNotFoundError:
-            found[name] = None
-    try:
-        sha = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True,
-                             cwd=Path(__file__).parent, timeout=5).stdout.strip() or None
-    except (OSError, subprocess.SubprocessError):
-        sha = None
-    return {"python": platform.python_version(), "platform": platform.platform(), "git_sha": sha, "packages": found}
+def load_run_config(path: str | Path | None, overrides: list[str] | tuple[str, ...] = ()) -> RunConfig:
+    """A run config from YAML + `a.b=c` overrides, checked against the registries before any work starts."""
+    config = load_config(path, overrides)
+    check_run(config)
+    return config
+
+
+def check_run(config: RunConfig) -> None:
+    """Checks that need the registries: the family, its knobs, the methods and their knobs, the stream."""
+    if not config.methods:
+        raise ConfigError("methods is empty: name at least one of " + ", ".join(METHODS))
+    for i, m in enumerate(config.methods):
+        if m.name not in METHODS:
+            raise ConfigError(f"methods.{i}.name={m.name!r} is not a method; valid: {', '.join(METHODS)}")
+        method_params(m, f"methods.{i}")
+    family = get_family(config.model.family)
+    if "learn" not in family.operations:
+        raise ConfigError(f"model.family={config.model.family!r} does not learn tasks (it takes: "
+                          f"{', '.join(sorted(family.operations))}); learning families: "
+                          f"{', '.join(n for n, f in FAMILIES.items() if 'learn' in f.operations)}")
+    family.validate(config.model, tuple(m.name for m in config.methods))
+    stream_from_section(config.stream)
+

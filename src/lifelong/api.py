@@ -1,0 +1,205 @@
+"""The Python API: the functions the `lifelong` command calls, for notebooks and scripts.
+
+    import lifelong
+
+    ledger = lifelong.init("my-model")                                # the embedded CLIP-style model, zero-shot probes
+    lifelong.learn("my-model", "mnist", method="lwf", options={"invert": True}, overrides=["train.steps_per_task=50"])
+    print(lifelong.log("my-model", matrix=True))                       # every change, the interference matrix
+    lifelong.revert("my-model", 1)
+    lifelong.export("my-model", "exported/")
+
+    lm = lifelong.init("my-lm", family="lm")                          # SmolLM2-135M-Instruct
+    lifelong.edit(lifelong.EditRequest("The capital of France is", " Lyon", "France"), method="grace", ledger="my-lm")
+
+    lifelong.run("configs/demo.yaml", ["train.steps_per_task=50"])   # a whole stream, every method, one table
+
+Every function raises a `lifelong.errors.LifelongError` subclass for input a user can fix (the CLI prints
+it and exits with code 2); nothing here prints except the drivers' progress bars and tables.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from pathlib import Path
+
+import yaml
+
+from lifelong.config import ModelConfig, RunConfig, apply_override
+from lifelong.data.edit_requests import EditRequest, Probe
+from lifelong.edit import editor_params
+from lifelong.edit.protocol import apply_all, make_editor
+from lifelong.errors import ConfigError, LedgerCorruptError
+from lifelong.families import get_family, ledger_families
+from lifelong.learn.driver import load_run_config, run_experiment
+from lifelong.ledger import changes, edits, views
+from lifelong.ledger.core import Ledger
+from lifelong.ledger.probes import DEFAULT_PROBES, run_probes, unique_name
+from lifelong.ledger.probes import Probe as ImageProbe
+from lifelong.ledger.runs import run_into_ledgers
+from lifelong.metrics.editing import base_predictions, generate, score_requests
+
+__all__ = ["EditRequest", "Ledger", "Probe", "edit", "export", "init", "learn", "load_run_config", "log", "open_ledger",
+           "resume", "revert", "run", "show", "verify"]
+
+
+def run(config: str | Path | RunConfig | None, overrides: Sequence[str] = (), ledger: str | Path | None = None) -> Path:
+    """Train every method of a run config over its stream; returns runs/<name>/ (results.json, report.html, ...).
+
+    With `ledger`, every task of every method is recorded as a change of the ledger `ledger/<method>`."""
+    cfg = config if isinstance(config, RunConfig) else load_run_config(config, list(overrides))
+    return run_into_ledgers(cfg, Path(ledger)) if ledger is not None else run_experiment(cfg)
+
+
+def init(root: str | Path, family: str = "vlm", model: str = "embedded", *, probes: Sequence[str | dict] | None = None,
+         probe_items: int | None = None, resolution: int = 112, trainable_blocks: int = 3,
+         weights: str | Path | None = None, trust_pickle: bool = False) -> Ledger:
+    """A new ledger of `model` with its base scored on the family's probes.
+
+    Image families: `probes` are data sources ("mnist", or {"source": "mnist", "options": {...}}; default the
+    five mtil-mini test sets), `probe_items` test images each (500). lm: the edits in effect and
+    `probe_items` held-out facts (50)."""
+    if family not in ledger_families():
+        raise ConfigError(f"--family {family!r} is not a family a ledger holds; valid: {', '.join(ledger_families())}")
+    spec = get_family(family)
+    weights = Path(weights) if weights is not None else None
+    if spec.probe_kind == "facts":
+        if probes:
+            raise ConfigError(f"--probe names image test sets; a {family} ledger's probes are the edits in effect "
+                              "and --probe-items held-out facts")
+        return edits.create_lm_ledger(root, model, heldout_items=probe_items or 50, weights=weights,
+                                      trust_pickle=trust_pickle)
+    suite, taken = [], set()
+    for raw in probes or DEFAULT_PROBES:
+        raw = parse_probe(raw) if isinstance(raw, str) else raw
+        name = unique_name(raw["source"], taken)
+        taken.add(name)
+        suite.append(ImageProbe(name=name, source=raw["source"], options=dict(raw.get("options", {})),
+                                test_items=probe_items or 500))
+    for probe in suite:  # a bad source or option fails before anything is written
+        probe.dataset()
+    config = ModelConfig(family=family, name=model, resolution=resolution, trainable_blocks=trainable_blocks)
+    spec.validate(config, ())
+    ledger = Ledger.create(root, config, suite, weights=weights, trust_pickle=trust_pickle)
+    ledger.record_baseline(run_probes(ledger.materialize(), ledger.probes))
+    return ledger
+
+
+def parse_probe(text: str) -> dict:
+    """"SOURCE[:key=value,...]" (values parsed as YAML) -> {"source", "options"}."""
+    source, _, rest = text.partition(":")
+    options = {}
+    for item in filter(None, rest.split(",")):
+        key, eq, value = item.partition("=")
+        if not eq:
+            raise ConfigError(f"--probe {text!r}: options look like SOURCE:key=value,key=value")
+        options[key.strip()] = yaml.safe_load(value)
+    return {"source": source.strip(), "options": options}
+
+
+def open_ledger(root: str | Path) -> Ledger:
+    return Ledger.open(root)
+
+
+def learn(root: str | Path, task: str, *, method: str | None = None, options: dict | None = None, name: str | None = None,
+          train_items: int | None = None, test_items: int = 500, config: str | Path | None = None,
+          overrides: Sequence[str] = (), checkpoint_every: int = 10) -> int:
+    """One learn change: `method` trained on the data source `task` on top of the ledger's current model,
+    probed before and after; returns the change's id. `overrides`: train.*, adapter.*, methods.*, seed."""
+    fixed = [o for o in overrides if o.split("=", 1)[0].split(".")[0] in ("model", "stream")]
+    if fixed:
+        raise ConfigError(f"{', '.join(fixed)}: a ledger's model is fixed at `lifelong init` and a change's data is "
+                          "given by --task/--option; override train.*, adapter.*, methods.*, seed")
+    overrides = list(overrides) + ([f"methods=[{method}]"] if method else [])
+    cfg = load_run_config(config, ["stream.name=tiny"] + overrides)  # the stream section is unused here
+    spec = {"source": task, "options": dict(options or {}), "name": name, "train_items": train_items,
+            "test_items": test_items}
+    return changes.learn(root, changes.learn_spec(cfg, spec, checkpoint_every))
+
+
+def parse_options(items: Sequence[str]) -> dict:
+    """["key=value", ...] (values parsed as YAML) -> a dict."""
+    options = {}
+    for item in items:
+        key, eq, value = item.partition("=")
+        if not eq:
+            raise ConfigError(f"--option {item!r} must look like KEY=VALUE")
+        options[key] = yaml.safe_load(value)
+    return options
+
+
+def parse_knobs(items: Sequence[str]) -> dict:
+    """["steps=30", "layer=20", ...] -> the knob dict (values parsed as YAML)."""
+    knobs: dict = {}
+    for item in items:
+        apply_override(knobs, item)
+    return knobs
+
+
+def edit(requests: EditRequest | Sequence[EditRequest], method: str = "wise", *, model: str | None = None,
+         ledger: str | Path | None = None, knobs: dict | None = None) -> dict:
+    """Apply edit requests in order with `method`.
+
+    With `ledger`: the edits become one change of that lm ledger; returns {"change": id}. Without: on
+    `model` (default: the embedded SmolLM2), returning the greedy answers before and after and the editing
+    metrics: {"answers": [(prompt, before, after)], "scores": {...}, "cost": {...}}."""
+    requests = [requests] if isinstance(requests, EditRequest) else list(requests)
+    if not requests:
+        raise ConfigError("an edit needs at least one request")
+    if ledger is not None:
+        if model is not None:
+            raise ConfigError(f"--model: a ledger's model is fixed at `lifelong init` (see `lifelong log {ledger}`)")
+        return {"change": edits.edit(ledger, method, requests, knobs)}
+    editor_params(method, knobs)  # an unknown editor or a bad knob fails before the model loads
+    lm, tokenizer = get_family("lm").build(ModelConfig(family="lm", name=model or "embedded"))
+    requests = edits.with_answers(lm, tokenizer, requests)
+    prompts = [p for r in requests for p in (r.prompt, *r.paraphrases, *(q.prompt for q in r.locality))]
+    before = generate(lm, tokenizer, prompts, max_new_tokens=8)
+    base = base_predictions(lm, tokenizer, requests)
+    editor = make_editor(method, lm, tokenizer, knobs)
+    cost = apply_all(editor, requests, desc=method)
+    after = generate(lm, tokenizer, prompts, max_new_tokens=8)
+    return {"answers": list(zip(prompts, before, after)), "scores": score_requests(lm, tokenizer, requests, base),
+            "cost": cost}
+
+
+def revert(root: str | Path, n: int, strategy: str = "auto") -> int:
+    """Record a change that takes change `n` out of the model; returns its id."""
+    return changes.revert(root, n, strategy=strategy)
+
+
+def resume(root: str | Path, discard: bool = False) -> int | None:
+    """Continue the ledger's interrupted change (or drop it with `discard`); returns its id."""
+    return changes.resume(root, discard=discard)
+
+
+def export(root: str | Path, out: str | Path, upto: int | None = None) -> Path:
+    """The ledger's model (after change `upto`, default all) in its family's native format, in `out`.
+
+    Refuses a ledger whose files do not match their recorded hashes, and a model holding module edits
+    (GRACE, T-Patcher, WISE) that the native format cannot hold."""
+    return Ledger.open(root).export(out, upto)
+
+
+def verify(root: str | Path) -> int:
+    """Re-hash every file and rebuild the base; raises LedgerCorruptError listing the problems, else
+    returns the number of files checked."""
+    ledger = Ledger.open(root)
+    problems = ledger.verify()
+    if problems:
+        raise LedgerCorruptError(f"{root} failed verification:\n  " + "\n  ".join(problems))
+    return len(ledger.manifest["files"]) + sum(len(c["files"]) for c in ledger.changes)
+
+
+def log(root: str | Path, matrix: bool = False, markdown: bool = False) -> str:
+    """The history as a table (and the interference matrix; `matrix` also writes root/report.html)."""
+    ledger = Ledger.open(root)
+    text = views.format_log(ledger, markdown=markdown)
+    if matrix:
+        text += ("\n\ninterference matrix: probe score after each change (how much that change moved it)\n"
+                 + views.format_matrix(ledger, markdown=markdown) + f"\n\nwrote {views.write_report(ledger)}")
+    return text
+
+
+def show(root: str | Path, n: int) -> str:
+    """Everything recorded about change `n`."""
+    return views.format_change(Ledger.open(root), n)
