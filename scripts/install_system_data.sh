@@ -8,8 +8,10 @@ if [ -f "$DIR/train-images-idx3-ubyte.gz" ] || [ -n "${LIFELONG_FASHION_MNIST_DI
 fi
 if [ "$(id -u)" = "0" ] && command -v apt-get >/dev/null 2>&1; then
   echo "installing Debian package dataset-fashion-mnist ..."
-  apt-get install -y -q dataset-fashion-mnist >/dev/null 2>&1 || \
-    { apt-get update -q >/dev/null 2>&1 && apt-get install -y -q dataset-fashion-mnist >/dev/null; } || \
+  # Another package-manager process (usual on a new cloud machine) holds apt's lock: wait for it, bounded.
+  APT="apt-get -o DPkg::Lock::Timeout=300 -o Acquire::Retries=3"
+  $APT install -y -q dataset-fashion-mnist >/dev/null 2>&1 || \
+    { $APT update -q >/dev/null 2>&1 && $APT install -y -q dataset-fashion-mnist >/dev/null; } || \
     echo "warning: apt-get could not install dataset-fashion-mnist" >&2
 else
   echo "note: Fashion-MNIST is not installed. Run 'sudo apt-get install dataset-fashion-mnist' (Debian/Ubuntu)," >&2

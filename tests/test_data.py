@@ -4,7 +4,6 @@ import gzip
 import os
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import numpy as np
@@ -74,12 +73,9 @@ def test_lfw_faces_first():
     np.testing.assert_array_equal(images, np.round(lfw_subset() * 255).astype(np.uint8))
 
 
-def test_fashion_mnist_parses_fast():
+def test_fashion_mnist_parses_both_splits():  # its speed: benchmarks/load_times.py
     builtin._parse_fashion_mnist.cache_clear()
-    start = time.perf_counter()
-    load_source("fashion-mnist", "train")
-    load_source("fashion-mnist", "test")
-    assert time.perf_counter() - start < 2.0
+    assert (len(load_source("fashion-mnist", "train")), len(load_source("fashion-mnist", "test"))) == (60000, 10000)
 
 
 def test_fashion_mnist_missing_says_how_to_install(tmp_path, monkeypatch):
@@ -318,10 +314,8 @@ def test_mtil_mini_has_five_real_domains():
     assert stream.class_names == sum((t.class_names for t in stream.tasks), ())
 
 
-def test_tiny_loads_fast_and_order_does_not_change_task_content():
-    start = time.perf_counter()
+def test_order_does_not_change_task_content():  # the tiny stream's load time: benchmarks/load_times.py
     tiny = build_stream("tiny")
-    assert time.perf_counter() - start < 1.0
     assert [(len(t.train), len(t.test)) for t in tiny.tasks] == [(40, 20)] * 3
     reordered = build_stream(stream_spec("tiny", order=[2, 0, 1]))
     assert [t.name for t in reordered.tasks] == ["mnist", "digits", "lfw"]

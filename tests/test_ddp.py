@@ -50,6 +50,7 @@ def relative_update_difference(tmp_path: Path, label: str, tasks: int) -> float:
 def check_agreement(tmp_path: Path, methods: list[str]) -> None:
     spec = "[" + ", ".join(methods) + "]"
     one, two = run(tmp_path, "one", spec, 1), run(tmp_path, "two", spec, 2)
+    assert (one["processes"], two["processes"]) == (1, 2), "the second run did not train on two processes"
     for label in one["methods"]:
         a, b = one["methods"][label], two["methods"][label]
         diff = max(abs(x - y) for ra, rb in zip(a["accuracy_matrix"], b["accuracy_matrix"]) for x, y in zip(ra, rb))

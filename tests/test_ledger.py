@@ -1,6 +1,7 @@
 """The ledger end to end through the CLI on a tiny model: every command, the revert strategies, exact
 resume after SIGKILL at random points, and the failures a user must get a clear refusal for."""
 
+import math
 import json
 import os
 import random
@@ -51,7 +52,8 @@ def test_history_log_show_revert_export_verify(tmp_path, capsys):
     assert [p.name for p in ledger.probes] == ["digits", "lfw", "mnist"]  # the lfw task reuses its probe
     first = ledger.change(1)
     assert first["probes_before"].keys() == {"digits", "lfw", "mnist"}
-    assert first["probes_after"]["mnist"] != first["probes_before"]["mnist"] or first["final_loss"] is not None
+    assert isinstance(first["final_loss"], float) and math.isfinite(first["final_loss"])
+    assert any(first["probes_after"][p] != first["probes_before"][p] for p in first["probes_after"]), "nothing moved"
     # The recorded scores are those of the model the ledger rebuilds from its patches.
     from lifelong.ledger.probes import run_probes
 

@@ -1,6 +1,5 @@
 """The lm family: tiny random models for tests, loading by folder, the embedded SmolLM2 (slow)."""
 
-import time
 
 import pytest
 import torch
@@ -38,10 +37,8 @@ def test_ffn_out_weight_is_out_by_in_view(arch):
     assert module.weight.flatten().eq(123.0).any()
 
 
-def test_tiny_tokenizer_is_fast_offline_and_keeps_leading_space():
-    start = time.perf_counter()
+def test_tiny_tokenizer_works_offline_and_keeps_leading_space():  # its build time: benchmarks/load_times.py
     tok = tiny_tokenizer()
-    assert time.perf_counter() - start < 2.0
     ids = tok(" Paris", add_special_tokens=False)["input_ids"]
     assert tok.decode(ids) == " Paris"
     assert tok.decode(tok("Ünïcode ✓ text", add_special_tokens=False)["input_ids"]) == "Ünïcode ✓ text"

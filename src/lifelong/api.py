@@ -109,7 +109,8 @@ def learn(root: str | Path, task: str, *, method: str | None = None, options: di
     if fixed:
         raise ConfigError(f"{', '.join(fixed)}: a ledger's model is fixed at `lifelong init` and a change's data is "
                           "given by --task/--option; override train.*, adapter.*, methods.*, seed")
-    overrides = list(overrides) + ([f"methods=[{method}]"] if method else [])
+    # the method first, so that knobs given as methods.0.KEY=VALUE apply to it (not to a default replaced after)
+    overrides = ([f"methods=[{method}]"] if method else []) + list(overrides)
     cfg = load_run_config(config, ["stream.name=tiny"] + overrides)  # the stream section is unused here
     spec = {"source": task, "options": dict(options or {}), "name": name, "train_items": train_items,
             "test_items": test_items}

@@ -54,6 +54,9 @@ class TrainConfig:
     eval_batch_size: int = 256
     grad_clip: float = 1.0
     checkpoints: bool = True
+    # An Accelerate tracker for loss, lr, grad norm and accuracies ("tensorboard", "wandb", "mlflow", ...),
+    # writing into the run's folder (runs/<name>/logs, a ledger's DIR/logs); "none" turns logging off.
+    log_with: str = "tensorboard"
 
 
 @dataclass(frozen=True)

@@ -17,7 +17,7 @@ from pathlib import Path
 import numpy as np
 import torch
 from accelerate import Accelerator
-from accelerate.utils import set_seed
+from accelerate.utils import DataLoaderConfiguration, DistributedDataParallelKwargs, set_seed
 from safetensors.torch import load, save
 from tqdm.auto import tqdm
 
@@ -181,15 +181,21 @@ def evaluate(model, stream: Stream, stem: StemFeatures, after_task: int, batch_s
 
 
 def run_stream(model, method, stream: Stream, stem: StemFeatures, config: RunConfig, checkpoint_dir: Path | None,
-               zero_shot: dict[str, np.ndarray] | None = None) -> StreamResult:
+               zero_shot: dict[str, np.ndarray] | None = None, log_dir: Path | None = None,
+               log_name: str = "run") -> StreamResult:
     """Train `method` on every task of `stream` in order; return the accuracy matrix and the costs.
 
     `zero_shot`: a cache of row 0 (the model before training) shared by the methods run on this
     stream, keyed by a digest of the model's whole state: methods that start from the same model and
-    score it the same way (no `eval_logits`) evaluate it once."""
+    score it the same way (no `eval_logits`) evaluate it once.
+
+    `log_dir`: where the trackers of `train.log_with` write (TensorBoard event files under
+    log_dir/`log_name`): every step's loss, lr and grad norm, and every task's accuracy after each task."""
     train_cfg: TrainConfig = config.train
     set_seed(config.seed)
-    accelerator = make_accelerator()
+    accelerator = make_accelerator(leaves_parameters_unused(method), train_cfg.log_with if log_dir else "none", log_dir)
+    if log_dir is not None:
+        accelerator.init_trackers(log_name, config=tracker_config(config))
     if train_cfg.batch_size % accelerator.num_processes:
         raise ConfigError(f"train.batch_size={train_cfg.batch_size} must be a multiple of the number of processes "
                           f"({accelerator.num_processes}): each process takes an equal share of every batch")
@@ -223,7 +229,7 @@ def run_stream(model, method, stream: Stream, stem: StemFeatures, config: RunCon
         t0 = time.perf_counter()
         try:
             losses = train_task(model, method, data, train_cfg, seed=config.seed * 1000 + t, accelerator=accelerator,
-                                desc=f"task {t + 1}/{T} {task.name}")
+                                desc=f"task {t + 1}/{T} {task.name}", log_step=t * train_cfg.steps_per_task)
         except TrainingDivergedError as e:
             where = f"last good checkpoint: {last_good}" if last_good else "no checkpoint yet (it diverged in the first task)"
             raise TrainingDivergedError(f"{e} {where}") from None
@@ -238,12 +244,29 @@ def run_stream(model, method, stream: Stream, stem: StemFeatures, config: RunCon
         matrix[t + 1], seen_acc = evaluate(model, stream, stem, t + 1, train_cfg.eval_batch_size, method, accelerator)
         result.seen_accuracy.append(seen_acc)
         result.eval_seconds += time.perf_counter() - t0
+        accelerator.log({f"accuracy/{u.name}": float(a) for u, a in zip(stream.tasks, matrix[t + 1])},
+                        step=(t + 1) * train_cfg.steps_per_task)
+    accelerator.end_training()  # flushes and closes the trackers' files
     return result
+
+
+def leaves_parameters_unused(method) -> bool:
+    """Whether the method's forward leaves trainable parameters without a gradient in some steps (experts
+    outside the top-k): only then must DDP search for them, an extra autograd traversal every step."""
+    return bool(getattr(method, "leaves_parameters_unused", False))
+
+
+def tracker_config(config: RunConfig) -> dict:
+    """The run's settings as the flat scalars and strings trackers accept (TensorBoard's hparams)."""
+    flat = {"seed": config.seed, "model": config.model.name, "family": config.model.family,
+            "adapter": config.adapter.kind, "methods": ",".join(m.display_name for m in config.methods)}
+    flat.update({f"train.{k}": v for k, v in vars(config.train).items() if isinstance(v, (int, float, str, bool))})
+    return flat
 
 
 def train_task(model, method, data: TaskData, train_cfg: TrainConfig, *, seed: int, accelerator: Accelerator | None = None,
                desc: str = "", resume_from: Path | None = None, checkpoint_every: int = 0,
-               on_checkpoint=None) -> list[float]:
+               on_checkpoint=None, log_step: int = 0) -> list[float]:
     """One task: the method's begin_task, `steps_per_task` optimizer steps of its loss, its end_task.
 
     Returns the per-step losses. With `on_checkpoint(state)`, a `TrainState` is handed over every
@@ -252,9 +275,10 @@ def train_task(model, method, data: TaskData, train_cfg: TrainConfig, *, seed: i
     stopped: model, optimizer, scheduler, method state (teacher outputs, Fisher, buffers, weight
     averages), RNG states and the position in the data order are restored, begin_task is not run
     again, and the run ends with the same numbers as an uninterrupted one (bit-identical on CPU).
+    Every step's loss, lr and grad norm go to the accelerator's trackers at step `log_step` + step.
     """
     tune_allocator()
-    accelerator = accelerator or make_accelerator()
+    accelerator = accelerator or make_accelerator(leaves_parameters_unused(method))
     # begin_task may choose what trains (a new router, frozen experts), so it runs before the optimizer
     # is built; a resumed task gets those choices back from its checkpoint instead.
     saved = TrainState.load(resume_from) if resume_from is not None else None
@@ -287,12 +311,17 @@ def train_task(model, method, data: TaskData, train_cfg: TrainConfig, *, seed: i
                 f"stopped, the model before this task is kept. Lower train.lr (now {train_cfg.lr}) or the method's reg_weight."
             )
         accelerator.backward(loss)
-        if train_cfg.grad_clip > 0:
-            accelerator.clip_grad_norm_(params, train_cfg.grad_clip)
+        grad_norm = accelerator.clip_grad_norm_(params, train_cfg.grad_clip) if train_cfg.grad_clip > 0 else None
+        lr = scheduler.get_last_lr()[0]
         optimizer.step()
         scheduler.step()
         optimizer.zero_grad(set_to_none=True)
         losses.append(loss.item())
+        if accelerator.trackers:
+            values = {"loss": loss.item(), "lr": lr, **{f"loss/{k}": v for k, v in logs.items()}}
+            if grad_norm is not None:
+                values["grad_norm"] = float(grad_norm)  # before clipping
+            accelerator.log(values, step=log_step + step + 1)
         if step % 10 == 0:
             bar.set_postfix(loss=f"{loss.item():.3f}")
         done = step + 1
@@ -302,15 +331,16 @@ def train_task(model, method, data: TaskData, train_cfg: TrainConfig, *, seed: i
     return losses
 
 
-def make_accelerator() -> Accelerator:
-    """CPU unless CUDA is there. Several processes: DDP, which must tolerate parameters a step leaves
-    unused (experts outside the top-k, a frozen-at-task-start LoRA). `split_batches`: the processes
-    share each global batch (train_task splits it), so the lr schedule steps once per optimizer step,
-    not once per process."""
-    from accelerate.utils import DataLoaderConfiguration, DistributedDataParallelKwargs
-
+def make_accelerator(find_unused_parameters: bool = False, log_with: str = "none",
+                     log_dir: Path | None = None) -> Accelerator:
+    """CPU unless CUDA is there. Several processes: DDP, told to search for parameters a step leaves
+    unused only for methods that do (`leaves_parameters_unused`). `split_batches`: the processes share
+    each global batch (train_task splits it), so the lr schedule steps once per optimizer step, not once
+    per process. `log_with`: an Accelerate tracker ("tensorboard", "wandb", ...; "none": off) writing
+    under `log_dir`."""
     return Accelerator(cpu=not torch.cuda.is_available(), dataloader_config=DataLoaderConfiguration(split_batches=True),
-                       kwargs_handlers=[DistributedDataParallelKwargs(find_unused_parameters=True)])
+                       kwargs_handlers=[DistributedDataParallelKwargs(find_unused_parameters=find_unused_parameters)],
+                       log_with=None if log_with == "none" else log_with, project_dir=log_dir)
 
 
 def assert_replicated(accelerator: Accelerator, model, method, where: str) -> None:

@@ -48,6 +48,11 @@ def load_imagefolder(split: str, root: str | Path | None = None, size: int = 64,
         files, labels, names = _flatten(train_classes if split == "train" else test_classes)
     else:
         files, labels, names = _flatten(class_files(root))
+        few = [f"{names[c]} ({n})" for c, n in enumerate(np.bincount(labels, minlength=len(names))) if n < 2]
+        if few:
+            raise DataFormatError(f"imagefolder: every class needs at least 2 images in {root} (one goes to the test "
+                                  f"split); too few: {', '.join(few)}. Add images, or make {root}/train/<class>/ and "
+                                  f"{root}/test/<class>/ folders yourself")
         train, test = stratified_split(labels, test_fraction, SPLIT_SEED)
         keep = train if split == "train" else test
         files, labels = [files[i] for i in keep], labels[keep]

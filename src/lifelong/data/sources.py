@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import inspect
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Callable, Sequence
 
 import numpy as np
@@ -107,6 +108,13 @@ def _class_ids(name: str, classes: Sequence[int | str], class_names: tuple[str, 
     if len(set(ids)) != len(ids):
         raise ConfigError(f"{name}: classes {list(classes)} name a class twice")
     return np.array(ids, dtype=np.int64)
+
+
+def default_task_name(source: str, options: dict) -> str:
+    """The name a task of `source` gets when none is given: an image folder's own name, else the source's."""
+    if source == "imagefolder" and options.get("root"):
+        return Path(str(options["root"])).expanduser().resolve().name or source
+    return source
 
 
 def source_names() -> list[str]:

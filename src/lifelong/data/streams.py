@@ -26,7 +26,7 @@ from dataclasses import dataclass, field, fields, replace
 from typing import Any, Mapping
 
 from lifelong.data.base import Stream, Task
-from lifelong.data.sources import COMMON_OPTIONS, SOURCES, load_source
+from lifelong.data.sources import COMMON_OPTIONS, SOURCES, default_task_name, load_source
 from lifelong.errors import ConfigError
 
 SCENARIOS = ("task", "class")
@@ -160,18 +160,20 @@ def task_order(spec: StreamSpec) -> list[int]:
 
 
 def task_names(tasks: tuple[TaskSpec, ...]) -> list[str]:
-    """Explicit names, else the source name, suffixed -1, -2, ... when a source repeats."""
-    repeats = Counter(t.source for t in tasks if t.name is None)
+    """Explicit names, else the source's default name (an image folder's own name), suffixed -1, -2, ...
+    when it repeats."""
+    defaults = [default_task_name(t.source, dict(t.options)) for t in tasks]
+    repeats = Counter(d for t, d in zip(tasks, defaults) if t.name is None)
     seen: Counter = Counter()
     names = []
-    for t in tasks:
+    for t, default in zip(tasks, defaults):
         if t.name is not None:
             names.append(t.name)
-        elif repeats[t.source] > 1:
-            seen[t.source] += 1
-            names.append(f"{t.source}-{seen[t.source]}")
+        elif repeats[default] > 1:
+            seen[default] += 1
+            names.append(f"{default}-{seen[default]}")
         else:
-            names.append(t.source)
+            names.append(default)
     duplicated = sorted(n for n, count in Counter(names).items() if count > 1)
     if duplicated:
         raise ConfigError(f"task names must be unique; repeated: {duplicated}")

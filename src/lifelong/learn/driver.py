@@ -93,7 +93,8 @@ def run_experiment(config: RunConfig) -> Path:
             method = build_method(mc)
             checkpoints = out / "checkpoints" / label / (f"order_{r + 1}" if len(streams) > 1 else "")
             with PeakMemory() as memory:
-                result = run_stream(model, method, stream, stem, mconfig, checkpoints, zero_shot[r])
+                result = run_stream(model, method, stream, stem, mconfig, checkpoints, zero_shot[r], log_dir=out / "logs",
+                                    log_name=f"{label}" + (f"/order_{r + 1}" if len(streams) > 1 else ""))
             trainable, total = count_parameters(model)
             row = {"tasks": [t.name for t in stream.tasks], **summarize(result.accuracy_matrix)}
             if stream.scenario == "class":
@@ -106,7 +107,7 @@ def run_experiment(config: RunConfig) -> Path:
                   f"ZS degradation {row['zero_shot_degradation']:.1f}  ({result.train_seconds:.0f} s)")
         runs.append(MethodRun(label, matrices, rows, aggregate(label, rows)))
     if main:
-        write_results(out, config, streams, runs)
+        write_results(out, config, streams, runs, processes=make_accelerator().num_processes)
     return out
 
 
@@ -155,7 +156,7 @@ def columns_for(stream: Stream) -> list[tuple[str, str, str]]:
     return TABLE_COLUMNS[:-3] + (INCREMENTAL_COLUMNS if stream.scenario == "class" else []) + TABLE_COLUMNS[-3:]
 
 
-def write_results(out: Path, config: RunConfig, streams: list[Stream], runs: list[MethodRun]) -> None:
+def write_results(out: Path, config: RunConfig, streams: list[Stream], runs: list[MethodRun], processes: int = 1) -> None:
     """results.json, accuracy_matrix.csv, summary.md, the figures and report.html; print the table.
 
     With several orders the table shows each metric as mean +- std over the orders (population std).
@@ -163,6 +164,7 @@ def write_results(out: Path, config: RunConfig, streams: list[Stream], runs: lis
     stream = streams[0]
     results = {
         "name": config.name,
+        "processes": processes,  # how many processes trained it (accelerate launch --num_processes)
         "stream": describe_stream(stream),
         "orders": [[t.name for t in s.tasks] for s in streams],
         "metric_definitions": METRIC_DOCS,

@@ -156,6 +156,7 @@ def selector_features(stem_out: torch.Tensor) -> torch.Tensor:
 
 
 class MoEAdapters:
+    leaves_parameters_unused = True  # experts outside the top-k get no gradient in a step (DDP must know)
     Params = Params
     adapter_kinds = ("none",)  # the method brings its own modules; the model itself stays frozen
 

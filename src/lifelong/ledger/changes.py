@@ -30,8 +30,8 @@ from lifelong.config import (
     to_dict,
 )
 from lifelong.data.base import Task
-from lifelong.data.sources import load_source
-from lifelong.errors import LedgerError, LifelongError
+from lifelong.data.sources import default_task_name, load_source
+from lifelong.errors import DataFormatError, LedgerError, LifelongError
 from lifelong.families import prepare_trainable
 from lifelong.learn import build_method, method_params
 from lifelong.ledger.core import Ledger
@@ -39,7 +39,7 @@ from lifelong.ledger.edits import revert_edit
 from lifelong.ledger.patch import apply_patch, check_recordable, dense_patch, negate, patch_from_model
 from lifelong.ledger.probes import Probe, run_probes, unique_name
 from lifelong.ledger.store import LedgerLock
-from lifelong.loop import TaskData, TrainState, stem_outputs, train_task
+from lifelong.loop import TaskData, TrainState, leaves_parameters_unused, make_accelerator, stem_outputs, train_task
 from lifelong.metrics.cost import PeakMemory, count_parameters
 
 PENDING = "pending"
@@ -53,7 +53,7 @@ def learn_spec(config: RunConfig, task: dict, checkpoint_every: int) -> dict:
     mc = config.methods[0]
     method_params(mc)  # unknown knobs fail now, not after the model is loaded
     task = {"name": None, "train_items": None, "test_items": 500, "options": {}, "seed": config.seed, **task}
-    task["name"] = task["name"] or task["source"]
+    task["name"] = task["name"] or default_task_name(task["source"], task["options"])
     return {
         "kind": "learn",
         "method": {"name": mc.name, "label": mc.label, "params": dict(mc.params)},
@@ -79,6 +79,7 @@ def learn(root: str | Path, spec: dict) -> int:
                 f"`lifelong resume {root} --discard` drops it"
             )
         spec = {"id": ledger.next_id(), **spec}
+        check_task(load_task(spec))  # bad data (an empty split, a class without images) fails before anything is written
         atomic_write_json(root / PENDING / "change.json", spec)
         try:
             return _complete_learn(ledger, spec)
@@ -143,7 +144,7 @@ def _complete_learn(ledger: Ledger, spec: dict) -> int:
     with PeakMemory() as memory:
         trained = train_change(model, ledger.model_config, spec, prior_state=ledger.method_state(method),
                                seen_class_names=seen_classes(active), index=len(active),
-                               checkpoint=checkpoint, checkpoint_every=spec["checkpoint_every"])
+                               checkpoint=checkpoint, checkpoint_every=spec["checkpoint_every"], log_dir=root / "logs")
     apply_patch(plain, trained["patch"], where=f"change {n}")
     after = run_probes(plain, probes)
     trainable, total = count_parameters(model)
@@ -179,13 +180,22 @@ def load_task(spec: dict) -> Task:
     return Task(name=task["name"], train=train, test=test, class_ids=tuple(range(len(train.class_names))))
 
 
+def check_task(task: Task) -> None:
+    """Refuse a task the loop cannot train or probe, saying what to fix."""
+    for split, data in (("train", task.train), ("test", task.test)):
+        if len(data) == 0:
+            raise DataFormatError(f"task {task.name}: its {split} split is empty; check the source's options "
+                                  f"(--option) and --train-items/--test-items")
+
+
 def train_change(model, model_config: ModelConfig, spec: dict, *, prior_state: dict, seen_class_names: tuple[str, ...],
-                 index: int, checkpoint: Path | None = None, checkpoint_every: int = 0) -> dict:
+                 index: int, checkpoint: Path | None = None, checkpoint_every: int = 0, log_dir: Path | None = None) -> dict:
     """Train one learn change on the plain `model` (in place; adapters are injected into it).
 
     Returns the patch (relative to the model as it came in), the method's state, the losses and the
     training time (summed over interrupted sessions). With `checkpoint`, training resumes from that
-    file when it exists and writes it every `checkpoint_every` steps.
+    file when it exists and writes it every `checkpoint_every` steps. With `log_dir`, the trackers of
+    `train.log_with` (TensorBoard by default) record every step's loss, lr and grad norm there.
     """
 
     mc = from_dict(MethodConfig, spec["method"], "method")
@@ -212,9 +222,15 @@ def train_change(model, model_config: ModelConfig, spec: dict, *, prior_state: d
         state.meta["elapsed_seconds"] = elapsed + time.perf_counter() - t0
         atomic_write_bytes(checkpoint, state.to_bytes())
 
+    accelerator = make_accelerator(leaves_parameters_unused(method), train_cfg.log_with if log_dir else "none", log_dir)
+    if log_dir is not None:
+        accelerator.init_trackers(f"change_{spec['id']:04d}" if "id" in spec else "change",
+                                  config={"method": mc.name, "task": task.name, "seed": spec["seed"],
+                                          **{f"train.{k}": v for k, v in spec["train"].items() if isinstance(v, (int, float, str))}})
     losses = train_task(model, method, data, train_cfg, seed=spec["seed"], desc=f"{mc.name} on {task.name}",
-                        resume_from=resume_from, checkpoint_every=checkpoint_every,
+                        accelerator=accelerator, resume_from=resume_from, checkpoint_every=checkpoint_every,
                         on_checkpoint=save if checkpoint is not None else None)
+    accelerator.end_training()
     return {"patch": patch_from_model(model, before), "method_state": method.state_dict(), "losses": losses,
             "train_seconds": elapsed + time.perf_counter() - t0, "resumed": resume_from is not None,
             "train_items": len(task.train), "class_names": task.class_names}
