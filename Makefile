@@ -31,9 +31,11 @@ $(STAMP): pyproject.toml requirements-nodeps.txt
 	$(BIN)/pip install --disable-pip-version-check -q --no-deps -r requirements-nodeps.txt
 	touch $(STAMP)
 
-# Debian's Fashion-MNIST (root only; otherwise the loader's error says how to get it).
+# Debian's Fashion-MNIST, and the fonts and clip-art of the text-to-image data (root only; otherwise the
+# loaders' errors say how to get them).
 system-data:
 	@bash scripts/install_system_data.sh
+	@bash scripts/install_t2i_data.sh >/dev/null || echo "note: the text-to-image data packages are not installed (see scripts/install_t2i_data.sh); their tests skip"
 
 heads: $(STAMP)
 	$(BIN)/python scripts/fit_vlm_heads.py

@@ -7,14 +7,13 @@ import copy
 import numpy as np
 import torch
 import torch.nn.functional as F
+from test_methods import MODES, task_data
 
 from lifelong.config import MethodConfig
+from lifelong.families import prepare_trainable
 from lifelong.learn import build_method
 from lifelong.learn.ewc import diagonal_fisher
-from lifelong.loop import run_stream
-from lifelong.families import prepare_trainable
-
-from test_methods import MODES, task_data
+from lifelong.loop import Batch, run_stream
 
 
 def test_vectorised_fisher_matches_a_per_sample_loop(tiny_model, tiny_stream, tiny_stem, tiny_config):
@@ -53,7 +52,7 @@ def test_ewc_keeps_weights_closer_to_the_previous_task(tiny_model, tiny_stream, 
         second = task_data(tiny_stream, tiny_stem, 1)
         opt = torch.optim.Adam([p for p in model.parameters() if p.requires_grad], lr=1e-3)
         index = torch.arange(16)
-        batch = {"inputs": second.inputs[index], "targets": second.targets[index], "index": index}
+        batch = Batch(inputs=second.inputs[index], targets=second.targets[index], index=index)
         for _ in range(30):
             loss, _ = method.loss(model, batch, second)
             opt.zero_grad()
@@ -98,6 +97,6 @@ def test_lwf_teacher_is_the_model_at_task_start(tiny_model, tiny_stream, tiny_st
     torch.testing.assert_close(method.teacher_logits, expected)
     # and at the start, student == teacher: the distillation term is zero
     index = torch.arange(8)
-    batch = {"inputs": data.inputs[index], "targets": data.targets[index], "index": index}
+    batch = Batch(inputs=data.inputs[index], targets=data.targets[index], index=index)
     _, logs = method.loss(tiny_model, batch, data)
     assert abs(logs["kd"]) < 1e-6

@@ -8,15 +8,13 @@ import pytest
 import torch
 
 from lifelong.config import AdapterConfig, MethodConfig, ModelConfig
-from lifelong.learn.driver import load_run_config
 from lifelong.errors import ConfigError
+from lifelong.families import prepare_trainable
 from lifelong.families.classifier import METHODS, build_classifier
 from lifelong.learn import build_method
+from lifelong.learn.driver import build_model, load_run_config
 from lifelong.learn.ewc import diagonal_fisher
-from lifelong.loop import run_stream
-from lifelong.learn.driver import build_model
-from lifelong.loop import compute_stem_features
-from lifelong.families import prepare_trainable
+from lifelong.loop import compute_stem_features, run_stream
 
 TINY_MLP = ["model.family=classifier", "model.name=mlp", "model.resolution=8", "model.hidden_sizes=[16]"]
 # Class-incremental, three tasks of two digit classes each: real data that every install has.

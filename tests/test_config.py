@@ -5,8 +5,8 @@ from pathlib import Path
 import pytest
 
 from lifelong.cli import CONFIG_DIR
-from lifelong.learn.driver import load_run_config
 from lifelong.errors import ConfigError
+from lifelong.learn.driver import load_run_config
 
 
 def write(tmp_path: Path, text: str) -> Path:

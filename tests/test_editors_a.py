@@ -12,8 +12,7 @@ import pytest
 import torch
 
 from lifelong.edit import EditRequest, editor_class, editor_params
-from lifelong.families.lm import target_batch, target_nll
-from lifelong.families.lm import tiny_lm
+from lifelong.families.lm import target_batch, target_nll, tiny_lm
 
 ARCHS = ("llama", "gpt2")
 EDITORS = ("ft_l", "lora", "grace", "wise")
@@ -64,14 +63,14 @@ def batch_of(tok, *pairs):
 
 def logits(model, batch):
     with torch.no_grad():
-        return model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+        return model(input_ids=batch.input_ids, attention_mask=batch.attention_mask).logits
 
 
 def predicted_targets(model, batch, row=0):
     """Argmax token at each position that predicts a target token, and the target tokens."""
     out = logits(model, batch)[row]
-    labels = batch["labels"][row]
-    return out.argmax(-1)[batch["target_mask"][row]].tolist(), labels[labels != -100].tolist()
+    labels = batch.labels[row]
+    return out.argmax(-1)[batch.target_mask[row]].tolist(), labels[labels != -100].tolist()
 
 
 # ----------------------------------------------------------------------------- the contract, every editor

@@ -16,14 +16,13 @@ import pytest
 import torch
 
 from lifelong.data.edit_requests import EditRequest, Probe
-from lifelong.families.lm import target_batch, target_nll
 from lifelong.edit.mend import MEND
 from lifelong.edit.mend import Params as MendParams
 from lifelong.edit.rome import ROME, corpus_chunks
 from lifelong.edit.rome import Params as RomeParams
 from lifelong.edit.t_patcher import Params as PatcherParams
 from lifelong.edit.t_patcher import TPatcher
-from lifelong.families.lm import ffn_out, linear_weight, tiny_lm
+from lifelong.families.lm import ffn_out, linear_weight, target_batch, target_nll, tiny_lm
 
 FACTS = """The capital of France is Paris. The capital of Germany is Berlin. The capital of Italy is Rome.
 The capital of Spain is Madrid. The capital of Japan is Tokyo. The capital of Canada is Ottawa.
@@ -64,10 +63,10 @@ def edit_scores(model, tok, request: EditRequest) -> tuple[float, bool]:
     """(teacher-forced target NLL, every target token is the argmax)."""
     batch = target_batch(tok, [request.prompt], [request.target_new])
     with torch.no_grad():
-        logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+        logits = model(input_ids=batch.input_ids, attention_mask=batch.attention_mask).logits
         nll = target_nll(model, batch).item()
-    labels = batch["labels"][:, 1:][batch["target_mask"][:, :-1]]
-    return nll, bool((logits[batch["target_mask"]].argmax(-1) == labels).all())
+    labels = batch.labels[:, 1:][batch.target_mask[:, :-1]]
+    return nll, bool((logits[batch.target_mask].argmax(-1) == labels).all())
 
 
 def snapshot(model) -> dict[str, torch.Tensor]:
@@ -141,8 +140,8 @@ def test_rome_gpt2_reset_is_exact_and_seeded_runs_agree():
 
 
 def test_rome_covariance_is_cached(llama, monkeypatch):
-    from lifelong.edit import rome
     from lifelong.cache import cache_dir
+    from lifelong.edit import rome
 
     model, tok = llama
     cov = rome.key_covariance(model, tok, 2, "python-reference", 1024)

@@ -5,11 +5,10 @@ LayerNorm, peft LoRA factors, a classifier's head rows)."""
 
 import pytest
 import torch
-
-from lifelong.learn.fisher import closed_form_layers, diagonal_fisher
-from lifelong.families import prepare_trainable
-
 from test_methods import MODES, force_nonzero_lora, task_data
+
+from lifelong.families import prepare_trainable
+from lifelong.learn.fisher import closed_form_layers, diagonal_fisher
 
 
 def assert_same_fisher(model, x, y, class_names, mode):

@@ -8,14 +8,13 @@ import copy
 import pytest
 import torch
 import torch.nn.functional as F
+from test_methods import MODES, task_data
 
 from lifelong.config import MethodConfig
+from lifelong.families import prepare_trainable
 from lifelong.learn import build_method
 from lifelong.learn.icarl import ICaRL, herding_order, image_features
-from lifelong.loop import count_correct, evaluate, run_stream
-from lifelong.families import prepare_trainable
-
-from test_methods import MODES, task_data
+from lifelong.loop import Batch, count_correct, evaluate, run_stream
 
 BUDGET = 30  # small enough that the tiny stream's sets get cut: m = 3, then 2, then 1
 
@@ -122,7 +121,7 @@ def test_teacher_is_cached_at_task_start(tiny_model, tiny_stream, tiny_stem, tin
         torch.testing.assert_close(method.teacher_memory_logits, tiny_model(method.memory_inputs, first.class_names))
         torch.testing.assert_close(method.teacher_logits, tiny_model(second.inputs, first.class_names))
     index = torch.arange(8)
-    batch = {"inputs": second.inputs[index], "targets": second.targets[index], "index": index}
+    batch = Batch(inputs=second.inputs[index], targets=second.targets[index], index=index)
     _, logs = method.loss(tiny_model, batch, second)
     assert abs(logs["kd"]) < 1e-6  # student == teacher at the start, also on the replayed exemplars
     assert method.replay_step == 1

@@ -1,8 +1,8 @@
 """The ledger end to end through the CLI on a tiny model: every command, the revert strategies, exact
 resume after SIGKILL at random points, and the failures a user must get a clear refusal for."""
 
-import math
 import json
+import math
 import os
 import random
 import signal

@@ -20,7 +20,7 @@ def test_tiny_lm_builds_deterministically_and_runs(arch):
     batch = tok(["The capital of France is", "Hi"], return_tensors="pt", padding=True)
     with torch.no_grad():
         logits = model(**batch).logits
-    assert logits.shape == (2, batch["input_ids"].shape[1], len(tok))
+    assert logits.shape == (2, batch.input_ids.shape[1], len(tok))
 
 
 @pytest.mark.parametrize("arch", ["llama", "gpt2"])
@@ -74,6 +74,6 @@ def test_embedded_smollm2_knows_paris():
     batch = tok("The capital of France is", return_tensors="pt")
     with torch.no_grad():
         out = model.generate(**batch, max_new_tokens=2, do_sample=False)
-    assert tok.decode(out[0, batch["input_ids"].shape[1]:]).startswith(" Paris")
+    assert tok.decode(out[0, batch.input_ids.shape[1]:]).startswith(" Paris")
     again, _ = build_lm("embedded")  # second call: from the converted folder
     assert torch.equal(again.lm_head.weight, model.lm_head.weight)

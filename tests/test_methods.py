@@ -9,10 +9,10 @@ import pytest
 import torch
 
 from lifelong.config import AdapterConfig, MethodConfig
+from lifelong.families import prepare_trainable
 from lifelong.learn import METHODS, build_method
 from lifelong.learn.common import TaskData
-from lifelong.loop import label_spaces, run_stream, targets_in
-from lifelong.families import prepare_trainable
+from lifelong.loop import Batch, label_spaces, run_stream, targets_in
 
 MODES = {"full": AdapterConfig(), "lora": AdapterConfig(kind="lora", rank=4, alpha=8)}
 KINDS = {"full": "none", "lora": "lora"}
@@ -81,7 +81,7 @@ def test_loss_drops_on_a_fixed_batch(name, mode, tiny_model, tiny_stream, tiny_s
     data = task_data(tiny_stream, tiny_stem, 1)
     method.begin_task(tiny_model, data)
     index = torch.arange(8)
-    batch = {"inputs": data.inputs[index], "targets": data.targets[index], "index": index}
+    batch = Batch(inputs=data.inputs[index], targets=data.targets[index], index=index)
     params = [p for p in tiny_model.parameters() if p.requires_grad]
     opt = torch.optim.Adam(params, lr=1e-3)
     losses = []
@@ -106,7 +106,7 @@ def test_state_round_trips(name, tiny_model, tiny_stream, tiny_stem, tiny_config
     clone = build_method(MethodConfig(name=name))
     clone.load_state_dict({k: v.clone() for k, v in method.state_dict().items()})
     index = torch.arange(8)
-    batch = {"inputs": data.inputs[index], "targets": data.targets[index], "index": index}
+    batch = Batch(inputs=data.inputs[index], targets=data.targets[index], index=index)
     assert method.loss(tiny_model, batch, data)[0].item() == clone.loss(tiny_model, batch, data)[0].item()
 
 
@@ -150,7 +150,7 @@ def test_a_resumed_task_ends_bit_identical(name, tiny_model, tiny_stream, tiny_s
     for m, meth in ((tiny_model, method), (start_model, start_method)):
         meth.begin_task(m, third)
     index = torch.arange(8)
-    batch = {"inputs": third.inputs[index], "targets": third.targets[index], "index": index}
+    batch = Batch(inputs=third.inputs[index], targets=third.targets[index], index=index)
     assert method.loss(tiny_model, batch, third)[0].item() == start_method.loss(start_model, batch, third)[0].item()
 
 

@@ -9,6 +9,7 @@ from types import SimpleNamespace
 
 import pytest
 import torch
+from test_methods import task_data
 
 from lifelong.config import MethodConfig
 from lifelong.data.base import Task
@@ -18,10 +19,8 @@ from lifelong.errors import ConfigError
 from lifelong.learn import build_method
 from lifelong.learn.common import TaskData
 from lifelong.learn.moe_adapters import mixtures, routed
-from lifelong.loop import train_task
+from lifelong.loop import Batch, train_task
 from lifelong.modules.moe_adapter import NoisyTopKRouter, load_balancing_loss
-
-from test_methods import task_data
 
 
 def moe(model, **params):
@@ -168,7 +167,7 @@ def test_clip_towers_route_and_train(tiny_clip, tiny_stream):
     data = TaskData(0, task, tiny_clip.encode_stem(images), torch.as_tensor(task.train.labels[:12]), task.class_names, ())
     method = moe(tiny_clip)
     method.begin_task(tiny_clip, data)
-    batch = {"inputs": data.inputs, "targets": data.targets, "index": torch.arange(12)}
+    batch = Batch(inputs=data.inputs, targets=data.targets, index=torch.arange(12))
     loss, logs = method.loss(tiny_clip, batch, data)
     loss.backward()
     assert logs["balance"] > 0

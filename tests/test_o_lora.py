@@ -7,15 +7,14 @@ import dataclasses
 
 import pytest
 import torch
+from test_methods import MODES, task_data
 
 from lifelong.config import MethodConfig
 from lifelong.errors import ConfigError
+from lifelong.families import prepare_trainable
 from lifelong.learn import build_method
 from lifelong.learn.o_lora import ADAPTER, lora_layers, orthogonality_loss
-from lifelong.loop import train_task
-from lifelong.families import prepare_trainable
-
-from test_methods import MODES, task_data
+from lifelong.loop import Batch, train_task
 
 RANK = MODES["lora"].rank
 
@@ -145,7 +144,7 @@ def test_state_round_trips_and_needs_lora(tiny_model, tiny_stream, tiny_stem, ti
     third = task_data(tiny_stream, tiny_stem, 2)
     method.begin_task(tiny_model, third)
     index = torch.arange(8)
-    batch = {"inputs": third.inputs[index], "targets": third.targets[index], "index": index}
+    batch = Batch(inputs=third.inputs[index], targets=third.targets[index], index=index)
     loss, logs = method.loss(tiny_model, batch, third)
     assert logs["orth"] > 0 and logs["l2"] > 0
     assert loss.item() == clone.loss(tiny_model, batch, third)[0].item()

@@ -9,6 +9,7 @@ from lifelong.data.base import ImageDataset, Task
 from lifelong.learn import build_method
 from lifelong.learn.common import TaskData
 from lifelong.learn.replay import group_shares
+from lifelong.loop import Batch
 
 
 def fake_task(index: int, classes: int, per_class: int, seen: tuple[str, ...]) -> TaskData:
@@ -72,7 +73,7 @@ def test_every_step_mixes_the_batch_with_replay_batch_buffer_samples():
             return inputs[:, :1].repeat(1, len(names)) * 0 + torch.arange(len(names), dtype=torch.float)
 
     index = torch.arange(8)
-    batch = {"inputs": current.inputs[index], "targets": current.targets[index], "index": index}
+    batch = Batch(inputs=current.inputs[index], targets=current.targets[index], index=index)
     loss, _ = method.loss(Recorder(), batch, current)
     assert seen_sizes[0][0] == 8 + 5
     assert seen_sizes[0][1] == current.class_names  # class-incremental: every replayed class is a current class
@@ -95,10 +96,10 @@ def test_first_task_is_plain_cross_entropy_and_defaults_replay_a_full_batch():
             return torch.zeros(len(inputs), len(names), requires_grad=True)
 
     index = torch.arange(6)
-    method.loss(Recorder(), {"inputs": first.inputs[index], "targets": first.targets[index], "index": index}, first)
+    method.loss(Recorder(), Batch(inputs=first.inputs[index], targets=first.targets[index], index=index), first)
     method.end_task(None, first)
     second = fake_task(1, 2, 10, first.class_names)
-    method.loss(Recorder(), {"inputs": second.inputs[index], "targets": second.targets[index], "index": index}, second)
+    method.loss(Recorder(), Batch(inputs=second.inputs[index], targets=second.targets[index], index=index), second)
     assert sizes == [6, 12]
 
 

@@ -8,8 +8,8 @@ import stat
 import numpy as np
 import pytest
 
-from lifelong.report.html import write_html_report
 from lifelong.atomic import atomic_write_bytes, atomic_write_json, atomic_write_text
+from lifelong.report.html import write_html_report
 from lifelong.report.plots import plot_accuracy_matrices, plot_metric_bars
 from lifelong.report.table import format_table
 

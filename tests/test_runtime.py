@@ -9,7 +9,6 @@ import torch
 
 from lifelong import runtime
 
-
 # Allocates and frees a 32 MiB tensor 5 times (after 2 warm-up rounds) and prints the minor page faults
 # that took: with freed memory kept in the heap the pages are reused (about 0 faults), without it every
 # round faults its 8,192 pages in afresh.

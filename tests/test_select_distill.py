@@ -11,12 +11,12 @@ import torch.nn.functional as F
 
 from lifelong.config import AdapterConfig
 from lifelong.errors import ConfigError
+from lifelong.families import prepare_trainable
 from lifelong.learn.common import TaskData
 from lifelong.learn.finetune import Finetune
 from lifelong.learn.select_distill import Params, SelectAndDistill, selection_scores
 from lifelong.learn.zscl import embed_images, load_reference_images
-from lifelong.loop import label_spaces, targets_in, train_task
-from lifelong.families import prepare_trainable
+from lifelong.loop import Batch, label_spaces, targets_in, train_task
 
 SMALL = dict(reference_images=64, reference_batch_size=16)  # the defaults are 1000 and 64
 
@@ -52,7 +52,7 @@ def test_selection_follows_the_models(tiny_model, tiny_stream, tiny_stem, tiny_c
     method = SelectAndDistill(Params(**SMALL))
     method.prepare(model)
     data = task_data(tiny_stream, tiny_stem, 0)
-    batch = {"inputs": data.inputs[:8], "targets": data.targets[:8], "index": torch.arange(8)}
+    batch = Batch(inputs=data.inputs[:8], targets=data.targets[:8], index=torch.arange(8))
     method.begin_task(model, data)
     agree = method.loss(model, batch, data)[1]
     with torch.no_grad():  # a previous task turned the image features

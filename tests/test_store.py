@@ -27,7 +27,6 @@ from lifelong.ledger.store import (
     write_manifest,
 )
 
-
 # --- manifest ---------------------------------------------------------------------------------------
 
 

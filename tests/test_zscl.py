@@ -11,11 +11,11 @@ import torch.nn.functional as F
 
 from lifelong.config import AdapterConfig
 from lifelong.errors import ConfigError
+from lifelong.families import prepare_trainable
 from lifelong.learn.common import TaskData
 from lifelong.learn.finetune import Finetune
 from lifelong.learn.zscl import ZSCL, Params, embed_images, load_reference_images
-from lifelong.loop import label_spaces, targets_in, train_task
-from lifelong.families import prepare_trainable
+from lifelong.loop import Batch, label_spaces, targets_in, train_task
 
 # A small reference set keeps the tests fast; the method's defaults are 1000 images and 1000 texts.
 SMALL = dict(reference_images=64, reference_batch_size=16, reference_texts=48, reference_texts_per_step=16)
@@ -72,7 +72,7 @@ def test_per_step_teacher_state_round_trips(tiny_model, tiny_stream, tiny_stem, 
     method.begin_task(model, data)
     clone = ZSCL(params)
     clone.load_state_dict({k: v.clone() for k, v in method.state_dict().items()})
-    batch = {"inputs": data.inputs[:8], "targets": data.targets[:8], "index": torch.arange(8)}
+    batch = Batch(inputs=data.inputs[:8], targets=data.targets[:8], index=torch.arange(8))
     loss, logs = method.loss(model, batch, data)
     assert logs["kd_image"] > 0 and loss.item() == clone.loss(model, batch, data)[0].item()
 

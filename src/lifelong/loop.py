@@ -48,21 +48,35 @@ class TaskData:
     seen_class_names: tuple[str, ...]
 
 
-def process_share(batch: dict, drawn: torch.Tensor) -> torch.Tensor:
+@dataclass(frozen=True)
+class Batch:
+    """One training step's batch as a method's `loss` sees it: this process's share of the global batch.
+
+    inputs: the frozen stem's outputs; targets: indices into the task's label space; index: each item's
+    position in the task's training set (what cached teacher outputs are looked up by); share: (rank,
+    world) under several processes, each taking every world-th item of the same global batch.
+    """
+
+    inputs: torch.Tensor
+    targets: torch.Tensor
+    index: torch.Tensor
+    share: tuple[int, int] = (0, 1)
+
+    @property
+    def global_size(self) -> int:
+        """The size of the global batch this process's share belongs to."""
+        return len(self.inputs) * self.share[1]
+
+
+def process_share(batch: Batch, drawn: torch.Tensor) -> torch.Tensor:
     """This process's share of samples a method draws for the whole batch (e.g. replayed exemplars).
 
-    Under several processes the loop gives each process an equal share of every global batch and sets
-    `batch["share"] = (rank, world)`. Whatever a method draws per step must be drawn for the global
-    batch (the same draw in every process: seeded by task and step) and split the same way; else
-    every process would replay the same samples and the run would differ from one process.
+    Whatever a method draws per step must be drawn for the global batch (the same draw in every
+    process: seeded by task and step) and split the same way as the batch; else every process would
+    replay the same samples and the run would differ from one process.
     """
-    rank, world = batch.get("share", (0, 1))
+    rank, world = batch.share
     return drawn[rank::world]
-
-
-def global_batch_size(batch: dict) -> int:
-    """The size of the global batch this process's share belongs to."""
-    return len(batch["inputs"]) * batch.get("share", (0, 1))[1]
 
 
 def stem_outputs(model, dataset: ImageDataset, batch_size: int = 256) -> torch.Tensor:
@@ -246,8 +260,16 @@ def run_stream(model, method, stream: Stream, stem: StemFeatures, config: RunCon
         result.eval_seconds += time.perf_counter() - t0
         accelerator.log({f"accuracy/{u.name}": float(a) for u, a in zip(stream.tasks, matrix[t + 1])},
                         step=(t + 1) * train_cfg.steps_per_task)
-    accelerator.end_training()  # flushes and closes the trackers' files
+    finish_trackers(accelerator)
     return result
+
+
+def finish_trackers(accelerator: Accelerator) -> None:
+    """Flush and close the trackers' files. Not `accelerator.end_training()`: that also destroys the process
+    group, which the next method or change of the same run still needs under DDP."""
+    for tracker in accelerator.trackers:
+        tracker.finish()
+    accelerator.trackers = []
 
 
 def leaves_parameters_unused(method) -> bool:
@@ -303,7 +325,7 @@ def train_task(model, method, data: TaskData, train_cfg: TrainConfig, *, seed: i
         # every process draws the same global batch (same seed) and takes an equal share of it, so the
         # averaged gradient is the full batch's: the same training as one process, to float rounding
         index = order[step][rank::world]
-        batch = {"inputs": data.inputs[index], "targets": data.targets[index], "index": index, "share": (rank, world)}
+        batch = Batch(inputs=data.inputs[index], targets=data.targets[index], index=index, share=(rank, world))
         loss, logs = step_loss(batch)
         if not math.isfinite(loss.item()):
             raise TrainingDivergedError(

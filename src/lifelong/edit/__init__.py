@@ -8,8 +8,8 @@ from __future__ import annotations
 import importlib
 
 from lifelong.config import from_dict
-from lifelong.edit.base import Editor
 from lifelong.data.edit_requests import EditRequest, Probe
+from lifelong.edit.base import Editor
 from lifelong.errors import ConfigError
 
 # name -> "module:Class"; imported on first use so that `lifelong --help` stays fast

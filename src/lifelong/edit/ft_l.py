@@ -26,10 +26,9 @@ from dataclasses import dataclass
 
 import torch
 
-from lifelong.edit.base import Editor, fit_target
 from lifelong.data.edit_requests import EditRequest
-from lifelong.families.lm import target_batch, target_nll
-from lifelong.families.lm import ffn_out, resolve_layer
+from lifelong.edit.base import Editor, fit_target
+from lifelong.families.lm import ffn_out, resolve_layer, target_batch, target_nll
 
 
 @dataclass(frozen=True)

@@ -42,10 +42,9 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from lifelong.edit.base import Editor, fit_target
 from lifelong.data.edit_requests import EditRequest
-from lifelong.families.lm import target_batch, target_nll
-from lifelong.families.lm import ffn_out, frozen, linear_weight, resolve_layer
+from lifelong.edit.base import Editor, fit_target
+from lifelong.families.lm import ffn_out, frozen, linear_weight, resolve_layer, target_batch, target_nll
 
 
 @dataclass(frozen=True)
@@ -131,8 +130,8 @@ class GRACE(Editor):
         book = self.codebook or self._install()
         device = book.keys.device
         batch = target_batch(self.tokenizer, [request.prompt], [request.target_new], device)
-        label = tuple(batch["labels"][0][batch["labels"][0] != -100].tolist())
-        key_pos = int((batch["labels"][0] == -100).sum()) - 1  # the prompt's last token
+        label = tuple(batch.labels[0][batch.labels[0] != -100].tolist())
+        key_pos = int((batch.labels[0] == -100).sum()) - 1  # the prompt's last token
         if key_pos < 0:
             raise ValueError(f"empty prompt in {request!r}")
 

@@ -27,10 +27,9 @@ from dataclasses import dataclass
 
 import torch
 
-from lifelong.edit.base import Editor, fit_target
 from lifelong.data.edit_requests import EditRequest
-from lifelong.families.lm import target_batch, target_nll
-from lifelong.families.lm import decoder_layers, ffn_out, is_transposed
+from lifelong.edit.base import Editor, fit_target
+from lifelong.families.lm import decoder_layers, ffn_out, is_transposed, target_batch, target_nll
 
 
 @dataclass(frozen=True)

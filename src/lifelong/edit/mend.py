@@ -45,11 +45,19 @@ import torch
 from torch import nn
 
 from lifelong.cache import load_cached, store_cached
-from lifelong.edit.base import Editor
 from lifelong.data.edit_requests import EditRequest
-from lifelong.families.lm import target_batch, target_nll
-from lifelong.edit.t_patcher import target_nll_from_logits
-from lifelong.families.lm import decoder_layers, ffn_out, is_transposed, linear_weight, lm_fingerprint
+from lifelong.edit.base import Editor
+from lifelong.families.lm import (
+    TokenBatch,
+    decoder_layers,
+    ffn_out,
+    is_transposed,
+    linear_weight,
+    lm_fingerprint,
+    target_batch,
+    target_nll,
+    target_nll_from_logits,
+)
 
 # Part of the cache key of trained editors: bump it when the training changes what an editor learns.
 TRAINING_VERSION = 2
@@ -202,12 +210,12 @@ class MEND(Editor):
             weights, base_logits = self._edited_weights(before, n_edit_rows=1, train=True)
             new_params = {name: (w.T if is_transposed(m) else w)
                           for name, w, m in zip(self.weight_names, weights, self.edited_modules)}
-            kwargs = {"input_ids": after["input_ids"], "attention_mask": after["attention_mask"]}
+            kwargs = {"input_ids": after.input_ids, "attention_mask": after.attention_mask}
             logits = torch.func.functional_call(self.model, new_params, args=(), kwargs=kwargs).logits
             n = len(outer)
-            edit_loss = target_nll_from_logits(logits[:n], {"labels": after["labels"][:n]})
-            width = loc_rows["input_ids"].shape[1]  # the two batches pad the locality rows differently
-            loc_loss = kl_on_mask(base_logits[1:, :width], logits[n:, :width], loc_rows["attention_mask"])
+            edit_loss = target_nll_from_logits(logits[:n], after.labels[:n])
+            width = loc_rows.input_ids.shape[1]  # the two batches pad the locality rows differently
+            loc_loss = kl_on_mask(base_logits[1:, :width], logits[n:, :width], loc_rows.attention_mask)
             loss = p.edit_weight * edit_loss + p.loc_weight * loc_loss
             # Gradients for the editor only: autograd then skips every weight gradient of the model.
             grads = torch.autograd.grad(loss, trainable)
@@ -263,13 +271,13 @@ class MEND(Editor):
         handles = [m.register_forward_hook(record) for m in self.edited_modules]
         try:
             with torch.enable_grad():
-                logits = self.model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
-                loss = target_nll_from_logits(logits[:n_edit_rows], {"labels": batch["labels"][:n_edit_rows]})
+                logits = self.model(input_ids=batch.input_ids, attention_mask=batch.attention_mask).logits
+                loss = target_nll_from_logits(logits[:n_edit_rows], batch.labels[:n_edit_rows])
                 deltas = torch.autograd.grad(loss, outputs)  # dL/dy per edited layer, (B, T, out)
         finally:
             for h in handles:
                 h.remove()
-        mask = batch["attention_mask"].bool()
+        mask = batch.attention_mask.bool()
         new = []
         for l, (module, transform) in enumerate(zip(self.edited_modules, self.nets.transforms)):
             u, delta = inputs[l].detach()[mask].float(), deltas[l][mask].float()  # (N, in), (N, out)
@@ -293,7 +301,7 @@ def kl_on_mask(base_logits: torch.Tensor, edited_logits: torch.Tensor, mask: tor
     return (kl * mask).sum() / mask.sum()
 
 
-def text_rows(tokenizer, texts: list[str]) -> dict[str, torch.Tensor]:
+def text_rows(tokenizer, texts: list[str]) -> TokenBatch:
     """Plain texts as right-padded rows with no target (labels all -100)."""
     ids = [tokenizer(t, add_special_tokens=False)["input_ids"] for t in texts]
     width = max(map(len, ids))
@@ -301,19 +309,20 @@ def text_rows(tokenizer, texts: list[str]) -> dict[str, torch.Tensor]:
     attention = torch.zeros((len(ids), width), dtype=torch.long)
     for i, row in enumerate(ids):
         input_ids[i, : len(row)], attention[i, : len(row)] = torch.tensor(row), 1
-    return {"input_ids": input_ids, "attention_mask": attention, "labels": torch.full_like(input_ids, -100)}
+    return TokenBatch(input_ids=input_ids, attention_mask=attention, labels=torch.full_like(input_ids, -100),
+                      target_mask=torch.zeros_like(input_ids, dtype=torch.bool))
 
 
-def stack_rows(batches: list[dict[str, torch.Tensor]], device) -> dict[str, torch.Tensor]:
+def stack_rows(batches: list[TokenBatch], device) -> TokenBatch:
     """Concatenate right-padded `target_batch` outputs row-wise, padding to the widest."""
-    width = max(b["input_ids"].shape[1] for b in batches)
+    width = max(b.input_ids.shape[1] for b in batches)
 
-    def pad(t: torch.Tensor, value: int) -> torch.Tensor:
-        return torch.nn.functional.pad(t, (0, width - t.shape[1]), value=value)
+    def cat(key: str, value) -> torch.Tensor:
+        return torch.cat([torch.nn.functional.pad(getattr(b, key), (0, width - b.input_ids.shape[1]), value=value)
+                          for b in batches]).to(device)
 
-    return {"input_ids": torch.cat([pad(b["input_ids"], 0) for b in batches]).to(device),  # masked out anyway
-            "attention_mask": torch.cat([pad(b["attention_mask"], 0) for b in batches]).to(device),
-            "labels": torch.cat([pad(b["labels"], -100) for b in batches]).to(device)}
+    return TokenBatch(input_ids=cat("input_ids", 0), attention_mask=cat("attention_mask", 0),  # padding masked out
+                      labels=cat("labels", -100), target_mask=cat("target_mask", False))
 
 
 def _fact_text(request: EditRequest) -> str:

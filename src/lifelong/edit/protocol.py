@@ -16,8 +16,8 @@ import time
 import torch
 from tqdm.auto import tqdm
 
-from lifelong.edit import build_editor
 from lifelong.data.edit_requests import EditRequest
+from lifelong.edit import build_editor
 from lifelong.edit.requests import build_requests
 from lifelong.metrics.cost import PeakMemory
 from lifelong.metrics.editing import fluency, score_requests

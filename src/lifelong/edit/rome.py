@@ -52,10 +52,9 @@ import torch
 import torch.nn.functional as F
 
 from lifelong.cache import load_cached, store_cached
-from lifelong.edit.base import Editor
 from lifelong.data.edit_requests import EditRequest
-from lifelong.families.lm import target_batch, target_nll
-from lifelong.families.lm import decoder_layers, ffn_out, linear_weight
+from lifelong.edit.base import Editor
+from lifelong.families.lm import decoder_layers, ffn_out, linear_weight, target_batch, target_nll
 from lifelong.fingerprint import tensor_digest
 
 # The paper's seed words for the random prefixes (official get_context_templates).
@@ -109,7 +108,7 @@ class ROME(Editor):
         idx = torch.tensor(idxs, device=device)
 
         with torch.no_grad(), capture_io(self.module) as io:
-            self.model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"])
+            self.model(input_ids=batch.input_ids, attention_mask=batch.attention_mask)
         key = io["input"][rows, idx].float().mean(0)   # k*: (in,)
         out0 = io["output"][0, idxs[0]].float()        # o: FFN output at the bare prompt's subject token
 

@@ -38,11 +38,10 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from lifelong.edit.base import Editor
 from lifelong.data.edit_requests import EditRequest
-from lifelong.families.lm import target_batch
+from lifelong.edit.base import Editor
 from lifelong.edit.rome import corpus_chunks
-from lifelong.families.lm import decoder_layers
+from lifelong.families.lm import decoder_layers, target_batch, target_nll_from_logits
 
 
 @dataclass(frozen=True)
@@ -123,7 +122,7 @@ class TPatcher(Editor):
         memory = torch.cat([self.memory(), *self.ffn_inputs_at_tokens(local)])
         batch = target_batch(self.tokenizer, [request.prompt], [request.target_new], self._device)
         x_edit = self.ffn_inputs_at_targets(batch)                     # (P, d): positions predicting the target
-        labels = batch["labels"][:, 1:][batch["target_mask"][:, :-1]]  # (P,)
+        labels = batch.labels[:, 1:][batch.target_mask[:, :-1]]  # (P,)
 
         mean = x_edit.float().mean(0)
         k = nn.Parameter((mean / mean.norm() ** 2).to(x_edit.dtype))       # a(mean x_e) = 1 at the start
@@ -136,11 +135,11 @@ class TPatcher(Editor):
         try:
             for step in range(p.max_steps + 1):
                 self.patches.new = (k, b, p.amplify * v_raw)
-                logits = self.model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
-                nll = target_nll_from_logits(logits, batch)
+                logits = self.model(input_ids=batch.input_ids, attention_mask=batch.attention_mask).logits
+                nll = target_nll_from_logits(logits, batch.labels)
                 a_edit, a_mem = x_edit @ k + b, memory @ k + b                # (P,), (M,)
                 nll_first = nll.item() if nll_first is None else nll_first
-                correct = bool((logits[batch["target_mask"]].argmax(-1) == labels).all())
+                correct = bool((logits[batch.target_mask].argmax(-1) == labels).all())
                 if (correct and a_edit.min() > p.act_margin and a_mem.max() < 0) or step == p.max_steps:
                     break
                 act_loss = top_k_mean(torch.exp(p.act_margin - a_edit), p.act_top_k)
@@ -216,8 +215,8 @@ class TPatcher(Editor):
         """(P, d): the FFN's inputs at the positions whose logits predict target tokens. Patches never
         change them (they act after this FFN), so the current model gives the base model's inputs."""
         with self._capture_input() as seen, torch.no_grad():
-            self.model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"])
-        return seen["x"][batch["target_mask"]]
+            self.model(input_ids=batch.input_ids, attention_mask=batch.attention_mask)
+        return seen["x"][batch.target_mask]
 
     def ffn_inputs_at_tokens(self, token_lists: list[list[int]]) -> list[torch.Tensor]:
         """The FFN's inputs at every token of each sequence, one forward per sequence (no padding)."""
@@ -249,13 +248,3 @@ def top_k_mean(values: torch.Tensor, k: int) -> torch.Tensor:
     """Mean of the k largest entries (the official `top{k}_exp` losses)."""
     flat = values.reshape(-1)
     return torch.topk(flat, min(k, flat.numel())).values.mean()
-
-
-def target_nll_from_logits(logits: torch.Tensor, batch: dict[str, torch.Tensor]) -> torch.Tensor:
-    """`target_nll` on logits already computed (the loop also needs them for the argmax check)."""
-    logp = torch.log_softmax(logits[:, :-1].float(), dim=-1)
-    labels = batch["labels"][:, 1:]
-    mask = labels != -100
-    token_lp = logp.gather(-1, labels.clamp_min(0).unsqueeze(-1)).squeeze(-1) * mask
-    return -(token_lp.sum(1) / mask.sum(1)).mean()
-

@@ -63,10 +63,9 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from lifelong.edit.base import Editor
 from lifelong.data.edit_requests import EditRequest
-from lifelong.families.lm import target_batch
-from lifelong.families.lm import decoder_layers, ffn_out, frozen, linear_weight, resolve_layer
+from lifelong.edit.base import Editor
+from lifelong.families.lm import decoder_layers, ffn_out, frozen, linear_weight, resolve_layer, target_batch
 
 # x_i: ordinary sentences unrelated to any fact request, which must keep Delta below alpha
 IRRELEVANT_TEXTS = (
@@ -214,17 +213,17 @@ def target_only_nll(model: nn.Module, batch: dict[str, torch.Tensor]) -> torch.T
     """`base.target_nll` (mean target NLL per row, then over rows), with the output layer applied only
     at the positions that predict target tokens: an edit batch of prompts under prefixes is mostly
     prompt, and on SmolLM2 the 49k-way output layer would otherwise cost most of a training step."""
-    where = batch["target_mask"]                                         # (B, T)
+    where = batch.target_mask                                         # (B, T)
 
     def keep_targets(module, args):
         return (args[0][where],)                                         # (B, T, D) -> (N, D)
 
     hook = model.get_output_embeddings().register_forward_pre_hook(keep_targets)
     try:
-        logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits  # (N, V)
+        logits = model(input_ids=batch.input_ids, attention_mask=batch.attention_mask).logits  # (N, V)
     finally:
         hook.remove()
-    targets = batch["labels"][:, 1:][where[:, :-1]]                      # (N,) same row-major order
+    targets = batch.labels[:, 1:][where[:, :-1]]                      # (N,) same row-major order
     token_nll = F.cross_entropy(logits.float(), targets, reduction="none")
     rows = where.nonzero()[:, 0]                                         # (N,) row of each target token
     per_row = token_nll.new_zeros(len(where)).index_add(0, rows, token_nll) / where.sum(1)
@@ -304,7 +303,7 @@ class WISE(Editor):
         w = linear_weight(self.original).detach()
         prompts = [request.prompt] + [f"{prefix} {request.prompt}" for prefix in self.prefixes]
         batch = target_batch(self.tokenizer, prompts, [request.target_new] * len(prompts), w.device)
-        mask = batch["attention_mask"].to(w.dtype)                    # (E, T)
+        mask = batch.attention_mask.to(w.dtype)                    # (E, T)
 
         if mem.current is None:  # a new shard: a fresh copy of W and its own gradient mask
             mem.current = w.clone()

@@ -22,6 +22,7 @@ from __future__ import annotations
 import os
 import shutil
 from contextlib import contextmanager
+from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
 
@@ -247,7 +248,22 @@ def validate_config(model: ModelConfig, methods: tuple[str, ...]) -> None:
 
 # ----------------------------------------------------------------------------- teacher-forced targets
 
-def target_batch(tokenizer, prompts: list[str], targets: list[str], device=None) -> dict[str, torch.Tensor]:
+@dataclass(frozen=True)
+class TokenBatch:
+    """A teacher-forced batch of `prompt + target` texts, right-padded: what every editor and the editing
+    metrics see. `labels` are -100 except on the target tokens; `target_mask[i, j]` marks the positions
+    whose logits predict a target token (the labels shifted by one)."""
+
+    input_ids: torch.Tensor  # (B, L)
+    attention_mask: torch.Tensor  # (B, L)
+    labels: torch.Tensor  # (B, L)
+    target_mask: torch.Tensor  # (B, L) bool
+
+    def to(self, device) -> TokenBatch:
+        return TokenBatch(*(t.to(device) for t in (self.input_ids, self.attention_mask, self.labels, self.target_mask)))
+
+
+def target_batch(tokenizer, prompts: list[str], targets: list[str], device=None) -> TokenBatch:
     """Teacher-forced batch of `prompt + target`: input_ids, attention_mask, and labels that are -100
     everywhere except the target tokens (so a causal-LM loss is the target's NLL). Right-padded.
     `target_mask[i, j]` marks the positions whose *logits* predict target tokens (labels shifted)."""
@@ -270,15 +286,20 @@ def target_batch(tokenizer, prompts: list[str], targets: list[str], device=None)
         label_t[i, : len(lab)] = torch.tensor(lab)
     target_mask = torch.zeros_like(attention, dtype=torch.bool)
     target_mask[:, :-1] = label_t[:, 1:] != -100
-    batch = {"input_ids": input_ids, "attention_mask": attention, "labels": label_t, "target_mask": target_mask}
-    return {k: v.to(device) for k, v in batch.items()} if device is not None else batch
+    batch = TokenBatch(input_ids=input_ids, attention_mask=attention, labels=label_t, target_mask=target_mask)
+    return batch.to(device) if device is not None else batch
 
 
-def target_nll(model, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+def target_nll(model, batch: TokenBatch) -> torch.Tensor:
     """Mean negative log-likelihood of the target tokens (per request, then averaged)."""
-    logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+    logits = model(input_ids=batch.input_ids, attention_mask=batch.attention_mask).logits
+    return target_nll_from_logits(logits, batch.labels)
+
+
+def target_nll_from_logits(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """`target_nll` on logits already computed: (B, L, V) logits, (B, L) labels (-100 outside the targets)."""
     logp = torch.log_softmax(logits[:, :-1].float(), dim=-1)
-    labels = batch["labels"][:, 1:]
+    labels = labels[:, 1:]
     mask = labels != -100
     token_lp = logp.gather(-1, labels.clamp_min(0).unsqueeze(-1)).squeeze(-1) * mask
     return -(token_lp.sum(1) / mask.sum(1)).mean()

@@ -6,19 +6,19 @@ a docs entry.
 
 from __future__ import annotations
 
+from lifelong.config import from_dict
+from lifelong.errors import ConfigError
 from lifelong.learn.base import LearningMethod
 from lifelong.learn.ewc import EWC
 from lifelong.learn.finetune import Finetune
 from lifelong.learn.icarl import ICaRL
 from lifelong.learn.lwf import LwF
 from lifelong.learn.moe_adapters import MoEAdapters
-from lifelong.learn.wise_ft import WiSEFT
 from lifelong.learn.o_lora import OLoRA
 from lifelong.learn.replay import Replay
 from lifelong.learn.select_distill import SelectAndDistill
+from lifelong.learn.wise_ft import WiSEFT
 from lifelong.learn.zscl import ZSCL
-from lifelong.config import from_dict
-from lifelong.errors import ConfigError
 
 METHODS = {
     "finetune": Finetune,

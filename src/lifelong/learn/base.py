@@ -20,11 +20,11 @@ A ledger records every learning method's change as an additive weight patch plus
 
 from __future__ import annotations
 
-from typing import Any, ClassVar, Protocol, runtime_checkable
+from typing import ClassVar, Protocol, runtime_checkable
 
 import torch
 
-from lifelong.loop import TaskData
+from lifelong.loop import Batch, TaskData
 
 
 @runtime_checkable
@@ -35,7 +35,7 @@ class LearningMethod(Protocol):
 
     def begin_task(self, model, data: TaskData) -> None: ...
 
-    def loss(self, model, batch: dict[str, Any], data: TaskData) -> tuple[torch.Tensor, dict[str, float]]: ...
+    def loss(self, model, batch: Batch, data: TaskData) -> tuple[torch.Tensor, dict[str, float]]: ...
 
     def end_task(self, model, data: TaskData) -> None: ...
 

@@ -5,13 +5,13 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from lifelong.loop import TaskData, global_batch_size, process_share  # noqa: F401 - the methods' shared names
+from lifelong.loop import Batch, TaskData, process_share  # noqa: F401 - the names methods share
 
 
-def classification_loss(model, batch: dict, data: TaskData, label_smoothing: float = 0.0) -> torch.Tensor:
+def classification_loss(model, batch: Batch, data: TaskData, label_smoothing: float = 0.0) -> torch.Tensor:
     """Cross-entropy of image-text logits over the task's label space."""
-    logits = model(batch["inputs"], data.class_names)  # (B, C)
-    return F.cross_entropy(logits, batch["targets"], label_smoothing=label_smoothing)
+    logits = model(batch.inputs, data.class_names)  # (B, C)
+    return F.cross_entropy(logits, batch.targets, label_smoothing=label_smoothing)
 
 
 def distillation_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor, temperature: float) -> torch.Tensor:

@@ -20,7 +20,7 @@ from dataclasses import dataclass
 import torch
 
 from lifelong.errors import ConfigError
-from lifelong.learn.common import TaskData, classification_loss
+from lifelong.learn.common import Batch, TaskData, classification_loss
 from lifelong.learn.fisher import diagonal_fisher
 
 
@@ -52,7 +52,7 @@ class EWC:
     def begin_task(self, model, data: TaskData) -> None:
         pass
 
-    def loss(self, model, batch: dict, data: TaskData) -> tuple[torch.Tensor, dict[str, float]]:
+    def loss(self, model, batch: Batch, data: TaskData) -> tuple[torch.Tensor, dict[str, float]]:
         ce = classification_loss(model, batch, data, self.params.label_smoothing)
         if not self.fisher:
             return ce, {"ce": ce.item()}

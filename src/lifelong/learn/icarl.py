@@ -51,7 +51,7 @@ import torch
 import torch.nn.functional as F
 
 from lifelong.errors import ConfigError
-from lifelong.learn.common import TaskData, batched_logits, distillation_loss, global_batch_size, process_share
+from lifelong.learn.common import Batch, TaskData, batched_logits, distillation_loss, process_share
 
 
 @dataclass(frozen=True)
@@ -110,10 +110,10 @@ class ICaRL:
         self.teacher_memory_logits = batched_logits(model, self.memory_inputs, old) if has_memory else None
         self.replay_step = 0
 
-    def loss(self, model, batch: dict, data: TaskData) -> tuple[torch.Tensor, dict[str, float]]:
+    def loss(self, model, batch: Batch, data: TaskData) -> tuple[torch.Tensor, dict[str, float]]:
         p = self.params
-        inputs, n_new = batch["inputs"], len(batch["inputs"])
-        replay = process_share(batch, self.replay_indices(data.index, p.replay_batch or global_batch_size(batch)))
+        inputs, n_new = batch.inputs, len(batch.inputs)
+        replay = process_share(batch, self.replay_indices(data.index, p.replay_batch or batch.global_size))
         self.replay_step += 1
         replay_tasks, replay_targets = self.memory_tasks[replay], self.memory_targets[replay]
         if len(replay):
@@ -130,7 +130,7 @@ class ICaRL:
             return torch.tensor([column[n] for n in label_space], device=logits.device)
 
         # Cross-entropy of every sample among the classes of its own task.
-        ce = F.cross_entropy(logits[:n_new, columns(data.class_names)], batch["targets"],
+        ce = F.cross_entropy(logits[:n_new, columns(data.class_names)], batch.targets,
                              label_smoothing=p.label_smoothing, reduction="sum")
         for k, label_space in spaces.items():
             rows = (replay_tasks == k).nonzero().squeeze(1)
@@ -141,7 +141,7 @@ class ICaRL:
             return ce, {"ce": ce.item()}
 
         # Distillation on the old classes, over the current images and the replayed exemplars.
-        teacher = self.teacher_logits[batch["index"]]
+        teacher = self.teacher_logits[batch.index]
         if len(replay):
             teacher = torch.cat([teacher, self.teacher_memory_logits[replay]])  # (B + R, C_old)
         kd = distillation_loss(logits[:, columns(old)], teacher, p.temperature)

@@ -19,7 +19,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from lifelong.learn.common import TaskData, batched_logits, classification_loss, distillation_loss
+from lifelong.learn.common import Batch, TaskData, batched_logits, classification_loss, distillation_loss
 
 
 @dataclass(frozen=True)
@@ -43,15 +43,15 @@ class LwF:
         old = data.seen_class_names
         self.teacher_logits = batched_logits(model, data.inputs, old) if old else None
 
-    def loss(self, model, batch: dict, data: TaskData) -> tuple[torch.Tensor, dict[str, float]]:
+    def loss(self, model, batch: Batch, data: TaskData) -> tuple[torch.Tensor, dict[str, float]]:
         if self.teacher_logits is None:
             ce = classification_loss(model, batch, data, self.params.label_smoothing)
             return ce, {"ce": ce.item()}
         # One pass of the image tower scores the new and the old classes together.
         n_new = len(data.class_names)
-        logits = model(batch["inputs"], data.class_names + data.seen_class_names)
-        ce = F.cross_entropy(logits[:, :n_new], batch["targets"], label_smoothing=self.params.label_smoothing)
-        kd = distillation_loss(logits[:, n_new:], self.teacher_logits[batch["index"]], self.params.temperature)
+        logits = model(batch.inputs, data.class_names + data.seen_class_names)
+        ce = F.cross_entropy(logits[:, :n_new], batch.targets, label_smoothing=self.params.label_smoothing)
+        kd = distillation_loss(logits[:, n_new:], self.teacher_logits[batch.index], self.params.temperature)
         return ce + self.params.reg_weight * kd, {"ce": ce.item(), "kd": kd.item()}
 
     def end_task(self, model, data: TaskData) -> None:

@@ -58,7 +58,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from lifelong.errors import ConfigError
-from lifelong.learn.common import TaskData
+from lifelong.learn.common import Batch, TaskData
 from lifelong.modules.moe_adapter import MixtureOfAdapters, TaskAutoencoder, load_balancing_loss
 
 
@@ -199,16 +199,16 @@ class MoEAdapters:
             for e, expert in enumerate(site.experts):
                 expert.requires_grad_(not bool(self.frozen[i, e]))
 
-    def loss(self, model, batch: dict, data: TaskData) -> tuple[torch.Tensor, dict[str, float]]:
+    def loss(self, model, batch: Batch, data: TaskData) -> tuple[torch.Tensor, dict[str, float]]:
         noise = torch.Generator().manual_seed(self.noise_seed * 1_000_003 + self.task * 100_003 + self.step)
         self.step += 1
         with routed(model, self.task, noise) as sites:
-            logits = model(batch["inputs"], data.class_names)  # (B, C)
+            logits = model(batch.inputs, data.class_names)  # (B, C)
             balance = sum(load_balancing_loss(site.gates, site.load) for site in sites)
             with torch.no_grad():
                 for i, site in enumerate(sites):
                     self.usage[i] += (site.gates > 0).sum(0).to(self.usage)
-        ce = F.cross_entropy(logits, batch["targets"], label_smoothing=self.params.label_smoothing)
+        ce = F.cross_entropy(logits, batch.targets, label_smoothing=self.params.label_smoothing)
         return ce + self.params.reg_weight * balance, {"ce": ce.item(), "balance": balance.item()}
 
     @torch.no_grad()

@@ -44,7 +44,7 @@ import torch
 from torch import nn
 
 from lifelong.errors import ConfigError
-from lifelong.learn.common import TaskData, classification_loss
+from lifelong.learn.common import Batch, TaskData, classification_loss
 
 ADAPTER = "default"  # the adapter name peft's inject_adapter_in_model uses
 
@@ -89,7 +89,7 @@ class OLoRA:
             layer.lora_B[ADAPTER].weight.zero_()
         model.clear_text_cache()
 
-    def loss(self, model, batch: dict, data: TaskData) -> tuple[torch.Tensor, dict[str, float]]:
+    def loss(self, model, batch: Batch, data: TaskData) -> tuple[torch.Tensor, dict[str, float]]:
         ce = classification_loss(model, batch, data, self.params.label_smoothing)
         total, logs = ce, {"ce": ce.item()}
         if self.subspaces:

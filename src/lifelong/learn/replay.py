@@ -34,7 +34,7 @@ import torch
 import torch.nn.functional as F
 
 from lifelong.errors import ConfigError
-from lifelong.learn.common import TaskData, classification_loss, global_batch_size, process_share
+from lifelong.learn.common import Batch, TaskData, classification_loss, process_share
 
 POLICIES = ("experience", "class")
 
@@ -77,16 +77,16 @@ class Replay:
     def begin_task(self, model, data: TaskData) -> None:
         self.replay_step = 0
 
-    def loss(self, model, batch: dict, data: TaskData) -> tuple[torch.Tensor, dict[str, float]]:
+    def loss(self, model, batch: Batch, data: TaskData) -> tuple[torch.Tensor, dict[str, float]]:
         p = self.params
         if self.inputs is None:
             ce = classification_loss(model, batch, data, p.label_smoothing)
             return ce, {"ce": ce.item()}
         # drawn for the global batch (the same draw in every process), of which this process takes its share
-        replay = process_share(batch, self.replay_indices(data.index, p.replay_batch or global_batch_size(batch)))
+        replay = process_share(batch, self.replay_indices(data.index, p.replay_batch or batch.global_size))
         self.replay_step += 1
-        inputs = torch.cat([batch["inputs"], self.inputs[replay]])  # (B + R, ...)
-        names, groups = self.label_space_groups(batch["targets"], replay, data)
+        inputs = torch.cat([batch.inputs, self.inputs[replay]])  # (B + R, ...)
+        names, groups = self.label_space_groups(batch.targets, replay, data)
         logits = model(inputs, names)  # (B + R, U): one pass scores every class any sample needs
         ce = sum(F.cross_entropy(logits[rows][:, columns], targets, reduction="sum", label_smoothing=p.label_smoothing)
                  for rows, columns, targets in groups) / len(inputs)

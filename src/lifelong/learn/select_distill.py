@@ -36,9 +36,18 @@ from dataclasses import dataclass
 import torch
 
 from lifelong.errors import ConfigError
-from lifelong.learn.common import TaskData, classification_loss
-from lifelong.learn.zscl import (ReferenceImages, batch_generator, check_reference_sizes, draw_seed, embed_images,
-                                 embed_pixels, frozen_copy, load_reference_images, prefixed)
+from lifelong.learn.common import Batch, TaskData, classification_loss
+from lifelong.learn.zscl import (
+    ReferenceImages,
+    batch_generator,
+    check_reference_sizes,
+    draw_seed,
+    embed_images,
+    embed_pixels,
+    frozen_copy,
+    load_reference_images,
+    prefixed,
+)
 
 
 @dataclass(frozen=True)
@@ -112,7 +121,7 @@ class SelectAndDistill:
         else:
             self.previous, self._teachers = model.trainable_state(), None
 
-    def loss(self, model, batch: dict, data: TaskData) -> tuple[torch.Tensor, dict[str, float]]:
+    def loss(self, model, batch: Batch, data: TaskData) -> tuple[torch.Tensor, dict[str, float]]:
         p = self.params
         generator = batch_generator(self.seed, data.index, self.step)
         self.step += 1

@@ -15,7 +15,7 @@ from dataclasses import dataclass
 import torch
 
 from lifelong.errors import ConfigError
-from lifelong.learn.common import TaskData, classification_loss
+from lifelong.learn.common import Batch, TaskData, classification_loss
 
 
 @dataclass(frozen=True)
@@ -41,7 +41,7 @@ class WiSEFT:
     def begin_task(self, model, data: TaskData) -> None:
         pass
 
-    def loss(self, model, batch: dict, data: TaskData) -> tuple[torch.Tensor, dict[str, float]]:
+    def loss(self, model, batch: Batch, data: TaskData) -> tuple[torch.Tensor, dict[str, float]]:
         ce = classification_loss(model, batch, data, self.params.label_smoothing)
         return ce, {"ce": ce.item()}
 

@@ -56,7 +56,7 @@ import torch
 
 from lifelong.data.reference import reference_images, reference_texts
 from lifelong.errors import ConfigError
-from lifelong.learn.common import TaskData, classification_loss, distillation_loss
+from lifelong.learn.common import Batch, TaskData, classification_loss, distillation_loss
 from lifelong.loop import stem_outputs
 
 
@@ -127,7 +127,7 @@ class ZSCL:
         self.anchor = model.trainable_state() if self.params.l2_weight > 0 else {}
         self.ensemble, self.ensemble_count = {}, 0
 
-    def loss(self, model, batch: dict, data: TaskData) -> tuple[torch.Tensor, dict[str, float]]:
+    def loss(self, model, batch: Batch, data: TaskData) -> tuple[torch.Tensor, dict[str, float]]:
         p = self.params
         # The weights after `step` optimizer steps: a sample of the ensemble after steps 1, 1 + I, ...
         if p.ensemble_every and self.step >= 1 and (self.step - 1) % p.ensemble_every == 0:

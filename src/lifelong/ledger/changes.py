@@ -39,7 +39,7 @@ from lifelong.ledger.edits import revert_edit
 from lifelong.ledger.patch import apply_patch, check_recordable, dense_patch, negate, patch_from_model
 from lifelong.ledger.probes import Probe, run_probes, unique_name
 from lifelong.ledger.store import LedgerLock
-from lifelong.loop import TaskData, TrainState, leaves_parameters_unused, make_accelerator, stem_outputs, train_task
+from lifelong.loop import TaskData, TrainState, finish_trackers, leaves_parameters_unused, make_accelerator, stem_outputs, train_task
 from lifelong.metrics.cost import PeakMemory, count_parameters
 
 PENDING = "pending"
@@ -230,7 +230,7 @@ def train_change(model, model_config: ModelConfig, spec: dict, *, prior_state: d
     losses = train_task(model, method, data, train_cfg, seed=spec["seed"], desc=f"{mc.name} on {task.name}",
                         accelerator=accelerator, resume_from=resume_from, checkpoint_every=checkpoint_every,
                         on_checkpoint=save if checkpoint is not None else None)
-    accelerator.end_training()
+    finish_trackers(accelerator)
     return {"patch": patch_from_model(model, before), "method_state": method.state_dict(), "losses": losses,
             "train_seconds": elapsed + time.perf_counter() - t0, "resumed": resume_from is not None,
             "train_items": len(task.train), "class_names": task.class_names}

@@ -39,8 +39,8 @@ from pathlib import Path
 import torch
 
 from lifelong.config import ModelConfig
-from lifelong.edit import EDITORS, editor_class, editor_params
 from lifelong.data.edit_requests import Probe
+from lifelong.edit import EDITORS, editor_class, editor_params
 from lifelong.edit.protocol import make_editor
 from lifelong.edit.requests import request_from_dict
 from lifelong.errors import ConfigError, LedgerError

@@ -105,9 +105,9 @@ def score_targets(model, tokenizer, prompts: list[str], targets: list[str], batc
         for start in range(0, len(unique), batch_size):
             chunk = unique[start : start + batch_size]
             batch = target_batch(tokenizer, [p for p, _ in chunk], [t for _, t in chunk], device)
-            mask = batch["target_mask"]                                # (B, L): logits that predict a target token
-            labels = batch["labels"][:, 1:][mask[:, :-1]]              # (N,) the tokens they predict, N in the batch
-            logits, mask = _target_logits(model, batch["input_ids"], batch["attention_mask"], mask)
+            mask = batch.target_mask                                # (B, L): logits that predict a target token
+            labels = batch.labels[:, 1:][mask[:, :-1]]              # (N,) the tokens they predict, N in the batch
+            logits, mask = _target_logits(model, batch.input_ids, batch.attention_mask, mask)
             picked = logits[mask].float()                              # (N, V)
             logp = torch.log_softmax(picked, dim=-1).gather(-1, labels.unsqueeze(-1)).squeeze(-1)
             argmax = picked.argmax(-1)

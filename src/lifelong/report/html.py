@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from lifelong.atomic import atomic_write_text
-from lifelong.report.table import Column, is_numeric_column, format_cell
+from lifelong.report.table import Column, format_cell, is_numeric_column
 
 __all__ = ["render_html_report", "write_html_report"]
 

@@ -18,8 +18,8 @@ from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.colors import Normalize
 from matplotlib.figure import Figure
 
-from lifelong.metrics.continual import validate_accuracy_matrix
 from lifelong.atomic import atomic_write_bytes
+from lifelong.metrics.continual import validate_accuracy_matrix
 
 __all__ = ["plot_accuracy_matrices", "plot_interference_matrix", "plot_metric_bars"]
 

@@ -1,0 +1,165 @@
+"""The text-to-image training script: exact resume, learning on a fixed batch, and the held-out caption pools.
+
+scripts/train_t2i.py is not part of the package, so it is imported by path. Training runs use the tiny
+UNet (diffusion_arch.tiny_unet_config) on a tiny synthetic pool with random "caption states", so no text
+encoder is loaded; the pool tests read the real captioned data (skipped when the Debian packages are absent).
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from lifelong.errors import DataNotFoundError
+from lifelong.families import diffusion_arch as arch
+
+SCRIPT = Path(__file__).resolve().parents[1] / "scripts" / "train_t2i.py"
+
+
+@pytest.fixture(scope="module")
+def t2i():
+    spec = importlib.util.spec_from_file_location("train_t2i", SCRIPT)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # dataclasses resolve their annotations through sys.modules
+    spec.loader.exec_module(module)
+    return module
+
+
+def _tiny_data(t2i):
+    """24 16x16 images of 3 concepts (a coloured square each), 2 captions per concept + "" (index 0)."""
+    g = torch.Generator().manual_seed(0)
+    concept_ids = torch.arange(24) % 3
+    images = torch.full((24, 16, 16, 3), 255, dtype=torch.uint8)
+    for i, c in enumerate(concept_ids.tolist()):
+        x, y = torch.randint(0, 8, (2,), generator=g).tolist()
+        images[i, y : y + 8, x : x + 8, c] = 0
+    n_captions, tokens, dim = 7, 4, tiny_dim()
+    masks = torch.ones((n_captions, tokens), dtype=torch.int64)
+    masks[0, 1:] = 0
+    return t2i.TrainData(
+        images=images,
+        weights=torch.full((24,), 1 / 24, dtype=torch.float64),
+        concept_ids=concept_ids,
+        caption_table=torch.tensor([[1, 2], [3, 4], [5, 6]]),
+        caption_counts=torch.tensor([2, 2, 2]),
+        states=torch.randn((n_captions, tokens, dim), generator=g),
+        masks=masks,
+    )
+
+
+def tiny_dim() -> int:
+    return arch.tiny_unet_config()["cross_attention_dim"]
+
+
+def _config(t2i, steps=6):
+    return dict(t2i.DEFAULT_CONFIG, total_steps=steps, batch_size=4, warmup_steps=2, precision="fp32",
+                unet=arch.tiny_unet_config())
+
+
+QUIET = {"log_with": "none", "sample_every": 0, "progress": False, "log_every": 2}
+
+
+def test_resume_is_bit_identical(t2i, tmp_path):
+    data = _tiny_data(t2i)
+    config = _config(t2i)
+    options = t2i.RunOptions(**QUIET)
+    assert t2i.train(config, tmp_path / "straight", data=data, options=options) == 6
+
+    resumed = tmp_path / "resumed"
+    assert t2i.train(config, resumed, stop_after=2, data=data, options=options) == 2  # "killed" after 2 steps
+    assert t2i.train(config, resumed, stop_after=3, data=data, options=options) == 5
+    assert t2i.train(config, resumed, data=data, options=options) == 6
+
+    a = load_file(tmp_path / "straight" / t2i.CHECKPOINT)
+    b = load_file(resumed / t2i.CHECKPOINT)
+    assert a.keys() == b.keys()
+    assert any(k.startswith("adam.") for k in a) and any(k.startswith("ema.") for k in a)
+    for key in a:
+        assert torch.equal(a[key], b[key]), key
+    final = load_file(resumed / t2i.FINAL)
+    assert all(v.dtype == torch.float16 for v in final.values())
+
+    changed = dict(config, lr=1e-3)
+    with pytest.raises(Exception, match="different config"):
+        t2i.train(changed, resumed, data=data, options=options)
+
+
+def test_training_lowers_the_loss_on_a_fixed_batch(t2i):
+    data = _tiny_data(t2i)
+    config = _config(t2i)
+    torch.manual_seed(0)
+    model = arch.build_unet(config["unet"])
+    alphas = arch.build_noise_scheduler().alphas_cumprod
+    optimizer = torch.optim.AdamW(model.parameters(), lr=3e-3)
+    batch = t2i.step_batch(data, config, step=0)
+
+    def step() -> float:
+        loss = t2i.diffusion_loss(model, alphas, data, batch)
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+        return loss.item()
+
+    first = step()
+    for _ in range(8):  # overfit a little
+        step()
+    before = t2i.diffusion_loss(model, alphas, data, batch).item()
+    step()
+    after = t2i.diffusion_loss(model, alphas, data, batch).item()
+    assert after < before < first
+
+
+def test_per_step_draws_depend_only_on_seed_and_step(t2i):
+    data = _tiny_data(t2i)
+    config = _config(t2i)
+    for a, b in zip(t2i.step_batch(data, config, 3), t2i.step_batch(data, config, 3)):
+        assert torch.equal(a, b)
+    assert not torch.equal(t2i.step_batch(data, config, 3)[1], t2i.step_batch(data, config, 4)[1])
+
+
+def test_heldout_captions_never_train():
+    from lifelong.data import captioned
+
+    concepts = captioned.training_concepts()
+    train = {c for concept in concepts for c in captioned.train_captions(concept)}
+    for concept in concepts:
+        held = captioned.heldout_captions(concept)
+        assert held, concept.name
+        assert not train & set(held), concept.name
+    for subject in captioned.HELDOUT_SUBJECTS:
+        for concept in captioned.heldout_subject_concepts(subject):
+            assert concept.name not in {c.name for c in concepts}
+
+
+def test_heldout_font_and_category_are_not_in_the_train_pool():
+    from lifelong.data import captioned
+
+    train_fonts = {f for _, _, fonts in captioned.FONT_STYLES.values() for f in fonts}
+    assert not train_fonts & set(captioned.HELDOUT_FONT_STYLE[3])
+    assert captioned.HELDOUT_CLIPART[1][0] not in {folder for folder, *_ in captioned.CLIPART_CATEGORIES.values()}
+    try:
+        images, ids, concepts = captioned.load_pool("train")
+        held, _, _ = captioned.heldout_subject_pool("bug", "train")
+    except DataNotFoundError as e:
+        pytest.skip(str(e))
+    assert images.shape[1:] == (32, 32, 3) and images.dtype.name == "uint8" and len(ids) == len(images)
+    assert {c.kind for c in concepts} == set(captioned.KINDS)
+    assert not {c.attribute("style") for c in concepts if c.kind == "letter-style"} & {"gothic"}
+    train_rows = {row.tobytes() for row in images}
+    assert not any(row.tobytes() in train_rows for row in held)
+
+
+def test_real_text_encoder_states():
+    try:
+        states, mask = arch.encode_prompts(["", "a photo of a sneaker"])
+    except DataNotFoundError as e:
+        pytest.skip(str(e))
+    assert states.shape == (2, arch.MAX_TOKENS, arch.TEXT_DIM) and mask.shape == (2, arch.MAX_TOKENS)
+    assert mask[0].sum() == 2 and mask[1].sum() > 2  # "" is [CLS] [SEP] only
+    unet = arch.build_unet(arch.EMBEDDED_UNET_CONFIG)
+    assert 4e6 < sum(p.numel() for p in unet.parameters()) < 5e6
