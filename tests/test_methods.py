@@ -174,3 +174,21 @@ def test_methods_from_the_same_model_share_the_zero_shot_row(tiny_model, tiny_st
     prepare_trainable(lora, tiny_config.model, MODES["lora"])
     run_stream(lora, build_method(MethodConfig(name="finetune")), tiny_stream, tiny_stem, tiny_config, None, cache)
     assert len(cache) == 2
+
+
+def test_lora_initialisation_depends_on_the_seed_only(tiny_model, tiny_config):
+    """The demo's LoRA row moved by points between runs of the same code: peft drew LoRA's A matrices from
+    whatever state the global generator was left in. Now the same seed gives the same adapter."""
+    import copy
+
+    from lifelong.families import prepare_trainable
+
+    def lora_weights(seed: int, noise_before: int):
+        model = copy.deepcopy(tiny_model)
+        torch.rand(noise_before)  # earlier work in the process moved the global generator
+        prepare_trainable(model, tiny_config.model, MODES["lora"], seed=seed)
+        return {n: p.detach().clone() for n, p in model.named_parameters() if "lora_A" in n}
+
+    a, b, c = lora_weights(0, 1), lora_weights(0, 1000), lora_weights(1, 1)
+    assert a and all(torch.equal(a[k], b[k]) for k in a)
+    assert any(not torch.equal(a[k], c[k]) for k in a)

@@ -14,6 +14,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Protocol, runtime_checkable
 
+import torch
+
 from lifelong.config import AdapterConfig, ModelConfig
 from lifelong.errors import ConfigError
 from lifelong.families import classifier, lm, vlm
@@ -117,10 +119,17 @@ def ledger_families() -> tuple[str, ...]:
     return tuple(name for name, f in FAMILIES.items() if getattr(f, "ledger", True))
 
 
-def prepare_trainable(model, model_config: ModelConfig, adapter: AdapterConfig) -> None:
-    """Choose what trains: LoRA through peft on the adapter's targets, or the family's default trainable part."""
+def prepare_trainable(model, model_config: ModelConfig, adapter: AdapterConfig, seed: int = 0) -> None:
+    """Choose what trains: LoRA through peft on the adapter's targets, or the family's default trainable part.
+
+    peft draws LoRA's A matrices from torch's global generator; drawn as is, they depended on everything
+    that ran before in the process (the methods before it in a run, a cold or warm cache), and the demo's
+    LoRA row moved by points between runs of the same code. They are drawn from `seed` instead, and the
+    caller's generator is left as it was."""
     if adapter.kind == "lora":
-        model.add_lora(adapter)
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(seed)
+            model.add_lora(adapter)
     else:
         model.default_trainable(model_config.train_text_projection)
 

@@ -89,7 +89,7 @@ def run_experiment(config: RunConfig) -> Path:
             which = f", order {r + 1}/{len(streams)}: {' -> '.join(t.name for t in stream.tasks)}" if len(streams) > 1 else ""
             say(f"== {label}: {len(stream.tasks)} tasks x {mconfig.train.steps_per_task} steps, lr {mconfig.train.lr:g}{which}")
             model = copy.deepcopy(base)
-            prepare_trainable(model, config.model, mc.adapter or config.adapter)
+            prepare_trainable(model, config.model, mc.adapter or config.adapter, seed=config.seed)
             method = build_method(mc)
             checkpoints = out / "checkpoints" / label / (f"order_{r + 1}" if len(streams) > 1 else "")
             with PeakMemory() as memory:

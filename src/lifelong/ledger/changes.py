@@ -10,9 +10,11 @@ enters the history with one atomic manifest write, after which the pending direc
 from __future__ import annotations
 
 import copy
+import dataclasses
 import json
 import shutil
 import time
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -45,8 +47,48 @@ from lifelong.metrics.cost import PeakMemory, count_parameters
 PENDING = "pending"
 
 
-def learn_spec(config: RunConfig, task: dict, checkpoint_every: int) -> dict:
-    """What a learn change records and replays: one method on one task, with its training settings."""
+@dataclass(frozen=True)
+class TaskRef:
+    """The data of a learn change: `load_source(source, split, max_items=..., seed=seed, **options)`."""
+
+    source: str
+    name: str
+    options: dict = field(default_factory=dict)
+    train_items: int | None = None
+    test_items: int | None = 500
+    seed: int = 0
+
+
+@dataclass(frozen=True)
+class LearnSpec:
+    """What a learn change records and replays: one method on one task, with its training settings.
+    Stored in the change's record (and pending/change.json) as `to_dict()`; `from_dict` reads it back."""
+
+    method: MethodConfig
+    adapter: AdapterConfig
+    train: TrainConfig
+    seed: int
+    task: TaskRef
+    checkpoint_every: int = 10
+    id: int | None = None  # the change id, once it is pending in a ledger
+
+    def to_dict(self) -> dict:
+        out = {"kind": "learn", "method": {"name": self.method.name, "label": self.method.label,
+                                           "params": dict(self.method.params)},
+               "adapter": to_dict(self.adapter), "train": to_dict(self.train), "seed": self.seed,
+               "task": dataclasses.asdict(self.task), "checkpoint_every": self.checkpoint_every}
+        return {"id": self.id, **out} if self.id is not None else out
+
+    @classmethod
+    def from_dict(cls, raw: dict) -> LearnSpec:
+        return cls(method=from_dict(MethodConfig, raw["method"], "spec.method"),
+                   adapter=from_dict(AdapterConfig, raw["adapter"], "spec.adapter"),
+                   train=from_dict(TrainConfig, raw["train"], "spec.train"), seed=raw["seed"],
+                   task=TaskRef(**raw["task"]), checkpoint_every=raw.get("checkpoint_every", 10), id=raw.get("id"))
+
+
+def learn_spec(config: RunConfig, task: dict, checkpoint_every: int) -> LearnSpec:
+    """One method on one task from a run config (the method's own train overrides applied)."""
     if len(config.methods) != 1:
         raise LedgerError(f"a change is one method; the config names {len(config.methods)}: "
                           f"{', '.join(m.display_name for m in config.methods)}")
@@ -54,33 +96,27 @@ def learn_spec(config: RunConfig, task: dict, checkpoint_every: int) -> dict:
     method_params(mc)  # unknown knobs fail now, not after the model is loaded
     task = {"name": None, "train_items": None, "test_items": 500, "options": {}, "seed": config.seed, **task}
     task["name"] = task["name"] or default_task_name(task["source"], task["options"])
-    return {
-        "kind": "learn",
-        "method": {"name": mc.name, "label": mc.label, "params": dict(mc.params)},
-        "adapter": to_dict(mc.adapter or config.adapter),
-        "train": to_dict(method_train(config, mc)),
-        "seed": config.seed,
-        "task": task,
-        "checkpoint_every": checkpoint_every,
-    }
+    return LearnSpec(method=MethodConfig(name=mc.name, label=mc.label, params=dict(mc.params)),
+                     adapter=mc.adapter or config.adapter, train=method_train(config, mc), seed=config.seed,
+                     task=TaskRef(**task), checkpoint_every=checkpoint_every)
 
 
-def learn(root: str | Path, spec: dict) -> int:
+def learn(root: str | Path, spec: LearnSpec) -> int:
     """Record one learn change (a method on a task); returns its id."""
     root = Path(root)
     Ledger.open(root).require_operation("learn")  # a clear error before the lock file is created in a non-ledger
     with LedgerLock(root, "lifelong learn"):
         ledger = Ledger.open(root)
-        pending = _pending_spec(root)
+        pending = _pending_raw(root)
         if pending is not None:
             raise LedgerError(
-                f"{root} has an interrupted change {pending['id']} ({pending['method']['name']} on "
-                f"{pending['task']['name']}): `lifelong resume {root}` continues it, "
+                f"{root} has an interrupted change {pending.get('id')} ({pending.get('method', {}).get('name')} on "
+                f"{pending.get('task', {}).get('name')}): `lifelong resume {root}` continues it, "
                 f"`lifelong resume {root} --discard` drops it"
             )
-        spec = {"id": ledger.next_id(), **spec}
+        spec = dataclasses.replace(spec, id=ledger.next_id())
         check_task(load_task(spec))  # bad data (an empty split, a class without images) fails before anything is written
-        atomic_write_json(root / PENDING / "change.json", spec)
+        atomic_write_json(root / PENDING / "change.json", spec.to_dict())
         try:
             return _complete_learn(ledger, spec)
         except LifelongError:  # bad input or a diverged loss: resuming would fail the same way
@@ -94,16 +130,16 @@ def resume(root: str | Path, discard: bool = False) -> int | None:
     Ledger.open(root)
     with LedgerLock(root, "lifelong resume"):
         ledger = Ledger.open(root)
-        spec = _pending_spec(root)
-        if spec is None:
+        raw = _pending_raw(root)
+        if raw is None:
             raise LedgerError(f"{root} has no interrupted change to resume (`lifelong log {root}` shows its history)")
         if discard:
             shutil.rmtree(root / PENDING)
             return None
-        return _complete_learn(ledger, spec)
+        return _complete_learn(ledger, LearnSpec.from_dict(raw))
 
 
-def _pending_spec(root: Path) -> dict | None:
+def _pending_raw(root: Path) -> dict | None:
     path = root / PENDING / "change.json"
     if not path.is_file():
         if (root / PENDING).exists():  # killed before the spec was written: nothing to continue
@@ -112,8 +148,8 @@ def _pending_spec(root: Path) -> dict | None:
     return json.loads(path.read_text())
 
 
-def _complete_learn(ledger: Ledger, spec: dict) -> int:
-    root, n = ledger.root, spec["id"]
+def _complete_learn(ledger: Ledger, spec: LearnSpec) -> int:
+    root, n = ledger.root, spec.id
     pending = root / PENDING
     if any(c["id"] == n for c in ledger.changes):  # committed just before the crash; only the clean-up is left
         shutil.rmtree(pending)
@@ -122,9 +158,9 @@ def _complete_learn(ledger: Ledger, spec: dict) -> int:
     model = ledger.materialize()
     if not ledger.manifest["baseline"] and not ledger.changes:
         ledger.record_baseline(run_probes(model, ledger.probes))
-    task = spec["task"]
-    probe = Probe(name=unique_name(task["name"], {p.name for p in ledger.probes}), source=task["source"],
-                  options=task["options"], test_items=task["test_items"], seed=task["seed"], origin=f"change {n}")
+    task = spec.task
+    probe = Probe(name=unique_name(task.name, {p.name for p in ledger.probes}), source=task.source,
+                  options=task.options, test_items=task.test_items, seed=task.seed, origin=f"change {n}")
     same = [p for p in ledger.probes if p.same_data(probe)]
     probe, new_probes = (same[0], []) if same else (probe, [probe])  # a task already probed keeps its probe
     probes = ledger.probes + new_probes
@@ -137,14 +173,14 @@ def _complete_learn(ledger: Ledger, spec: dict) -> int:
         before.update(run_probes(model, [p for p in probes if p.name not in before]))
         atomic_write_json(before_path, before)
 
-    method = spec["method"]["name"]
+    method = spec.method.name
     active = ledger.active_learn_changes()
     plain = copy.deepcopy(model)
     checkpoint = pending / "train_state.safetensors"
     with PeakMemory() as memory:
         trained = train_change(model, ledger.model_config, spec, prior_state=ledger.method_state(method),
                                seen_class_names=seen_classes(active), index=len(active),
-                               checkpoint=checkpoint, checkpoint_every=spec["checkpoint_every"], log_dir=root / "logs")
+                               checkpoint=checkpoint, checkpoint_every=spec.checkpoint_every, log_dir=root / "logs")
     apply_patch(plain, trained["patch"], where=f"change {n}")
     after = run_probes(plain, probes)
     trainable, total = count_parameters(model)
@@ -152,10 +188,10 @@ def _complete_learn(ledger: Ledger, spec: dict) -> int:
         "id": n,
         "kind": "learn",
         "method": method,
-        "label": spec["method"]["label"] or method,
-        "data": {"task": probe.name, "source": task["source"], "train_items": trained["train_items"],
+        "label": spec.method.label or method,
+        "data": {"task": probe.name, "source": task.source, "train_items": trained["train_items"],
                  "classes": list(trained["class_names"])},
-        "spec": spec,
+        "spec": spec.to_dict(),
         "probes_before": before,
         "probes_after": after,
         "final_loss": trained["losses"][-1] if trained["losses"] else None,
@@ -173,11 +209,11 @@ def seen_classes(changes: list[dict]) -> tuple[str, ...]:
     return tuple(name for c in changes for name in c["data"]["classes"])
 
 
-def load_task(spec: dict) -> Task:
-    task = spec["task"]
-    train = load_source(task["source"], "train", max_items=task["train_items"], seed=task["seed"], **task["options"])
-    test = load_source(task["source"], "test", max_items=task["test_items"], seed=task["seed"], **task["options"])
-    return Task(name=task["name"], train=train, test=test, class_ids=tuple(range(len(train.class_names))))
+def load_task(spec: LearnSpec) -> Task:
+    task = spec.task
+    train = load_source(task.source, "train", max_items=task.train_items, seed=task.seed, **task.options)
+    test = load_source(task.source, "test", max_items=task.test_items, seed=task.seed, **task.options)
+    return Task(name=task.name, train=train, test=test, class_ids=tuple(range(len(train.class_names))))
 
 
 def check_task(task: Task) -> None:
@@ -188,7 +224,7 @@ def check_task(task: Task) -> None:
                                   f"(--option) and --train-items/--test-items")
 
 
-def train_change(model, model_config: ModelConfig, spec: dict, *, prior_state: dict, seen_class_names: tuple[str, ...],
+def train_change(model, model_config: ModelConfig, spec: LearnSpec, *, prior_state: dict, seen_class_names: tuple[str, ...],
                  index: int, checkpoint: Path | None = None, checkpoint_every: int = 0, log_dir: Path | None = None) -> dict:
     """Train one learn change on the plain `model` (in place; adapters are injected into it).
 
@@ -198,19 +234,17 @@ def train_change(model, model_config: ModelConfig, spec: dict, *, prior_state: d
     `train.log_with` (TensorBoard by default) record every step's loss, lr and grad norm there.
     """
 
-    mc = from_dict(MethodConfig, spec["method"], "method")
-    train_cfg = from_dict(TrainConfig, spec["train"], "train")
-    adapter = from_dict(AdapterConfig, spec["adapter"], "adapter")
+    mc, train_cfg, adapter = spec.method, spec.train, spec.adapter
     task = load_task(spec)
     inputs = stem_outputs(model, task.train, train_cfg.eval_batch_size)
     before = {n: p.detach().clone() for n, p in model.named_parameters()}
-    prepare_trainable(model, model_config, adapter)
+    prepare_trainable(model, model_config, adapter, seed=spec.seed)
     method = build_method(mc)
     method.prepare(model)
     check_recordable(model, before, mc.name)  # before any training time is spent
     if prior_state:
         method.load_state_dict(prior_state)
-    set_seed(spec["seed"])
+    set_seed(spec.seed)
     data = TaskData(index=index, task=task, inputs=inputs, targets=torch.as_tensor(task.train.labels),
                     class_names=task.class_names, seen_class_names=seen_class_names)
 
@@ -224,10 +258,10 @@ def train_change(model, model_config: ModelConfig, spec: dict, *, prior_state: d
 
     accelerator = make_accelerator(leaves_parameters_unused(method), train_cfg.log_with if log_dir else "none", log_dir)
     if log_dir is not None:
-        accelerator.init_trackers(f"change_{spec['id']:04d}" if "id" in spec else "change",
-                                  config={"method": mc.name, "task": task.name, "seed": spec["seed"],
-                                          **{f"train.{k}": v for k, v in spec["train"].items() if isinstance(v, (int, float, str))}})
-    losses = train_task(model, method, data, train_cfg, seed=spec["seed"], desc=f"{mc.name} on {task.name}",
+        accelerator.init_trackers(f"change_{spec.id:04d}" if spec.id is not None else "change",
+                                  config={"method": mc.name, "task": task.name, "seed": spec.seed,
+                                          **{f"train.{k}": v for k, v in to_dict(train_cfg).items() if isinstance(v, (int, float, str))}})
+    losses = train_task(model, method, data, train_cfg, seed=spec.seed, desc=f"{mc.name} on {task.name}",
                         accelerator=accelerator, resume_from=resume_from, checkpoint_every=checkpoint_every,
                         on_checkpoint=save if checkpoint is not None else None)
     finish_trackers(accelerator)
@@ -251,7 +285,7 @@ def revert(root: str | Path, n: int, strategy: str = "auto") -> int:
     Ledger.open(root)
     with LedgerLock(root, "lifelong revert"):
         ledger = Ledger.open(root)
-        if _pending_spec(root) is not None:
+        if _pending_raw(root) is not None:
             raise LedgerError(f"{root} has an interrupted change: `lifelong resume {root}` (or --discard) first")
         target = ledger.change(n)
         if target["kind"] not in ("learn", "edit"):
@@ -303,7 +337,8 @@ def _replay(ledger: Ledger, n: int, later: list[dict]):
     seconds, trainable = 0.0, 0
     kept = ledger.active_learn_changes(before=n)
     for c in later:
-        spec, method = c["spec"], c["spec"]["method"]["name"]
+        spec = LearnSpec.from_dict(c["spec"])
+        method = spec.method.name
         prior = states[method] if method in states else ledger.method_state(method, before=n)
         work = copy.deepcopy(model)
         trained = train_change(work, ledger.model_config, spec, prior_state=prior,
