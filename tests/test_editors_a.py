@@ -11,11 +11,16 @@ import time
 import pytest
 import torch
 
+from lifelong.edit import EDITORS as REGISTERED
 from lifelong.edit import EditRequest, editor_class, editor_params
+from lifelong.edit.base import EditorProtocol
 from lifelong.families.lm import target_batch, target_nll, tiny_lm
 
 ARCHS = ("llama", "gpt2")
-EDITORS = ("ft_l", "lora", "grace", "wise")
+# Every registered editor meets the contract tests below (reset, seed, bad input, knobs, protocol); the
+# four whose single edit reaches a low NLL on these random models also run test_edit_holds.
+EDITORS = tuple(REGISTERED)
+EDITS_ON_TINY = ("ft_l", "lora", "grace", "wise")
 EDIT = EditRequest(prompt="The capital of France is", target_new=" Tokyo", subject="France")     # one token
 EDIT2 = EditRequest(prompt="The currency of India is the", target_new=" euro", subject="India")  # one token
 UNRELATED = ("She said that the weather was nice", " and")
@@ -32,7 +37,17 @@ def knobs(name: str, arch: str) -> dict:
         "grace": dict(eps=GRACE_EPS[arch]),
         # margins scaled to the tiny model's activation scores (SmolLM2 uses the paper's 5/20/10)
         "wise": dict(alpha=0.1, beta=2.0, gamma=1.5, n_prefixes=2, steps=40, lr=30.0, norm_constraint=5.0),
+        "rome": dict(layer=2, v_lr=1.0, clamp_norm_factor=20.0, cov_tokens=2048, prefix_lengths=(3,), prefixes_per_length=2),
+        "t_patcher": dict(max_steps=20, memory_tokens=256),
+        "mend": dict(layers=(-1,), rank=8, train_steps=4, lr=1e-3, lr_lr=1e-3, edit_lr=1e-3),
     }[name]
+
+
+def test_every_registered_editor_has_tiny_knobs():
+    """A new editor is one file and one registry line; this fails until it has settings for the tiny models."""
+    for name in EDITORS:
+        for arch in ARCHS:
+            editor_params(name, knobs(name, arch))
 
 
 @pytest.fixture(scope="module")
@@ -52,9 +67,16 @@ def tiny(_tiny_bases):
     return lambda arch: (copy.deepcopy(_tiny_bases[arch][0]), _tiny_bases[arch][1])
 
 
+TRAIN_EDITS = [EditRequest(prompt=f"The capital of {c} is", target_new=t, subject=c)
+               for c, t in (("Germany", " Rome"), ("Italy", " Berlin"), ("Spain", " Paris"))]
+
+
 def make(name, model, tok, arch, **extra):
     cls = editor_class(name)
-    return cls(model, tok, cls.Params(**{**knobs(name, arch), **extra}))
+    editor = cls(model, tok, cls.Params(**{**knobs(name, arch), **extra}))
+    if cls.learns_to_edit:  # MEND trains its editor networks first
+        editor.prepare(TRAIN_EDITS)
+    return editor
 
 
 def batch_of(tok, *pairs):
@@ -76,7 +98,7 @@ def predicted_targets(model, batch, row=0):
 # ----------------------------------------------------------------------------- the contract, every editor
 
 @pytest.mark.parametrize("arch", ARCHS)
-@pytest.mark.parametrize("name", EDITORS)
+@pytest.mark.parametrize("name", EDITS_ON_TINY)
 def test_edit_holds(tiny, name, arch):
     model, tok = tiny(arch)
     batch = batch_of(tok, (EDIT.prompt, EDIT.target_new))
@@ -140,17 +162,22 @@ def test_bad_input_fails_clearly(tiny, name):
     editor = make(name, model, tok, "llama")
     with pytest.raises(ValueError, match="tokenizes to nothing"):
         editor.apply(EditRequest(prompt="The capital of France is", target_new="", subject="France"))
-    if "layer" in editor_class(name).Params.__dataclass_fields__:
-        with pytest.raises(ValueError, match="out of range: the model has 4 decoder layers"):
-            make(name, model, tok, "llama", layer=4)
+    fields = editor_class(name).Params.__dataclass_fields__
+    bad_layer = {"layer": 4} if "layer" in fields else {"layers": (4,)} if "layers" in fields else None
+    if bad_layer is not None:  # every editor resolves its layer the same way: one message
+        with pytest.raises(ValueError, match="layer 4 out of range: the model has 4 decoder layers"):
+            make(name, model, tok, "llama", **bad_layer)
 
 
-def test_registry_builds_the_four_editors():
+def test_registry_builds_every_editor_with_its_metadata():
     from lifelong.errors import ConfigError
 
     for name in EDITORS:
         cls = editor_class(name)
-        assert cls.name == name and editor_params(name, {"lr": 0.5}).lr == 0.5
+        assert cls.name == name and cls.records in ("weights", "module") and isinstance(cls.learns_to_edit, bool)
+        assert isinstance(cls(*tiny_lm("llama"), editor_params(name, knobs(name, "llama"))), EditorProtocol)
+        if cls.records == "module":  # the ledger records these by their state
+            assert callable(getattr(cls, "state_dict", None)) and callable(getattr(cls, "load_state_dict", None))
         with pytest.raises(ConfigError, match="valid keys"):
             editor_params(name, {"not_a_knob": 1})
 

@@ -49,11 +49,11 @@ from lifelong.data.edit_requests import EditRequest
 from lifelong.edit.base import Editor
 from lifelong.families.lm import (
     TokenBatch,
-    decoder_layers,
     ffn_out,
     is_transposed,
     linear_weight,
     lm_fingerprint,
+    resolve_layer,
     target_batch,
     target_nll,
     target_nll_from_logits,
@@ -152,12 +152,9 @@ class MEND(Editor):
 
     def __init__(self, model, tokenizer, params: Params = Params()) -> None:
         super().__init__(model, tokenizer, params)
-        n_layers = len(decoder_layers(model))
-        bad = [l for l in params.layers if not -n_layers <= l < n_layers]
-        if bad or not params.layers:
-            raise ValueError(f"mend: layers {list(params.layers)} must be non-empty and within "
-                             f"a {n_layers}-layer model")
-        self.layers = sorted({l % n_layers for l in params.layers})
+        if not params.layers:
+            raise ValueError("mend: `layers` must name at least one decoder layer")
+        self.layers = sorted({resolve_layer(model, layer, 1.0) for layer in params.layers})
         self.edited_modules = [ffn_out(model, l) for l in self.layers]
         names = {id(p): n for n, p in model.named_parameters()}
         self.weight_names = [names[id(m.weight)] for m in self.edited_modules]

@@ -54,7 +54,7 @@ import torch.nn.functional as F
 from lifelong.cache import load_cached, store_cached
 from lifelong.data.edit_requests import EditRequest
 from lifelong.edit.base import Editor
-from lifelong.families.lm import decoder_layers, ffn_out, linear_weight, target_batch, target_nll
+from lifelong.families.lm import ffn_out, linear_weight, resolve_layer, target_batch, target_nll
 from lifelong.fingerprint import tensor_digest
 
 # The paper's seed words for the random prefixes (official get_context_templates).
@@ -84,10 +84,7 @@ class ROME(Editor):
 
     def __init__(self, model, tokenizer, params: Params = Params()) -> None:
         super().__init__(model, tokenizer, params)
-        n_layers = len(decoder_layers(model))
-        if not -n_layers <= params.layer < n_layers:
-            raise ValueError(f"rome: layer {params.layer} is out of range for a {n_layers}-layer model")
-        self.layer = params.layer % n_layers
+        self.layer = resolve_layer(model, params.layer, 0.25)
         self.module = ffn_out(model, self.layer)
         self.original = linear_weight(self.module).detach().clone()  # (out, in): reset copies it back
         self._prefixes: list[str] | None = None

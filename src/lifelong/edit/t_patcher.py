@@ -41,7 +41,7 @@ from torch import nn
 from lifelong.data.edit_requests import EditRequest
 from lifelong.edit.base import Editor
 from lifelong.edit.rome import corpus_chunks
-from lifelong.families.lm import decoder_layers, target_batch, target_nll_from_logits
+from lifelong.families.lm import decoder_layers, resolve_layer, target_batch, target_nll_from_logits
 
 
 @dataclass(frozen=True)
@@ -100,10 +100,7 @@ class TPatcher(Editor):
 
     def __init__(self, model, tokenizer, params: Params = Params()) -> None:
         super().__init__(model, tokenizer, params)
-        n_layers = len(decoder_layers(model))
-        if not -n_layers <= params.layer < n_layers:
-            raise ValueError(f"t_patcher: layer {params.layer} is out of range for a {n_layers}-layer model")
-        self.layer = params.layer % n_layers
+        self.layer = resolve_layer(model, params.layer, 1.0)
         self.ffn = decoder_layers(model)[self.layer].mlp
         self.patches: PatchNeurons | None = None
         self._hook = None

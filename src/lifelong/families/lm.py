@@ -67,13 +67,15 @@ def linear_weight(module: nn.Module) -> torch.Tensor:
 
 
 def resolve_layer(model: nn.Module, layer: int | None, default_depth: float) -> int:
-    """`layer`, checked against the model's depth; None = `default_depth` of the way up."""
+    """`layer` (negative: counted from the top), checked against the model's depth; None = `default_depth`
+    of the way up. Every editor resolves its layer here, so each refuses a bad one with the same message."""
     n = len(decoder_layers(model))
     if layer is None:
         return round(default_depth * (n - 1))
-    if not 0 <= layer < n:
-        raise ValueError(f"layer {layer} out of range: the model has {n} decoder layers (0..{n - 1})")
-    return layer
+    if not -n <= layer < n:
+        raise ValueError(f"layer {layer} out of range: the model has {n} decoder layers (0..{n - 1}, or -{n}..-1 "
+                         "from the top)")
+    return layer % n
 
 
 @contextmanager
