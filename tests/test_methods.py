@@ -154,26 +154,41 @@ def test_a_resumed_task_ends_bit_identical(name, tiny_model, tiny_stream, tiny_s
     assert method.loss(tiny_model, batch, third)[0].item() == start_method.loss(start_model, batch, third)[0].item()
 
 
-def test_methods_from_the_same_model_share_the_zero_shot_row(tiny_model, tiny_stream, tiny_stem, tiny_config):
-    """Row 0 is evaluated once per starting model: a second method from the same model reuses it (and
-    its matrix equals a run without the cache); a LoRA model, whose state differs, is evaluated anew."""
-    cache = {}
-    first = copy.deepcopy(tiny_model)
-    prepare_trainable(first, tiny_config.model, MODES["full"])
-    run_stream(first, build_method(MethodConfig(name="finetune")), tiny_stream, tiny_stem, tiny_config, None, cache)
-    assert len(cache) == 1
-    second = copy.deepcopy(tiny_model)
-    prepare_trainable(second, tiny_config.model, MODES["full"])
-    shared = run_stream(second, build_method(MethodConfig(name="lwf")), tiny_stream, tiny_stem, tiny_config, None, cache)
-    alone_model = copy.deepcopy(tiny_model)
-    prepare_trainable(alone_model, tiny_config.model, MODES["full"])
-    alone = run_stream(alone_model, build_method(MethodConfig(name="lwf")), tiny_stream, tiny_stem, tiny_config, None)
+def test_methods_from_the_same_model_share_the_zero_shot_row(tiny_model, tiny_stream, tiny_stem, tiny_config,
+                                                            monkeypatch, tmp_path):
+    """Row 0 is read from the disk cache when the same model was scored the same way before: a second method
+    from the same model reuses it (and its matrix equals a run without the cache); a LoRA model, whose state
+    differs, is evaluated anew. A row planted in the cache is what gets reported."""
+    from lifelong import loop
+    from lifelong.cache import cache_dir
+
+    monkeypatch.setenv("LIFELONG_CACHE", str(tmp_path / "cache"))  # this test counts the cache's entries
+    evaluations = []
+    real_evaluate = loop.evaluate
+    monkeypatch.setattr(loop, "evaluate", lambda *a, **k: evaluations.append(a[3]) or real_evaluate(*a, **k))
+
+    def fresh(mode="full"):
+        model = copy.deepcopy(tiny_model)
+        prepare_trainable(model, tiny_config.model, MODES[mode])
+        return model
+
+    run_stream(fresh(), build_method(MethodConfig(name="finetune")), tiny_stream, tiny_stem, tiny_config, None)
+    assert evaluations.count(0) == 1 and len(list((cache_dir() / "zero_shot").iterdir())) == 1
+    shared = run_stream(fresh(), build_method(MethodConfig(name="lwf")), tiny_stream, tiny_stem, tiny_config, None)
+    assert evaluations.count(0) == 1  # row 0 came from the cache
+    alone = run_stream(fresh(), build_method(MethodConfig(name="lwf")), tiny_stream, tiny_stem, tiny_config, None,
+                       reuse_zero_shot=False)
     np.testing.assert_array_equal(shared.accuracy_matrix, alone.accuracy_matrix)
-    assert len(cache) == 1
-    lora = copy.deepcopy(tiny_model)
-    prepare_trainable(lora, tiny_config.model, MODES["lora"])
-    run_stream(lora, build_method(MethodConfig(name="finetune")), tiny_stream, tiny_stem, tiny_config, None, cache)
-    assert len(cache) == 2
+    run_stream(fresh("lora"), build_method(MethodConfig(name="finetune")), tiny_stream, tiny_stem, tiny_config, None)
+    assert len(list((cache_dir() / "zero_shot").iterdir())) == 2
+
+    (entry,) = [f for f in (cache_dir() / "zero_shot").iterdir() if f.stat().st_mtime_ns == min(
+        g.stat().st_mtime_ns for g in (cache_dir() / "zero_shot").iterdir())]
+    from lifelong.cache import store_cached
+
+    store_cached("zero_shot", entry.stem, {"row": torch.full((len(tiny_stream.tasks),), 42.0, dtype=torch.float64)})
+    planted = run_stream(fresh(), build_method(MethodConfig(name="finetune")), tiny_stream, tiny_stem, tiny_config, None)
+    assert (planted.accuracy_matrix[0] == 42.0).all()
 
 
 def test_lora_initialisation_depends_on_the_seed_only(tiny_model, tiny_config):

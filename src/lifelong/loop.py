@@ -22,7 +22,7 @@ from safetensors.torch import load, save
 from tqdm.auto import tqdm
 
 from lifelong.atomic import atomic_write_bytes
-from lifelong.cache import cache_dir
+from lifelong.cache import cache_dir, content_key, load_cached, store_cached
 from lifelong.config import RunConfig, TrainConfig
 from lifelong.data.base import ImageDataset, Stream, Task
 from lifelong.errors import ConfigError, TrainingDivergedError
@@ -195,13 +195,15 @@ def evaluate(model, stream: Stream, stem: StemFeatures, after_task: int, batch_s
 
 
 def run_stream(model, method, stream: Stream, stem: StemFeatures, config: RunConfig, checkpoint_dir: Path | None,
-               zero_shot: dict[str, np.ndarray] | None = None, log_dir: Path | None = None,
+               reuse_zero_shot: bool = True, log_dir: Path | None = None,
                log_name: str = "run") -> StreamResult:
     """Train `method` on every task of `stream` in order; return the accuracy matrix and the costs.
 
-    `zero_shot`: a cache of row 0 (the model before training) shared by the methods run on this
-    stream, keyed by a digest of the model's whole state: methods that start from the same model and
-    score it the same way (no `eval_logits`) evaluate it once.
+    `reuse_zero_shot`: row 0 (the model before training) comes from the disk cache when a model with the
+    same weights was scored on the same test sets the same way before (keyed by a digest of the model's
+    whole state, the test sets' fingerprints, the label spaces and the batch size): methods that start
+    from the same model evaluate it once, across runs too. Not for methods with their own inference
+    (`eval_logits`), and not under several processes (they must all evaluate, the counts are reduced).
 
     `log_dir`: where the trackers of `train.log_with` write (TensorBoard event files under
     log_dir/`log_name`): every step's loss, lr and grad norm, and every task's accuracy after each task."""
@@ -219,13 +221,15 @@ def run_stream(model, method, stream: Stream, stem: StemFeatures, config: RunCon
     matrix = np.zeros((T + 1, T))
     result = StreamResult(matrix)
     t0 = time.perf_counter()
-    key = tensor_digest(model.state_dict()) if zero_shot is not None and not hasattr(method, "eval_logits") else None
-    if key is not None and key in zero_shot:
-        matrix[0] = zero_shot[key]
+    cacheable = reuse_zero_shot and not hasattr(method, "eval_logits") and accelerator.num_processes == 1
+    key = zero_shot_key(model, stream, train_cfg.eval_batch_size) if cacheable else None
+    hit = load_cached("zero_shot", key) if key is not None else None
+    if hit is not None:
+        matrix[0] = hit["row"].numpy()
     else:
         matrix[0], _ = evaluate(model, stream, stem, 0, train_cfg.eval_batch_size, method, accelerator)
         if key is not None:
-            zero_shot[key] = matrix[0].copy()
+            store_cached("zero_shot", key, {"row": torch.from_numpy(matrix[0].copy())})
     result.eval_seconds += time.perf_counter() - t0
 
     spaces = label_spaces(stream)
@@ -262,6 +266,12 @@ def run_stream(model, method, stream: Stream, stem: StemFeatures, config: RunCon
                         step=(t + 1) * train_cfg.steps_per_task)
     finish_trackers(accelerator)
     return result
+
+
+def zero_shot_key(model, stream: Stream, batch_size: int) -> str:
+    """What row 0 depends on: the model's whole state, the test sets, the label spaces, the batch size."""
+    return content_key("zero-shot-row", tensor_digest(model.state_dict()), [t.test.fingerprint for t in stream.tasks],
+                       label_spaces(stream), stream.scenario, batch_size)
 
 
 def finish_trackers(accelerator: Accelerator) -> None:

@@ -80,7 +80,6 @@ def run_experiment(config: RunConfig) -> Path:
         atomic_write_json(out / "data.json", describe_stream(streams[0]))
 
     runs = []
-    zero_shot = [{} for _ in streams]  # row 0 per task order, shared by methods that start from the same model
     for mc in config.methods:
         label = mc.display_name
         mconfig = dataclasses.replace(config, train=method_train(config, mc))  # the method's own train overrides
@@ -93,7 +92,7 @@ def run_experiment(config: RunConfig) -> Path:
             method = build_method(mc)
             checkpoints = out / "checkpoints" / label / (f"order_{r + 1}" if len(streams) > 1 else "")
             with PeakMemory() as memory:
-                result = run_stream(model, method, stream, stem, mconfig, checkpoints, zero_shot[r], log_dir=out / "logs",
+                result = run_stream(model, method, stream, stem, mconfig, checkpoints, log_dir=out / "logs",
                                     log_name=f"{label}" + (f"/order_{r + 1}" if len(streams) > 1 else ""))
             trainable, total = count_parameters(model)
             row = {"tasks": [t.name for t in stream.tasks], **summarize(result.accuracy_matrix)}
