@@ -13,33 +13,41 @@
 
     lifelong.run("configs/demo.yaml", ["train.steps_per_task=50"])   # a whole stream, every method, one table
 
+    images, grid = lifelong.generate("a photo of a sneaker", n=16, seed=0)   # the embedded text-to-image model
+
 Every function raises a `lifelong.errors.LifelongError` subclass for input a user can fix (the CLI prints
 it and exits with code 2); nothing here prints except the drivers' progress bars and tables.
 """
 
 from __future__ import annotations
 
+import io
+import math
 from collections.abc import Sequence
 from pathlib import Path
 
+import numpy as np
 import yaml
 
+from lifelong.atomic import atomic_write_bytes
 from lifelong.config import ModelConfig, RunConfig, apply_override
 from lifelong.data.edit_requests import EditRequest, Probe
 from lifelong.edit import editor_params
 from lifelong.edit.protocol import apply_all, make_editor
 from lifelong.errors import ConfigError, LedgerCorruptError
 from lifelong.families import get_family, ledger_families
+from lifelong.families.diffusion import check_sampling
 from lifelong.learn.driver import load_run_config, run_experiment
 from lifelong.ledger import changes, edits, views
 from lifelong.ledger.core import Ledger
 from lifelong.ledger.probes import DEFAULT_PROBES, run_probes, unique_name
 from lifelong.ledger.probes import Probe as ImageProbe
 from lifelong.ledger.runs import run_into_ledgers
-from lifelong.metrics.editing import base_predictions, generate, score_requests
+from lifelong.metrics.editing import base_predictions, score_requests
+from lifelong.metrics.editing import generate as greedy_answers
 
-__all__ = ["EditRequest", "Ledger", "Probe", "edit", "export", "init", "learn", "load_run_config", "log", "open_ledger",
-           "resume", "revert", "run", "show", "verify"]
+__all__ = ["EditRequest", "Ledger", "Probe", "edit", "export", "generate", "init", "learn", "load_run_config", "log",
+           "open_ledger", "resume", "revert", "run", "show", "verify"]
 
 
 def run(config: str | Path | RunConfig | None, overrides: Sequence[str] = (), ledger: str | Path | None = None) -> Path:
@@ -154,13 +162,41 @@ def edit(requests: EditRequest | Sequence[EditRequest], method: str = "wise", *,
     lm, tokenizer = get_family("lm").build(ModelConfig(family="lm", name=model or "embedded"))
     requests = edits.with_answers(lm, tokenizer, requests)
     prompts = [p for r in requests for p in (r.prompt, *r.paraphrases, *(q.prompt for q in r.locality))]
-    before = generate(lm, tokenizer, prompts, max_new_tokens=8)
+    before = greedy_answers(lm, tokenizer, prompts, max_new_tokens=8)
     base = base_predictions(lm, tokenizer, requests)
     editor = make_editor(method, lm, tokenizer, knobs)
     cost = apply_all(editor, requests, desc=method)
-    after = generate(lm, tokenizer, prompts, max_new_tokens=8)
+    after = greedy_answers(lm, tokenizer, prompts, max_new_tokens=8)
     return {"answers": list(zip(prompts, before, after)), "scores": score_requests(lm, tokenizer, requests, base),
             "cost": cost}
+
+
+def generate(prompt: str, n: int = 16, seed: int = 0, steps: int = 25, guidance: float | None = None,
+             model: str = "embedded", out: str | Path = "grid.png") -> tuple[np.ndarray, Path]:
+    """`n` images of `prompt` from the text-to-image `model` (the diffusion family's names: embedded, a
+    train_t2i.py checkpoint, a StableDiffusionPipeline folder or hub id), seeded DDIM with `steps` steps and
+    classifier-free `guidance` (None: the model's own, 3 embedded, 7.5 Stable Diffusion): uint8 (n, H, W, 3),
+    and the path of their grid saved as the PNG `out`. A progress bar follows the denoising steps."""
+    check_sampling([prompt], n, steps, guidance)  # bad input fails before the model loads
+    pipeline, _ = get_family("diffusion").build(ModelConfig(family="diffusion", name=model))
+    images = pipeline.sample([prompt], n=n, seed=seed, steps=steps, guidance=guidance, progress=True)
+    return images, save_grid(images, out)
+
+
+def save_grid(images: np.ndarray, path: str | Path) -> Path:
+    """`images` (N, H, W, 3) uint8 as one PNG: ceil(sqrt(N)) columns, black where the last row is short."""
+    from PIL import Image
+
+    n, h, w, _ = images.shape
+    cols = math.ceil(math.sqrt(n))
+    rows = math.ceil(n / cols)
+    cells = np.zeros((rows * cols, h, w, 3), np.uint8)
+    cells[:n] = images
+    grid = cells.reshape(rows, cols, h, w, 3).transpose(0, 2, 1, 3, 4)  # (rows, H, cols, W, 3)
+    grid = grid.reshape(rows * h, cols * w, 3)
+    buffer = io.BytesIO()
+    Image.fromarray(grid).save(buffer, format="PNG")
+    return atomic_write_bytes(path, buffer.getvalue())
 
 
 def revert(root: str | Path, n: int, strategy: str = "auto") -> int:

@@ -40,6 +40,9 @@ knowledge editing of a causal LM (SmolLM2-135M-Instruct embedded):
   lifelong edit --prompt "The capital of France is" --target Lyon --method wise
   lifelong bench edit --methods ft_l,grace,wise --T 1,10,100     the T-sweep table and figure
 
+text-to-image (the embedded pixel-space model, or a Stable Diffusion folder / hub id):
+  lifelong generate --prompt "a photo of a sneaker" -n 16 --seed 0 --out grid.png
+
 Overrides are key.path=value pairs (values parsed as YAML); unknown keys are errors that list the
 valid ones. User errors exit with code 2.
 """
@@ -51,7 +54,8 @@ def main(argv: list[str] | None = None) -> int:
         prog="lifelong",
         description="Change pretrained models after pretraining without breaking what they know. "
         "Continual learning of a CLIP-style model over a stream of tasks, with the papers' metrics; knowledge "
-        "editing of a causal LM; and a model's history (a ledger): every change a recorded, probed, reversible patch.",
+        "editing of a causal LM; text-to-image generation; and a model's history (a ledger): every change a "
+        "recorded, probed, reversible patch.",
         epilog=EPILOG,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
@@ -78,6 +82,7 @@ def main(argv: list[str] | None = None) -> int:
 
     add_ledger_commands(sub)
     add_edit_commands(sub)
+    add_generate_command(sub)
 
     # KEY=VALUE overrides may stand before or after options (argparse alone stops at the first option).
     args, extra = parser.parse_known_args(argv)
@@ -99,6 +104,8 @@ def main(argv: list[str] | None = None) -> int:
             return cmd_edit(args)
         if args.command == "bench":
             return cmd_bench_edit(args)
+        if args.command == "generate":
+            return cmd_generate(args)
         return LEDGER_COMMANDS[args.command](args)
     except LifelongError as e:
         print(f"error: {e}", file=sys.stderr)
@@ -383,6 +390,34 @@ def cmd_bench_edit(args) -> int:
     if args.split:
         overrides.append(f"split={args.split}")
     run_bench(load_bench_config(args.config, overrides))
+    return 0
+
+
+# ---------------------------------------------------------------------------------------------
+# Text-to-image (the `diffusion` family)
+
+
+def add_generate_command(sub) -> None:
+    gen = sub.add_parser("generate", help="draw images of a prompt with a text-to-image model: a seeded PNG grid",
+                         description="Sample N images of PROMPT (DDIM with classifier-free guidance, seeded: the same "
+                         "seed gives the same images) and save them as one PNG grid.")
+    gen.add_argument("--prompt", required=True, help="what to draw, e.g. 'a photo of a sneaker'")
+    gen.add_argument("-n", type=int, default=16, help="how many images (default 16)")
+    gen.add_argument("--seed", type=int, default=0, help="the noise seed (default 0)")
+    gen.add_argument("--steps", type=int, default=25, help="DDIM denoising steps (default 25)")
+    gen.add_argument("--guidance", type=float, help="classifier-free guidance scale (default: the model's own, "
+                     "3 for the embedded model, 7.5 for Stable Diffusion)")
+    gen.add_argument("--model", default="embedded", help="embedded (the project's model, default), a "
+                     "scripts/train_t2i.py .safetensors checkpoint, a StableDiffusionPipeline folder or hub id, "
+                     "tiny-embedded / tiny-sd (random, tests)")
+    gen.add_argument("--out", type=Path, default=Path("grid.png"), help="the PNG grid to write (default grid.png)")
+
+
+def cmd_generate(args) -> int:
+    images, out = api.generate(args.prompt, n=args.n, seed=args.seed, steps=args.steps, guidance=args.guidance,
+                               model=args.model, out=args.out)
+    n, h, w, _ = images.shape
+    print(f"wrote {out}: {n} image(s) of {args.prompt!r}, {w}x{h} each (seed {args.seed}, {args.steps} DDIM steps)")
     return 0
 
 

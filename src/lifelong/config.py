@@ -20,7 +20,7 @@ from lifelong.errors import ConfigError
 
 @dataclass(frozen=True)
 class ModelConfig:
-    family: str = "vlm"  # a name in lifelong.families.FAMILIES: vlm, classifier, lm
+    family: str = "vlm"  # a name in lifelong.families.FAMILIES: vlm, classifier, lm, diffusion
     # "embedded" (EfficientNet-Lite0 + all-MiniLM-L6-v2 + the project's heads), a transformers CLIP
     # model's hub name or local path, or "tiny-embedded" / "tiny-clip" (random, for tests).
     name: str = "embedded"

@@ -18,7 +18,7 @@ import torch
 
 from lifelong.config import AdapterConfig, ModelConfig
 from lifelong.errors import ConfigError
-from lifelong.families import classifier, lm, vlm
+from lifelong.families import classifier, diffusion, lm, vlm
 
 
 @runtime_checkable
@@ -28,7 +28,8 @@ class Family(Protocol):
     name: str
     summary: str
     operations: frozenset[str]  # the operations its models take: "learn", "edit", ...
-    probe_kind: str  # the probes a ledger of it runs: "images" (test sets) or "facts" (edits, held-out facts)
+    probe_kind: str  # the probes a ledger of it runs: "images" (test sets), "facts" (edits, held-out facts) or
+    # "images-generated" (generated images scored by a judge)
     score_unit: str  # what a probe score means, for tables
 
     def build(self, config: ModelConfig, class_names: tuple[str, ...] = ()) -> tuple[Any, Any]:
@@ -103,6 +104,14 @@ FAMILIES: dict[str, Family] = {
         build_fn=lambda config, class_names: lm.build_lm(config.name),
         fingerprint_fn=lm.lm_fingerprint, export_fn=lm.export_pretrained,
         validate_fn=lm.validate_config, tiny_name="tiny-llama",
+    ),
+    "diffusion": FamilySpec(
+        name="diffusion", summary="a text-to-image diffusion model (the embedded pixel-space UNet, or any diffusers "
+        "StableDiffusionPipeline)",
+        operations=frozenset({"generate"}), probe_kind="images-generated", score_unit="judge rate %",
+        build_fn=diffusion.build, fingerprint_fn=diffusion.fingerprint,
+        export_fn=lambda model, tokenizer, out: model.export(out),
+        validate_fn=diffusion.validate_config, tiny_name="tiny-embedded", ledger=False,  # until its judge probes exist
     ),
 }
 
