@@ -361,6 +361,13 @@ def train(config: dict, out_dir: str | Path, stop_after: int | None = None, data
             with open(out_dir / "train.log", "a") as log:
                 log.write(json.dumps(warning) + "\n")
         print(f"resuming from {ckpt_path} at step {step} ({elapsed_before / 3600:.2f} h trained)", file=sys.stderr)
+    # Several processes (accelerate launch): every process draws the same global batch (a function of the
+    # step) and trains on every world-th item of it; DDP averages the gradients, so the update is the one
+    # process's update up to float rounding. One process: its share is the whole batch.
+    rank, world = accelerator.process_index, accelerator.num_processes
+    if config["batch_size"] % world:
+        raise ConfigError(f"--batch-size {config['batch_size']} must be a multiple of the {world} processes")
+    main_process = accelerator.is_main_process
     model, optimizer = accelerator.prepare(model, optimizer)
     unwrapped = accelerator.unwrap_model(model)
     if options.log_with not in (None, "none"):
@@ -378,14 +385,16 @@ def train(config: dict, out_dir: str | Path, stop_after: int | None = None, data
         return elapsed_before + time.monotonic() - session_start
 
     def checkpoint() -> None:
-        save_checkpoint(ckpt_path, unwrapped, ema, optimizer, step, config, elapsed(), data_digest)
+        if main_process:  # the processes hold identical weights, EMA and optimizer state
+            save_checkpoint(ckpt_path, unwrapped, ema, optimizer, step, config, elapsed(), data_digest)
 
     with _StopRequest() as stop:
         while step < end:
             lr = learning_rate(config, step)
             for group in optimizer.param_groups:
                 group["lr"] = lr
-            loss = diffusion_loss(model, alphas, data, step_batch(data, config, step), accelerator.autocast)
+            share = tuple(t[rank::world] for t in step_batch(data, config, step))
+            loss = diffusion_loss(model, alphas, data, share, accelerator.autocast)
             if not torch.isfinite(loss):
                 kept = f"the last good checkpoint {ckpt_path} is kept" if ckpt_path.exists() else "no checkpoint yet"
                 raise TrainingDivergedError(
@@ -404,16 +413,18 @@ def train(config: dict, out_dir: str | Path, stop_after: int | None = None, data
             window_steps += 1
             progress.update(1)
 
-            if step % options.log_every == 0:
+            if step % options.log_every == 0 and main_process:
                 now = time.monotonic()
                 record = {"step": step, "loss": sum(losses) / len(losses), "lr": lr, "grad_norm": grad_norm,
-                          "sec_per_step": (now - window_start) / window_steps, "elapsed_seconds": elapsed()}
+                          "sec_per_step": (now - window_start) / window_steps, "elapsed_seconds": elapsed(),
+                          "processes": world, "items_per_process": len(share[0])}
                 with open(out_dir / "train.log", "a") as log:
                     log.write(json.dumps(record) + "\n")
-                accelerator.log({k: v for k, v in record.items() if k != "step"}, step=step)
+                accelerator.log({k: v for k, v in record.items() if k not in ("step", "processes", "items_per_process")},
+                                step=step)
                 progress.set_postfix(loss=f"{record['loss']:.4f}", s_per_step=f"{record['sec_per_step']:.2f}")
                 window_start, window_steps = now, 0
-            if options.sample_every and step % options.sample_every == 0 and data.sample_states is not None:
+            if options.sample_every and step % options.sample_every == 0 and data.sample_states is not None and main_process:
                 save_sample_grid(out_dir / "samples" / f"step_{step:05d}.png", unwrapped, ema, data)
                 window_start = time.monotonic()  # keep sampling time out of seconds/step
             if stop.signal is not None:
@@ -426,10 +437,27 @@ def train(config: dict, out_dir: str | Path, stop_after: int | None = None, data
     progress.close()
     if step == end:
         checkpoint()
-    if step >= total:
+    if step >= total and main_process:
         save_final(out_dir / FINAL, ema, config, step)
     accelerator.end_training()
     return step
+
+
+def synthetic_tiny_data() -> TrainData:
+    """24 16x16 images of 3 concepts (a coloured square each), 2 captions per concept + "" (index 0), with
+    random caption states of the tiny UNet's width: training runs in seconds, no text encoder loaded."""
+    g = torch.Generator().manual_seed(0)
+    concept_ids = torch.arange(24) % 3
+    images = torch.full((24, 16, 16, 3), 255, dtype=torch.uint8)
+    for i, c in enumerate(concept_ids.tolist()):
+        x, y = torch.randint(0, 8, (2,), generator=g).tolist()
+        images[i, y : y + 8, x : x + 8, c] = 0
+    n_captions, tokens, dim = 7, 4, arch.tiny_unet_config()["cross_attention_dim"]
+    masks = torch.ones((n_captions, tokens), dtype=torch.int64)
+    masks[0, 1:] = 0
+    return TrainData(images=images, weights=torch.full((24,), 1 / 24, dtype=torch.float64), concept_ids=concept_ids,
+                     caption_table=torch.tensor([[1, 2], [3, 4], [5, 6]]), caption_counts=torch.tensor([2, 2, 2]),
+                     states=torch.randn((n_captions, tokens, dim), generator=g), masks=masks)
 
 
 class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescriptionHelpFormatter):
@@ -465,6 +493,9 @@ def parse_args(argv=None) -> tuple[dict, argparse.Namespace]:
     parser.add_argument("--stop-after", type=int, default=None,
                         help="stop (with a checkpoint) after this many steps of this session: trial runs")
     parser.add_argument("--no-progress", action="store_true", help="no tqdm bar")
+    parser.add_argument("--synthetic-tiny", action="store_true",
+                        help="not a real run: the tiny UNet on a tiny synthetic pool (coloured squares, random caption "
+                        "states), for the multi-process test")
     args = parser.parse_args(argv)
     config = dict(d, total_steps=args.steps, batch_size=args.batch_size, lr=args.lr, warmup_steps=args.warmup,
                   seed=args.seed, precision=args.precision, caption_dropout=args.caption_dropout,
@@ -478,7 +509,10 @@ def main(argv=None) -> int:
                          log_every=args.log_every, log_with=args.log_with, project_dir=args.project_dir,
                          progress=not args.no_progress)
     try:
-        step = train(config, args.out_dir, stop_after=args.stop_after, options=options)
+        data = None
+        if args.synthetic_tiny:
+            config, data = dict(config, unet=arch.tiny_unet_config()), synthetic_tiny_data()
+        step = train(config, args.out_dir, stop_after=args.stop_after, data=data, options=options)
     except (ConfigError, TrainingDivergedError) as e:
         print(f"error: {e}", file=sys.stderr)
         return e.exit_code

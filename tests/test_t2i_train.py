@@ -8,6 +8,7 @@ encoder is loaded; the pool tests read the real captioned data (skipped when the
 from __future__ import annotations
 
 import importlib.util
+import json
 import sys
 from pathlib import Path
 
@@ -31,25 +32,7 @@ def t2i():
 
 
 def _tiny_data(t2i):
-    """24 16x16 images of 3 concepts (a coloured square each), 2 captions per concept + "" (index 0)."""
-    g = torch.Generator().manual_seed(0)
-    concept_ids = torch.arange(24) % 3
-    images = torch.full((24, 16, 16, 3), 255, dtype=torch.uint8)
-    for i, c in enumerate(concept_ids.tolist()):
-        x, y = torch.randint(0, 8, (2,), generator=g).tolist()
-        images[i, y : y + 8, x : x + 8, c] = 0
-    n_captions, tokens, dim = 7, 4, tiny_dim()
-    masks = torch.ones((n_captions, tokens), dtype=torch.int64)
-    masks[0, 1:] = 0
-    return t2i.TrainData(
-        images=images,
-        weights=torch.full((24,), 1 / 24, dtype=torch.float64),
-        concept_ids=concept_ids,
-        caption_table=torch.tensor([[1, 2], [3, 4], [5, 6]]),
-        caption_counts=torch.tensor([2, 2, 2]),
-        states=torch.randn((n_captions, tokens, dim), generator=g),
-        masks=masks,
-    )
+    return t2i.synthetic_tiny_data()
 
 
 def tiny_dim() -> int:
@@ -163,3 +146,35 @@ def test_real_text_encoder_states():
     assert mask[0].sum() == 2 and mask[1].sum() > 2  # "" is [CLS] [SEP] only
     unet = arch.build_unet(arch.EMBEDDED_UNET_CONFIG)
     assert 4e6 < sum(p.numel() for p in unet.parameters()) < 5e6
+
+
+def test_two_processes_train_like_one(tmp_path):
+    """`accelerate launch --num_processes 2` (DDP over gloo on the CPU): each process trains on half of every
+    global batch, the averaged gradient is the full batch's, so the weights agree with one process's to float
+    rounding (Adam turns rounding-level differences into small steps: compared as the relative difference
+    of the whole update, as tests/test_ddp.py does)."""
+    import os
+    import subprocess
+
+    bin_dir = Path(sys.executable).parent
+    args = [str(SCRIPT), "--synthetic-tiny", "--steps", "4", "--batch-size", "4", "--warmup", "1", "--precision", "fp32",
+            "--log-with", "none", "--sample-every", "0", "--no-progress", "--log-every", "2"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    runs = {}
+    for n in (1, 2):
+        out = tmp_path / f"p{n}"
+        launch = ([str(bin_dir / "accelerate"), "launch", "--multi_gpu", f"--num_processes={n}", "--num_machines=1",
+                   "--mixed_precision=no", "--dynamo_backend=no", "--main_process_port=0"] if n > 1
+                  else [sys.executable])
+        done = subprocess.run([*launch, *args, "--out-dir", str(out)], env=env, capture_output=True, text=True,
+                              timeout=600)
+        assert done.returncode == 0, done.stderr[-3000:]
+        runs[n] = {k: v.float() for k, v in load_file(out / "checkpoint.safetensors").items() if k.startswith("model.")}
+        log = [json.loads(line) for line in (out / "train.log").read_text().splitlines()]
+        assert {(r["processes"], r["items_per_process"]) for r in log} == {(n, 4 // n)}  # each trained on its share
+    torch.manual_seed(0)  # the script seeds the UNet's initialisation with --seed (0)
+    start = {k: v.float() for k, v in arch.build_unet(arch.tiny_unet_config()).state_dict().items()}
+    u1 = torch.cat([(runs[1][k] - start[k.removeprefix("model.")]).flatten() for k in runs[1]])
+    u2 = torch.cat([(runs[2][k] - start[k.removeprefix("model.")]).flatten() for k in runs[1]])
+    assert u1.norm() > 0
+    assert float((u2 - u1).norm() / u1.norm()) < 0.05
