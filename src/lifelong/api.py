@@ -28,6 +28,7 @@ from pathlib import Path
 
 import numpy as np
 import yaml
+from PIL import Image
 
 from lifelong.atomic import atomic_write_bytes
 from lifelong.config import ModelConfig, RunConfig, apply_override
@@ -185,7 +186,6 @@ def generate(prompt: str, n: int = 16, seed: int = 0, steps: int = 25, guidance:
 
 def save_grid(images: np.ndarray, path: str | Path) -> Path:
     """`images` (N, H, W, 3) uint8 as one PNG: ceil(sqrt(N)) columns, black where the last row is short."""
-    from PIL import Image
 
     n, h, w, _ = images.shape
     cols = math.ceil(math.sqrt(n))

@@ -17,7 +17,8 @@ from pathlib import Path
 import numpy as np
 import torch
 from accelerate import Accelerator
-from accelerate.utils import DataLoaderConfiguration, DistributedDataParallelKwargs, set_seed
+from accelerate.utils import DataLoaderConfiguration, DistributedDataParallelKwargs, gather_object, set_seed
+from safetensors import safe_open
 from safetensors.torch import load, save
 from tqdm.auto import tqdm
 
@@ -381,7 +382,6 @@ def assert_replicated(accelerator: Accelerator, model, method, where: str) -> No
     gradients and everything else is computed from identical data and seeds. Compared by digest."""
     if accelerator.num_processes == 1:
         return
-    from accelerate.utils import gather_object
 
     state = {f"model.{k}": v for k, v in model.trainable_state().items()}
     state.update({f"method.{k}": v for k, v in method.state_dict().items()})
@@ -437,13 +437,11 @@ class TrainState:
         return cls(tensors, meta)
 
     def to_bytes(self) -> bytes:
-        from safetensors.torch import save
 
         return save({k: v.contiguous() for k, v in self.tensors.items()}, metadata={"train_state": json.dumps(self.meta)})
 
     @classmethod
     def load(cls, path: Path) -> TrainState:
-        from safetensors import safe_open
 
         with safe_open(str(path), framework="pt") as f:
             return cls({k: f.get_tensor(k) for k in f.keys()}, json.loads(f.metadata()["train_state"]))
@@ -502,7 +500,6 @@ def cosine_with_warmup(warmup: int, total: int):
 
 def save_checkpoint(path: Path, model, method, tasks_done: int) -> Path:
     """The trainable parameters and the method's state after a task, in safetensors (atomic)."""
-    from safetensors.torch import save
 
     tensors = {f"model.{k}": v.contiguous() for k, v in model.trainable_state().items()}
     tensors.update({f"method.{k}": v.detach().contiguous() for k, v in method.state_dict().items()})

@@ -143,7 +143,7 @@ def load_lfw(split: str):
 @lru_cache(maxsize=1)
 def _parse_lfw() -> tuple[np.ndarray, np.ndarray]:
     try:
-        from skimage.data import lfw_subset
+        from skimage.data import lfw_subset  # scikit-image is slow to import; only this source needs it
     except ImportError as e:
         raise DataNotFoundError("scikit-image is not installed: pip install scikit-image==0.26.0") from e
     crops = lfw_subset()  # (200, 25, 25) float in [0, 1]; the first 100 are faces

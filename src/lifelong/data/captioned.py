@@ -37,6 +37,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from PIL import Image, ImageDraw, ImageFont
 
 from lifelong.cache import cached, content_key
 from lifelong.data.builtin import fashion_mnist_dir, load_fashion_mnist, load_mnist
@@ -267,7 +268,6 @@ def _require(paths) -> None:
 
 def _render_letter(font_path: str, letter: str, ink: tuple[int, int, int], rng: np.random.Generator) -> np.ndarray:
     """One 32x32x3 render: drawn at 4x with jittered size, rotation and offset, then downsampled (antialiased)."""
-    from PIL import Image, ImageDraw, ImageFont
 
     scale = 4
     big = SIZE * scale
@@ -300,7 +300,6 @@ def _letters(split: str, styles, seed_offset: int) -> tuple[np.ndarray, np.ndarr
 
 
 def _clipart_files(folder: str) -> list[Path]:
-    from PIL import Image
 
     directory = CLIPART_ROOT / folder
     if not directory.is_dir():
@@ -324,7 +323,6 @@ def _clipart_split(files: list[Path], split: str, category_index: int) -> list[P
 
 def _decode_clipart(path: Path) -> np.ndarray:
     """A PNG cropped to its visible content, centred on a white square (2 px margin), 32x32x3 antialiased."""
-    from PIL import Image
 
     with Image.open(path) as im:
         rgba = im.convert("RGBA")

@@ -16,6 +16,7 @@ from functools import lru_cache
 from pathlib import Path
 
 import numpy as np
+from PIL import Image, ImageDraw, ImageFont
 
 from lifelong.assets import package_file
 from lifelong.data.splits import frozen
@@ -83,7 +84,6 @@ def _render_split(split: str, letters: str, size: int, per_font: int) -> tuple[n
 
 def render_glyph(font_path: Path, letter: str, size: int, scale: float, angle: float, dx: float, dy: float) -> np.ndarray:
     """One (size, size) uint8 image: `letter` centred by its ink box, scaled, rotated, shifted."""
-    from PIL import Image, ImageDraw
 
     side = size * OVERSAMPLE
     font = _font(str(font_path), max(1, round(scale * side)))
@@ -103,6 +103,5 @@ def render_glyph(font_path: Path, letter: str, size: int, scale: float, angle: f
 
 @lru_cache(maxsize=512)
 def _font(path: str, pixel_size: int):
-    from PIL import ImageFont
 
     return ImageFont.truetype(path, pixel_size)

@@ -15,6 +15,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import numpy as np
+from PIL import Image
 
 from lifelong.data.imagefolder import square_resize
 from lifelong.data.splits import SPLIT_SEED, readable, stratified_split
@@ -70,7 +71,7 @@ def load_hf(
 def open_dataset(path: str, name: str | None, data_dir: str | None):
     """`load_from_disk` for a folder written by save_to_disk, `load_dataset` for anything else."""
     try:
-        import datasets
+        import datasets  # heavy optional dependency (Hugging Face datasets), imported at first use
     except ImportError as e:
         raise DataNotFoundError("the hf source needs `datasets`: pip install datasets==5.2.0") from e
     folder = Path(path).expanduser()
@@ -110,7 +111,6 @@ def _labels(path, feature, raw: list, class_names) -> tuple[tuple[str, ...], np.
 
 def _to_array(image, size: int | None) -> np.ndarray:
     """A decoded PIL image (or an array) -> (H, W, 3) uint8."""
-    from PIL import Image
 
     if not isinstance(image, Image.Image):
         image = Image.fromarray(np.asarray(image, dtype=np.uint8))

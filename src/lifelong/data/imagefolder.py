@@ -14,6 +14,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import numpy as np
+from PIL import Image, UnidentifiedImageError
 
 from lifelong.data.splits import SPLIT_SEED, readable, stratified_split
 from lifelong.errors import ConfigError, DataFormatError
@@ -85,7 +86,6 @@ def _flatten(classes: dict[str, list[Path]]) -> tuple[list[Path], np.ndarray, li
 
 def read_image(path: Path, size: int) -> np.ndarray:
     """(size, size, 3) uint8: the image file as RGB, centre-cropped to a square and resized."""
-    from PIL import Image, UnidentifiedImageError
 
     try:
         with Image.open(path) as im:
@@ -97,7 +97,6 @@ def read_image(path: Path, size: int) -> np.ndarray:
 
 def square_resize(im, size: int) -> np.ndarray:
     """A PIL RGB image -> (size, size, 3) uint8: centre-cropped to a square, resized with a bicubic filter."""
-    from PIL import Image
 
     w, h = im.size
     side = min(w, h)

@@ -31,7 +31,7 @@ PHOTOS = ("brick", "camera", "cat", "chelsea", "clock", "coffee", "coins", "colo
 
 
 def _photos() -> list[np.ndarray]:
-    import skimage.data
+    import skimage.data  # scikit-image is slow to import; only this source needs it
 
     out = []
     for name in PHOTOS:

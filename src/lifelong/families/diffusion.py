@@ -27,6 +27,9 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from safetensors import SafetensorError, safe_open
+from safetensors.torch import load_file
+from tokenizers.pre_tokenizers import ByteLevel
 from torch import nn
 from tqdm import tqdm
 
@@ -204,7 +207,7 @@ class TextToImage:
     def add_lora(self, rank: int = 4, alpha: float = 4.0, targets: tuple[str, ...] = LORA_TARGETS) -> None:
         """LoRA (peft, through diffusers' `add_adapter`) on the UNet's modules named `targets`, initialised
         as diffusers' LoRA training scripts do (A Gaussian, B zero); afterwards only LoRA parameters train."""
-        from peft import LoraConfig
+        from peft import LoraConfig  # heavy optional dependency, imported at first use
 
         names = [name for name, _ in self.unet.named_modules()]
         unmatched = [t for t in targets if not any(n == t or n.endswith("." + t) for n in names)]
@@ -280,7 +283,7 @@ def build_pipeline(name: str) -> TextToImage:
 def embedded(weights: Path | None = None) -> TextToImage:
     """The project's model: the UNet of train_t2i.py's `weights` (default `embedded_weights()`) reading
     all-MiniLM-L6-v2's masked token states, sampled with DDIM on the training betas (clip_sample on)."""
-    from transformers import AutoModel, AutoTokenizer
+    from transformers import AutoModel, AutoTokenizer  # heavy optional dependency, imported at first use
 
     weights = weights or embedded_weights()
     unet = unet_from_safetensors(weights)
@@ -314,7 +317,6 @@ def embedded_weights() -> Path:
 
 def unet_from_safetensors(path: Path):
     """The UNet of a train_t2i.py file (a checkpoint or the final fp16 file) holding its EMA weights, in fp32."""
-    from safetensors.torch import load_file
 
     meta = _metadata(path)
     if meta.get("format") not in T2I_FORMATS:
@@ -329,7 +331,6 @@ def unet_from_safetensors(path: Path):
 
 
 def _metadata(path: Path) -> dict[str, str]:
-    from safetensors import SafetensorError, safe_open
 
     try:
         with safe_open(str(path), "pt") as f:
@@ -341,7 +342,7 @@ def _metadata(path: Path) -> dict[str, str]:
 def from_folder(folder: Path) -> TextToImage:
     """A StableDiffusionPipeline folder (a hub snapshot, a save_pretrained folder, an `export`)."""
     from diffusers import AutoencoderKL, DDIMScheduler, UNet2DConditionModel  # heavy optional dependency, at first use
-    from transformers import AutoModel, AutoTokenizer
+    from transformers import AutoModel, AutoTokenizer  # heavy optional dependency, imported at first use
 
     index_file = folder / "model_index.json"
     if not index_file.is_file():
@@ -380,7 +381,7 @@ def download(hub_id: str) -> Path:
 def tiny_embedded() -> TextToImage:
     """The embedded model's design at toy size (random, seed 0): the tiny UNet of diffusion_arch, a
     1-layer 8-wide BERT behind all-MiniLM-L6-v2's tokenizer, pixel space, masked text. For tests only."""
-    from transformers import AutoTokenizer, BertConfig, BertModel
+    from transformers import AutoTokenizer, BertConfig, BertModel  # heavy optional dependency, imported at first use
 
     tokenizer = AutoTokenizer.from_pretrained(arch.text_encoder_dir(), model_max_length=arch.MAX_TOKENS)
     unet_config = arch.tiny_unet_config()
@@ -398,9 +399,16 @@ def tiny_sd() -> TextToImage:
     """A Stable-Diffusion-shaped pipeline at toy size (random, seed 0), as diffusers' own pipeline tests
     build theirs: 4-channel 8x8 latents, a 2-level VAE (16x16 images), a 2-layer CLIP text model and a
     character-level CLIP tokenizer (16 positions), SD's scaled-linear betas. For tests only."""
-    from diffusers import AutoencoderKL, DDIMScheduler, UNet2DConditionModel
-    from tokenizers.pre_tokenizers import ByteLevel
-    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
+    from diffusers import (  # heavy optional dependency, imported at first use
+        AutoencoderKL,
+        DDIMScheduler,
+        UNet2DConditionModel,
+    )
+    from transformers import (  # heavy optional dependency, imported at first use
+        CLIPTextConfig,
+        CLIPTextModel,
+        CLIPTokenizer,
+    )
 
     # Every byte-level character, alone and word-final ("</w>"): any text tokenizes, one token a character.
     alphabet = sorted(ByteLevel.alphabet())

@@ -72,8 +72,8 @@ def build_unet(config: dict):
 
     Initialisation draws from torch's global RNG: seed it (torch.manual_seed) first for a reproducible model.
     """
-    from diffusers import UNet2DConditionModel
-    from diffusers.models.attention_processor import AttnProcessor
+    from diffusers import UNet2DConditionModel  # heavy optional dependency, imported at first use
+    from diffusers.models.attention_processor import AttnProcessor  # heavy optional dependency, imported at first use
 
     unet = UNet2DConditionModel(**{k: tuple(v) if isinstance(v, list) else v for k, v in config.items()})
     unet.set_attn_processor(AttnProcessor())
@@ -82,14 +82,14 @@ def build_unet(config: dict):
 
 def build_noise_scheduler():
     """The DDPM training scheduler (1000 steps, cosine betas, epsilon prediction)."""
-    from diffusers import DDPMScheduler
+    from diffusers import DDPMScheduler  # heavy optional dependency, imported at first use
 
     return DDPMScheduler(**SCHEDULER_CONFIG)
 
 
 def build_sampler():
     """A DDIM sampler with the training betas (set `set_timesteps(25)` before use)."""
-    from diffusers import DDIMScheduler
+    from diffusers import DDIMScheduler  # heavy optional dependency, imported at first use
 
     return DDIMScheduler(**SCHEDULER_CONFIG, clip_sample=True)
 
@@ -102,7 +102,7 @@ def text_encoder_dir():
 def _text_encoder():
     """(tokenizer, frozen model) of all-MiniLM-L6-v2, loaded once per process from the installed package."""
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    from transformers import AutoModel, AutoTokenizer
+    from transformers import AutoModel, AutoTokenizer  # heavy optional dependency, imported at first use
 
     folder = text_encoder_dir()
     tokenizer = AutoTokenizer.from_pretrained(folder)

@@ -27,6 +27,7 @@ from functools import lru_cache
 from pathlib import Path
 
 import torch
+from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 from torch import nn
 
 from lifelong.assets import package_file
@@ -102,7 +103,7 @@ def build_lm(name: str = "embedded", dtype: torch.dtype = torch.float32):
     """(model, tokenizer) in eval mode. `name`: "embedded" (SmolLM2-135M-Instruct), a hub id or a folder.
 
     The tokenizer always has a pad token (the EOS token when the checkpoint defines none)."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoModelForCausalLM, AutoTokenizer  # heavy optional dependency, imported at first use
 
     if name in TINY:
         return tiny_lm(TINY[name])
@@ -133,7 +134,7 @@ def embedded_lm_folder() -> Path:
 def _convert_gguf(gguf: Path, folder: Path) -> None:
     """Dequantize the GGUF (fp32), rebuild a plain model from its config, save it with its tokenizer
     to a temporary sibling folder, then rename it into place (a reader never sees half a folder)."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoModelForCausalLM, AutoTokenizer  # heavy optional dependency, imported at first use
 
     try:
         loaded = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
@@ -184,7 +185,6 @@ A quick brown fox jumps over the lazy dog. She said that the weather was nice, a
 
 @lru_cache(maxsize=1)
 def _tiny_tokenizer_json() -> str:
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
     tok = Tokenizer(models.BPE())
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
@@ -197,8 +197,7 @@ def _tiny_tokenizer_json() -> str:
 
 def tiny_tokenizer():
     """A byte-level BPE tokenizer (any text encodes; ~500 tokens; EOS = BOS = PAD = <|endoftext|>)."""
-    from tokenizers import Tokenizer
-    from transformers import PreTrainedTokenizerFast
+    from transformers import PreTrainedTokenizerFast  # heavy optional dependency, imported at first use
 
     special = "<|endoftext|>"
     return PreTrainedTokenizerFast(tokenizer_object=Tokenizer.from_str(_tiny_tokenizer_json()),
@@ -208,7 +207,12 @@ def tiny_tokenizer():
 def tiny_lm(arch: str = "llama", seed: int = 0, n_layers: int = 4, d: int = 64):
     """(model, tokenizer): a random `n_layers`-layer causal LM of width `d` (Llama with tied embeddings
     like SmolLM2, or GPT-2), same weights for the same seed, in eval mode. For unit tests only."""
-    from transformers import GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM
+    from transformers import (  # heavy optional dependency, imported at first use
+        GPT2Config,
+        GPT2LMHeadModel,
+        LlamaConfig,
+        LlamaForCausalLM,
+    )
 
     tokenizer = tiny_tokenizer()
     vocab, pad = len(tokenizer), tokenizer.pad_token_id

@@ -33,6 +33,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from PIL import Image
+from safetensors import safe_open
+from safetensors.torch import load_file, save
 from torch import nn
 
 from lifelong.assets import PACKAGE_ASSETS, package_dir
@@ -176,7 +178,7 @@ class DualEncoder(nn.Module):
 
     def add_lora(self, adapter: AdapterConfig) -> None:
         """Inject LoRA (through peft) into the chosen tower(s); only LoRA parameters train."""
-        from peft import LoraConfig, inject_adapter_in_model
+        from peft import LoraConfig, inject_adapter_in_model  # heavy optional dependency, imported at first use
 
         towers = ("image", "text") if adapter.tower == "both" else (adapter.tower,)
         self.requires_grad_(False)
@@ -311,8 +313,13 @@ HEADS_FILE = PACKAGE_ASSETS / "vlm_heads.safetensors"
 
 def build_embedded(config: ModelConfig, tiny: bool = False) -> DualEncoder:
     """EfficientNet-Lite0 (ImageNet) + all-MiniLM-L6-v2 + the heads fitted by scripts/fit_vlm_heads.py."""
-    from efficientnet_lite_pytorch import EfficientNet
-    from transformers import AutoModel, AutoTokenizer, BertConfig, BertModel
+    from efficientnet_lite_pytorch import EfficientNet  # imported only when the EfficientNet tower is built
+    from transformers import (  # heavy optional dependency, imported at first use
+        AutoModel,
+        AutoTokenizer,
+        BertConfig,
+        BertModel,
+    )
 
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     tokenizer = AutoTokenizer.from_pretrained(minilm_dir())
@@ -340,9 +347,8 @@ def build_embedded(config: ModelConfig, tiny: bool = False) -> DualEncoder:
 
 def build_embedded_export(config: ModelConfig, folder: Path, manifest: dict) -> DualEncoder:
     """An embedded-kind folder written by `export_native` (tiny or not: everything is in the folder)."""
-    from efficientnet_lite_pytorch import EfficientNet
-    from safetensors.torch import load_file
-    from transformers import AutoModel, AutoTokenizer
+    from efficientnet_lite_pytorch import EfficientNet  # imported only when the EfficientNet tower is built
+    from transformers import AutoModel, AutoTokenizer  # heavy optional dependency, imported at first use
 
     files = manifest["files"]
     net = EfficientNet.from_name("efficientnet-lite0", image_size=config.resolution)
@@ -394,7 +400,6 @@ def plain_pointwise_convs(net: nn.Module) -> None:
 
 def load_heads(path: Path, resolution: int) -> tuple[nn.Linear, nn.Linear, float, tuple[str, ...]]:
     """The projection heads (safetensors: tensors + JSON metadata)."""
-    from safetensors import safe_open
 
     if not path.is_file():
         raise DataNotFoundError(f"projection heads not found at {path}: run `python scripts/fit_vlm_heads.py`")
@@ -416,7 +421,7 @@ def load_heads(path: Path, resolution: int) -> tuple[nn.Linear, nn.Linear, float
 
 
 def tiny_clip_config():
-    from transformers import CLIPConfig
+    from transformers import CLIPConfig  # heavy optional dependency, imported at first use
 
     text = dict(vocab_size=30522, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
                 max_position_embeddings=64, eos_token_id=102, pad_token_id=0, bos_token_id=101)
@@ -426,7 +431,7 @@ def tiny_clip_config():
 
 def build_clip(config: ModelConfig, name_or_path: str | None = None) -> DualEncoder:
     """Any transformers CLIPModel by hub name or local path ("tiny-clip": random, with MiniLM's tokenizer)."""
-    from transformers import AutoTokenizer, CLIPModel
+    from transformers import AutoTokenizer, CLIPModel  # heavy optional dependency, imported at first use
 
     if name_or_path is None:
         torch.manual_seed(0)
@@ -470,7 +475,7 @@ def build_clip(config: ModelConfig, name_or_path: str | None = None) -> DualEnco
 
 
 def _clip_normalisation(name_or_path: str) -> tuple[tuple, tuple]:
-    from transformers import CLIPImageProcessor
+    from transformers import CLIPImageProcessor  # heavy optional dependency, imported at first use
 
     try:
         proc = CLIPImageProcessor.from_pretrained(name_or_path)
@@ -546,7 +551,7 @@ def merge_lora(model: nn.Module) -> None:
     """In place: merge every peft LoRA layer into its base layer and put the base layer back where the
     LoRA layer was. The merge writes into the base layer's own weights and the native objects share
     the parent modules, so they hold the plain, merged layers too."""
-    from peft.tuners.tuners_utils import BaseTunerLayer
+    from peft.tuners.tuners_utils import BaseTunerLayer  # heavy optional dependency, imported at first use
 
     for parent in list(model.modules()):
         for name, child in list(parent.named_children()):
@@ -556,7 +561,6 @@ def merge_lora(model: nn.Module) -> None:
 
 
 def _export_embedded(model: DualEncoder, out: Path) -> dict[str, str]:
-    from safetensors.torch import save
 
     files = {"image_tower": "image_tower.safetensors", "text_tower": "text_tower", "heads": "heads.safetensors"}
     tower = {k: v.contiguous() for k, v in model.native["net"].state_dict().items()}
@@ -574,7 +578,7 @@ def _export_embedded(model: DualEncoder, out: Path) -> dict[str, str]:
 
 
 def _export_clip(model: DualEncoder, out: Path) -> dict[str, str]:
-    from transformers import CLIPImageProcessor
+    from transformers import CLIPImageProcessor  # heavy optional dependency, imported at first use
 
     clip, r = model.native["clip"], model.image_spec.resolution
     # The DualEncoder's scale is a buffer copied from exp(clip.logit_scale) at build time: it wins.

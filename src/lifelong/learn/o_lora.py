@@ -121,7 +121,7 @@ class OLoRA:
 
 def lora_layers(model: nn.Module) -> dict[str, nn.Module]:
     """The peft LoRA layers of `model` by module name (in module order: the order A's are drawn in)."""
-    from peft.tuners.lora import LoraLayer
+    from peft.tuners.lora import LoraLayer  # heavy optional dependency, imported at first use
 
     return {name: m for name, m in model.named_modules() if isinstance(m, LoraLayer) and ADAPTER in m.lora_A}
 

@@ -41,7 +41,15 @@ from lifelong.ledger.edits import revert_edit
 from lifelong.ledger.patch import apply_patch, check_recordable, dense_patch, negate, patch_from_model
 from lifelong.ledger.probes import Probe, run_probes, unique_name
 from lifelong.ledger.store import LedgerLock
-from lifelong.loop import TaskData, TrainState, finish_trackers, leaves_parameters_unused, make_accelerator, stem_outputs, train_task
+from lifelong.loop import (
+    TaskData,
+    TrainState,
+    finish_trackers,
+    leaves_parameters_unused,
+    make_accelerator,
+    stem_outputs,
+    train_task,
+)
 from lifelong.metrics.cost import PeakMemory, count_parameters
 
 PENDING = "pending"

@@ -34,7 +34,7 @@ def patch_from_model(model, before: dict[str, torch.Tensor]) -> dict[str, torch.
     delta is not B @ A, e.g. a k x k convolution, is stored dense). Every other parameter that moved
     gives a dense delta; parameters that did not change are left out.
     """
-    from peft.tuners.lora import LoraLayer
+    from peft.tuners.lora import LoraLayer  # heavy optional dependency, imported at first use
 
     patch: dict[str, torch.Tensor] = {}
     for name, module in model.named_modules():

@@ -47,6 +47,7 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.nn.functional as F
+from safetensors import safe_open
 from safetensors.torch import load_file, save
 from torch import nn
 
@@ -332,7 +333,6 @@ def load_judge(path: str | Path | None = None) -> Judge:
     if not path.is_file():
         raise DataNotFoundError(f"the judge's weights {path} are missing: train them with `{TRAIN_COMMAND}` "
                                 "(a few minutes on one CPU thread; needs the captioned pools)")
-    from safetensors import safe_open
 
     with safe_open(str(path), "pt") as f:
         metadata = f.metadata() or {}
