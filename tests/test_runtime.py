@@ -9,9 +9,9 @@ import torch
 
 from lifelong import runtime
 
-# Allocates and frees a 32 MiB tensor 5 times (after 2 warm-up rounds) and prints the minor page faults
-# that took: with freed memory kept in the heap the pages are reused (about 0 faults), without it every
-# round faults its 8,192 pages in afresh.
+# Allocates and frees a 32 MiB tensor 10 times (after 2 warm-up rounds) and prints the minor page faults
+# that took: with freed memory kept in the heap the pages are reused (0 faults, or one round's 8,192 when
+# the heap moves once), without it every round faults its 8,192 pages in afresh.
 FAULTS = """
 import resource, torch
 from lifelong import runtime
@@ -19,7 +19,7 @@ runtime.tune_allocator()
 for _ in range(2):
     x = torch.ones(32 << 20, dtype=torch.uint8); del x
 before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
-for _ in range(5):
+for _ in range(10):
     x = torch.ones(32 << 20, dtype=torch.uint8); del x
 print(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before)
 """
@@ -35,8 +35,8 @@ def page_faults(env: dict) -> int:
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc mallopt")
 def test_tune_allocator_removes_the_page_faults_of_reallocation():
     tuned, default = page_faults({"LIFELONG_MALLOC": ""}), page_faults({"LIFELONG_MALLOC": "default"})
-    assert default > 5 * 8192 * 0.8, default  # every round faulted its pages in again
-    assert tuned < 1000, tuned  # the freed 32 MiB was reused from the heap
+    assert default > 10 * 8192 * 0.8, default  # every round faulted its pages in again
+    assert tuned <= 8192 * 1.1, tuned  # the freed 32 MiB was reused from the heap (at most one round faulted)
 
 
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc mallopt")
