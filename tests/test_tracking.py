@@ -2,6 +2,7 @@
 
 from pathlib import Path
 
+import pytest
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 from lifelong.learn.driver import load_run_config, run_experiment
@@ -42,3 +43,21 @@ def test_a_ledger_change_logs_its_training(tmp_path):
                    overrides=["train.steps_per_task=3", "train.batch_size=8"])
     logged = scalars(root / "logs" / "change_0001")
     assert [s for s, _ in logged["loss"]] == [1, 2, 3]
+
+
+def test_an_editors_training_logs_to_tensorboard(tmp_path):
+    """MEND learns to edit before it edits: that optimisation is logged like any training loop."""
+    from lifelong.data.edit_requests import EditRequest
+    from lifelong.edit.protocol import make_editor
+    from lifelong.families.lm import tiny_lm
+
+    model, tok = tiny_lm("llama")
+    train = [EditRequest(prompt=f"The capital of {c} is", target_new=t, subject=c)
+             for c, t in (("Germany", " Rome"), ("Italy", " Berlin"), ("Spain", " Paris"))]
+    knobs = {"layers": [-1], "rank": 8, "train_steps": 5, "lr": 1e-3, "lr_lr": 1e-3, "edit_lr": 1e-3}
+    editor = make_editor("mend", model, tok, knobs, train, log_dir=tmp_path / "logs")
+    logged = scalars(tmp_path / "logs" / "mend-prepare")
+    assert [s for s, _ in logged["loss"]] == [1, 2, 3, 4, 5]
+    assert [v for _, v in logged["loss"]] == pytest.approx(editor.train_log)
+    assert {"loss/edit", "loss/locality", "grad_norm", "lr"} <= set(logged)
+    assert editor.log is None  # the tracker is closed once the editor is prepared

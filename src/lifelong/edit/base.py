@@ -54,6 +54,8 @@ class Editor:
     records: ClassVar[str] = "weights"
     learns_to_edit: ClassVar[bool] = False
     layer: int  # the decoder layer it edits, set by every editor's constructor
+    # Set by make_editor while `prepare` trains: log(values, step) to the run's trackers (None: not logged).
+    log = None
 
     def __init__(self, model: torch.nn.Module, tokenizer, params) -> None:
         self.model, self.tokenizer, self.params = model, tokenizer, params

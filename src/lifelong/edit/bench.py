@@ -116,7 +116,7 @@ def run_bench(config: EditBenchConfig) -> Path:
     done = finished_rows(out / "results.json", config)
     for method in config.methods:
         t0 = time.perf_counter()
-        editor = make_editor(method, model, tokenizer, config.knobs.get(method), train)
+        editor = make_editor(method, model, tokenizer, config.knobs.get(method), train, log_dir=out / "logs")
         rows = {"prepare_seconds": time.perf_counter() - t0, "params": to_dict(editor.params), "lifelong": [], "skipped": []}
         print(f"== {method}")
         earlier = done.get(method, {})

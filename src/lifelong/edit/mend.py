@@ -218,9 +218,12 @@ class MEND(Editor):
             grads = torch.autograd.grad(loss, trainable)
             for param, grad in zip(trainable, grads):
                 param.grad = grad
-            torch.nn.utils.clip_grad_norm_(trainable, p.grad_clip)
+            grad_norm = torch.nn.utils.clip_grad_norm_(trainable, p.grad_clip)
             opt.step()
             self.train_log.append(loss.item())
+            if self.log is not None:
+                self.log({"loss": loss.item(), "loss/edit": edit_loss.item(), "loss/locality": loc_loss.item(),
+                          "grad_norm": float(grad_norm), "lr": p.lr}, step=step + 1)
         self.nets.eval()
 
     # ------------------------------------------------------------------ the edit

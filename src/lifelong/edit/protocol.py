@@ -12,6 +12,8 @@ judged against f_0's own predictions, computed once per request set before any e
 from __future__ import annotations
 
 import time
+from dataclasses import asdict
+from pathlib import Path
 
 import torch
 from tqdm.auto import tqdm
@@ -19,6 +21,7 @@ from tqdm.auto import tqdm
 from lifelong.data.edit_requests import EditRequest
 from lifelong.edit import build_editor
 from lifelong.edit.requests import build_requests
+from lifelong.loop import finish_trackers, make_accelerator
 from lifelong.metrics.cost import PeakMemory
 from lifelong.metrics.editing import fluency, score_requests
 
@@ -26,13 +29,26 @@ FLUENCY_PROMPTS = 10  # generations scored for fluency after the last edit (50 t
 TRAIN_N = 200  # requests of the `train` split a learned editor (MEND) trains on by default
 
 
-def make_editor(method: str, model, tokenizer, knobs: dict | None, train_requests: list[EditRequest] | None = None):
+def make_editor(method: str, model, tokenizer, knobs: dict | None, train_requests: list[EditRequest] | None = None,
+                log_dir: Path | None = None, log_with: str = "tensorboard"):
     """The editor, prepared: editors that learn to edit (MEND) train on `train_requests`, by default the
     first TRAIN_N of the `train` split, whose subjects are disjoint from the evaluated splits'. The one
-    place that decides it: `lifelong edit`, the ledger and the bench all build editors here."""
+    place that decides it: `lifelong edit`, the ledger and the bench all build editors here.
+
+    With `log_dir`, that training logs its loss terms, lr and grad norm through Accelerate's trackers
+    (`log_with`: "tensorboard" by default, "none" off) under log_dir/<method>-prepare."""
     editor = build_editor(method, model, tokenizer, knobs)
     if editor.learns_to_edit:
-        editor.prepare(train_requests if train_requests is not None else build_requests("train", n=TRAIN_N))
+        accelerator = make_accelerator(log_with=log_with if log_dir is not None else "none", log_dir=log_dir)
+        if log_dir is not None and log_with != "none":
+            accelerator.init_trackers(f"{method}-prepare", config={k: v for k, v in asdict(editor.params).items()
+                                                                   if isinstance(v, (int, float, str, bool))})
+            editor.log = accelerator.log
+        try:
+            editor.prepare(train_requests if train_requests is not None else build_requests("train", n=TRAIN_N))
+        finally:
+            editor.log = None
+            finish_trackers(accelerator)
     return editor
 
 

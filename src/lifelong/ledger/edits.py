@@ -99,7 +99,7 @@ def edit(root: str | Path, method: str, requests: list, knobs: dict | None = Non
         params = {k: p.detach().clone() for k, p in model.named_parameters()}
         with PeakMemory() as memory:
             t0 = time.perf_counter()
-            editor = make_editor(method, model, tokenizer, knobs, train_requests)
+            editor = make_editor(method, model, tokenizer, knobs, train_requests, log_dir=root / "logs")
             if method in attached:  # continue the codebook / neurons of the method's latest change
                 continue_from(attached.pop(method), editor)
             t1 = time.perf_counter()
