@@ -1,4 +1,5 @@
-"""Image data: offline sources (`load_source`) and continual-learning task streams (`build_stream`)."""
+"""Data that installs offline: image sources (`load_source`), continual-learning task streams (`build_stream`),
+knowledge-edit requests (`edit_requests`) and the captioned pool of the text-to-image model (`captioned`)."""
 
 from lifelong.data.base import ImageDataset, Stream, Task
 from lifelong.data.sources import SOURCES, load_source, source_names

@@ -1,6 +1,7 @@
 """Knowledge editors for the `lm` family, one file each (see `base.py` for the contract).
 
-Adding an editor = its file, one line in EDITORS, a contract-test case, a docs entry.
+Adding an editor = its file (with its `records` and `learns_to_edit` metadata), one line in EDITORS, its
+tiny-model knobs in tests/test_editors_a.py (the registry-wide contract tests then pick it up), a docs entry.
 """
 
 from __future__ import annotations

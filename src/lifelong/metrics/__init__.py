@@ -1,7 +1,10 @@
-"""Metrics: continual-learning scores over an accuracy matrix, and the cost of a method.
+"""Metrics: the papers' formulas and scorers, and the cost of a change.
 
 ``continual``: Transfer/Avg/Last (MTIL), max forgetting and zero-shot degradation
 (Select-and-Distill), Chaudhry and Avalanche forgetting, GEM BWT/FWT, average incremental accuracy.
+``editing``: reliability, generality, locality, portability (token-level and CounterFact conventions).
+``judge`` (imports torch models; not imported here): the text-to-image judge's rates and the Fréchet
+distance on its features.
 ``cost``: trainable parameter counts, peak memory, wall-clock time.
 """
 
