@@ -7,6 +7,7 @@ SmolLM2. Then compares every accuracy-matrix entry and metric of the demo, and e
 editor's single-edit and T = 10 rows, exactly (`==` on the recorded floats).
 
     OMP_NUM_THREADS=1 python benchmarks/regression_bar.py --before cd3c0e9 --after HEAD [--parts demo,edit]
+    python benchmarks/regression_bar.py --before X --after Y --compare edit before.json after.json   # saved runs
 
 Writes benchmarks/results/regression_bar.json: per part, the differing entries (empty when identical),
 each run's wall time and both commits' SHA. Exits 1 when anything differs. The demo takes about 10 min
@@ -29,7 +30,8 @@ OUT = ROOT / "benchmarks" / "results" / "regression_bar.json"
 EDIT_OVERRIDES = ["T=[10]", "single_n=10", "time_budget_s=100000"]
 # What the comparison ignores: costs (times, memory) and where files went.
 COSTS = {"train_seconds", "eval_seconds", "peak_rss_mb", "seconds_per_edit", "edit_seconds", "prepare_seconds",
-         "wall_seconds", "peak_rss_mb_std", "train_seconds_std", "eval_seconds_std", "seconds", "ledger"}
+         "wall_seconds", "peak_rss_mb_std", "train_seconds_std", "eval_seconds_std", "seconds", "ledger",
+         "edit_seconds_total"}
 
 
 def git(*args: str) -> str:
@@ -82,7 +84,15 @@ def main() -> int:
     parser.add_argument("--before", required=True)
     parser.add_argument("--after", default="HEAD")
     parser.add_argument("--parts", default="demo,edit", help="comma-separated: demo, edit")
+    parser.add_argument("--compare", nargs=3, metavar=("PART", "BEFORE_JSON", "AFTER_JSON"),
+                        help="only compare two results.json files of a part already run (no runs)")
     args = parser.parse_args()
+    if args.compare:
+        part, before, after = args.compare
+        diff = differences(comparable(part, json.loads(Path(before).read_text())),
+                           comparable(part, json.loads(Path(after).read_text())))
+        print("\n".join(diff) or f"{part}: identical")
+        return 1 if diff else 0
     shas = {side: git("rev-parse", ref) for side, ref in (("before", args.before), ("after", args.after))}
     record = {"commits": shas, "threads": os.environ.get("OMP_NUM_THREADS"), "parts": {}}
     if OUT.is_file():
