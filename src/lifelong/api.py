@@ -96,13 +96,10 @@ def init(root: str | Path, family: str = "vlm", model: str = "embedded", *, prob
 def parse_probe(text: str) -> dict:
     """"SOURCE[:key=value,...]" (values parsed as YAML) -> {"source", "options"}."""
     source, _, rest = text.partition(":")
-    options = {}
-    for item in filter(None, rest.split(",")):
-        key, eq, value = item.partition("=")
-        if not eq:
-            raise ConfigError(f"--probe {text!r}: options look like SOURCE:key=value,key=value")
-        options[key.strip()] = yaml.safe_load(value)
-    return {"source": source.strip(), "options": options}
+    items = [item.strip() for item in rest.split(",") if item.strip()]
+    if any("=" not in item for item in items):
+        raise ConfigError(f"--probe {text!r}: options look like SOURCE:key=value,key=value")
+    return {"source": source.strip(), "options": parse_options(items)}
 
 
 def open_ledger(root: str | Path) -> Ledger:
@@ -133,7 +130,7 @@ def parse_options(items: Sequence[str]) -> dict:
         key, eq, value = item.partition("=")
         if not eq:
             raise ConfigError(f"--option {item!r} must look like KEY=VALUE")
-        options[key] = yaml.safe_load(value)
+        options[key.strip()] = yaml.safe_load(value)
     return options
 
 

@@ -46,10 +46,7 @@ def load_cached(namespace: str, key: str) -> Tensors | None:
 
 
 def store_cached(namespace: str, key: str, tensors: Tensors, metadata: dict[str, str] | None = None) -> Path:
-    path = cache_path(namespace, key)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    atomic_write_bytes(path, save({k: v.detach().cpu().contiguous() for k, v in tensors.items()}, metadata))
-    return path
+    return atomic_write_bytes(cache_path(namespace, key), save({k: v.detach().cpu().contiguous() for k, v in tensors.items()}, metadata))
 
 
 def cached(namespace: str, key: str, compute: Callable[[], Tensors]) -> Tensors:

@@ -19,11 +19,11 @@ import torch
 from accelerate import Accelerator
 from accelerate.utils import DataLoaderConfiguration, DistributedDataParallelKwargs, gather_object, set_seed
 from safetensors import safe_open
-from safetensors.torch import load, save
+from safetensors.torch import save
 from tqdm.auto import tqdm
 
 from lifelong.atomic import atomic_write_bytes
-from lifelong.cache import cache_dir, content_key, load_cached, store_cached
+from lifelong.cache import content_key, load_cached, store_cached
 from lifelong.config import RunConfig, TrainConfig
 from lifelong.data.base import ImageDataset, Stream, Task
 from lifelong.errors import ConfigError, TrainingDivergedError
@@ -82,14 +82,12 @@ def process_share(batch: Batch, drawn: torch.Tensor) -> torch.Tensor:
 
 def stem_outputs(model, dataset: ImageDataset, batch_size: int = 256) -> torch.Tensor:
     """The frozen stem's outputs for a dataset, from the disk cache when this exact stem saw it before."""
-    path = cache_dir() / "stem" / f"{model.stem_fingerprint()}-{dataset.fingerprint[:16]}.safetensors"
-    if path.is_file():
-        try:
-            return _stem_layout(load(path.read_bytes())["stem"])
-        except Exception:  # noqa: BLE001 - a damaged cache file is recomputed, never trusted
-            pass
+    key = f"{model.stem_fingerprint()}-{dataset.fingerprint[:16]}"
+    hit = load_cached("stem", key)
+    if hit is not None:
+        return _stem_layout(hit["stem"])
     out = model.encode_stem(dataset.images, batch_size)
-    atomic_write_bytes(path, save({"stem": out.contiguous()}))
+    store_cached("stem", key, {"stem": out})
     return _stem_layout(out)
 
 
@@ -291,10 +289,18 @@ def leaves_parameters_unused(method) -> bool:
 
 def tracker_config(config: RunConfig) -> dict:
     """The run's settings as the flat scalars and strings trackers accept (TensorBoard's hparams)."""
-    flat = {"seed": config.seed, "model": config.model.name, "family": config.model.family,
-            "adapter": config.adapter.kind, "methods": ",".join(m.display_name for m in config.methods)}
-    flat.update({f"train.{k}": v for k, v in vars(config.train).items() if isinstance(v, (int, float, str, bool))})
-    return flat
+    return tracker_scalars({"seed": config.seed, "model": config.model.name, "family": config.model.family,
+                            "adapter": config.adapter.kind, "methods": ",".join(m.display_name for m in config.methods)},
+                           train=config.train)
+
+
+def tracker_scalars(values: dict, **sections) -> dict:
+    """`values` and each dataclass section's fields (as `section.field`), keeping what trackers accept:
+    numbers, strings and booleans."""
+    flat = dict(values)
+    for name, section in sections.items():
+        flat.update({f"{name}.{k}": v for k, v in vars(section).items()})
+    return {k: v for k, v in flat.items() if isinstance(v, (int, float, str, bool))}
 
 
 def train_task(model, method, data: TaskData, train_cfg: TrainConfig, *, seed: int, accelerator: Accelerator | None = None,

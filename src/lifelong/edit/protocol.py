@@ -12,7 +12,6 @@ judged against f_0's own predictions, computed once per request set before any e
 from __future__ import annotations
 
 import time
-from dataclasses import asdict
 from pathlib import Path
 
 import torch
@@ -21,7 +20,7 @@ from tqdm.auto import tqdm
 from lifelong.data.edit_requests import EditRequest
 from lifelong.edit import build_editor
 from lifelong.edit.requests import build_requests
-from lifelong.loop import finish_trackers, make_accelerator
+from lifelong.loop import finish_trackers, make_accelerator, tracker_scalars
 from lifelong.metrics.cost import PeakMemory
 from lifelong.metrics.editing import fluency, score_requests
 
@@ -41,8 +40,7 @@ def make_editor(method: str, model, tokenizer, knobs: dict | None, train_request
     if editor.learns_to_edit:
         accelerator = make_accelerator(log_with=log_with if log_dir is not None else "none", log_dir=log_dir)
         if log_dir is not None and log_with != "none":
-            accelerator.init_trackers(f"{method}-prepare", config={k: v for k, v in asdict(editor.params).items()
-                                                                   if isinstance(v, (int, float, str, bool))})
+            accelerator.init_trackers(f"{method}-prepare", config=tracker_scalars({}, params=editor.params))
             editor.log = accelerator.log
         try:
             editor.prepare(train_requests if train_requests is not None else build_requests("train", n=TRAIN_N))

@@ -31,6 +31,7 @@ class Family(Protocol):
     probe_kind: str  # the probes a ledger of it runs: "images" (test sets), "facts" (edits, held-out facts) or
     # "images-generated" (generated images scored by a judge)
     score_unit: str  # what a probe score means, for tables
+    ledger: bool  # whether a ledger can hold its models (`lifelong init --family NAME`)
 
     def build(self, config: ModelConfig, class_names: tuple[str, ...] = ()) -> tuple[Any, Any]:
         """(model, tokenizer or None); a classifier gets a head row per class name."""
@@ -125,7 +126,7 @@ def get_family(name: str) -> Family:
 
 def ledger_families() -> tuple[str, ...]:
     """The families a ledger can hold (`lifelong init --family`)."""
-    return tuple(name for name, f in FAMILIES.items() if getattr(f, "ledger", True))
+    return tuple(name for name, f in FAMILIES.items() if f.ledger)
 
 
 def prepare_trainable(model, model_config: ModelConfig, adapter: AdapterConfig, seed: int = 0) -> None:

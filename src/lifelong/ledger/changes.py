@@ -48,6 +48,7 @@ from lifelong.loop import (
     leaves_parameters_unused,
     make_accelerator,
     stem_outputs,
+    tracker_scalars,
     train_task,
 )
 from lifelong.metrics.cost import PeakMemory, count_parameters
@@ -123,10 +124,11 @@ def learn(root: str | Path, spec: LearnSpec) -> int:
                 f"`lifelong resume {root} --discard` drops it"
             )
         spec = dataclasses.replace(spec, id=ledger.next_id())
-        check_task(load_task(spec))  # bad data (an empty split, a class without images) fails before anything is written
+        task = load_task(spec)
+        check_task(task)  # bad data (an empty split, a class without images) fails before anything is written
         atomic_write_json(root / PENDING / "change.json", spec.to_dict())
         try:
-            return _complete_learn(ledger, spec)
+            return _complete_learn(ledger, spec, task)
         except LifelongError:  # bad input or a diverged loss: resuming would fail the same way
             shutil.rmtree(root / PENDING, ignore_errors=True)
             raise
@@ -156,7 +158,8 @@ def _pending_raw(root: Path) -> dict | None:
     return json.loads(path.read_text())
 
 
-def _complete_learn(ledger: Ledger, spec: LearnSpec) -> int:
+def _complete_learn(ledger: Ledger, spec: LearnSpec, loaded: Task | None = None) -> int:
+    """Train and record the pending change `spec` (`loaded`: its task, when the caller has it already)."""
     root, n = ledger.root, spec.id
     pending = root / PENDING
     if any(c["id"] == n for c in ledger.changes):  # committed just before the crash; only the clean-up is left
@@ -186,7 +189,7 @@ def _complete_learn(ledger: Ledger, spec: LearnSpec) -> int:
     plain = copy.deepcopy(model)
     checkpoint = pending / "train_state.safetensors"
     with PeakMemory() as memory:
-        trained = train_change(model, ledger.model_config, spec, prior_state=ledger.method_state(method),
+        trained = train_change(model, ledger.model_config, spec, task=loaded, prior_state=ledger.method_state(method),
                                seen_class_names=seen_classes(active), index=len(active),
                                checkpoint=checkpoint, checkpoint_every=spec.checkpoint_every, log_dir=root / "logs")
     apply_patch(plain, trained["patch"], where=f"change {n}")
@@ -232,7 +235,8 @@ def check_task(task: Task) -> None:
                                   f"(--option) and --train-items/--test-items")
 
 
-def train_change(model, model_config: ModelConfig, spec: LearnSpec, *, prior_state: dict, seen_class_names: tuple[str, ...],
+def train_change(model, model_config: ModelConfig, spec: LearnSpec, *, task: Task | None = None, prior_state: dict,
+                 seen_class_names: tuple[str, ...],
                  index: int, checkpoint: Path | None = None, checkpoint_every: int = 0, log_dir: Path | None = None) -> dict:
     """Train one learn change on the plain `model` (in place; adapters are injected into it).
 
@@ -243,7 +247,7 @@ def train_change(model, model_config: ModelConfig, spec: LearnSpec, *, prior_sta
     """
 
     mc, train_cfg, adapter = spec.method, spec.train, spec.adapter
-    task = load_task(spec)
+    task = task if task is not None else load_task(spec)
     inputs = stem_outputs(model, task.train, train_cfg.eval_batch_size)
     before = {n: p.detach().clone() for n, p in model.named_parameters()}
     prepare_trainable(model, model_config, adapter, seed=spec.seed)
@@ -267,8 +271,8 @@ def train_change(model, model_config: ModelConfig, spec: LearnSpec, *, prior_sta
     accelerator = make_accelerator(leaves_parameters_unused(method), train_cfg.log_with if log_dir else "none", log_dir)
     if log_dir is not None:
         accelerator.init_trackers(f"change_{spec.id:04d}" if spec.id is not None else "change",
-                                  config={"method": mc.name, "task": task.name, "seed": spec.seed,
-                                          **{f"train.{k}": v for k, v in to_dict(train_cfg).items() if isinstance(v, (int, float, str))}})
+                                  config=tracker_scalars({"method": mc.name, "task": task.name, "seed": spec.seed},
+                                                         train=train_cfg))
     losses = train_task(model, method, data, train_cfg, seed=spec.seed, desc=f"{mc.name} on {task.name}",
                         accelerator=accelerator, resume_from=resume_from, checkpoint_every=checkpoint_every,
                         on_checkpoint=save if checkpoint is not None else None)
