@@ -57,6 +57,7 @@ from lifelong.atomic import atomic_write_bytes
 from lifelong.cache import cached, content_key
 from lifelong.errors import ConfigError, TrainingDivergedError
 from lifelong.families import diffusion_arch as arch
+from lifelong.families.diffusion import TextStates, TextToImage
 from lifelong.fingerprint import tensor_digest
 
 CHECKPOINT = "checkpoint.safetensors"
@@ -274,14 +275,15 @@ def save_sample_grid(path: Path, model, ema: dict, data: TrainData) -> None:
     """EMA samples of SAMPLE_PROMPTS (2 noise seeds each): one PNG, 2 rows x 8 columns, each image at 2x."""
     from PIL import Image
 
-    sampler_model = arch.ema_copy(model, ema)
-    n = data.sample_states.shape[0]
-    states = data.sample_states.repeat(2, 1, 1)
-    masks = data.sample_masks.repeat(2, 1)
-    images = arch.sample_images(sampler_model, states, masks, data.states[0], data.masks[0],
-                                torch.Generator().manual_seed(1234))  # (2n, H, W, 3)
+    # the sampler `lifelong generate` uses, on the EMA weights and the cached caption states
+    pipeline = TextToImage(None, None, arch.ema_copy(model, ema), arch.build_sampler(), text_attention_mask=True)
+    n, size = data.sample_states.shape[0], model.config.sample_size
+    noise = torch.randn((2 * n, model.config.in_channels, size, size), generator=torch.Generator().manual_seed(1234))
+    cond = TextStates(data.sample_states.repeat(2, 1, 1), data.sample_masks.repeat(2, 1))  # (2n, T, D)
+    images = pipeline.sample_states(cond, TextStates(data.states[:1], data.masks[:1]), noise, steps=25, guidance=3.0,
+                                    batch_size=2 * n)  # (2n, H, W, 3)
     h, w = images.shape[1:3]
-    grid = images.reshape(2, n, h, w, 3).permute(0, 2, 1, 3, 4).reshape(2 * h, n * w, 3).numpy()
+    grid = images.reshape(2, n, h, w, 3).transpose(0, 2, 1, 3, 4).reshape(2 * h, n * w, 3)
     image = Image.fromarray(grid).resize((n * w * 2, 2 * h * 2), Image.NEAREST)
     buffer = io.BytesIO()
     image.save(buffer, format="PNG", optimize=True)

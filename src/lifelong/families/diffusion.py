@@ -173,16 +173,23 @@ class TextToImage:
         size, the same up to float rounding)."""
         prompts = [prompts] if isinstance(prompts, str) else list(prompts)
         check_sampling(prompts, n, steps, guidance)
+        size, channels = self.unet.config.sample_size, self.unet.config.in_channels
+        generator = torch.Generator().manual_seed(seed)
+        noise = torch.randn((len(prompts) * n, channels, size, size), generator=generator)  # (N, C, h, w)
+        cond = self.encode(prompts)[torch.arange(len(prompts)).repeat_interleave(n)]  # (N, T, D)
+        return self.sample_states(cond, self.encode([""]), noise, steps, guidance, batch_size, progress)
+
+    @torch.no_grad()
+    def sample_states(self, cond: TextStates, uncond: TextStates, noise: torch.Tensor, steps: int = 25,
+                      guidance: float | None = None, batch_size: int = 16, progress: bool = False) -> np.ndarray:
+        """DDIM (eta 0) from the starting `noise` (N, C, h, w) with classifier-free guidance between the
+        prompt states `cond` (N rows) and the empty prompt's `uncond` (1 row): uint8 (N, H, W, 3). What
+        `sample` runs after encoding; the training script calls it with its cached caption states."""
         from diffusers import DDIMScheduler  # heavy optional dependency, at first use
 
         guidance = self.guidance if guidance is None else guidance
         sampler = DDIMScheduler.from_config(self.scheduler.config)  # a fresh one: set_timesteps changes its state
         sampler.set_timesteps(steps)
-        size, channels = self.unet.config.sample_size, self.unet.config.in_channels
-        generator = torch.Generator().manual_seed(seed)
-        noise = torch.randn((len(prompts) * n, channels, size, size), generator=generator)  # (N, C, h, w)
-        cond = self.encode(prompts)[torch.arange(len(prompts)).repeat_interleave(n)]  # (N, T, D)
-        uncond = self.encode([""])
         was_training = self.unet.training
         self.unet.eval()
         images = []

@@ -131,39 +131,6 @@ def encode_prompts(texts: list[str], batch_size: int = 256) -> tuple[torch.Tenso
     return torch.cat(states), torch.cat(masks)
 
 
-@torch.no_grad()
-def sample_images(
-    unet,
-    states: torch.Tensor,
-    mask: torch.Tensor,
-    uncond_state: torch.Tensor,
-    uncond_mask: torch.Tensor,
-    generator: torch.Generator,
-    steps: int = 25,
-    guidance: float = 3.0,
-) -> torch.Tensor:
-    """DDIM samples with classifier-free guidance: uint8 (B, H, W, 3) for prompt states (B, T, D).
-
-    `uncond_state` (T, D) / `uncond_mask` (T,) are the encoded empty caption. The UNet is used as given
-    (pass a copy holding EMA weights); its training mode is restored afterwards.
-    """
-    was_training = unet.training
-    unet.eval()
-    sampler = build_sampler()
-    sampler.set_timesteps(steps)
-    b = states.shape[0]
-    size = unet.config.sample_size
-    x = torch.randn((b, unet.config.in_channels, size, size), generator=generator)
-    cond = torch.cat([uncond_state.expand(b, -1, -1), states])  # (2B, T, D)
-    cond_mask = torch.cat([uncond_mask.expand(b, -1), mask])  # (2B, T)
-    for t in sampler.timesteps:
-        eps = unet(torch.cat([x, x]), t, encoder_hidden_states=cond, encoder_attention_mask=cond_mask).sample
-        eps_uncond, eps_text = eps.chunk(2)
-        x = sampler.step(eps_uncond + guidance * (eps_text - eps_uncond), t, x).prev_sample
-    unet.train(was_training)
-    return ((x.clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).permute(0, 2, 3, 1)
-
-
 def ema_copy(unet, ema_state: dict[str, torch.Tensor]):
     """A deep copy of `unet` holding the EMA weights `ema_state` (name -> tensor), for sampling."""
     model = copy.deepcopy(unet)
