@@ -49,7 +49,6 @@ def test_zsre_split_counts_fields_and_targets(zsre):
         assert len(r.paraphrases) >= 2 and all(r.subject in p for p in r.paraphrases)
         assert len(r.locality) == 2
         assert all(p.answer.startswith(" ") and p.answer != r.target_new for p in r.locality)
-        assert all(r.subject not in p.prompt for p in r.locality)
     assert sum(bool(r.portability) for r in zsre) >= 0.95 * len(zsre)
 
 
@@ -77,6 +76,7 @@ def test_train_split_is_disjoint_by_subject(zsre):
     assert not train_subjects & {r.subject for r in zsre}
     assert not train_subjects & {f.subject for f in candidate_facts("counterfact")}
     assert all(split_of(f) == "eval" for f in candidate_facts("zsre", max_cities=100))
+    assert not train_subjects & {f.subject for f in candidate_facts("locality")}
     assert all(r.prompt.endswith(("is", "the", "of", "in")) for r in train)  # cloze prompts
 
 
@@ -181,3 +181,51 @@ def test_readers_name_the_bad_record(tmp_path):
         read_counterfact(path)
     with pytest.raises(DataFormatError, match="record 0 is not EasyEdit ZsRE"):
         read_easyedit_zsre(path)
+
+
+def _subject_of_prompt() -> dict[str, str]:
+    """Every fact's prompt and paraphrases, in both styles, -> its subject (all parts, all relations)."""
+    out = {}
+    for part in ("train", "locality", "zsre"):
+        for f in candidate_facts(part):
+            for style in ("cloze", "question"):
+                prompt, paraphrases = fact_prompts(f, style)
+                for text in (prompt, *paraphrases):
+                    out[text] = f.subject
+    return out
+
+
+def test_locality_probes_never_ask_about_a_subject_edited_in_the_run(zsre):
+    """At T = 1000 every probe's subject is a subject no request of the run edits (issue 19: the old
+    sampler drew probes from the evaluated pool, so most asked about facts edited in the same run),
+    and probes are questions like the edits."""
+    subject_of = _subject_of_prompt()
+    edited = {r.subject for r in zsre}
+    probed = [subject_of[p.prompt] for r in zsre for p in r.locality]
+    assert len(probed) == 2 * len(zsre)
+    assert not edited & set(probed)
+    assert all(p.prompt.endswith("?") for r in zsre for p in r.locality)
+    assert {split_of(f) for f in candidate_facts("locality")} == {"locality"}
+    assert not {f.subject for f in candidate_facts("locality")} & {f.subject for f in candidate_facts("train")}
+
+
+def test_counterfact_probes_are_known_facts_of_unedited_subjects(monkeypatch):
+    """counterfact: probes are facts of the locality part that f_0 knows, cloze like the edits."""
+    from lifelong.edit import requests as R
+
+    def knows_all_but_some(model, tokenizer, facts, batch_size=32):  # f_0 "knows" two thirds of the facts
+        known = [(f, f.answer) for i, f in enumerate(facts) if i % 3]
+        return known, {}
+
+    monkeypatch.setattr(R, "filter_known", knows_all_but_some)
+    requests, report = counterfact_requests(None, None, max_cities=300, cache=False)
+    candidates = candidate_facts("counterfact", max_cities=300)
+    assert sum(c["total"] for c in report.values()) == len(candidates)
+    assert len(requests) == sum(c["known"] for c in report.values()) > 100
+    subject_of = _subject_of_prompt()
+    edited = {r.subject for r in requests}
+    known_probe_prompts = {fact_prompts(f)[0] for i, f in enumerate(candidates + candidate_facts("locality", 300))
+                           if i % 3 and split_of(f) == "locality"}
+    for r in requests:
+        assert r.locality and all(p.prompt in known_probe_prompts for p in r.locality)
+        assert not {subject_of[p.prompt] for p in r.locality} & edited

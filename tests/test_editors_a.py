@@ -38,7 +38,7 @@ def knobs(name: str, arch: str) -> dict:
         # margins scaled to the tiny model's activation scores (SmolLM2 uses the paper's 5/20/10)
         "wise": dict(alpha=0.1, beta=2.0, gamma=1.5, n_prefixes=2, steps=40, lr=30.0, norm_constraint=5.0),
         "rome": dict(layer=2, v_lr=1.0, clamp_norm_factor=20.0, cov_tokens=2048, prefix_lengths=(3,), prefixes_per_length=2),
-        "t_patcher": dict(max_steps=20, memory_tokens=256),
+        "t_patcher": dict(max_steps=20, memory_tokens=256, memory_facts=2),
         "mend": dict(layers=(-1,), rank=8, train_steps=4, lr=1e-3, lr_lr=1e-3, edit_lr=1e-3),
     }[name]
 

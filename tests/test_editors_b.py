@@ -164,7 +164,7 @@ def test_rome_rejects_bad_input(llama):
 # ---------------------------------------------------------------------- T-Patcher
 
 
-PATCHER_TINY = PatcherParams(memory_tokens=256)
+PATCHER_TINY = PatcherParams(memory_tokens=256, memory_facts=2, max_steps=300)  # train facts resemble the edits: more steps
 PATCH_REQUESTS = [EditRequest(prompt="The capital of France is", target_new=" Rome", subject="France"),
                   EditRequest(prompt="Toronto is located in the country of", target_new=" Japan", subject="Toronto")]
 
@@ -185,6 +185,26 @@ def test_t_patcher_edits_accumulate_and_memory_stays_silent(llama):
         with torch.no_grad():  # every memory token has a negative pre-activation: the relu adds exactly 0
             assert torch.equal(model(input_ids=memory_ids).logits, memory_logits0)
     assert edit_scores(model, tok, PATCH_REQUESTS[0])[1]  # the first edit survives the second
+
+
+def test_t_patcher_memory_is_train_split_text_never_the_scored_probes(llama):
+    """The memory holds the corpus and `train`-split facts (issue 19: it held the request's evaluated
+    locality probes): the same request with or without locality probes gives the same neuron."""
+    from lifelong.edit.requests import train_fact_texts
+
+    model, tok = llama
+    params = PatcherParams(memory_tokens=128, memory_facts=5, max_steps=10)
+    texts = train_fact_texts(5)
+    assert len(texts) == 10 and texts[1].split("?")[0] + "?" != texts[0]  # cloze and question forms
+    editor = TPatcher(model, tok, params)
+    expected = sum(len(ids) for ids in corpus_chunks(tok, "python-reference", 128, 128))
+    expected += sum(len(tok(t, add_special_tokens=False)["input_ids"]) for t in texts)
+    assert editor.memory().shape[0] == expected
+    probed = dataclasses.replace(PATCH_REQUESTS[0], locality=(Probe("The capital of Italy is", " Rome"),))
+    with_probes = editor.apply(probed)
+    keys = editor.patches.keys.clone()
+    editor.reset()
+    assert editor.apply(PATCH_REQUESTS[0]) == with_probes and torch.equal(editor.patches.keys, keys)
 
 
 @pytest.mark.parametrize("arch", ["llama", "gpt2"])

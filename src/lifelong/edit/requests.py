@@ -1,7 +1,8 @@
 """Edit request sets built reproducibly from real facts (see `facts.py`), and their JSON files.
 
-Three splits, partitioned by subject so that no subject of `train` appears in `zsre` or `counterfact`
-(a stable hash of the subject puts 20% of countries and 50% of cities in train):
+Subjects are partitioned by a stable hash (never by the seed) into three disjoint parts: `train`
+(20% of countries, 50% of cities), `locality` (15% of countries, 10% of cities: the subjects that
+locality probes ask about, never edited) and the evaluation part the two evaluated splits draw from:
 
     train        for editors that learn to edit (MEND); cloze prompts, no filter
     zsre         insertion-style: question prompts ("What is the capital of France?"), no filter,
@@ -10,16 +11,19 @@ Three splits, partitioned by subject so that no subject of `train` appears in `z
                  (`filter_known`), ground_truth = the surface form f_0 produces
 
 Each request: target_new = another answer of the same relation (seeded choice; never a correct
-variant), >= 2 paraphrases, 2 locality probes about other subjects (one same relation, one other
-relation), and portability probes that follow from the new fact:
+variant), >= 2 paraphrases, 2 locality probes (one same relation, one other
+relation) about subjects of the `locality` part, in the style of the edits (questions for zsre, cloze
+otherwise), and portability probes that follow from the new fact:
     capital:    "<new capital> is the capital of" -> subject; the subject's official alias -> new capital
     currency:   "In <subject's capital>, people pay with the" -> new currency; alias
     language:   "In <subject's capital>, most people speak" -> new language; alias
     continent:  "<subject's capital> is a city in the continent of" -> new continent; alias
     city:       "<city> is a city in a country whose capital is" -> new country's capital; its continent
 
-SmolLM2-135M-Instruct knows 699 of the 1789 counterfact candidates (seed-independent; max_cities=2000):
-capital 47/197, currency 32/197, language 146/192, continent 104/197, city 370/1006.
+Why a separate part for locality: probes drawn from the evaluated pool ask, by construction, about
+facts edited in the same run (zsre's first ~980 requests hold every evaluated country fact), so an
+edit that generalises to its subject's other facts would count as a locality failure. A probe's subject
+is never the subject of any request of the split, whatever T.
 
 Locality probes carry the TRUE answer (for counterfact: the form f_0 produces). The token-level
 locality metric compares f_T's argmax tokens with f_0's on prompt + answer, so the answer only fixes
@@ -74,13 +78,16 @@ QUESTION = {
     "city": ("In which country is {s}?", ("Which country is {s} located in?", "{s} is a city in which country?")),
 }
 TRAIN_SHARE = {"country": 20, "city": 50}  # percent of subjects reserved for the train split
+LOCALITY_SHARE = {"country": 15, "city": 10}  # percent of subjects whose facts only serve as locality probes
 
 
 def split_of(fact: Fact) -> str:
-    """"train" or "eval", fixed by a hash of the subject (never by the seed)."""
+    """"train", "locality" or "eval", fixed by a hash of the subject (never by the seed)."""
     kind = "city" if fact.relation == "city" else "country"
     h = int(hashlib.sha256(f"{kind}:{fact.key}".encode()).hexdigest()[:8], 16) % 100
-    return "train" if h < TRAIN_SHARE[kind] else "eval"
+    if h < TRAIN_SHARE[kind]:
+        return "train"
+    return "locality" if h < TRAIN_SHARE[kind] + LOCALITY_SHARE[kind] else "eval"
 
 
 def _subject_phrase(fact: Fact) -> str:
@@ -113,8 +120,10 @@ def _portability(fact: Fact, new: str) -> tuple[Probe, ...]:
     return tuple(probes)
 
 
-def _locality(fact: Fact, new: str, pool: dict[str, list[Fact]], rng: random.Random) -> tuple[Probe, ...]:
-    """One probe of the same relation and one of another, about other subjects, answer != new target."""
+def _locality(fact: Fact, new: str, pool: dict[str, list[Fact]], rng: random.Random,
+              style: str = "cloze") -> tuple[Probe, ...]:
+    """One probe of the same relation and one of another, from `pool` (the `locality` part: subjects no
+    request edits), in `style`, about another subject, answer != new target."""
     probes = []
     others = [r for r in RELATIONS if r != fact.relation and pool.get(r)]
     for relation in (fact.relation, rng.choice(others) if others else fact.relation):
@@ -124,18 +133,19 @@ def _locality(fact: Fact, new: str, pool: dict[str, list[Fact]], rng: random.Ran
                 break
             other = rng.choice(candidates)
             if other.subject != fact.subject and other.answer != new:
-                probes.append(Probe(fact_prompts(other)[0], other.answer))
+                probes.append(Probe(fact_prompts(other, style)[0], other.answer))
                 break
     return tuple(probes)
 
 
 def make_request(fact: Fact, pool: dict[str, list[Fact]], rng: random.Random, style: str, case_id: str,
                  known_answer: str = "") -> EditRequest:
-    """A counterfactual edit of `fact`: a random other answer of its relation becomes the target."""
+    """A counterfactual edit of `fact`: a random other answer of its relation becomes the target;
+    locality probes from `pool`, in the same `style`."""
     new = rng.choice([a for a in answers_of(fact.relation) if a not in fact.variants])
     prompt, paraphrases = fact_prompts(fact, style)
     return EditRequest(prompt=prompt, target_new=new, subject=fact.subject, ground_truth=known_answer or fact.answer,
-                       paraphrases=paraphrases, locality=_locality(fact, new, pool, rng),
+                       paraphrases=paraphrases, locality=_locality(fact, new, pool, rng, style),
                        portability=_portability(fact, new), relation=fact.relation, case_id=case_id)
 
 
@@ -156,9 +166,9 @@ def _interleave(facts: list[Fact], rng: random.Random) -> list[Fact]:
 
 
 def candidate_facts(split: str, max_cities: int = 4000) -> list[Fact]:
-    """The facts a split draws from: the split's partition of all country facts and of the
-    `max_cities` most populous cities."""
-    part = "train" if split == "train" else "eval"
+    """The facts a split draws from ("train", "locality", or "zsre"/"counterfact": the evaluation part):
+    that part of all country facts and of the `max_cities` most populous cities."""
+    part = split if split in ("train", "locality") else "eval"
     return [f for f in country_facts() + city_facts(max_cities) if split_of(f) == part]
 
 
@@ -169,9 +179,18 @@ def build_requests(split: str, n: int | None = 1000, seed: int = 0, max_cities: 
     rng = random.Random(f"{split}-{seed}")
     facts = candidate_facts(split, max_cities)
     chosen = _interleave(facts, rng)[:n]
-    pool = _by_relation(facts)
+    # train: probes about other train subjects (not evaluated); zsre: about the locality part only
+    pool = _by_relation(facts if split == "train" else candidate_facts("locality", max_cities))
     style = "question" if split == "zsre" else "cloze"
     return [make_request(f, pool, rng, style, f"{split}-{i:05d}") for i, f in enumerate(chosen)]
+
+
+def train_fact_texts(n: int, seed: int = 0) -> list[str]:
+    """"prompt + true answer" of the first `n` facts of the `train` split (its request order), each in
+    the cloze and the question style: text of the editing domain that no evaluated request or probe
+    uses (T-Patcher's memory)."""
+    facts = _interleave(candidate_facts("train"), random.Random(f"train-{seed}"))[:n]
+    return [fact_prompts(f, style)[0] + f.answer for f in facts for style in ("cloze", "question")]
 
 
 def filter_known(model, tokenizer, facts: list[Fact], batch_size: int = 32) -> tuple[list[tuple[Fact, str]], dict]:
@@ -216,15 +235,26 @@ def cached_filter_known(model, tokenizer, facts: list[Fact], batch_size: int = 3
 
 def counterfact_requests(model, tokenizer, seed: int = 0, max_cities: int = 2000, batch_size: int = 32,
                          cache: bool = True) -> tuple[list[EditRequest], dict]:
-    """Edits of facts the model knows (CounterFact protocol): (requests, {relation: known/total}).
-    Locality probes are drawn from the known facts too, with the model's own answer forms."""
+    """Edits of facts the model knows (CounterFact protocol): (requests, {relation: known/total} of the
+    evaluated candidates). Locality probes are facts of the `locality` part the model knows too, with
+    the model's own answer forms."""
     candidates = candidate_facts("counterfact", max_cities)
-    known, report = (cached_filter_known if cache else filter_known)(model, tokenizer, candidates, batch_size)
+    probe_facts = candidate_facts("locality", max_cities)
+    known_all, _ = (cached_filter_known if cache else filter_known)(model, tokenizer, candidates + probe_facts,
+                                                                     batch_size)
+    answer = {f: a for f, a in known_all}
+    evaluated = set(candidates)
+    known = [(f, a) for f, a in known_all if f in evaluated]
+    report = {r: {"known": 0, "total": 0} for r in RELATIONS}
+    for f in candidates:
+        report[f.relation]["total"] += 1
+    for f, _ in known:
+        report[f.relation]["known"] += 1
+    report = {r: c for r, c in report.items() if c["total"]}
     rng = random.Random(f"counterfact-{seed}")
-    answer = {f: a for f, a in known}
     facts = _interleave([f for f, _ in known], rng)
     pool = {r: [Fact(f.relation, f.subject, answer[f], f.variants, f.key) for f in fs]
-            for r, fs in _by_relation(facts).items()}
+            for r, fs in _by_relation([f for f, _ in known_all if f not in evaluated]).items()}
     requests = [make_request(f, pool, rng, "cloze", f"counterfact-{i:05d}", known_answer=answer[f])
                 for i, f in enumerate(facts)]
     return requests, report

@@ -13,8 +13,10 @@ Only the new neuron trains (Adam), on
     L_silent = mean top-1000 exp(a(x_m) - memory_margin)          (memory activations below -3)
 with a(x) = x . k + b the pre-activation, x_e the FFN inputs at the positions that predict the target,
 and x_m a memory of FFN inputs of other text: `memory_tokens` tokens of the corpus that ROME's
-covariance uses (the Python reference shipped with CPython), every earlier edit's x_e (the paper's
-memory update, so a new neuron stays silent on old edits) and the request's locality prompts.
+covariance uses (the Python reference shipped with CPython), the prompts and true answers of
+`memory_facts` facts of the `train` split (cloze and question style: the official memory is the
+training data's inputs), and every earlier edit's x_e (the paper's memory update, so a new neuron stays
+silent on old edits). Never the request's locality probes: those are what the edit is scored on.
 Losses, margins (3 and -3), weights (1 and 5), top-k and the key init k = x_e / ||x_e||^2 (activation
 1 on the edit) follow the official code's defaults; training stops once the target is the argmax at
 every position, every edit activation is above `act_margin` and every memory activation below 0, or
@@ -23,8 +25,8 @@ after `max_steps`.
 Deviations: the neuron's activation is a ReLU whatever the model's own activation (SiLU-gated for
 Llama), so a neuron whose pre-activation is negative adds exactly 0 (a memory input gives the base
 model's output bit for bit); value init 0 (the paper draws it at random), scaled by `amplify` as the
-paper's amplification factor; memory of 2000 corpus tokens instead of 40000 training-set states (the
-memory's FFN inputs cost a forward pass through the model on one CPU core).
+paper's amplification factor; memory of 2000 corpus tokens and 100 train facts (2 x 100 texts) instead of 40000 training-set
+states (the memory's FFN inputs cost a forward pass through the model on one CPU core).
 
 `state_dict` / `load_state_dict` move the neurons and the edit memory to another copy of the model (what
 an lm ledger records, ledger/edits.py).
@@ -40,6 +42,7 @@ from torch import nn
 
 from lifelong.data.edit_requests import EditRequest
 from lifelong.edit.base import Editor
+from lifelong.edit.requests import train_fact_texts
 from lifelong.edit.rome import corpus_chunks
 from lifelong.families.lm import decoder_layers, resolve_layer, target_batch, target_nll_from_logits
 
@@ -59,6 +62,7 @@ class Params:
     memory_top_k: int = 1000
     amplify: float = 10.0          # v = amplify * v_raw (amplify_con)
     memory_tokens: int = 2000
+    memory_facts: int = 100        # `train`-split facts (cloze + question text) in the memory
     corpus: str = "python-reference"
     seed: int = 0
 
@@ -115,8 +119,7 @@ class TPatcher(Editor):
     def apply(self, request: EditRequest) -> dict:
         p = self.params
         self._attach()
-        local = [self.tokenizer(q.prompt + q.answer, add_special_tokens=False)["input_ids"] for q in request.locality]
-        memory = torch.cat([self.memory(), *self.ffn_inputs_at_tokens(local)])
+        memory = self.memory()
         batch = target_batch(self.tokenizer, [request.prompt], [request.target_new], self._device)
         x_edit = self.ffn_inputs_at_targets(batch)                     # (P, d): positions predicting the target
         labels = batch.labels[:, 1:][batch.target_mask[:, :-1]]  # (P,)
@@ -234,9 +237,12 @@ class TPatcher(Editor):
             handle.remove()
 
     def memory(self) -> torch.Tensor:
-        """(M, d): FFN inputs at every token of `memory_tokens` corpus tokens, then earlier edits'."""
+        """(M, d): FFN inputs at every token of `memory_tokens` corpus tokens and of `memory_facts` train
+        facts' texts, then earlier edits'."""
         if self._corpus_memory is None:
-            chunks = corpus_chunks(self.tokenizer, self.params.corpus, 128, self.params.memory_tokens)
+            p = self.params
+            chunks = corpus_chunks(self.tokenizer, p.corpus, 128, p.memory_tokens)
+            chunks += [self.tokenizer(t, add_special_tokens=False)["input_ids"] for t in train_fact_texts(p.memory_facts)]
             self._corpus_memory = torch.cat(self.ffn_inputs_at_tokens(chunks))
         return torch.cat([self._corpus_memory, *self._edit_memory])
 
