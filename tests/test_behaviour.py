@@ -36,7 +36,7 @@ def test_vectorised_fisher_matches_a_per_sample_loop(tiny_model, tiny_stream, ti
 
 def fisher_drift(model, method, anchor):
     """What EWC promises to keep small: the Fisher-weighted squared distance from the anchor."""
-    return sum(float((method.fisher[n] * (p.detach() - anchor[n]).pow(2)).sum()) for n, p in model.named_parameters() if n in anchor)
+    return sum(float((method.fishers[0][n] * (p.detach() - anchor[n]).pow(2)).sum()) for n, p in model.named_parameters() if n in anchor)
 
 
 def test_ewc_keeps_weights_closer_to_the_previous_task(tiny_model, tiny_stream, tiny_stem, tiny_config):

@@ -110,7 +110,8 @@ def test_distillation_keeps_the_reference_distributions_of_the_initial_model(tin
 
 
 def test_weight_ensemble_is_the_running_mean_of_the_sampled_weights(tiny_model, tiny_stream, tiny_stem, tiny_config):
-    """4 steps, I = 2: the task ends at the mean of the weights after steps 1, 3 and 4 (the last)."""
+    """4 steps, I = 2: the task ends at the mean of theta_start (the official merge_we starts from a copy of
+    the task-start model) and the weights after steps 1, 3 and 4 (the last)."""
 
     class Recorder:
         """Records the weights each loss call sees (after `step` updates) and those before end_task."""
@@ -136,7 +137,7 @@ def test_weight_ensemble_is_the_running_mean_of_the_sampled_weights(tiny_model, 
     train_task(model, recorder, task_data(tiny_stream, tiny_stem, 0),
                dataclasses.replace(tiny_config.train, steps_per_task=4), seed=0)
     assert len(recorder.seen) == 5  # the weights after 0, 1, ..., 4 steps
-    sampled = [recorder.seen[s] for s in (1, 3, 4)]
+    sampled = [recorder.seen[s] for s in (0, 1, 3, 4)]
     after = model.trainable_state()
     assert after.keys() == sampled[0].keys()
     moved = False

@@ -42,7 +42,7 @@ METHOD_NAMES = {"naive": "finetune", "ewc": "ewc", "lwf": "lwf", "replay": "repl
 
 def method_params(method: str, params: dict, train_items: int, seed: int) -> dict:
     if method == "ewc":  # online EWC with decay 1 (Avalanche: mode online, decay_factor 1); labels as given
-        return {"reg_weight": 2.0 * params["ewc_lambda"], "decay": 1.0, "fisher": "empirical", "fisher_samples": train_items}
+        return {"reg_weight": 2.0 * params["ewc_lambda"], "mode": "online", "decay": 1.0, "fisher": "empirical", "fisher_samples": train_items}
     if method == "lwf":
         return {"reg_weight": params["alpha"] / params["temperature"] ** 2, "temperature": params["temperature"]}
     if method == "replay":  # Avalanche's default storage policy; a replay batch as large as the current one;

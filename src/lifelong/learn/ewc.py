@@ -1,16 +1,24 @@
-"""Elastic Weight Consolidation (Kirkpatrick et al., PNAS 2017; arXiv:1612.00796), online form
-(Schwarz et al., ICML 2018, "Progress & Compress").
+"""Elastic Weight Consolidation (Kirkpatrick et al., PNAS 2017; arXiv:1612.00796), in Avalanche's two modes:
+`separate` (the original: one penalty per old task) and `online` (Schwarz et al., ICML 2018, "Progress &
+Compress"; Huszar, PNAS 2018).
 
-L = CE + sum_i (reg_weight / 2) * F_i * (theta_i - theta*_i)^2
+    separate:  L = CE + sum_k sum_i (reg_weight / 2) * F_k,i * (theta_i - theta*_k,i)^2
+    online:    L = CE + sum_i (reg_weight / 2) * F_i * (theta_i - theta*_i)^2,  F <- decay * F + F_task
 
-F is the diagonal Fisher information at the end of the previous task: the expected squared gradient
-of the log-likelihood per sample, F_i = E_x E_{y ~ p_theta(y|x)} [(d log p_theta(y|x) / d theta_i)^2],
-over the task's training images. The expectation over y is exact (a sum over the task's classes
-weighted by the model's probabilities), not a sample; `fisher: empirical` uses the true labels
-instead. Per-sample gradients come in closed form per layer from one batched backward pass per class
-(`learn/fisher.py`; torch.func vmap for layers without one), never a Python loop over samples. Across
-tasks F accumulates as F <- decay * F + F_task (decay = 1: the sum of per-task penalties, as in the
-original EWC; decay < 1: online EWC), and theta* is the latest task's end point.
+F_k is the diagonal Fisher information at the end of task k: the expected squared gradient of the
+log-likelihood per sample, F_i = E_x E_{y ~ p_theta(y|x)} [(d log p_theta(y|x) / d theta_i)^2], over the
+task's training images; theta*_k the weights at the end of task k. `separate` keeps every task's pair
+(F_k, theta*_k), so memory grows by two copies of the trainable weights per task; `online` keeps one
+running F (each task's Fisher added to the decayed sum, as Avalanche's `decay_factor`) and one anchor,
+the latest task's end point.
+
+The expectation over y is exact (a sum over the task's classes weighted by the model's probabilities),
+not a sample; `fisher: empirical` uses the true labels instead. Per-sample gradients come in closed form
+per layer from one batched backward pass per class (`learn/fisher.py`; torch.func vmap for layers
+without one), never a Python loop over samples.
+
+Deviations: F is estimated on `fisher_samples` (256) training images drawn with a seed per task, not the
+whole training set. Avalanche's penalty has no 1/2: its `ewc_lambda` is reg_weight / 2 here.
 """
 
 from __future__ import annotations
@@ -23,11 +31,14 @@ from lifelong.errors import ConfigError
 from lifelong.learn.common import Batch, TaskData, classification_loss
 from lifelong.learn.fisher import diagonal_fisher
 
+MODES = ("separate", "online")
+
 
 @dataclass(frozen=True)
 class Params:
     reg_weight: float = 1000.0
-    decay: float = 1.0
+    mode: str = "separate"  # "separate" (one Fisher and anchor per task, the original) or "online"
+    decay: float = 1.0  # online only: F <- decay * F + F_task
     fisher: str = "exact"  # "exact" (expectation under the model) or "empirical" (true labels)
     fisher_samples: int = 256
     fisher_chunk: int = 32
@@ -36,6 +47,13 @@ class Params:
     def __post_init__(self) -> None:
         if self.fisher not in ("exact", "empirical"):
             raise ConfigError(f"ewc fisher must be 'exact' or 'empirical', got {self.fisher!r}")
+        if self.mode not in MODES:
+            raise ConfigError(f"ewc mode must be one of {', '.join(MODES)}, got {self.mode!r}")
+        if not 0.0 <= self.decay <= 1.0:
+            raise ConfigError(f"ewc decay must be in [0, 1], got {self.decay}")
+        if self.mode == "separate" and self.decay != 1.0:
+            raise ConfigError(f"ewc decay={self.decay} applies to mode online only (the separate mode keeps every "
+                              "task's penalty as it was): set mode=online or drop decay")
 
 
 class EWC:
@@ -43,8 +61,9 @@ class EWC:
 
     def __init__(self, params: Params):
         self.params = params
-        self.fisher: dict[str, torch.Tensor] = {}
-        self.anchor: dict[str, torch.Tensor] = {}
+        # One (Fisher, anchor) pair per finished task (separate), or a single running pair (online).
+        self.fishers: list[dict[str, torch.Tensor]] = []
+        self.anchors: list[dict[str, torch.Tensor]] = []
 
     def prepare(self, model) -> None:
         pass
@@ -54,11 +73,11 @@ class EWC:
 
     def loss(self, model, batch: Batch, data: TaskData) -> tuple[torch.Tensor, dict[str, float]]:
         ce = classification_loss(model, batch, data, self.params.label_smoothing)
-        if not self.fisher:
+        if not self.fishers:
             return ce, {"ce": ce.item()}
-        penalty = sum(
-            (self.fisher[n] * (p - self.anchor[n]).pow(2)).sum() for n, p in model.named_parameters() if n in self.fisher
-        )
+        params = [(n, p) for n, p in model.named_parameters() if n in self.fishers[0]]
+        penalty = sum((fisher[n] * (p - anchor[n]).pow(2)).sum()
+                      for fisher, anchor in zip(self.fishers, self.anchors) for n, p in params)
         return ce + self.params.reg_weight / 2 * penalty, {"ce": ce.item(), "penalty": penalty.item()}
 
     def end_task(self, model, data: TaskData) -> None:
@@ -67,13 +86,32 @@ class EWC:
         idx = torch.randperm(len(data.inputs), generator=g)[:n]
         fisher = diagonal_fisher(model, data.inputs[idx], data.targets[idx], data.class_names,
                                  self.params.fisher, self.params.fisher_chunk)
-        for name, f in fisher.items():
-            self.fisher[name] = self.params.decay * self.fisher.get(name, torch.zeros_like(f)) + f
-        self.anchor = model.trainable_state()
+        anchor = model.trainable_state()
+        if self.params.mode == "separate" or not self.fishers:
+            self.fishers.append(fisher)
+            self.anchors.append(anchor)
+        else:  # online: one running Fisher, the latest anchor
+            old = self.fishers[0]
+            self.fishers[0] = {name: self.params.decay * old[name] + f for name, f in fisher.items()}
+            self.anchors[0] = anchor
 
     def state_dict(self) -> dict[str, torch.Tensor]:
-        return {**{f"fisher.{k}": v for k, v in self.fisher.items()}, **{f"anchor.{k}": v for k, v in self.anchor.items()}}
+        state = {}
+        for k, (fisher, anchor) in enumerate(zip(self.fishers, self.anchors)):
+            state.update({f"fisher.{k}.{n}": v for n, v in fisher.items()})
+            state.update({f"anchor.{k}.{n}": v for n, v in anchor.items()})
+        return state
 
     def load_state_dict(self, state: dict[str, torch.Tensor]) -> None:
-        self.fisher = {k.removeprefix("fisher."): v for k, v in state.items() if k.startswith("fisher.")}
-        self.anchor = {k.removeprefix("anchor."): v for k, v in state.items() if k.startswith("anchor.")}
+        self.fishers, self.anchors = [], []
+        if any(key.startswith("fisher.") and not key.split(".")[1].isdigit() for key in state):
+            # a state written before the modes existed: one running Fisher and the latest anchor
+            self.fishers = [{k.removeprefix("fisher."): v for k, v in state.items() if k.startswith("fisher.")}]
+            self.anchors = [{k.removeprefix("anchor."): v for k, v in state.items() if k.startswith("anchor.")}]
+            return
+        tasks = sorted({int(key.split(".")[1]) for key in state if key.startswith("fisher.")})
+        for k in tasks:
+            self.fishers.append({key.removeprefix(f"fisher.{k}."): v for key, v in state.items()
+                                 if key.startswith(f"fisher.{k}.")})
+            self.anchors.append({key.removeprefix(f"anchor.{k}."): v for key, v in state.items()
+                                 if key.startswith(f"anchor.{k}.")})

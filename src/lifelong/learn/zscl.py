@@ -7,9 +7,10 @@ Z = logit_scale * f(r) g(c)^T (B_img, B_txt) scores a batch of reference images 
 reference texts c, both from outside the stream; Z_0 is the same from the frozen initial model (the
 model at `prepare`); KD(s, t) = T^2 KL(softmax(t / T) || softmax(s / T)) per row, T = 2. Rows of Z are
 each image's distribution over the texts (the image loss), rows of Z^T each text's distribution over
-the images (the text loss). theta_start: the weights at the start of the task. Weight ensemble: every
-`ensemble_every` steps (paper I = 100) the weights join a running mean
-theta_we <- (n theta_we + theta) / (n + 1), and the task ends with the model set to theta_we.
+the images (the text loss). theta_start: the weights at the start of the task. Weight ensemble (the
+official `merge_we`): theta_we starts as a copy of theta_start (n = 1) and every `ensemble_every` steps
+(paper I = 100) the weights join the running mean theta_we <- (n theta_we + theta) / (n + 1); the task
+ends with the model set to theta_we, so theta_start is one of the averaged weights.
 
 The teacher never changes and the reference data are fixed, so its embeddings of every reference image
 and text are computed once, at `prepare`, and each step indexes them (`cache_teacher: true`). With
@@ -32,10 +33,11 @@ Deviations from the paper and its code:
 - Reference batches come from a generator seeded with (a seed the method draws from torch's global RNG
   at prepare, the task, the step), not from the global RNG itself: the loss is then a function of the
   method's state alone, so the state round-trips and a resumed task draws the same batches.
-- Ensemble schedule: the weights after steps 1, 1 + I, 1 + 2I, ... and after the last step are averaged
-  (1000 steps, I = 100: 11 samples); the official loop (iterations 0..1000, sampling after the update
-  when iteration % I == 0) samples after steps 1, 101, ..., 1001. With LoRA the factors A and B are
-  averaged separately (the mean of the products B A is not the product of the means).
+- Ensemble schedule: theta_start and the weights after steps 1, 1 + I, 1 + 2I, ... and after the last
+  step are averaged (1000 steps, I = 100: 12 weights); the official loop (iterations 0..1000, sampling
+  after the update when iteration % I == 0) averages theta_start and the weights after steps 1, 101, ...,
+  1001, one step more. With LoRA the factors A and B are averaged separately (the mean of the products
+  B A is not the product of the means).
 - The L2 term and the ensemble cover the trainable parameters (the frozen ones never move). The L2 term
   is a sum of squares, as in the official code, but off by default (l2_weight 0): the official script
   adds it with weight 1 (`--l2 1`, for ViT-B/16 at lr 1e-5), the paper presents ZSCL as distillation
@@ -125,7 +127,9 @@ class ZSCL:
     def begin_task(self, model, data: TaskData) -> None:
         self.step = 0
         self.anchor = model.trainable_state() if self.params.l2_weight > 0 else {}
-        self.ensemble, self.ensemble_count = {}, 0
+        # merge_we's we_model: a copy of the task-start model, the first of the averaged weights
+        self.ensemble = model.trainable_state() if self.params.ensemble_every else {}
+        self.ensemble_count = 1 if self.params.ensemble_every else 0
 
     def loss(self, model, batch: Batch, data: TaskData) -> tuple[torch.Tensor, dict[str, float]]:
         p = self.params
@@ -208,6 +212,7 @@ class ZSCL:
         return image, text
 
     def _add_to_ensemble(self, model) -> None:
+        """merge_we: theta_we <- (n theta_we + theta) / (n + 1), n the number of weights averaged so far."""
         n = self.ensemble_count
         for name, w in model.named_parameters():
             if w.requires_grad:
