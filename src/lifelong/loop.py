@@ -7,6 +7,7 @@ of the stream, which fills one row of the accuracy matrix (row 0 is the model be
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import random
@@ -39,6 +40,9 @@ class TaskData:
     targets: each image's index into `class_names`, the label space the task trains on (the task's
     own classes when task-incremental; every class seen so far when class-incremental).
     seen_class_names: the label spaces of the tasks before this one, for distillation on old classes.
+    old_label_spaces: the same, one entry per head the earlier tasks trained: task-incremental, each
+    earlier task's own class names; class-incremental, one entry, every class seen before (a single head).
+    Empty where the caller does not know them (a ledger passes only `seen_class_names`).
     """
 
     index: int
@@ -47,6 +51,10 @@ class TaskData:
     targets: torch.Tensor
     class_names: tuple[str, ...]
     seen_class_names: tuple[str, ...]
+    old_label_spaces: tuple[tuple[str, ...], ...] = ()
+    # (N, C) bool, or None: the columns of `class_names` each sample is classified among, where that is not
+    # all of them (joint training on a task-incremental stream: each sample among its own task's classes)
+    allowed: torch.Tensor | None = None
 
 
 @dataclass(frozen=True)
@@ -135,6 +143,16 @@ def label_spaces(stream: Stream) -> list[tuple[str, ...]]:
     return spaces
 
 
+def old_label_spaces(stream: Stream, t: int) -> tuple[tuple[str, ...], ...]:
+    """The heads the tasks before task t trained: one per task (task-incremental), or one holding every
+    class seen before (class-incremental: a single head that grows)."""
+    if t == 0:
+        return ()
+    if stream.scenario == "class":
+        return (label_spaces(stream)[t - 1],)
+    return tuple(task.class_names for task in stream.tasks[:t])
+
+
 def targets_in(stream: Stream, t: int, labels: np.ndarray) -> torch.Tensor:
     """Local labels of task t -> indices into its label space."""
     offset = sum(len(task.class_ids) for task in stream.tasks[:t]) if stream.scenario == "class" else 0
@@ -171,17 +189,18 @@ def evaluate(model, stream: Stream, stem: StemFeatures, after_task: int, batch_s
              accelerator: Accelerator | None = None) -> tuple[list[float], float]:
     """Accuracy (%) on every task's test set after `after_task` tasks (0 = before training).
 
-    Task-incremental: among the task's own classes. Class-incremental: among the classes seen so far
-    plus the task's own (so that not-yet-learned tasks are measured zero-shot). Also returns the
-    class-incremental A_t: accuracy over the test sets of tasks 1..t among the classes seen so far.
+    Task-incremental: among the task's own classes. Class-incremental: a learned task among the classes
+    seen so far; a task j not learned yet among the classes of tasks 1..j, the label space it will be
+    learned in. So a[t, j] for t < j (row 0 included) is measured among the same classes for every t,
+    and a[j, j] too: zero-shot degradation, transfer and the gain over zero-shot compare the model, not
+    label spaces of different sizes. Also returns the class-incremental A_t: accuracy over the test sets
+    of tasks 1..t among the classes seen so far.
     """
     row, spaces = [], label_spaces(stream)
     seen_correct, seen_total = 0, 0
     for j, task in enumerate(stream.tasks):
         if stream.scenario == "class":
-            names = spaces[after_task - 1] if after_task else ()  # every class seen so far
-            if j >= after_task:  # a task still ahead is measured zero-shot, its classes added
-                names = names + task.class_names
+            names = spaces[max(after_task - 1, j)]  # seen so far, or up to task j while j is ahead
             offset = names.index(task.class_names[0])
         else:
             names, offset = task.class_names, 0
@@ -231,6 +250,9 @@ def run_stream(model, method, stream: Stream, stem: StemFeatures, config: RunCon
             store_cached("zero_shot", key, {"row": torch.from_numpy(matrix[0].copy())})
     result.eval_seconds += time.perf_counter() - t0
 
+    if getattr(method, "trains_jointly", False):
+        return _run_joint(model, method, stream, stem, config, checkpoint_dir, accelerator, result)
+
     spaces = label_spaces(stream)
     seen: tuple[str, ...] = ()
     last_good: Path | None = None
@@ -242,6 +264,7 @@ def run_stream(model, method, stream: Stream, stem: StemFeatures, config: RunCon
             targets=targets_in(stream, t, task.train.labels),
             class_names=spaces[t],
             seen_class_names=seen if stream.scenario == "task" else (spaces[t - 1] if t else ()),
+            old_label_spaces=old_label_spaces(stream, t),
         )
         t0 = time.perf_counter()
         try:
@@ -267,9 +290,59 @@ def run_stream(model, method, stream: Stream, stem: StemFeatures, config: RunCon
     return result
 
 
+def joint_task_data(stream: Stream, stem: StemFeatures) -> TaskData:
+    """Every task's training data as one task (Avalanche's JointTraining): the inputs side by side, each
+    target an index into the stream's class names with each name once (MNIST's and digits' "zero" is one
+    class). Task-incremental streams: `allowed` restricts each sample to its own task's classes, the
+    label space the sequential methods train it in; class-incremental: every class (one head)."""
+    names = tuple(dict.fromkeys(stream.class_names))
+    column = {n: i for i, n in enumerate(names)}
+    targets, allowed = [], []
+    for task in stream.tasks:
+        targets.append(torch.tensor([column[task.class_names[y]] for y in task.train.labels], dtype=torch.long))
+        own = torch.zeros(len(names), dtype=torch.bool)
+        own[[column[n] for n in task.class_names]] = True
+        allowed.append(own.expand(len(task.train), -1))
+    # A Task is needed for its name only (messages); its datasets are the first task's, never read.
+    first = stream.tasks[0]
+    task = Task(name="joint(" + "+".join(t.name for t in stream.tasks) + ")", train=first.train, test=first.test,
+                class_ids=tuple(range(len(stream.class_names))))
+    return TaskData(index=0, task=task, inputs=torch.cat(stem.train), targets=torch.cat(targets), class_names=names,
+                    seen_class_names=(), allowed=torch.cat(allowed) if stream.scenario == "task" else None)
+
+
+def _run_joint(model, method, stream: Stream, stem: StemFeatures, config: RunConfig, checkpoint_dir: Path | None,
+               accelerator: Accelerator, result: StreamResult) -> StreamResult:
+    """A method that `trains_jointly` (the joint upper bound): one training on every task's data at once,
+    as many optimizer steps as the whole stream gets (T x steps_per_task), then rows 1..T of the matrix,
+    each the final model's evaluation in that row's label spaces (the joint model is the only one: no
+    intermediate state exists, so its forgetting is 0 by construction; Last is the number to read)."""
+    T = len(stream.tasks)
+    data = joint_task_data(stream, stem)
+    train_cfg = dataclasses.replace(config.train, steps_per_task=config.train.steps_per_task * T)
+    t0 = time.perf_counter()
+    result.losses.append(train_task(model, method, data, train_cfg, seed=config.seed * 1000, accelerator=accelerator,
+                                    desc=f"joint: {T} tasks at once"))
+    assert_replicated(accelerator, model, method, "joint training")
+    result.train_seconds += time.perf_counter() - t0
+    if checkpoint_dir is not None and config.train.checkpoints and accelerator.is_main_process:
+        save_checkpoint(checkpoint_dir / f"task_{T}.safetensors", model, method, T)
+    t0 = time.perf_counter()
+    for t in range(1, T + 1):
+        result.accuracy_matrix[t], seen_acc = evaluate(model, stream, stem, t, config.train.eval_batch_size, method,
+                                                       accelerator)
+        result.seen_accuracy.append(seen_acc)
+    result.eval_seconds += time.perf_counter() - t0
+    accelerator.log({f"accuracy/{u.name}": float(a) for u, a in zip(stream.tasks, result.accuracy_matrix[T])},
+                    step=T * config.train.steps_per_task)
+    finish_trackers(accelerator)
+    return result
+
+
 def zero_shot_key(model, stream: Stream, batch_size: int) -> str:
     """What row 0 depends on: the model's whole state, the test sets, the label spaces, the batch size."""
-    return content_key("zero-shot-row", tensor_digest(model.state_dict()), [t.test.fingerprint for t in stream.tasks],
+    # v2: class-incremental tasks ahead are scored among the classes up to their own (evaluate)
+    return content_key("zero-shot-row-v2", tensor_digest(model.state_dict()), [t.test.fingerprint for t in stream.tasks],
                        label_spaces(stream), stream.scenario, batch_size)
 
 

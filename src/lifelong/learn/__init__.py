@@ -12,7 +12,9 @@ from lifelong.learn.base import LearningMethod
 from lifelong.learn.ewc import EWC
 from lifelong.learn.finetune import Finetune
 from lifelong.learn.icarl import ICaRL
+from lifelong.learn.joint import Joint
 from lifelong.learn.lwf import LwF
+from lifelong.learn.lwf_mtil import LwFMTIL
 from lifelong.learn.moe_adapters import MoEAdapters
 from lifelong.learn.o_lora import OLoRA
 from lifelong.learn.replay import Replay
@@ -23,6 +25,7 @@ from lifelong.learn.zscl import ZSCL
 METHODS = {
     "finetune": Finetune,
     "lwf": LwF,
+    "lwf_mtil": LwFMTIL,
     "ewc": EWC,
     "wise_ft": WiSEFT,
     "o_lora": OLoRA,
@@ -31,6 +34,7 @@ METHODS = {
     "zscl": ZSCL,
     "select_distill": SelectAndDistill,
     "moe_adapters": MoEAdapters,
+    "joint": Joint,
 }
 
 
