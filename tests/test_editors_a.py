@@ -1,4 +1,4 @@
-"""FT-L, LoRA, GRACE and WISE on tiny random Llama and GPT-2 models; one slow check on SmolLM2.
+"""FT-L, FT-M, LoRA, GRACE and WISE on tiny random Llama and GPT-2 models; one slow check on SmolLM2.
 
 The tiny models get their (tied) embeddings scaled by 8: with tiny_lm's 0.02-std embeddings every logit
 stays within about +-1.3 (the final norm fixes the hidden scale), so no edit could reach a low NLL and
@@ -6,6 +6,7 @@ stays within about +-1.3 (the final norm fixes the hidden scale), so no edit cou
 """
 
 import copy
+import math
 import time
 
 import pytest
@@ -20,7 +21,7 @@ ARCHS = ("llama", "gpt2")
 # Every registered editor meets the contract tests below (reset, seed, bad input, knobs, protocol); the
 # four whose single edit reaches a low NLL on these random models also run test_edit_holds.
 EDITORS = tuple(REGISTERED)
-EDITS_ON_TINY = ("ft_l", "lora", "grace", "wise")
+EDITS_ON_TINY = ("ft_l", "ft_m", "lora", "grace", "wise")
 EDIT = EditRequest(prompt="The capital of France is", target_new=" Tokyo", subject="France")     # one token
 EDIT2 = EditRequest(prompt="The currency of India is the", target_new=" euro", subject="India")  # one token
 UNRELATED = ("She said that the weather was nice", " and")
@@ -33,6 +34,7 @@ def knobs(name: str, arch: str) -> dict:
     """Settings that make each editor work on a 4-layer, width-64 random model in a second or two."""
     return {
         "ft_l": dict(layer=2, lr=0.05, norm_constraint=0.5),
+        "ft_m": dict(layer=2, lr=0.05, norm_constraint=0.5),
         "lora": dict(lr=0.02, steps=30),
         "grace": dict(eps=GRACE_EPS[arch]),
         # margins scaled to the tiny model's activation scores (SmolLM2 uses the paper's 5/20/10)
@@ -182,16 +184,52 @@ def test_registry_builds_every_editor_with_its_metadata():
             editor_params(name, {"not_a_knob": 1})
 
 
-def test_ft_l_respects_the_norm_constraint(tiny):
+def test_ft_m_respects_the_norm_constraint(tiny):
+    from lifelong.families.lm import ffn_out
+
+    model, tok = tiny("llama")
+    w0 = ffn_out(model, 2).weight.detach().clone()
+    editor = make("ft_m", model, tok, "llama", norm_constraint=0.01)
+    editor.apply(EDIT)
+    editor.apply(EDIT2)  # the ball is around f_0's weights for the whole run, not per edit
+    change = (ffn_out(model, 2).weight - w0).abs().max().item()
+    assert 0.009 < change <= 0.01 + 1e-7
+
+
+def test_ft_l_ball_is_around_the_weights_before_each_edit(tiny):
+    """EasyEdit's clamp: each edit stays within eps of the weights it started from, so two edits may
+    move a weight up to 2 eps from f_0."""
     from lifelong.families.lm import ffn_out
 
     model, tok = tiny("llama")
     w0 = ffn_out(model, 2).weight.detach().clone()
     editor = make("ft_l", model, tok, "llama", norm_constraint=0.01)
-    editor.apply(EDIT)
-    editor.apply(EDIT2)  # the ball is around f_0's weights for the whole run, not per edit
-    change = (ffn_out(model, 2).weight - w0).abs().max().item()
-    assert 0.009 < change <= 0.01 + 1e-7
+    first = editor.apply(EDIT)
+    w1 = ffn_out(model, 2).weight.detach().clone()
+    second = editor.apply(EDIT2)
+    assert 0.009 < first["max_abs_change"] <= 0.01 + 1e-7 and 0.009 < second["max_abs_change"] <= 0.01 + 1e-7
+    assert (ffn_out(model, 2).weight - w1).abs().max().item() <= 0.01 + 1e-7
+    assert 0.01 + 1e-4 < (ffn_out(model, 2).weight - w0).abs().max().item() <= 0.02 + 1e-6
+
+
+def test_ft_l_scores_every_target_token_at_the_last_prompt_position(tiny):
+    """FT-L's loss by hand: log-softmax of the logits after the prompt, at each target token, averaged;
+    it reads the prompt alone (no teacher forcing), unlike FT-M's target NLL."""
+    from lifelong.edit.ft_l import prompt_last_nll
+
+    model, tok = tiny("llama")
+    prompt, target = "The capital of France is", " Tokyo Tower"
+    p, t = (tok(x, add_special_tokens=False)["input_ids"] for x in (prompt, target))
+    assert len(t) > 1
+    with torch.no_grad():
+        logp = torch.log_softmax(model(input_ids=torch.tensor([p])).logits[0, -1], -1)
+        loss = prompt_last_nll(model, torch.tensor([p]), torch.tensor(t))
+        assert loss.item() == pytest.approx(-sum(logp[i].item() for i in t) / len(t), rel=1e-5)
+        assert loss.item() != pytest.approx(target_nll(model, batch_of(tok, (prompt, target))).item(), rel=1e-3)
+    editor = make("ft_l", model, tok, "llama", norm_constraint=0.0, steps=40)
+    stats = editor.apply(EditRequest(prompt=prompt, target_new=target, subject="France"))
+    # two tokens share one distribution: the loss cannot fall below log 2, so every step runs
+    assert stats["steps"] == 40.0 and math.log(len(t)) - 1e-4 <= stats["loss_after"] < stats["loss_before"]
 
 
 # ----------------------------------------------------------------------------- GRACE

@@ -19,7 +19,7 @@ from lifelong.ledger.core import Ledger
 from lifelong.ledger.edits import create_lm_ledger, edit
 from lifelong.ledger.probes import EDITS_IN_EFFECT, HELDOUT_FACTS
 
-FT_L = dict(layer=2, lr=0.05, norm_constraint=0.5)  # test_editors_a's knobs for the tiny model
+FT_M = dict(layer=2, lr=0.05, norm_constraint=0.5)  # test_editors_a's knobs for the tiny model
 LORA = dict(lr=0.02, steps=30)
 GRACE = dict(eps=0.05)  # test_editors_a's radius for the tiny Llama
 PATCHER = dict(memory_tokens=128, max_steps=10)
@@ -69,12 +69,12 @@ def test_new_lm_ledger_has_its_probes_scored_on_the_base(ledger_dir):
     assert ledger.verify() == []
 
 
-def test_ft_l_edit_is_one_change_with_its_requests_cost_and_probes(ledger_dir):
-    n = edit(ledger_dir, "ft_l", [EDIT], FT_L)
+def test_ft_m_edit_is_one_change_with_its_requests_cost_and_probes(ledger_dir):
+    n = edit(ledger_dir, "ft_m", [EDIT], FT_M)
     ledger = Ledger.open(ledger_dir)
     assert n == 1 and len(ledger.changes) == 1
     c = ledger.change(1)
-    assert c["kind"] == "edit" and c["method"] == "ft_l" and c["knobs"]["lr"] == 0.05 and c["knobs"]["steps"] == 25
+    assert c["kind"] == "edit" and c["method"] == "ft_m" and c["knobs"]["lr"] == 0.05 and c["knobs"]["steps"] == 25
     assert c["requests"][0]["prompt"] == EDIT.prompt and c["requests"][0]["target_new"] == " Tokyo"
     assert c["requests"][0]["locality"][0]["answer"]  # filled with the model's own answer before the edit
     assert c["own_before"]["reliability_token"] < c["own_after"]["reliability_token"] == 1.0
@@ -91,10 +91,10 @@ def test_materialize_is_the_edited_model_and_revert_gives_f0_back(ledger_dir, ba
     edited, tok = build_lm(str(base_folder))
     f0 = logits(edited, tok)
     f0_params = {k: p.clone() for k, p in edited.state_dict().items()}
-    editor = editor_class("ft_l")(edited, tok, editor_class("ft_l").Params(**FT_L))
+    editor = editor_class("ft_m")(edited, tok, editor_class("ft_m").Params(**FT_M))
     editor.apply(EDIT)  # the same edit outside the ledger
 
-    edit(ledger_dir, "ft_l", [EDIT], FT_L)
+    edit(ledger_dir, "ft_m", [EDIT], FT_M)
     ledger = Ledger.open(ledger_dir)
     torch.testing.assert_close(logits(ledger.materialize(), tok), logits(edited, tok), atol=1e-5, rtol=0)
     assert not torch.allclose(logits(ledger.materialize(), tok), f0, atol=1e-3)
@@ -113,8 +113,8 @@ def test_materialize_is_the_edited_model_and_revert_gives_f0_back(ledger_dir, ba
 
 
 def test_edits_in_effect_track_earlier_edits_and_a_revert_under_later_edits_is_not_exact(ledger_dir):
-    edit(ledger_dir, "ft_l", [EDIT], FT_L)
-    edit(ledger_dir, "ft_l", [EDIT2], FT_L)
+    edit(ledger_dir, "ft_m", [EDIT], FT_M)
+    edit(ledger_dir, "ft_m", [EDIT2], FT_M)
     c = Ledger.open(ledger_dir).change(2)
     assert set(c["probes_before"]) == {EDITS_IN_EFFECT, HELDOUT_FACTS}
     assert c["probes_before"][EDITS_IN_EFFECT] == 100.0  # change 1's edit holds before change 2
@@ -202,14 +202,14 @@ def test_t_patcher_edit_round_trips_beside_a_weight_edit(ledger_dir, base_folder
     patcher = editor_class("t_patcher")(own, tok, editor_class("t_patcher").Params(**PATCHER))
     patcher.apply(request)
     patched = logits(own, tok, MODULE_TEXT)
-    editor_class("ft_l")(own, tok, editor_class("ft_l").Params(**FT_L)).apply(EDIT2)
+    editor_class("ft_m")(own, tok, editor_class("ft_m").Params(**FT_M)).apply(EDIT2)
 
     edit(ledger_dir, "t_patcher", [request], PATCHER)
     ledger = Ledger.open(ledger_dir)
     assert ledger.patch(1) == {} and set(ledger.method_state("t_patcher")) == {"layer", "keys", "biases", "values",
                                                                                  "edit_memory"}
     assert torch.equal(logits(ledger.materialize(), tok, MODULE_TEXT), patched)
-    edit(ledger_dir, "ft_l", [EDIT2], FT_L)  # recorded with the plain parameter names while the neurons are on
+    edit(ledger_dir, "ft_m", [EDIT2], FT_M)  # recorded with the plain parameter names while the neurons are on
     ledger = Ledger.open(ledger_dir)
     assert all(k.startswith("delta::model.layers.2.") for k in ledger.patch(2))
     torch.testing.assert_close(logits(ledger.materialize(), tok, MODULE_TEXT), logits(own, tok, MODULE_TEXT),
@@ -256,12 +256,12 @@ def test_wise_edits_accumulate_in_one_side_memory_and_revert_to_the_previous_sta
     ledger = Ledger.open(ledger_dir)
     assert ledger.change(n)["exact"] and ledger.change(n)["strategy"] == "restore" and ledger.patch(n) == {}
     assert torch.equal(logits(ledger.materialize(), tok, MODULE_TEXT), first)  # the first edit only
-    edit(ledger_dir, "ft_l", [EDIT2], FT_L)  # recorded with the plain parameter names while the side memory is on
+    edit(ledger_dir, "ft_m", [EDIT2], FT_M)  # recorded with the plain parameter names while the side memory is on
     assert all(k.startswith("delta::model.layers.2.") for k in Ledger.open(ledger_dir).patch(n + 1))
     revert(ledger_dir, n + 1)
     revert(ledger_dir, 1)
     model = Ledger.open(ledger_dir).materialize()
-    torch.testing.assert_close(logits(model, tok, MODULE_TEXT), f0, atol=1e-5, rtol=0)  # ft_l's: subtracted
+    torch.testing.assert_close(logits(model, tok, MODULE_TEXT), f0, atol=1e-5, rtol=0)  # ft_m's: subtracted
     assert not any(m._forward_hooks or m._forward_pre_hooks for m in model.modules())
     assert Ledger.open(ledger_dir).verify() == []
 
@@ -269,26 +269,26 @@ def test_wise_edits_accumulate_in_one_side_memory_and_revert_to_the_previous_sta
 def test_bad_input_fails_clearly_and_records_nothing(ledger_dir, tmp_path, tiny_config, monkeypatch):
     import lifelong.ledger.edits as edits
 
-    with pytest.raises(ConfigError, match="unknown editor 'nope'; available: ft_l"):
+    with pytest.raises(ConfigError, match="unknown editor 'nope'; available: ft_l, ft_m"):
         edit(ledger_dir, "nope", [EDIT])
     monkeypatch.setattr(edits, "RECORDABLE", ("weights",))  # an editor's kind of record the ledger cannot hold
     with pytest.raises(LedgerError, match="wise records its edits as 'module', which a ledger cannot hold yet; a "
-                                          "ledger records: ft_l, lora, mend, rome"):
+                                          "ledger records: ft_l, ft_m, lora, mend, rome"):
         edit(ledger_dir, "wise", [EDIT])
     monkeypatch.undo()
     with pytest.raises(ConfigError, match="editor wise: "):  # a knob's own check is a user error, not a traceback
         edit(ledger_dir, "wise", [EDIT], {"mask_ratio": 2.0})
     with pytest.raises(ConfigError, match="unknown"):
-        edit(ledger_dir, "ft_l", [EDIT], {"lrr": 1.0})
+        edit(ledger_dir, "ft_m", [EDIT], {"lrr": 1.0})
     with pytest.raises(LedgerError, match="ledger of a lm model: it takes `lifelong edit` changes, not learn changes"):
         learn(ledger_dir, {"kind": "learn"})
     assert Ledger.open(ledger_dir).changes == []
 
     vlm = Ledger.create(tmp_path / "vlm", tiny_config.model, []).root
     with pytest.raises(LedgerError, match="ledger of a vlm model: it takes `lifelong learn` changes, not edit changes"):
-        edit(vlm, "ft_l", [EDIT], FT_L)
+        edit(vlm, "ft_m", [EDIT], FT_M)
 
-    edit(ledger_dir, "ft_l", [EDIT], FT_L)
+    edit(ledger_dir, "ft_m", [EDIT], FT_M)
     with pytest.raises(LedgerError, match="subtracting its patch"):
         revert(ledger_dir, 1, strategy="replay")
 
@@ -297,11 +297,11 @@ def test_cli_init_edit_log_revert_export(base_folder, tmp_path, capsys):
     root, out = tmp_path / "led", tmp_path / "exported"
     assert main(["init", str(root), "--family", "lm", "--model", str(base_folder), "--probe-items", "5"]) == 0
     assert "held-out facts" in capsys.readouterr().out
-    knobs = [f"{k}={v}" for k, v in FT_L.items()]
-    assert main(["edit", "--ledger", str(root), "--method", "ft_l", "--prompt", EDIT.prompt, "--target", "Tokyo",
+    knobs = [f"{k}={v}" for k, v in FT_M.items()]
+    assert main(["edit", "--ledger", str(root), "--method", "ft_m", "--prompt", EDIT.prompt, "--target", "Tokyo",
                  "--paraphrase", EDIT.paraphrases[0], *knobs]) == 0
     shown = capsys.readouterr().out
-    assert "change 1: edit ft_l on 'The capital of France is' -> 'Tokyo'" in shown
+    assert "change 1: edit ft_m on 'The capital of France is' -> 'Tokyo'" in shown
     assert "reliability_token" in shown and "held-out facts" in shown
     assert main(["log", str(root), "--matrix"]) == 0
     shown = capsys.readouterr().out
@@ -317,3 +317,26 @@ def test_cli_init_edit_log_revert_export(base_folder, tmp_path, capsys):
     assert "unknown" in capsys.readouterr().err
     assert main(["init", str(tmp_path / "l2"), "--family", "lm", "--probe", "mnist"]) == 2
     assert len(Ledger.open(root).changes) == 2
+
+
+def test_a_ledger_that_recorded_ft_l_before_the_rename_still_opens_logs_and_reverts(ledger_dir, base_folder):
+    """Ledgers written before FT-M and FT-L were told apart name FT-M's edits "ft_l" (issue 19): a weight
+    patch needs no editor to load, so they open, materialize, log and revert as they did."""
+    import json
+
+    edit(ledger_dir, "ft_m", [EDIT], FT_M)
+    manifest = ledger_dir / "ledger.json"
+    raw = json.loads(manifest.read_text())
+    raw["changes"][0]["method"] = raw["changes"][0]["label"] = "ft_l"  # as the old code wrote it
+    manifest.write_text(json.dumps(raw))
+    ledger = Ledger.open(ledger_dir)
+    assert ledger.change(1)["method"] == "ft_l" and ledger.verify() == []
+    edited, tok = build_lm(str(base_folder))
+    f0 = logits(edited, tok)
+    editor_class("ft_m")(edited, tok, editor_class("ft_m").Params(**FT_M)).apply(EDIT)
+    torch.testing.assert_close(logits(ledger.materialize(), tok), logits(edited, tok), atol=1e-5, rtol=0)
+    from lifelong.ledger.views import format_change, format_log
+
+    assert "ft_l" in format_log(ledger) and "ft_l" in format_change(ledger, 1)
+    revert(ledger_dir, 1)
+    torch.testing.assert_close(logits(Ledger.open(ledger_dir).materialize(), tok), f0, atol=1e-5, rtol=0)

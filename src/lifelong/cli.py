@@ -311,7 +311,7 @@ are KEY=VALUE (e.g. layer=20 lr=0.5); `lifelong edit --list` prints every editor
 
 
 def add_edit_commands(sub) -> None:
-    edit = sub.add_parser("edit", help="edit facts of a causal LM (FT-L, LoRA, MEND, T-Patcher, GRACE, WISE, ROME) and show the effect",
+    edit = sub.add_parser("edit", help="edit facts of a causal LM (FT-L, FT-M, LoRA, MEND, T-Patcher, GRACE, WISE, ROME) and show the effect",
                           description="Apply knowledge edits in sequence to a causal LM and print, before and after, the greedy "
                           "answers to the edit prompts, their paraphrases and unrelated (locality) prompts, plus every "
                           "editing metric (EasyEdit token-level and CounterFact conventions).",
@@ -319,7 +319,7 @@ def add_edit_commands(sub) -> None:
     edit.add_argument("--method", default="wise", help="the editor (default: wise); see --list")
     edit.add_argument("--model", help="embedded (SmolLM2-135M-Instruct, the default), a hub id or a folder")
     edit.add_argument("--ledger", type=Path, metavar="DIR", help="edit the current model of the lm ledger DIR "
-                      "(`lifelong init DIR --family lm`) and record the edits as one change (ft_l, rome, mend, lora: "
+                      "(`lifelong init DIR --family lm`) and record the edits as one change (ft_l, ft_m, rome, mend, lora: "
                       "a weight patch; grace, t_patcher, wise: the editor's state)")
     edit.add_argument("--prompt", help="the edit prompt, e.g. 'The capital of France is'")
     edit.add_argument("--target", help="the new answer, e.g. Lyon (a leading space is added when missing)")
@@ -339,7 +339,7 @@ def add_edit_commands(sub) -> None:
                            epilog=EDIT_EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
     bench.add_argument("what", choices=["edit"], help="the benchmark to run")
     bench.add_argument("config", nargs="?", type=Path, help="a YAML config (default: the built-in defaults)")
-    bench.add_argument("--methods", help="comma-separated editors (default: all seven)")
+    bench.add_argument("--methods", help="comma-separated editors (default: all eight)")
     bench.add_argument("--T", help="comma-separated edit counts for the lifelong protocol (default: 1,10,100,1000)")
     bench.add_argument("--split", choices=["zsre", "counterfact"], help="the request set (default: zsre)")
     bench.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="e.g. single_n=10 time_budget_s=600 knobs.wise.steps=30")

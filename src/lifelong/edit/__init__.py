@@ -15,7 +15,8 @@ from lifelong.errors import ConfigError
 
 # name -> "module:Class"; imported on first use so that `lifelong --help` stays fast
 EDITORS = {
-    "ft_l": "lifelong.edit.ft_l:FTL",
+    "ft_l": "lifelong.edit.ft_l:FTL",      # the target at the prompt's last position (EasyEdit prompt_last)
+    "ft_m": "lifelong.edit.ft_m:FTM",      # every target token, teacher-forced (EasyEdit target_new)
     "lora": "lifelong.edit.lora:LoRAEdit",
     "mend": "lifelong.edit.mend:MEND",
     "t_patcher": "lifelong.edit.t_patcher:TPatcher",

@@ -1,12 +1,18 @@
-"""FT-L: constrained fine-tuning of one FFN output layer on the edit.
+"""FT-M: constrained fine-tuning of one FFN output layer on the whole target, teacher-forced.
 
-Zhu et al. 2020, "Modifying Memories in Transformer Models" (as the FT-L baseline of ROME, EasyEdit and
-WISE): minimise the new target's NLL over one layer's weights, keeping them in an L-inf ball around the
-pre-trained weights,
+EasyEdit's FT-M (`objective_optimization: target_new`; Zhang et al. 2024, "A Comprehensive Study of
+Knowledge Editing for Large Language Models"), with the L-inf ball of Zhu et al. 2020: minimise the
+NLL of every target token after the prompt and the target tokens before it, over one layer's weights,
 
-    W <- clip_{[W_0 - eps, W_0 + eps]}( W - lr * Adam(grad_W NLL(y_new | x)) ),   only W = W_out^l trains.
+    W <- clip_{[W_0 - eps, W_0 + eps]}( W - lr * Adam(grad_W NLL(y_new | x)) ),   only W = W_out^l trains,
+    NLL(y | x) = -(1/k) sum_j log p(t_j | x, t_<j).
 
-Defaults, and why: `layer` None picks the layer two thirds of the way up (EasyEdit's FT-L edits
+Not FT-L: FT-L (`ft_l.py`, the WISE paper's and EasyEdit's `prompt_last` baseline) scores every target
+token at the prompt's last position instead. Ledgers written before the two were told apart recorded
+this editor as "ft_l" (their changes are weight patches and load as they are; the name in their
+records means this editor).
+
+Defaults, and why: `layer` None picks the layer two thirds of the way up (EasyEdit's FT edits
 layer 21 of LLaMA-2-7B's 32): SmolLM2-135M -> layer 19 of 30, deep enough that the edit is not washed
 out by 10 later blocks, shallow enough that it still changes the prompt's representation rather than
 only the output distribution. `lr` 5e-4, 25 steps as in EasyEdit/ROME; `norm_constraint` 5e-3
@@ -15,7 +21,7 @@ where EasyEdit's constrained GPT-2 XL config has 5e-4: measured on SmolLM2 (laye
 " Lyon" while "The capital of Germany is" keeps " Berlin".
 
 Deviations: the ball is around f_0's weights for the whole lifelong run (Zhu et al.'s constraint);
-EasyEdit re-centres it on the weights before each edit, so its sequential FT-L may drift without
+EasyEdit re-centres it on the weights before each edit, so its sequential FT-M may drift without
 bound. Only the weight trains (EasyEdit's GPT-2 name match also catches `c_proj.bias`). Training stops
 early once the target NLL is below `stop_loss` (EasyEdit: 1e-2).
 """
@@ -40,11 +46,8 @@ class Params:
     stop_loss: float = 1e-2       # stop once the target NLL is below this
 
 
-
-
-
-class FTL(Editor):
-    name = "ft_l"
+class FTM(Editor):
+    name = "ft_m"
     records = "weights"  # how a ledger records an edit: an additive weight patch
     Params = Params
 
@@ -89,4 +92,4 @@ class FTL(Editor):
             self.weight.copy_(self.original)
 
 
-__all__ = ["FTL", "Params"]
+__all__ = ["FTM", "Params"]

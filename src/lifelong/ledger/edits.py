@@ -11,7 +11,7 @@ own requests before and after (`own_before`, `own_after`: every metric of `score
 judged against the model just before the change, whose greedy answers fill probes given without
 one), and the ledger's probes before and after, where "edits in effect" covers the earlier edits.
 
-Weight editors change weights in place: ft_l, rome, mend (dense deltas of the matrices they wrote) and
+Weight editors change weights in place: ft_l, ft_m, rome, mend (dense deltas of the matrices they wrote) and
 lora (peft's factors, B @ A). Their patch is additive like any other, so materialize, revert (the
 negated patch) and export need nothing new.
 
