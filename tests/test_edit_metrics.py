@@ -11,6 +11,7 @@ from lifelong.families.lm import tiny_lm, tiny_tokenizer
 from lifelong.metrics.editing import (
     base_predictions,
     cached_base_predictions,
+    fluency,
     ngram_entropy,
     probe_key,
     score_requests,
@@ -169,3 +170,105 @@ def test_next_token_argmax_matches_teacher_forcing():
     firsts = next_token_argmax(model, tok, prompts, batch_size=2)
     scored = score_targets(model, tok, prompts, [" Paris"] * 3)
     assert firsts == [s.predicted[0] for s in scored]
+
+
+# ----------------------------------------------------------------------------- every metric pinned by hand
+
+class GreedyTableLM(TableLM):
+    """TableLM with greedy `generate` (logits of the last token only), for the generation metrics."""
+
+    def generate(self, input_ids, attention_mask=None, max_new_tokens=1, do_sample=False, **_):
+        ids = input_ids
+        for _ in range(max_new_tokens):
+            ids = torch.cat([ids, self.table[ids[:, -1]].argmax(-1, keepdim=True)], dim=1)
+        return ids
+
+
+def _tables(tok):
+    """f_0 and f_T (the model after the edit France -> Lyon): logits[next] = table[current token].
+    Only the rows after " is" and after " " (Lyon's first token) differ; every entry not set is 0, so
+    an argmax over an unset row is token 0."""
+    t = lambda text: ids(tok, text)  # noqa: E731
+    (is_,), (in_,), (of,), (the,), (q,) = t(" is"), t(" in"), t(" of"), t(" the"), t("Which city?")[-1:]
+    space, lyon = t(" Lyon")
+    (paris,), (japan,), (france,), (dot,) = t(" Paris"), t(" Japan"), t(" France"), t(".")
+    shared = {in_: {paris: 3.0, japan: 2.5}, of: {france: 2.0}, q: {paris: 2.0}, paris: {dot - 1: 2.0},
+              the: {japan: 5.0}, lyon: {is_: 1.0}}
+    f0 = {**shared, is_: {paris: 2.0}}
+    fT = {**shared, is_: {space: 4.0, paris: 2.0}, space: {lyon: 4.0}}
+    out = []
+    for rows in (f0, fT):
+        lm = GreedyTableLM(len(tok))
+        with torch.no_grad():
+            for a, row in rows.items():
+                for b, v in row.items():
+                    lm.table[a, b] = v
+        out.append(lm)
+    return out
+
+
+def _pinned_request():
+    return EditRequest(
+        prompt="The capital of France is", target_new=" Lyon", subject="France", ground_truth=" Paris",
+        paraphrases=("The capital city of France is", "France has its capital in"),
+        locality=(Probe("The capital of Italy is", " Rome"), Probe("Osaka lies in the", " Japan"),
+                  Probe("Which city?", " Lyon"), Probe("Osaka is a city in", " Japan")),
+        portability=(Probe("Lyon is the capital of", " France"), Probe("Which city?", " Paris.")))
+
+
+def _nll(lm, tok, prompt, target):
+    """-(1/k) sum_j log softmax(table[previous token])[t_j], read off the table (not score_targets)."""
+    seq = ids(tok, prompt) + ids(tok, target)
+    k = len(ids(tok, target))
+    rows = [lm.table[a].detach() for a in seq[-k - 1 : -1]]
+    return -sum((row[b] - torch.logsumexp(row, 0)).item() for row, b in zip(rows, seq[-k:])) / k
+
+
+def test_every_editing_metric_pinned_on_a_table_model(tok):
+    """Each metric's value worked out by hand (issue 19: a flipped locality_cf, exact scores computed as
+    token accuracy, or a broken cf/portability/fluency formula passed the suite). Per position, f_T predicts:
+      " is" -> " " (Lyon's first token; f_0: " Paris");  " " -> "Lyon" (f_0: token 0);  " in" -> " Paris";
+      " of" -> " France";  "?" -> " Paris";  " Paris" -> the token before ".";  " the" -> " Japan"."""
+    f0, fT = _tables(tok)
+    r = _pinned_request()
+    base = base_predictions(f0, tok, [r])
+    row = score_requests(fT, tok, [r], base, per_request=True)["per_request"][0]
+
+    # the CounterFact comparisons below, checked on NLLs read off the table
+    nll = lambda x, y: _nll(fT, tok, x, y)  # noqa: E731
+    assert nll(r.prompt, " Lyon") < nll(r.prompt, " Paris")                      # efficacy: won
+    assert nll(r.paraphrases[1], " Lyon") > nll(r.paraphrases[1], " Paris")      # " in": the old answer wins
+    assert nll("The capital of Italy is", " Rome") > nll("The capital of Italy is", " Lyon")  # the edit broke it
+    assert nll("Osaka lies in the", " Japan") < nll("Osaka lies in the", " Lyon")
+    assert nll("Osaka is a city in", " Japan") < nll("Osaka is a city in", " Lyon")
+
+    assert row == pytest.approx({
+        "reliability_token": 1.0, "reliability_exact": 1.0,
+        # paraphrase 1 ends in " is" (both tokens right); 2 ends in " in": " Paris" instead of " ", then "Lyon"
+        "generality_token": (1.0 + 0.5) / 2, "generality_exact": (1.0 + 0.0) / 2,
+        # " France" right; " Paris." -> " Paris" right, then the token before "." instead of "."
+        "portability_token": (1.0 + 0.5) / 2, "portability_exact": (1.0 + 0.0) / 2,
+        # f_T vs f_0 argmaxes: Italy " is" differs (0); " the" same (1); "?" same, " " differs (1/2); " in" same (1)
+        "locality_token": (0.0 + 1.0 + 0.5 + 1.0) / 4,
+        "reliability_cf": 1.0, "generality_cf": (1.0 + 0.0) / 2,
+        # Italy lost, the two Osaka probes kept; "Which city?" -> " Lyon" is the new target itself: skipped
+        "locality_cf": 2 / 3,
+    })
+    unedited = score_requests(f0, tok, [r], base)
+    assert unedited["locality_token"] == 1.0 and unedited["reliability_exact"] == 0.0
+
+    # a second request whose prompt ends in " in": " Paris" instead of " ", then "Lyon" right
+    r2 = EditRequest(prompt="France has its capital in", target_new=" Lyon", subject="France", ground_truth=" Paris")
+    both = score_requests(fT, tok, [r, r2], base, per_request=True)
+    assert both["per_request"][1] == {"reliability_token": 0.5, "reliability_exact": 0.0, "reliability_cf": 0.0,
+                                      "generality_token": None, "generality_exact": None, "generality_cf": None,
+                                      "portability_token": None, "portability_exact": None,
+                                      "locality_token": None, "locality_cf": None}
+    # means over the requests that define a metric (each request's own mean first)
+    assert both["reliability_token"] == 0.75 and both["reliability_exact"] == 0.5 and both["reliability_cf"] == 0.5
+    assert both["generality_exact"] == 0.5 and both["locality_cf"] == pytest.approx(2 / 3) and both["n_requests"] == 2
+
+    # fluency: greedy from " is" cycles " " Lyon " is": the text " Lyon is Lyon is" -> words Lyon is Lyon is
+    h2 = -(2 / 3 * math.log2(2 / 3) + 1 / 3 * math.log2(1 / 3))  # bigrams (Lyon,is) x2, (is,Lyon)
+    h3 = 1.0                                                    # trigrams (Lyon,is,Lyon), (is,Lyon,is)
+    assert fluency(fT, tok, [r.prompt], max_new_tokens=6) == pytest.approx((2 / 3 * h2 + 4 / 3 * h3) / 2)
