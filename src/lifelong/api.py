@@ -39,7 +39,7 @@ from lifelong.errors import ConfigError, LedgerCorruptError
 from lifelong.families import get_family, ledger_families
 from lifelong.families.diffusion import check_sampling
 from lifelong.learn.driver import load_run_config, run_experiment
-from lifelong.ledger import changes, edits, views
+from lifelong.ledger import changes, edits, erasures, views
 from lifelong.ledger.core import Ledger
 from lifelong.ledger.probes import DEFAULT_PROBES, run_probes, unique_name
 from lifelong.ledger.probes import Probe as ImageProbe
@@ -47,7 +47,7 @@ from lifelong.ledger.runs import run_into_ledgers
 from lifelong.metrics.editing import base_predictions, score_requests
 from lifelong.metrics.editing import generate as greedy_answers
 
-__all__ = ["EditRequest", "Ledger", "Probe", "edit", "export", "generate", "init", "learn", "load_run_config", "log",
+__all__ = ["EditRequest", "Ledger", "Probe", "edit", "erase", "export", "generate", "init", "learn", "load_run_config", "log",
            "open_ledger", "resume", "revert", "run", "show", "verify"]
 
 
@@ -66,7 +66,8 @@ def init(root: str | Path, family: str = "vlm", model: str = "embedded", *, prob
 
     Image families: `probes` are data sources ("mnist", or {"source": "mnist", "options": {...}}; default the
     five mtil-mini test sets), `probe_items` test images each (500). lm: the edits in effect and
-    `probe_items` held-out facts (50)."""
+    `probe_items` held-out facts (50). diffusion: `probes` are concepts the judge knows ("object/sneaker";
+    default probes.DEFAULT_CONCEPTS), `probe_items` seeded samples each (16), and the judge-FD."""
     if family not in ledger_families():
         raise ConfigError(f"--family {family!r} is not a family a ledger holds; valid: {', '.join(ledger_families())}")
     spec = get_family(family)
@@ -77,6 +78,11 @@ def init(root: str | Path, family: str = "vlm", model: str = "embedded", *, prob
                               "and --probe-items held-out facts")
         return edits.create_lm_ledger(root, model, heldout_items=probe_items or 50, weights=weights,
                                       trust_pickle=trust_pickle)
+    if spec.probe_kind == "images-generated":
+        if weights is not None:
+            raise ConfigError("--weights: a diffusion ledger's base is a model name (--model: embedded, a "
+                              "train_t2i.py .safetensors file, a pipeline folder)")
+        return erasures.create_diffusion_ledger(root, model, concepts=probes, n=probe_items or 16)
     suite, taken = [], set()
     for raw in probes or DEFAULT_PROBES:
         raw = parse_probe(raw) if isinstance(raw, str) else raw
@@ -169,14 +175,30 @@ def edit(requests: EditRequest | Sequence[EditRequest], method: str = "wise", *,
             "cost": cost}
 
 
+def erase(root: str | Path, concept: str, method: str = "esd-x", *, anchor: str | None = None,
+          preserve: Sequence[str] | None = None, knobs: dict | None = None, seed: int = 0, judge: bool = True) -> int:
+    """One erase change of the diffusion ledger `root`: `method` (esd-x, esd-u, ac, uce) makes prompts naming
+    `concept` stop producing it; returns the change's id. `anchor`: what the concept should give instead
+    (default: a generic phrase of its kind; ESD ignores it); `preserve`: prompts UCE keeps (default: the
+    other concepts of its kind); `judge=False` erases a concept the judge does not know."""
+    return erasures.erase(root, concept, method, anchor=anchor, preserve=tuple(preserve) if preserve is not None else None,
+                          knobs=knobs, seed=seed, judge=judge)
+
+
 def generate(prompt: str, n: int = 16, seed: int = 0, steps: int = 25, guidance: float | None = None,
-             model: str = "embedded", out: str | Path = "grid.png") -> tuple[np.ndarray, Path]:
+             model: str = "embedded", out: str | Path = "grid.png", ledger: str | Path | None = None) -> tuple[np.ndarray, Path]:
     """`n` images of `prompt` from the text-to-image `model` (the diffusion family's names: embedded, a
     train_t2i.py checkpoint, a StableDiffusionPipeline folder or hub id), seeded DDIM with `steps` steps and
-    classifier-free `guidance` (None: the model's own, 3 embedded, 7.5 Stable Diffusion): uint8 (n, H, W, 3),
+    classifier-free `guidance` (None: the model's own, 3 embedded, 7.5 Stable Diffusion), or the current model
+    of the diffusion ledger `ledger` (after its erasures): uint8 (n, H, W, 3),
     and the path of their grid saved as the PNG `out`. A progress bar follows the denoising steps."""
     check_sampling([prompt], n, steps, guidance)  # bad input fails before the model loads
-    pipeline, _ = get_family("diffusion").build(ModelConfig(family="diffusion", name=model))
+    if ledger is not None:
+        book = Ledger.open(ledger)
+        book.require_operation("generate")
+        pipeline = book.materialize()
+    else:
+        pipeline, _ = get_family("diffusion").build(ModelConfig(family="diffusion", name=model))
     images = pipeline.sample([prompt], n=n, seed=seed, steps=steps, guidance=guidance, progress=True)
     return images, save_grid(images, out)
 

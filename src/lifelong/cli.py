@@ -12,6 +12,7 @@ from lifelong.data.edit_requests import EditRequest, Probe
 from lifelong.data.streams import PRESETS
 from lifelong.edit import EDITORS, editor_class
 from lifelong.edit.bench import load_bench_config, read_requests_file, run_bench
+from lifelong.erase import ERASERS
 from lifelong.errors import ConfigError, LifelongError
 from lifelong.families import FAMILIES, ledger_families
 from lifelong.learn import METHODS
@@ -42,6 +43,8 @@ knowledge editing of a causal LM (SmolLM2-135M-Instruct embedded):
 
 text-to-image (the embedded pixel-space model, or a Stable Diffusion folder / hub id):
   lifelong generate --prompt "a photo of a sneaker" -n 16 --seed 0 --out grid.png
+  lifelong init my-t2i --family diffusion         judge-rate probes of 12 concepts and the judge-FD
+  lifelong erase my-t2i --concept sneaker --method esd-x    a recorded, reversible erasure
 
 Overrides are key.path=value pairs (values parsed as YAML); unknown keys are errors that list the
 valid ones. User errors exit with code 2.
@@ -106,6 +109,8 @@ def main(argv: list[str] | None = None) -> int:
             return cmd_bench_edit(args)
         if args.command == "generate":
             return cmd_generate(args)
+        if args.command == "erase":
+            return cmd_erase(args)
         return LEDGER_COMMANDS[args.command](args)
     except LifelongError as e:
         print(f"error: {e}", file=sys.stderr)
@@ -154,7 +159,9 @@ def add_ledger_commands(sub) -> None:
     init = command("init", "start a ledger: a base model and the probes run after every change",
                    "Create DIR as a new ledger of MODEL and score the base model on its probes. A vlm ledger (the "
                    "default) takes `lifelong learn` changes; an lm ledger (--family lm, a causal LM) takes "
-                   "`lifelong edit --ledger DIR` changes and is probed by the edits in effect and held-out facts.")
+                   "`lifelong edit --ledger DIR` changes and is probed by the edits in effect and held-out facts; a "
+                   "diffusion ledger (a text-to-image model) takes `lifelong erase DIR` changes and is probed by the "
+                   "judge's rate of each probe concept in seeded samples, and the judge-FD to real images.")
     init.add_argument("dir", type=Path)
     init.add_argument("--family", default="vlm", help="the model family: " + "; ".join(
         f"{name}: {FAMILIES[name].summary}" for name in ledger_families()) + " (default vlm)")
@@ -170,8 +177,10 @@ def add_ledger_commands(sub) -> None:
                       "(runs code from the file: only for files you trust)")
     init.add_argument("--probe", action="append", metavar="SOURCE[:KEY=VALUE,...]",
                       help="a probe: a data source's test set, e.g. mnist or fashion-mnist:invert=true (repeatable; "
-                      "default: the five mtil-mini sources)")
-    init.add_argument("--probe-items", type=int, help="test images per probe (default 500); lm: held-out fact "
+                      "default: the five mtil-mini sources); diffusion: a concept the judge knows, e.g. object/sneaker "
+                      "(default: 12 concepts of every kind)")
+    init.add_argument("--probe-items", type=int, help="test images per probe (default 500); diffusion: seeded samples "
+                      "per concept (default 16); lm: held-out fact "
                       "prompts (default 50)")
 
     learn = command("learn", "one change: a method trained on a task, probed before and after",
@@ -236,8 +245,13 @@ def cmd_init(args) -> int:
     for probe in ledger.probes:
         score = ledger.manifest["baseline"].get(probe.name)
         prompts = getattr(probe, "prompts", None)
+        kind = getattr(probe, "kind", "")
         if score is None:
             shown = "no edits yet"
+        elif kind == "concept":
+            shown = f"{score:5.1f}% judge rate on {len(prompts)} seeded samples"
+        elif kind == "frechet":
+            shown = f"{score:7.3f} (judge-FD of all probe samples to real test images; lower is closer)"
         elif prompts is not None:
             shown = f"{score:5.1f}% agreement with the base model on {len(prompts)} prompts"
         else:
@@ -410,14 +424,55 @@ def add_generate_command(sub) -> None:
     gen.add_argument("--model", default="embedded", help="embedded (the project's model, default), a "
                      "scripts/train_t2i.py .safetensors checkpoint, a StableDiffusionPipeline folder or hub id, "
                      "tiny-embedded / tiny-sd (random, tests)")
+    gen.add_argument("--ledger", type=Path, metavar="DIR", help="sample the current model of this diffusion ledger "
+                     "(after its erasures) instead of --model")
     gen.add_argument("--out", type=Path, default=Path("grid.png"), help="the PNG grid to write (default grid.png)")
+
+    erase = sub.add_parser("erase", help="one change of a diffusion ledger: make the model stop drawing a concept",
+                           description="Erase CONCEPT from the current model of the diffusion ledger DIR with METHOD and "
+                           "record the change (the weights it moved, as an additive patch), with every probe's judge rate "
+                           "before and after; `lifelong revert DIR N` brings the concept back.",
+                           epilog=ERASE_EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
+    erase.add_argument("dir", type=Path, help="a diffusion ledger (`lifelong init DIR --family diffusion`)")
+    erase.add_argument("--concept", required=True, help="what to erase: an object, digit or clip-art name (sneaker, 7, "
+                       "flower), a type style (calligraphic: every letter in it), or a concept id (letter/A/serif/red)")
+    erase.add_argument("--method", default="esd-x", choices=list(ERASERS), help="esd-x (default): ESD on cross-attention; "
+                       "esd-u: ESD on the rest of the UNet; ac: Ablating Concepts (onto --anchor); uce: the closed-form "
+                       "edit of the cross-attention keys and values")
+    erase.add_argument("--anchor", help="what the concept should give instead (ac, uce; default: a generic phrase of "
+                       "its kind, e.g. 'a piece of clothing'; uce without it: the empty prompt)")
+    erase.add_argument("--preserve", action="append", metavar="PROMPT", help="a prompt whose output must stay (uce; "
+                       "repeatable; default: the other concepts of the same kind)")
+    erase.add_argument("--seed", type=int, default=0)
+    erase.add_argument("--no-judge", action="store_true", help="erase a concept the judge does not know (its own rate "
+                       "is then not measured; the other probes and the judge-FD are)")
+    erase.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="method knobs, e.g. iterations=100 lr=5e-5")
 
 
 def cmd_generate(args) -> int:
     images, out = api.generate(args.prompt, n=args.n, seed=args.seed, steps=args.steps, guidance=args.guidance,
-                               model=args.model, out=args.out)
+                               model=args.model, out=args.out, ledger=args.ledger)
     n, h, w, _ = images.shape
     print(f"wrote {out}: {n} image(s) of {args.prompt!r}, {w}x{h} each (seed {args.seed}, {args.steps} DDIM steps)")
+    return 0
+
+
+ERASE_EPILOG = """\
+examples:
+  lifelong init my-t2i --family diffusion                 the embedded model + judge-rate probes of 12 concepts
+  lifelong erase my-t2i --concept sneaker --method uce    seconds: a closed-form edit
+  lifelong erase my-t2i --concept calligraphic --method esd-x iterations=100
+  lifelong erase my-t2i --concept sneaker --method ac --anchor "sandal"
+  lifelong log my-t2i --matrix                            what each erasure did to every concept
+  lifelong revert my-t2i 1                                the concept back
+  lifelong generate --ledger my-t2i --prompt "a photo of a sneaker" --out erased.png
+"""
+
+
+def cmd_erase(args) -> int:
+    n = api.erase(args.dir, args.concept, args.method, anchor=args.anchor, preserve=args.preserve,
+                  knobs=api.parse_knobs(args.overrides), seed=args.seed, judge=not args.no_judge)
+    print(api.show(args.dir, n))
     return 0
 
 

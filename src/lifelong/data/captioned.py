@@ -405,3 +405,71 @@ def heldout_subject_pool(subject: str, split: str) -> tuple[np.ndarray, np.ndarr
         key = content_key("heldout", subject, split, _settings())
         pool = cached("t2i-pool", key, lambda: _as_tensors(*_clipart(split, [(99, HELDOUT_CLIPART[1])])))
     return pool["images"].numpy(), pool["concept_ids"].numpy(), concepts
+
+
+# --- finding concepts by what a user calls them ------------------------------------------------------
+
+
+def all_concepts() -> list[Concept]:
+    """The training concepts, then the held-out subjects' (which the embedded model never saw)."""
+    return training_concepts() + [c for s in HELDOUT_SUBJECTS for c in heldout_subject_concepts(s)]
+
+
+def find_concepts(text: str) -> list[Concept]:
+    """The concepts `text` names, case-insensitively: a concept id ("object/sneaker", "letter/A/serif/red"),
+    a digit or its word ("7", "seven"), a synonym of an object or clip-art category, training or held out
+    ("sneaker", "trainer", "running shoe", "flower"), or a type style's synonym, which names every letter
+    in that style ("calligraphic" -> the 32 calligraphic letters). [] when nothing matches."""
+    key = " ".join(text.lower().split())
+    if not key:
+        return []
+    concepts = all_concepts()
+    exact = [c for c in concepts if c.name.lower() == key]
+    if exact:
+        return exact
+    found = []
+    for c in concepts:
+        words = {n.lower() for n in c.names + c.heldout_names}
+        if c.kind == "digit":
+            words.add(c.attribute("digit"))
+        if c.kind == "letter-style":
+            words.add(c.attribute("style"))
+            words |= {f"{w} type" for w in list(words)}
+        if key in words:
+            found.append(c)
+    return found
+
+
+def concept_kind_word(concept: Concept) -> str:
+    """A generic phrase for the kind of `concept`: the default anchor an erasure maps it onto."""
+    return {"object": "a piece of clothing", "digit": "a handwritten digit", "letter-style": "a letter",
+            "clipart": "a drawing"}[concept.kind]
+
+
+def concept_images(names, split: str = "test", per_concept: int | None = None,
+                   seed: int = 0) -> tuple[np.ndarray, list[str]]:
+    """Real images of the concepts called `names` (training concepts or held-out subjects) from `split`:
+    uint8 (N, 32, 32, 3) and each image's concept name, concept by concept; at most `per_concept` each
+    (drawn with `seed`), all when None."""
+    wanted = list(dict.fromkeys(names))
+    pools = {}
+    by_name = {c.name: c for c in training_concepts()}
+    held = {c.name: s for s in HELDOUT_SUBJECTS for c in heldout_subject_concepts(s)}
+    unknown = [n for n in wanted if n not in by_name and n not in held]
+    if unknown:
+        raise ValueError(f"no real images of {unknown[:3]}: not concepts of the captioned pools")
+    rng = np.random.default_rng(seed)
+    images, labels = [], []
+    for name in wanted:
+        source = held.get(name, "train-pool")
+        if source not in pools:
+            pools[source] = load_pool(split) if source == "train-pool" else heldout_subject_pool(source, split)
+        pool_images, ids, concepts = pools[source]
+        index = next(i for i, c in enumerate(concepts) if c.name == name)
+        rows = np.flatnonzero(ids == index)
+        if per_concept is not None and len(rows) > per_concept:
+            rows = np.sort(rng.choice(rows, per_concept, replace=False))
+        images.append(pool_images[rows])
+        labels += [name] * len(rows)
+    empty = np.zeros((0, SIZE, SIZE, 3), np.uint8)
+    return (np.concatenate(images) if images else empty), labels

@@ -109,10 +109,11 @@ FAMILIES: dict[str, Family] = {
     "diffusion": FamilySpec(
         name="diffusion", summary="a text-to-image diffusion model (the embedded pixel-space UNet, or any diffusers "
         "StableDiffusionPipeline)",
-        operations=frozenset({"generate"}), probe_kind="images-generated", score_unit="judge rate %",
+        operations=frozenset({"generate", "erase"}), probe_kind="images-generated",
+        score_unit="judge rate % (judge-FD: lower is closer to real images)",
         build_fn=diffusion.build, fingerprint_fn=diffusion.fingerprint,
         export_fn=lambda model, tokenizer, out: model.export(out),
-        validate_fn=diffusion.validate_config, tiny_name="tiny-embedded", ledger=False,  # until its judge probes exist
+        validate_fn=diffusion.validate_config, tiny_name="tiny-embedded",
     ),
 }
 

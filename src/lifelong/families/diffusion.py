@@ -67,14 +67,18 @@ class TextStates:
         return TextStates(torch.cat([p.hidden for p in parts]), mask)
 
 
-class TextToImage:
+class TextToImage(nn.Module):
     """Tokenizer + text encoder + UNet + DDIM scheduler (+ VAE for latent models). The text encoder and
-    VAE are frozen; the UNet's parameters train unless `add_lora` freezes them."""
+    VAE are frozen; the UNet's parameters train unless `add_lora` freezes them.
+
+    An nn.Module over its networks, so that a ledger's patches name parameters as `unet.<name>` and
+    `text_encoder.<name>` (`named_parameters`, `state_dict`) like any other model's."""
 
     def __init__(self, tokenizer, text_encoder: nn.Module, unet: nn.Module, scheduler, vae: nn.Module | None = None,
                  *, text_attention_mask: bool = False, guidance: float = SD_GUIDANCE):
-        self.tokenizer, self.text_encoder, self.unet, self.scheduler = tokenizer, text_encoder, unet, scheduler
-        self.vae = vae
+        super().__init__()
+        self.tokenizer, self.scheduler = tokenizer, scheduler
+        self.text_encoder, self.unet, self.vae = text_encoder, unet, vae
         self.text_attention_mask = text_attention_mask
         self.guidance = guidance  # the default classifier-free guidance scale of `sample`
         self._states: dict[str, TextStates] = {}  # prompt -> its (1, T, D) states while the text encoder is frozen
@@ -86,6 +90,12 @@ class TextToImage:
     @property
     def device(self) -> torch.device:
         return self.unet.device
+
+    def train(self, mode: bool = True) -> TextToImage:
+        """Only the UNet switches mode: the frozen text encoder and VAE stay in eval (no dropout)."""
+        self.training = mode
+        self.unet.train(mode)
+        return self
 
     # -- where the layers are
 
@@ -198,16 +208,26 @@ class TextToImage:
         for start in batches:
             x = noise[start : start + batch_size].to(self.device) * sampler.init_noise_sigma
             b = len(x)
-            both = TextStates.cat([uncond[[0] * b], cond[start : start + b]])  # (2b, T, D): "" then the prompts
-            for t in sampler.timesteps:
-                pred = self.noise_prediction(sampler.scale_model_input(torch.cat([x, x]), t), t, both)  # (2b, C, h, w)
-                pred_uncond, pred_text = pred.chunk(2)
-                x = sampler.step(pred_uncond + guidance * (pred_text - pred_uncond), t, x).prev_sample
-                bar.update()
+            x = self.denoise(x, cond[start : start + b], uncond, sampler, sampler.timesteps, guidance, bar.update)
             images.append(self.decode(x))
         bar.close()
         self.unet.train(was_training)
         return np.concatenate(images)
+
+    def denoise(self, x: torch.Tensor, cond: TextStates, uncond: TextStates, sampler, timesteps, guidance: float,
+                after_step=None) -> torch.Tensor:
+        """DDIM steps of `sampler` (set_timesteps done) at `timesteps` (a prefix of sampler.timesteps to stop
+        early, as ESD does to draw its x_t) from x (b, C, h, w), with classifier-free guidance between `cond`
+        (b rows) and `uncond` (1 row). Gradients flow only if the caller enables them."""
+        b = len(x)
+        both = TextStates.cat([uncond[[0] * b], cond])  # (2b, T, D): "" then the prompts
+        for t in timesteps:
+            pred = self.noise_prediction(sampler.scale_model_input(torch.cat([x, x]), t), t, both)  # (2b, C, h, w)
+            pred_uncond, pred_text = pred.chunk(2)
+            x = sampler.step(pred_uncond + guidance * (pred_text - pred_uncond), t, x).prev_sample
+            if after_step is not None:
+                after_step()
+        return x
 
     # -- adapters and export
 

@@ -25,15 +25,28 @@ import random
 from dataclasses import asdict, dataclass, field
 from functools import lru_cache
 
+import numpy as np
 import torch
 
+from lifelong.data import captioned
 from lifelong.data.base import ImageDataset
 from lifelong.data.edit_requests import EditRequest
 from lifelong.data.edit_requests import Probe as TextProbe
 from lifelong.data.sources import load_source
 from lifelong.edit.requests import candidate_facts, fact_prompts
 from lifelong.loop import count_correct, stem_outputs
-from lifelong.metrics.editing import base_predictions, generate, probe_key, score_requests
+from lifelong.metrics.editing import (
+    base_predictions,
+    generate,
+    probe_key,
+    score_requests,
+)
+from lifelong.metrics.judge import (
+    frechet_distance,
+    judge_features,
+    load_judge,
+    predicted_concepts,
+)
 
 # The held-out zero-shot suite a new ledger gets when `lifelong init` names no probe: the test sets of
 # the five mtil-mini sources, as that stream uses them.
@@ -188,5 +201,89 @@ def _keys(probe: FactProbe) -> list[str]:
     return [probe_key(p, a) for p, a in zip(probe.prompts, probe.answers)]
 
 
+# ----------------------------------------------------------------------------- diffusion ledgers
+
+# The concepts a new diffusion ledger probes when `lifelong init` names none: every kind, and the close
+# objects (sneaker, sandal, ankle boot) that an erasure of one of them must keep.
+DEFAULT_CONCEPTS = ("object/sneaker", "object/sandal", "object/ankle boot", "object/dress", "object/bag", "digit/3",
+                    "digit/7", "letter/A/calligraphic/black", "letter/R/serif/red", "clipart/flower",
+                    "clipart/house", "clipart/fruit")
+JUDGE_FD = "judge-FD"
+REAL_PER_CONCEPT = 200  # real test images per concept behind the judge-FD probe
+
+
+@dataclass(frozen=True)
+class ConceptProbe:
+    """A probe of a diffusion ledger.
+
+    kind "concept": one image per prompt in `prompts` (DDIM, `steps`, the model's default guidance, all
+    noise drawn from `seed`), scored by the judge (lifelong.metrics.judge): the % of images in which it sees
+    the concept in `targets` (the concept each prompt names). The same seed every time, so two models'
+    scores differ only by their weights.
+    kind "frechet": the judge-FD (FID-style Frechet distance on the judge's penultimate features, not
+    Inception-FID) between the images of every concept probe and up to REAL_PER_CONCEPT real test images of
+    each of their concepts: how far the generated distribution is from the real one (lower is closer)."""
+
+    name: str
+    kind: str  # "concept" or "frechet"
+    prompts: tuple[str, ...] = ()
+    targets: tuple[str, ...] = ()
+    seed: int = 0
+    steps: int = 25
+    origin: str = "init"
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, raw: dict) -> ConceptProbe:
+        return cls(**{**raw, "prompts": tuple(raw.get("prompts", ())), "targets": tuple(raw.get("targets", ()))})
+
+
+def concept_probe(name: str, concepts, n: int = 16, seed: int = 0, steps: int = 25, origin: str = "init") -> ConceptProbe:
+    """A probe of `n` images of the concepts called `concepts` (round robin), each from one of that
+    concept's training captions (cycled)."""
+    by_name = {c.name: c for c in captioned.all_concepts()}
+    unknown = [c for c in concepts if c not in by_name]
+    if unknown:
+        raise ValueError(f"{', '.join(map(repr, unknown))}: not concepts the judge knows (e.g. "
+                         f"{', '.join(DEFAULT_CONCEPTS[:4])}; `lifelong.data.captioned.all_concepts()` lists them)")
+    captions = {c: captioned.train_captions(by_name[c]) for c in concepts}
+    targets = [concepts[i % len(concepts)] for i in range(n)]
+    prompts = [captions[t][(i // len(concepts)) % len(captions[t])] for i, t in enumerate(targets)]
+    return ConceptProbe(name=name, kind="concept", prompts=tuple(prompts), targets=tuple(targets), seed=seed,
+                        steps=steps, origin=origin)
+
+
+def concept_probes(concepts=DEFAULT_CONCEPTS, n: int = 16, seed: int = 0, steps: int = 25) -> list[ConceptProbe]:
+    """A probe per concept (named by it), then the judge-FD over all of them."""
+    probes = [concept_probe(name, (name,), n, seed, steps) for name in dict.fromkeys(concepts)]
+    return probes + [ConceptProbe(name=JUDGE_FD, kind="frechet", seed=seed)]
+
+
+def concept_probe_images(model, probe: ConceptProbe, batch_size: int = 64):
+    """The probe's seeded samples from `model`: uint8 (len(prompts), H, W, 3)."""
+    return model.sample(list(probe.prompts), n=1, seed=probe.seed, steps=probe.steps, batch_size=batch_size)
+
+
+@torch.no_grad()
+def run_concept_probes(model, probes: list[ConceptProbe], judge=None) -> dict[str, float]:
+    """Every probe's score on the text-to-image `model`: judge rates (%) and the judge-FD."""
+    judge = judge if judge is not None else load_judge()
+    scores, images, targets = {}, [], []
+    for probe in (p for p in probes if p.kind == "concept"):
+        generated = concept_probe_images(model, probe)
+        seen = predicted_concepts(judge, generated)
+        scores[probe.name] = 100.0 * float(np.mean([s == t for s, t in zip(seen, probe.targets)]))
+        images.append(generated)
+        targets += probe.targets
+    for probe in (p for p in probes if p.kind == "frechet"):
+        if images:
+            real, _ = captioned.concept_images(list(dict.fromkeys(targets)), "test", per_concept=REAL_PER_CONCEPT,
+                                               seed=probe.seed)
+            scores[probe.name] = frechet_distance(judge_features(judge, real), judge_features(judge, np.concatenate(images)))
+    return scores
+
+
 # The probe classes by a family's `probe_kind`: what a ledger of that family registers and runs.
-PROBE_KINDS = {"images": Probe, "facts": FactProbe}
+PROBE_KINDS = {"images": Probe, "facts": FactProbe, "images-generated": ConceptProbe}

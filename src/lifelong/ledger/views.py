@@ -32,11 +32,12 @@ LOG_COLUMNS = [
 
 
 def log_rows(ledger: Ledger) -> list[dict]:
+    apart = {p.name for p in ledger.probes if getattr(p, "kind", "") == "frechet"}  # another unit: not averaged
     rows = []
     for c in ledger.changes:
-        own = c["data"]["task"] if c["kind"] == "learn" else None
+        own = c["data"]["task"] if c["kind"] in ("learn", "erase") else None
         before, after = c["probes_before"], c["probes_after"]
-        others = [p for p in after if p != own and p in before]
+        others = [p for p in after if p != own and p in before and p not in apart]
         if "own_before" in c:  # an lm ledger's change: its own requests' reliability (%)
             own_arrow = _arrow(*(100 * c[k]["reliability_token"] for k in ("own_before", "own_after")))
         else:
@@ -104,15 +105,18 @@ def format_log(ledger: Ledger, markdown: bool = False) -> str:
     base = ledger.manifest["base"]
     head = (f"ledger {ledger.root}: {ledger.manifest['family']} model {base['name']!r} "
             f"(base SHA-256 {base['sha256'][:12]}), {len(ledger.changes)} change(s), {len(ledger.probes)} probe(s)")
-    lm = ledger.family_spec.probe_kind == "facts"
+    kind = ledger.family_spec.probe_kind
     if not ledger.changes:
-        how = "`lifelong edit --ledger DIR --method ft_l --prompt ... --target ...`" if lm else \
-            "`lifelong learn DIR --task SOURCE`"
+        how = {"facts": "`lifelong edit --ledger DIR --method ft_l --prompt ... --target ...`",
+               "images-generated": "`lifelong erase DIR --concept CONCEPT`"}.get(kind, "`lifelong learn DIR --task SOURCE`")
         return head + f"\nno changes yet: {how} adds one"
-    note = ("(scores: token-level accuracy %, EasyEdit convention; `own task`: reliability on the change's own "
-            "edit requests (a revert: the reverted change's); other probes: the edits in effect before the change, "
-            "and agreement with the base model on held-out facts)") if lm else \
-        "(probe scores: top-1 accuracy %; `own task`: the probe of the change's own task)"
+    note = {"facts": "(scores: token-level accuracy %, EasyEdit convention; `own task`: reliability on the change's own "
+                     "edit requests (a revert: the reverted change's); other probes: the edits in effect before the "
+                     "change, and agreement with the base model on held-out facts)",
+            "images-generated": "(probe scores: judge rate %, the share of seeded samples in which the judge sees the "
+                                "prompted concept; `own task`: the erased concept's; other probes: the mean judge rate of "
+                                "the other concepts; judge-FD, not averaged: `lifelong log --matrix`)",
+            }.get(kind, "(probe scores: top-1 accuracy %; `own task`: the probe of the change's own task)")
     return head + "\n" + format_table(log_rows(ledger), LOG_COLUMNS, markdown=markdown) + "\n" + note
 
 
@@ -126,6 +130,14 @@ def format_change(ledger: Ledger, n: int) -> str:
             lines.append(f"  request    {r['prompt']!r} -> {r['target_new']!r}"
                          + (f" (+{len(r['paraphrases'])} paraphrases)" if r["paraphrases"] else "")
                          + (f" (+{len(r['locality'])} locality)" if r["locality"] else ""))
+    elif c["kind"] == "erase":
+        r = c["request"]
+        lines.append(f"  method     {c['method']} {json.dumps(c['knobs'])}  seed {c['seed']}")
+        lines.append(f"  concept    {r['concept']!r}: judged as {', '.join(r['judged']) or '- (--no-judge)'}")
+        lines.append(f"  prompts    {', '.join(map(repr, r['prompts']))}")
+        lines.append(f"  anchor     {r['anchor']!r}" + (f"; preserved {', '.join(map(repr, r['preserve']))}"
+                                                      if r["preserve"] else ""))
+        lines.append("  stats      " + ", ".join(f"{k} {v:.4g}" for k, v in c["stats"].items()))
     elif c["kind"] == "learn":
         spec = c["spec"]
         lines.append(f"  task       {c['data']['task']} ({c['data']['source']}, {c['data']['train_items']} training images, "
@@ -141,7 +153,7 @@ def format_change(ledger: Ledger, n: int) -> str:
             lines.append(f"  exact      {'yes' if c['exact'] else 'no: later edits in effect were made on top of it'}")
     cost = c["cost"]
     spent = (f"{cost['prepare_seconds']:.1f} s preparing the editor, {cost['edit_seconds']:.1f} s editing"
-             if c["kind"] == "edit" else f"{cost['train_seconds']:.1f} s training")
+             if c["kind"] == "edit" else f"{cost['train_seconds']:.1f} s {'erasing' if c['kind'] == 'erase' else 'training'}")
     module = c["kind"] == "edit" and c.get("method_states")  # a module editor (GRACE, T-Patcher): its state
     changed = "trainable params" if c["kind"] != "edit" else "numbers in its module's state" if module else \
         "numbers in the patch"

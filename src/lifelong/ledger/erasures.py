@@ -1,0 +1,134 @@
+"""The changes of a diffusion ledger: concept erasures of a text-to-image model, each one reversible change.
+
+    lifelong init DIR --family diffusion                   base model + its concept probes (probes.concept_probes)
+    lifelong erase DIR --concept sneaker --method esd-x    one `erase` change
+
+A diffusion ledger's probes are judge rates (%) of seeded samples of a set of concepts (default: every
+kind, with the close objects sneaker, sandal and ankle boot) and the judge-FD of all their samples
+against real images (lower is closer). An erase change runs one eraser (lifelong.erase) on the ledger's
+current model and records: the method and its resolved knobs, the request (the prompts it erased, the
+anchor, the preserved prompts, the judge's concepts it covers), the eraser's statistics, the patch (the
+weights it changed, as additive deltas), the cost, and every probe before and after. The erased concept
+gets a probe of its own when no probe covers it exactly (its `data.task`, the log's "own task" column).
+
+A revert subtracts the change's patch: exact when no later change is in effect (the record says so).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import time
+from pathlib import Path
+
+from lifelong.config import ModelConfig
+from lifelong.erase import build_eraser, erase_request, eraser_params
+from lifelong.errors import ConfigError, LedgerError
+from lifelong.ledger.core import Ledger
+from lifelong.ledger.patch import apply_patch, negate, patch_from_model, patch_numel
+from lifelong.ledger.probes import DEFAULT_CONCEPTS, concept_probe, concept_probes, run_concept_probes, unique_name
+from lifelong.ledger.store import LedgerLock
+from lifelong.metrics.cost import PeakMemory, count_parameters
+
+
+def create_diffusion_ledger(root: str | Path, name: str = "embedded", concepts=None, n: int = 16,
+                            seed: int = 0) -> Ledger:
+    """A new diffusion ledger of the text-to-image model `name` (build_pipeline), its probes scored on the base."""
+    if n < 1:
+        raise ConfigError(f"--probe-items {n}: each concept probe needs at least one image")
+    try:
+        probes = concept_probes(tuple(concepts) if concepts else DEFAULT_CONCEPTS, n=n, seed=seed)
+    except ValueError as e:
+        raise ConfigError(f"--probe: {e}") from None
+    ledger = Ledger.create(root, ModelConfig(family="diffusion", name=name), probes)
+    ledger.record_baseline(run_concept_probes(ledger.materialize(), ledger.probes))
+    return ledger
+
+
+def erase(root: str | Path, concept: str, method: str = "esd-x", *, anchor: str | None = None,
+          preserve: tuple[str, ...] | None = None, knobs: dict | None = None, seed: int = 0, judge: bool = True,
+          progress: bool = True) -> int:
+    """One erase change on the ledger at `root`; returns its id. Everything is checked before any work."""
+    ledger = Ledger.open(root)
+    ledger.require_operation("erase")
+    request = erase_request(concept, anchor, preserve, judge=judge, seed=seed)
+    params = eraser_params(method, knobs)
+    eraser = build_eraser(method, knobs)
+    if method == "ac" and not request.anchor.strip():
+        raise ConfigError(f"--method ac maps {concept!r} onto an anchor concept: give one with --anchor")
+    with LedgerLock(Path(root), "lifelong erase"):
+        ledger = Ledger.open(root)
+        n = ledger.next_id()
+        own, new_probes = _own_probe(ledger, request, n)
+        t_start = time.perf_counter()
+        model = ledger.materialize()
+        before = ledger.current_scores()
+        if new_probes:
+            before.update(run_concept_probes(model, new_probes))
+        weights = {k: p.detach().clone() for k, p in model.named_parameters()}
+        with PeakMemory() as memory:
+            t0 = time.perf_counter()
+            stats = eraser.erase(model, request, seed=seed, progress=progress)
+            erase_seconds = time.perf_counter() - t0
+        patch = patch_from_model(model, weights)
+        after = run_concept_probes(model, ledger.probes + new_probes)
+        record = {
+            "id": n,
+            "kind": "erase",
+            "method": method,
+            "label": method,
+            "knobs": dataclasses.asdict(params),
+            "seed": seed,
+            "request": dataclasses.asdict(request),
+            "stats": stats,
+            "data": {"task": own or "-", "classes": list(request.judged)},
+            "probes_before": before,
+            "probes_after": after,
+            "cost": {"train_seconds": erase_seconds, "wall_seconds": time.perf_counter() - t_start,
+                     "peak_rss_mb": memory.peak_mb, "trainable_params": int(stats.get("trainable_params", 0)),
+                     "patch_numel": patch_numel(patch), "total_params": count_parameters(model)[1]},
+        }
+        return ledger.commit(record, patch, {}, new_probes=new_probes)
+
+
+def _own_probe(ledger: Ledger, request, n: int):
+    """(the name of the probe that measures the erased concept, [a new probe for it if none does])."""
+    if not request.judged:
+        return None, []
+    for probe in ledger.probes:
+        if probe.kind == "concept" and set(probe.targets) == set(request.judged):
+            return probe.name, []
+    name = unique_name(f"erased: {request.concept}", {p.name for p in ledger.probes})
+    spec = ledger.probes[0]
+    probe = concept_probe(name, request.judged, n=max(len(spec.prompts), len(request.judged)), seed=spec.seed,
+                          steps=spec.steps, origin=f"change {n}")
+    return name, [probe]
+
+
+def revert_erase(ledger: Ledger, n: int, strategy: str) -> int:
+    """Record a change that subtracts erase change `n`'s patch (the caller holds the lock); its id."""
+    if strategy == "replay":
+        raise LedgerError(f"change {n} is an erasure: it is reverted by subtracting its patch (--strategy subtract "
+                          "or auto); replay retrains learn changes")
+    gone = ledger.reverted_ids()
+    later = [c["id"] for c in ledger.changes if c["id"] > n and c["id"] not in gone and c["kind"] != "revert"]
+    t_start = time.perf_counter()
+    model = ledger.materialize()
+    with PeakMemory() as memory:
+        patch = negate(ledger.patch(n))
+        apply_patch(model, patch, where=f"revert of change {n}")
+    record = {
+        "id": ledger.next_id(),
+        "kind": "revert",
+        "reverts": n,
+        "strategy": "subtract",
+        "replayed": [],
+        "exact": not later,  # False: later changes in effect were made on top of change n
+        "method": "-",
+        "label": "-",
+        "data": {"task": f"change {n}", "classes": []},
+        "probes_before": ledger.current_scores(),
+        "probes_after": run_concept_probes(model, ledger.probes),
+        "cost": {"train_seconds": 0.0, "wall_seconds": time.perf_counter() - t_start, "peak_rss_mb": memory.peak_mb,
+                 "trainable_params": 0, "total_params": count_parameters(model)[1]},
+    }
+    return ledger.commit(record, patch, {})
