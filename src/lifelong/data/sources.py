@@ -26,6 +26,7 @@ from lifelong.data.builtin import load_digits, load_fashion_mnist, load_lfw, loa
 from lifelong.data.glyphs import load_glyphs
 from lifelong.data.hf import load_hf
 from lifelong.data.imagefolder import load_imagefolder
+from lifelong.data.openclipart import load_openclipart
 from lifelong.data.splits import subsample_indices, to_rgb_uint8
 from lifelong.errors import ConfigError
 
@@ -51,6 +52,8 @@ SOURCES: dict[str, Source] = {
     "digits": Source(load_digits, "scikit-learn digits, 8x8 gray, fixed 1,347 / 450"),
     "lfw": Source(load_lfw, "scikit-image LFW subset, 25x25 gray faces vs background, fixed 140 / 60"),
     "glyphs": Source(load_glyphs, "letters rendered from matplotlib's 23 fonts; test fonts unseen in train"),
+    "openclipart": Source(load_openclipart, "Debian openclipart-png drawings, 5 classes per group of category folders; "
+                          "fixed 80/20 split by file"),
     "imagefolder": Source(load_imagefolder, "root/<class>/<image> folders of your own images"),
     "hf": Source(load_hf, "a Hugging Face `datasets` image-classification dataset (hub or local)"),
 }
@@ -111,9 +114,12 @@ def _class_ids(name: str, classes: Sequence[int | str], class_names: tuple[str, 
 
 
 def default_task_name(source: str, options: dict) -> str:
-    """The name a task of `source` gets when none is given: an image folder's own name, else the source's."""
+    """The name a task of `source` gets when none is given: an image folder's own name, an openclipart
+    group's (clipart-animals, ...), else the source's."""
     if source == "imagefolder" and options.get("root"):
         return Path(str(options["root"])).expanduser().resolve().name or source
+    if source == "openclipart":
+        return f"clipart-{options.get('group', 'animals')}"
     return source
 
 

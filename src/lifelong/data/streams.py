@@ -67,6 +67,16 @@ PRESETS: dict[str, dict] = {
         {"source": "glyphs", "train_items": 1000, "test_items": 500, "options": {"invert": True}},
         {"source": "digits", "train_items": 1000, "test_items": 500, "options": {"invert": True}},
     ]},
+    # A longer stream, closer to MTIL's eleven datasets: mtil-mini's five tasks, then five groups of
+    # openclipart drawings (Debian openclipart-png; lifelong.data.openclipart), 10 tasks in all.
+    "mtil-long": {"name": "mtil-long", "scenario": "task", "seed": 0, "tasks": [
+        {"source": "fashion-mnist", "train_items": 1000, "test_items": 500, "options": {"invert": True}},
+        {"source": "mnist", "train_items": 1000, "test_items": 500, "options": {"invert": True}},
+        {"source": "lfw"},
+        {"source": "glyphs", "train_items": 1000, "test_items": 500, "options": {"invert": True}},
+        {"source": "digits", "train_items": 1000, "test_items": 500, "options": {"invert": True}},
+        *({"source": "openclipart", "options": {"group": group}} for group in ("animals", "food", "signs", "leisure", "nature")),
+    ]},
     # Fashion-MNIST in 5 tasks of 2 classes, (0, 1), (2, 3), ..., class-incremental.
     "split-fashion-mnist": {"name": "split-fashion-mnist", "scenario": "class", "seed": 0,
                             "tasks": _split_fashion_mnist_tasks()},

@@ -21,6 +21,7 @@ code does. Both compute the same losses (tested to 1e-5); benchmarks/cached_teac
 Deviations from the paper and its code:
 - Reference images: `reference_images` (1000) seeded crops of real photographs
   (lifelong.data.reference), not 100k ImageNet training images; batches of 64 as in the official config.
+  `reference_set: photos+openclipart`: half of them openclipart drawings from folders no task uses.
 - The distillation terms are per-sample means of s_i d_i, as the paper writes them. The official code
   multiplies a (B, 1) score column by a (B,) distance row, so its mean is mean(s) * mean(d).
 - Reference batches come from a generator seeded with (a seed drawn from torch's global RNG at
@@ -40,6 +41,7 @@ from lifelong.learn.common import Batch, TaskData, classification_loss
 from lifelong.learn.zscl import (
     ReferenceImages,
     batch_generator,
+    check_reference_set,
     check_reference_sizes,
     draw_seed,
     embed_images,
@@ -60,9 +62,11 @@ class Params:
     reference_images: int = 1000  # paper: 100k ImageNet training images
     reference_batch_size: int = 64
     reference_seed: int = 0
+    reference_set: str = "photos"  # or "photos+openclipart" (lifelong.data.reference)
     cache_teacher: bool = True
 
     def __post_init__(self) -> None:
+        check_reference_set("select_distill", self.reference_set)
         if self.prev_weight < 0 or self.pretrained_weight < 0:
             raise ConfigError(f"select_distill prev_weight and pretrained_weight must be >= 0, got {self.prev_weight} "
                               f"and {self.pretrained_weight} (paper: 9 and 0.5)")
@@ -160,7 +164,8 @@ class SelectAndDistill:
     # -- helpers ------------------------------------------------------------------------------
     def _references(self, model) -> ReferenceImages:
         if self._reference is None:
-            self._reference = load_reference_images(model, self.params.reference_images, self.params.reference_seed)
+            self._reference = load_reference_images(model, self.params.reference_images, self.params.reference_seed,
+                                                    self.params.reference_set)
         return self._reference
 
     def _teacher_features(self, model, reference: ReferenceImages, index: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
