@@ -5,7 +5,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test test-all setup system-data heads bench results clean
+.PHONY: demo test test-all setup system-data heads bench results results-long clean
 
 demo: $(STAMP) system-data
 	$(BIN)/lifelong demo
@@ -47,6 +47,10 @@ bench: $(STAMP) system-data
 # Every continual-learning method on mtil-mini in 3 cyclic task orders (configs/mtil_all.yaml).
 results: $(STAMP) system-data
 	$(BIN)/lifelong run configs/mtil_all.yaml
+
+# The longer stream (10 tasks: mtil-mini + 5 openclipart groups), one order (configs/mtil_long.yaml).
+results-long: $(STAMP) system-data
+	$(BIN)/lifelong run configs/mtil_long.yaml
 
 clean:
 	rm -rf $(VENV) runs .pytest_cache
