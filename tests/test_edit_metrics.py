@@ -272,3 +272,50 @@ def test_every_editing_metric_pinned_on_a_table_model(tok):
     h2 = -(2 / 3 * math.log2(2 / 3) + 1 / 3 * math.log2(1 / 3))  # bigrams (Lyon,is) x2, (is,Lyon)
     h3 = 1.0                                                    # trigrams (Lyon,is,Lyon), (is,Lyon,is)
     assert fluency(fT, tok, [r.prompt], max_new_tokens=6) == pytest.approx((2 / 3 * h2 + 4 / 3 * h3) / 2)
+
+
+def test_generation_scores_pinned_on_a_table_model(tok):
+    """Greedy decoding of f_T, by hand (row by row of the table, k + 5 tokens, token 0 = end of text):
+      prompt "... is"      -> " Lyon is Lyon is"       exact 1, contains 1
+      paraphrase "... in"  -> " Paris-"                 exact 0, contains 0
+      "... capital of"     -> " France"                 exact 1 (" France"), contains 1
+      "Which city?"        -> " Paris-"                 " Paris." normalised is "paris": exact 1, contains 1
+    locality: f_0 and f_T continue "Italy is" differently (" Paris-" / " Lyon is ..."), the three others alike."""
+    from lifelong.metrics.editing import base_generations, gen_contains, gen_exact, generation_scores
+
+    f0, fT = _tables(tok)
+    r = _pinned_request()
+    base = base_generations(f0, tok, [r])
+    out = generation_scores(fT, tok, [r], base, per_request=True)
+    assert out["per_request_gen"][0] == {
+        "reliability_gen_exact": 1.0, "reliability_gen_contains": 1.0,
+        "generality_gen_exact": 0.5, "generality_gen_contains": 0.5,
+        "portability_gen_exact": 1.0, "portability_gen_contains": 1.0,
+        "locality_gen": 0.75}
+    assert out["gen_chat"] == 0.0  # the tiny tokenizer has no chat template
+    unedited = generation_scores(f0, tok, [r], base)
+    assert unedited["locality_gen"] == 1.0 and unedited["reliability_gen_exact"] == 0.0
+
+    # the two matches on text
+    assert gen_exact(" Lyon, of course", " Lyon") == 1.0 and gen_exact(" Lyons", " Lyon") == 0.0
+    assert gen_contains(" It is Lyon.", " Lyon") == 1.0 and gen_exact(" It is Lyon.", " Lyon") == 0.0
+    assert gen_contains(" Lyonnais", " Lyon") == 0.0 and gen_contains(" the  SOUTH america", "South America") == 1.0
+
+
+def test_generation_uses_the_chat_template_when_asked(tok):
+    """With `chat`, the prompt is the user's turn and the answer the assistant's reply."""
+    import copy
+
+    from lifelong.metrics.editing import as_chat, generation_scores
+
+    chat_tok = copy.deepcopy(tok)
+    chat_tok.chat_template = "{% for m in messages %}Q: {{ m['content'] }}{% endfor %}{% if add_generation_prompt %} A:{% endif %}"
+    assert as_chat(chat_tok, "Which city?") == "Q: Which city? A:" and as_chat(tok, "Which city?") == "Which city?"
+    lm = GreedyTableLM(len(tok))
+    (colon,), (lyon,) = ids(tok, ":")[-1:], ids(tok, "Lyon")
+    with torch.no_grad():  # after "A:" the model says "Lyon"; after "?" it says nothing useful
+        lm.table[colon, lyon] = 5.0
+    r = EditRequest(prompt="Which city?", target_new="Lyon", subject="x")
+    assert generation_scores(lm, chat_tok, [r], chat=True)["reliability_gen_exact"] == 1.0
+    assert generation_scores(lm, chat_tok, [r], chat=False)["reliability_gen_exact"] == 0.0
+    assert generation_scores(lm, chat_tok, [r], chat=True)["gen_chat"] == 1.0

@@ -81,12 +81,17 @@ def test_bench_writes_the_sweep_and_skips_what_exceeds_the_budget(tmp_path, tiny
                                       f"output_dir={tmp_path}", "name=sweep", "knobs={grace: {eps: 0.05, steps: 40}}"])
     out = run_bench(config)
     results = json.loads((out / "results.json").read_text())
-    assert set(results["methods"]) == {"grace", "ft_m"}
+    assert set(results["methods"]) == {"unedited", "grace", "ft_m"}  # f_0's pre-edit rows first
     for rows in results["methods"].values():
         assert [r["T"] for r in rows["lifelong"]] == [1, 3]
         assert rows["single"]["n_requests"] == 2
         assert all("reliability_token" in r and "reliability_cf" in r and "seconds_per_edit" in r for r in rows["lifelong"])
+        assert all("reliability_gen_exact" in r and "reliability_gen_contains" in r and r["locality_gen"] is not None
+                   for r in rows["lifelong"])  # evaluation by generation beside the teacher-forced metrics
+    pre = results["methods"]["unedited"]["lifelong"][1]
+    assert pre["protocol"] == "pre-edit" and pre["locality_token"] == 1.0 and pre["locality_gen"] == 1.0
     assert "| grace | lifelong | 3 |" in (out / "summary.md").read_text()
+    assert "| unedited | pre-edit | 3 |" in (out / "summary.md").read_text()
     assert (out / "metrics_vs_T.png").stat().st_size > 0
 
     tight = load_bench_config(None, [f"model={tiny_folder}", "methods=[grace]", "T=[1, 1000]", "single_n=1",

@@ -16,6 +16,7 @@ from lifelong.edit import EDITORS as REGISTERED
 from lifelong.edit import EditRequest, editor_class, editor_params
 from lifelong.edit.base import EditorProtocol
 from lifelong.families.lm import target_batch, target_nll, tiny_lm
+from lifelong.metrics.editing import prompt_ends, prompt_ends_of
 
 ARCHS = ("llama", "gpt2")
 # Every registered editor meets the contract tests below (reset, seed, bad input, knobs, protocol); the
@@ -86,8 +87,14 @@ def batch_of(tok, *pairs):
 
 
 def logits(model, batch):
-    with torch.no_grad():
+    """Teacher-forced logits; the batch declares where each prompt ends (GRACE queries there)."""
+    with torch.no_grad(), prompt_ends(prompt_ends_of(batch.labels)):
         return model(input_ids=batch.input_ids, attention_mask=batch.attention_mask).logits
+
+
+def nll(model, batch) -> float:
+    with torch.no_grad(), prompt_ends(prompt_ends_of(batch.labels)):
+        return target_nll(model, batch).item()
 
 
 def predicted_targets(model, batch, row=0):
@@ -104,13 +111,11 @@ def predicted_targets(model, batch, row=0):
 def test_edit_holds(tiny, name, arch):
     model, tok = tiny(arch)
     batch = batch_of(tok, (EDIT.prompt, EDIT.target_new))
-    with torch.no_grad():
-        before = target_nll(model, batch).item()
+    before = nll(model, batch)
     predicted, target = predicted_targets(model, batch)
     assert predicted != target  # the base model does not already say it
     stats = make(name, model, tok, arch).apply(EDIT)
-    with torch.no_grad():
-        after = target_nll(model, batch).item()
+    after = nll(model, batch)
     assert before > 5 and after < 0.3, (before, after)
     predicted, target = predicted_targets(model, batch)
     assert predicted == target

@@ -161,6 +161,35 @@ def test_rome_rejects_bad_input(llama):
         editor.apply(EditRequest(prompt="The capital of France is", target_new=" Rome", subject="Spain"))
 
 
+# ---------------------------------------------------------------------- GRACE in generation
+
+
+def test_grace_generation_says_the_target_once_then_continues_not_in_a_loop(llama):
+    """Issue 19: every position queried the codebook, so generated tokens that fell in a key's ball were
+    replaced too and the edited model came back to its target (SmolLM2: " the Baltic Sea Baltic Sea
+    Baltic"; here, with a ball that holds every token: " Tokyo.. Japan Tokyo Japan Tokyo.."). As the
+    official code decodes, only the prompt's last token queries the codebook: the target comes once,
+    then the model's own continuation; greedy decoding and teacher forcing see the same replacement."""
+    from lifelong.edit.grace import GRACE
+    from lifelong.edit.grace import Params as GraceParams
+    from lifelong.metrics.editing import prompt_ends
+
+    model, tok = llama
+    GRACE(model, tok, GraceParams(eps=1e6)).apply(EditRequest(prompt="The capital of France is", target_new=" Tokyo",
+                                                              subject="France"))
+    ids = tok("The capital of France is", add_special_tokens=False, return_tensors="pt")["input_ids"]
+    with torch.no_grad():
+        out = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=12, do_sample=False,
+                             pad_token_id=tok.pad_token_id)[0, ids.shape[1]:].tolist()
+    (tokyo,) = tok(" Tokyo", add_special_tokens=False)["input_ids"]
+    assert out[0] == tokyo and tokyo not in out[1:], tok.decode(out)
+    seq = ids[0].tolist()  # the same tokens by full passes without a cache, the prompt's end declared
+    for _ in range(12):
+        with torch.no_grad(), prompt_ends(torch.tensor([ids.shape[1] - 1])):
+            seq.append(int(model(input_ids=torch.tensor([seq])).logits[0, -1].argmax()))
+    assert seq[ids.shape[1]:] == out
+
+
 # ---------------------------------------------------------------------- T-Patcher
 
 

@@ -143,7 +143,8 @@ def test_lora_edit_is_stored_as_factors_and_reverts(ledger_dir, base_folder):
     torch.testing.assert_close(logits(Ledger.open(ledger_dir).materialize(), tok), f0, atol=1e-5, rtol=0)
 
 
-MODULE_TEXT = [*TEXT, "The currency of India is the euro"]
+# the edit prompts alone too: GRACE queries a text at its last token (the prompt's, when a prompt is read)
+MODULE_TEXT = [*TEXT, "The currency of India is the euro", EDIT.prompt, EDIT2.prompt]
 
 
 def own_two_edits(base_folder, method: str, knobs: dict):

@@ -1,7 +1,10 @@
 """`lifelong bench edit`: every editor under the single-edit protocol and the lifelong T-sweep.
 
-For each method: the single-edit protocol on `single_n` requests, then the lifelong protocol for each
-T in `T` (each from f_0), all on the same request set. A method whose next T would exceed
+First the unedited model f_0 on the same requests (the pre-edit rows, method "unedited"). Then for each
+method: the single-edit protocol on `single_n` requests, then the lifelong protocol for each T in `T`
+(each from f_0), all on the same request set. With `generation` (the default), every row also has the
+greedy-generation metrics (`_gen_exact`, `_gen_contains`, `locality_gen`), decoded after the model's
+chat template when `chat` and the tokenizer has one. A method whose next T would exceed
 `time_budget_s` (estimated from its measured time per edit) stops there: the table records the largest
 T it ran and its time per edit; a T whose edits run past twice the budget (editors slow down as edits
 accumulate) is stopped and recorded the same way. Writes results.json (every metric, both conventions, named), summary.md
@@ -20,16 +23,18 @@ import yaml
 from lifelong.atomic import atomic_write_json, atomic_write_text
 from lifelong.config import from_dict, read_raw, to_dict
 from lifelong.edit import EDITORS, editor_params
-from lifelong.edit.protocol import OverBudget, lifelong, make_editor, single
+from lifelong.edit.protocol import OverBudget, lifelong, make_editor, single, unedited
 from lifelong.edit.readers import read_counterfact, read_easyedit_zsre
 from lifelong.edit.requests import build_requests, counterfact_requests, load_requests
 from lifelong.errors import ConfigError, DataFormatError
 from lifelong.families.lm import build_lm
-from lifelong.metrics.editing import cached_base_predictions
+from lifelong.metrics.editing import base_generations, cached_base_predictions
 from lifelong.runtime import versions
 
 TABLE_METRICS = ("reliability_token", "generality_token", "locality_token", "portability_token",
-                 "reliability_cf", "generality_cf", "locality_cf", "fluency_ngram_entropy")
+                 "reliability_cf", "generality_cf", "locality_cf", "reliability_gen_exact", "reliability_gen_contains",
+                 "generality_gen_contains", "locality_gen", "fluency_ngram_entropy")
+UNEDITED = "unedited"  # the pre-edit rows' name in results.json and the table
 
 
 @dataclass(frozen=True)
@@ -45,6 +50,8 @@ class EditBenchConfig:
     time_budget_s: float = 900.0         # per method and T: skip a T whose estimated edit time exceeds it
     train_n: int = 200                   # MEND's training requests (the disjoint `train` split)
     seed: int = 0
+    generation: bool = True              # also score by greedy generation (exact and contains match)
+    chat: bool = True                    # decode after the chat template where the tokenizer has one
     knobs: dict = field(default_factory=dict)  # {method: {knob: value}}, validated by the editor's Params
 
 
@@ -111,11 +118,19 @@ def run_bench(config: EditBenchConfig) -> Path:
     atomic_write_text(out / "config.yaml", yaml.safe_dump(to_dict(config), sort_keys=False))
     model, tokenizer = build_lm(config.model)
     requests, source = evaluation_requests(config, model, tokenizer)
-    base = cached_base_predictions(model, tokenizer, requests[: max(max(config.T), config.single_n)])
+    evaluated = requests[: max(max(config.T), config.single_n)]
+    base = cached_base_predictions(model, tokenizer, evaluated)
+    base_gen = base_generations(model, tokenizer, evaluated, chat=config.chat) if config.generation else None
     train = build_requests("train", n=config.train_n, seed=config.seed)
 
     results = {"config": to_dict(config), "requests": source, "versions": versions(), "methods": {}}
     done = finished_rows(out / "results.json", config)
+    results["methods"][UNEDITED] = done.get(UNEDITED, {}).get("rows") or pre_edit_rows(
+        config, model, tokenizer, requests, base, base_gen)
+    print(f"== {UNEDITED} (f_0)")
+    for row in ([results["methods"][UNEDITED]["single"]] if config.single_n else []) + results["methods"][UNEDITED]["lifelong"]:
+        print(f"   {row['protocol']} T={row['T']}: " + _line(row))
+    gen = {"base_gen": base_gen, "chat": config.chat}
     for method in config.methods:
         t0 = time.perf_counter()
         editor = make_editor(method, model, tokenizer, config.knobs.get(method), train, log_dir=out / "logs")
@@ -123,7 +138,8 @@ def run_bench(config: EditBenchConfig) -> Path:
         print(f"== {method}")
         earlier = done.get(method, {})
         if config.single_n:
-            rows["single"] = earlier.get("single") or single(editor, model, tokenizer, requests[: config.single_n], base)
+            rows["single"] = earlier.get("single") or single(editor, model, tokenizer, requests[: config.single_n], base,
+                                                             **gen)
             print(f"   single (N={config.single_n}): " + _line(rows["single"]))
         per_edit = rows.get("single", {}).get("seconds_per_edit")
         for T in sorted(config.T):
@@ -142,7 +158,7 @@ def run_bench(config: EditBenchConfig) -> Path:
                 continue
             try:
                 # twice the budget: the estimate above comes from fewer, earlier edits
-                row = lifelong(editor, model, tokenizer, requests[:T], base, budget_s=2 * config.time_budget_s)
+                row = lifelong(editor, model, tokenizer, requests[:T], base, budget_s=2 * config.time_budget_s, **gen)
             except OverBudget as e:
                 rows["skipped"].append({"T": T, "why": f"{e} > 2 x time_budget_s", "seconds_per_edit": e.seconds / e.done})
                 print(f"   T={T}: {rows['skipped'][-1]['why']}")
@@ -161,6 +177,17 @@ def run_bench(config: EditBenchConfig) -> Path:
     return out
 
 
+def pre_edit_rows(config: EditBenchConfig, model, tokenizer, requests: list, base: dict, base_gen: dict | None) -> dict:
+    """f_0 on the single-edit requests and on the first T requests of each T (no edit, no time)."""
+    kw = {"base_gen": base_gen, "chat": config.chat}
+    rows = {"prepare_seconds": 0.0, "params": {}, "skipped": [],
+            "lifelong": [unedited(model, tokenizer, requests[:T], base, **kw) for T in sorted(config.T) if T <= len(requests)]}
+    if config.single_n:
+        rows["single"] = {**unedited(model, tokenizer, requests[: config.single_n], base, with_fluency=False, **kw),
+                          "protocol": "pre-edit (single requests)", "n_requests": config.single_n}
+    return rows
+
+
 def finished_rows(path: Path, config: EditBenchConfig) -> dict:
     """What an earlier run of the same benchmark (same config but for methods, T and the time budget)
     already measured: {method: {"single": row, "lifelong": {T: row}}}. Rerunning the command with a
@@ -177,7 +204,11 @@ def finished_rows(path: Path, config: EditBenchConfig) -> dict:
     if {k: v for k, v in earlier.get("config", {}).items() if k not in free} != same:
         return {}
     done = {}
+    if UNEDITED in earlier.get("methods", {}) and list(earlier["config"].get("T", ())) == list(config.T):
+        done[UNEDITED] = {"rows": earlier["methods"][UNEDITED]}
     for method, rows in earlier.get("methods", {}).items():
+        if method == UNEDITED:
+            continue
         if earlier["config"].get("knobs", {}).get(method) != config.knobs.get(method):
             continue  # other knobs: other numbers
         done[method] = {"single": rows.get("single"), "lifelong": {r["T"]: r for r in rows.get("lifelong", [])}}
@@ -187,7 +218,8 @@ def finished_rows(path: Path, config: EditBenchConfig) -> dict:
 def _line(row: dict) -> str:
     f = lambda k: "-" if row.get(k) is None else f"{row[k]:.2f}"  # noqa: E731
     return (f"rel {f('reliability_token')}  gen {f('generality_token')}  loc {f('locality_token')}  "
-            f"port {f('portability_token')}  ({row['seconds_per_edit']:.2f} s/edit)")
+            f"port {f('portability_token')}  rel-gen {f('reliability_gen_exact')}/{f('reliability_gen_contains')}  "
+            f"loc-gen {f('locality_gen')}  ({row['seconds_per_edit']:.2f} s/edit)")
 
 
 def summary(results: dict) -> str:
@@ -205,7 +237,9 @@ def summary(results: dict) -> str:
     names = {"reliability": "Rel", "generality": "Gen", "locality": "Loc", "portability": "Port"}
     legend = ", ".join(f"{v} = {k}" for k, v in names.items())
     return ("Knowledge editing: `_token` = EasyEdit token-level teacher-forced accuracy, `_cf` = CounterFact "
-            f"probability comparison; fluency = ROME's n-gram entropy. {legend}.\n\n" + "\n".join(lines) + "\n")
+            "probability comparison, `_gen_exact` / `_gen_contains` = greedy generation starts with / contains the "
+            "target, `locality_gen` = greedy generation unchanged from f_0; fluency = ROME's n-gram entropy; "
+            f"`unedited` = f_0 on the same requests. {legend}.\n\n" + "\n".join(lines) + "\n")
 
 
 def plot_vs_T(results: dict, path: Path) -> None:

@@ -3,12 +3,18 @@ Lifelong Model Editing with Discrete Key-Value Adaptors").
 
 The codebook sits on one FFN output projection (Llama `down_proj`, GPT-2 `c_proj`). Keys k_i live in that
 module's input space (the FFN's hidden activation, EasyEdit's choice), each with a deferral radius
-eps_i and a trained value v_i in its output space. At every position t of every input,
+eps_i and a trained value v_i in its output space. A sequence queries the codebook once, with the
+activation x_p at its prompt's last token p (the official `key_id`):
 
-    out_t = v_{i*}  if ||x_t - k_{i*}|| <= eps_{i*}  (i* = argmin_i ||x_t - k_i||)   else  W x_t,
+    out_p = v_{i*}  if ||x_p - k_{i*}|| <= eps_{i*}  (i* = argmin_i ||x_p - k_i||)   else  W x_p,
 
-so an input whose activations are all outside every ball runs exactly as f_0 (locality by
-construction). An edit takes x = the activation of the prompt's last token and, with d = ||x - k_{i*}||:
+and every other position runs as f_0; an input whose query is outside every ball runs exactly as f_0
+(locality by construction). Where the prompt ends: declared by the caller for teacher-forced text
+(`metrics.editing.prompt_ends`, as the official code reads it from the labels; `score_targets` and
+the edit's own training declare it), otherwise the last real token of a full pass (a prompt read alone,
+or the prefill of `generate`). Decoding steps after the prompt are never queried: tokens the model
+generates are never replaced (the official default `replacement: replace_prompt` touches no generated
+token; querying them made an edited model repeat its target: " the Baltic Sea Baltic Sea Baltic"). An edit takes x = the activation of the prompt's last token and, with d = ||x - k_{i*}||:
 no key within reach (d > eps_init + eps_{i*}) -> add key x with radius eps_init; same target as k_{i*}
 -> expand eps_{i*} to d and train v_{i*} further; different target -> add key x and split both radii
 to d / 2 (a re-edit of the very same key just relabels it). The chosen value then takes `steps` Adam
@@ -23,10 +29,10 @@ such edits are within reach, 14 < 8 + 8, and split to radii ~7); looser rewordin
 city is", ~13) stay outside: GRACE's generality is low, as in the paper. lr 1.0 and 50 steps are
 EasyEdit's (Adam on the value).
 
-Deviations: every position queries the codebook (EasyEdit replaces only the last token, whose index it
-carries between calls); since a prompt's last-token activation is the same whether the model reads the
-prompt alone or prompt + target, teacher-forced scoring and greedy decoding see the same replacement.
-New values start "warm" (the layer's own output at the key, so an untrained value is a no-op) instead
+Deviations: the value replaces the output at the prompt's last token itself (EasyEdit's and the
+official `replace_last` position) where the official default config replaces the prompt positions
+before it; the query and the no-replacement of generated tokens are the official default's, so
+teacher-forced scoring and greedy decoding see the same replacement. New values start "warm" (the layer's own output at the key, so an untrained value is a no-op) instead
 of EasyEdit's "cold" uniform noise, which also makes the editor free of randomness. Labels compare
 the target's token ids exactly (EasyEdit compares the mean token id). Early stop below `stop_loss`.
 
@@ -45,6 +51,7 @@ from torch import nn
 from lifelong.data.edit_requests import EditRequest
 from lifelong.edit.base import Editor, fit_target
 from lifelong.families.lm import ffn_out, frozen, linear_weight, resolve_layer, target_batch, target_nll
+from lifelong.metrics.editing import declared_prompt_ends, prompt_ends, prompt_ends_of
 
 
 @dataclass(frozen=True)
@@ -57,7 +64,8 @@ class Params:
 
 
 class GraceCodebook(nn.Module):
-    """A projection's codebook: positions whose input falls inside a key's ball output that key's value.
+    """A projection's codebook: a sequence whose prompt's last-token input falls inside a key's ball
+    outputs that key's value at that position.
 
     Attached to the projection as a child (`proj.grace`) and applied to its output by a forward hook, so
     the model's parameter names stay those of the plain model (a ledger's weight patches still fit)."""
@@ -72,6 +80,10 @@ class GraceCodebook(nn.Module):
         self.active = True        # False: the projection runs as without the codebook
         self.record = False       # when True, forward keeps its input in `last_input`
         self.last_input: torch.Tensor | None = None
+        # set before every model forward by the model's pre-hook (`note_call`)
+        self.decoding = False                          # a cached decoding step: never queried
+        self.call_ends: torch.Tensor | None = None     # (B,) declared prompt ends, or None
+        self.call_mask: torch.Tensor | None = None     # (B, T) the call's attention mask, or None
 
     def forward(self, x: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
         """x: the projection's input (B, T, d_in); out: its own output (B, T, d_out)."""
@@ -83,11 +95,26 @@ class GraceCodebook(nn.Module):
         if self.training_value is not None:  # splice the trainable vector in, so gradients reach it
             slot, v = self.training_value
             values = torch.cat([values[:slot], v[None], values[slot + 1:]])
-        B, T, D = x.shape
-        nearest_dist, nearest = self.nearest(x.reshape(B * T, D))  # (B*T,), (B*T,)
-        hit = (nearest_dist <= self.radii[nearest]).view(B, T, 1)
-        replaced = values[nearest].view(B, T, -1).to(out.dtype)     # (B, T, d_out)
-        return torch.where(hit, replaced, out)
+        if self.decoding:  # tokens generated after the prompt are never replaced
+            return out
+        B, T, _ = x.shape
+        ends = self.query_positions(B, T, x.device)                # (B,)
+        rows = torch.arange(B, device=x.device)
+        nearest_dist, nearest = self.nearest(x[rows, ends])        # (B,), (B,)
+        hit = nearest_dist <= self.radii[nearest]                  # (B,)
+        at = torch.zeros(B, T, 1, dtype=torch.bool, device=x.device)
+        at[rows, ends, 0] = hit                                    # (B, T, 1): the query position, if it hit
+        replaced = values[nearest][:, None, :].to(out.dtype)       # (B, 1, d_out)
+        return torch.where(at, replaced, out)
+
+    def query_positions(self, B: int, T: int, device) -> torch.Tensor:
+        """(B,) each row's prompt's last token: declared, else the last real token of the call."""
+        if self.call_ends is not None and len(self.call_ends) == B:
+            return self.call_ends.to(device)
+        mask = self.call_mask
+        if mask is not None and mask.shape == (B, T):
+            return (T - 1 - mask.flip(1).int().argmax(1)).to(device)  # padded on either side
+        return torch.full((B,), T - 1, dtype=torch.long, device=device)
 
     def nearest(self, queries: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Distance to, and index of, each query's nearest key. Exact pairwise differences (not the
@@ -115,14 +142,17 @@ class GRACE(Editor):
         self.layer = resolve_layer(model, params.layer, 0.85)
         self.original = ffn_out(model, self.layer)
         self.codebook: GraceCodebook | None = None  # installed by the first apply
-        self._hook = None
+        self._hook = self._call_hook = None
 
     def _install(self) -> GraceCodebook:
         d_out, d_in = linear_weight(self.original).shape
         self.codebook = GraceCodebook(d_in, d_out, device=self.original.weight.device)
         self.original.grace = self.codebook
-        # the hook reads the module it runs on (not self), so a deep copy of the model keeps its own codebook
+        # the hooks read the modules they run on (not self), so a deep copy of the model keeps its own codebook
         self._hook = self.original.register_forward_hook(lambda m, args, out: m.grace(args[0], out))
+        layer = self.layer
+        self._call_hook = self.model.register_forward_pre_hook(
+            lambda m, args, kwargs: note_call(ffn_out(m, layer).grace, args, kwargs), with_kwargs=True)
         return self.codebook
 
     def apply(self, request: EditRequest) -> dict:
@@ -134,8 +164,9 @@ class GRACE(Editor):
         key_pos = int((batch.labels[0] == -100).sum()) - 1  # the prompt's last token
         if key_pos < 0:
             raise ValueError(f"empty prompt in {request!r}")
+        ends = prompt_ends_of(batch.labels)
 
-        with torch.no_grad():  # one pass: the loss before this edit and the query activation
+        with torch.no_grad(), prompt_ends(ends):  # one pass: the loss before this edit and the query activation
             book.record = True
             loss_before = target_nll(self.model, batch).item()
             book.record = False
@@ -170,12 +201,12 @@ class GRACE(Editor):
         book.training_value = (slot, value)
         steps = 0
         try:
-            with frozen(self.model):
+            with frozen(self.model), prompt_ends(ends):
                 steps = fit_target(self.model, batch, [value], lr=p.lr, steps=p.steps, stop_loss=p.stop_loss)
         finally:
             book.training_value = None
             book.values[slot] = value.detach()
-        with torch.no_grad():
+        with torch.no_grad(), prompt_ends(ends):
             loss_after = target_nll(self.model, batch).item()
         return {"loss_before": loss_before, "loss_after": loss_after, "steps": float(steps),
                 "keys": float(len(book.labels)), "radius": book.radii[slot].item(),
@@ -184,8 +215,9 @@ class GRACE(Editor):
     def reset(self) -> None:
         if self.codebook is not None:
             self._hook.remove()
+            self._call_hook.remove()
             del self.original.grace
-            self._hook, self.codebook = None, None
+            self._hook, self._call_hook, self.codebook = None, None, None
 
     # ------------------------------------------------------------------ state (a ledger records it)
 
@@ -218,3 +250,19 @@ class GRACE(Editor):
         flat = state["labels"].tolist()
         starts = [sum(lengths[:i]) for i in range(len(lengths))]
         book.labels = [tuple(flat[s:s + n]) for s, n in zip(starts, lengths)]
+
+
+def note_call(book: GraceCodebook, args: tuple, kwargs: dict) -> None:
+    """Before a model forward: is it a cached decoding step (past tokens already in the cache), and
+    where does each row's prompt end (declared by the caller, or the call's attention mask)."""
+    past = kwargs.get("past_key_values")
+    position = kwargs.get("cache_position")
+    if position is not None and len(position):
+        book.decoding = int(position[0]) > 0
+    elif past is not None:
+        length = past.get_seq_length() if hasattr(past, "get_seq_length") else (past[0][0].shape[-2] if past else 0)
+        book.decoding = length > 0
+    else:
+        book.decoding = False
+    book.call_ends = declared_prompt_ends()
+    book.call_mask = kwargs.get("attention_mask")

@@ -4,9 +4,12 @@
     lifelong:  f_0 -> apply(r_1) ... apply(r_T) -> score all T requests on f_T (WISE's protocol);
                run for each T of a sweep (T = 1, 10, 100, 1000), each from f_0 again.
 
+    unedited:  f_0 scored as it is on the same requests (the pre-edit row every table carries).
+
 Every result names its scoring conventions (`metrics/editing.py`: `_token` EasyEdit, `_cf`
-CounterFact, `_exact` greedy match) and carries the time and the peak memory per edit. Locality is
-judged against f_0's own predictions, computed once per request set before any edit.
+CounterFact, `_exact` teacher-forced exact match, `_gen_*` greedy generation: exact and contains) and
+carries the time and the peak memory per edit. Locality is judged against f_0's own predictions (and,
+for `locality_gen`, f_0's own generations), computed once per request set before any edit.
 """
 
 from __future__ import annotations
@@ -22,7 +25,7 @@ from lifelong.edit import build_editor
 from lifelong.edit.requests import build_requests
 from lifelong.loop import finish_trackers, make_accelerator, tracker_scalars
 from lifelong.metrics.cost import PeakMemory
-from lifelong.metrics.editing import fluency, score_requests
+from lifelong.metrics.editing import fluency, generation_scores, score_requests
 
 FLUENCY_PROMPTS = 10  # generations scored for fluency after the last edit (50 tokens each)
 TRAIN_N = 200  # requests of the `train` split a learned editor (MEND) trains on by default
@@ -73,30 +76,52 @@ def apply_all(editor, requests: list[EditRequest], desc: str = "", budget_s: flo
             "peak_rss_mb": memory.peak_mb}
 
 
+def evaluate(model, tokenizer, requests: list[EditRequest], base: dict, base_gen: dict | None = None,
+             chat: bool = False) -> dict:
+    """Every teacher-forced metric and, with `base_gen` (f_0's `base_generations`), every generation
+    metric of `model` on `requests`."""
+    with torch.no_grad():
+        scores = score_requests(model, tokenizer, requests, base)
+        if base_gen is not None:
+            scores.update(generation_scores(model, tokenizer, requests, base_gen, chat=chat))
+    return scores
+
+
+def unedited(model, tokenizer, requests: list[EditRequest], base: dict, base_gen: dict | None = None,
+             chat: bool = False, with_fluency: bool = True) -> dict:
+    """f_0 scored as it is on `requests`: the pre-edit row (its reliability is what the edits start from)."""
+    scores = evaluate(model, tokenizer, requests, base, base_gen, chat)
+    if with_fluency:
+        with torch.no_grad():
+            scores["fluency_ngram_entropy"] = fluency(model, tokenizer, [r.prompt for r in requests[:FLUENCY_PROMPTS]])
+    return {"protocol": "pre-edit", "T": len(requests), **scores, "seconds_per_edit": 0.0, "peak_rss_mb": 0.0}
+
+
 def lifelong(editor, model, tokenizer, requests: list[EditRequest], base: dict, *, with_fluency: bool = True,
-             budget_s: float | None = None) -> dict:
+             budget_s: float | None = None, base_gen: dict | None = None, chat: bool = False) -> dict:
     """T = len(requests) sequential edits, every one judged on the final model; the model is reset after
-    (also when the edits run past `budget_s` and OverBudget is raised)."""
+    (also when the edits run past `budget_s` and OverBudget is raised). With `base_gen`, the generation
+    metrics too (greedy decoding, after the chat template when `chat`)."""
     try:
         cost = apply_all(editor, requests, desc=f"{editor.name} T={len(requests)}", budget_s=budget_s)
     except OverBudget:
         editor.reset()
         raise
-    with torch.no_grad():
-        scores = score_requests(model, tokenizer, requests, base)
-        if with_fluency:
+    scores = evaluate(model, tokenizer, requests, base, base_gen, chat)
+    if with_fluency:
+        with torch.no_grad():
             scores["fluency_ngram_entropy"] = fluency(model, tokenizer, [r.prompt for r in requests[:FLUENCY_PROMPTS]])
     editor.reset()
     return {"protocol": "lifelong", "T": len(requests), **scores, **cost}
 
 
-def single(editor, model, tokenizer, requests: list[EditRequest], base: dict) -> dict:
+def single(editor, model, tokenizer, requests: list[EditRequest], base: dict, base_gen: dict | None = None,
+           chat: bool = False) -> dict:
     """Each request edited alone on f_0 (reset in between); metrics averaged over the requests."""
     rows, costs = [], []
     for r in tqdm(requests, desc=f"{editor.name} single", leave=False):
         costs.append(apply_all(editor, [r]))
-        with torch.no_grad():
-            rows.append(score_requests(model, tokenizer, [r], base))
+        rows.append(evaluate(model, tokenizer, [r], base, base_gen, chat))
         editor.reset()
     metrics = {k: _mean([row[k] for row in rows]) for k in rows[0] if k != "n_requests"}
     return {"protocol": "single", "T": 1, "n_requests": len(requests), **metrics,

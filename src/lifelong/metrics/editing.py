@@ -24,8 +24,19 @@ Convention `cf` (CounterFact / ROME, probability comparison). As in ROME's `test
   target. Only requests with a `ground_truth` count for reliability_cf/generality_cf; probes whose
   answer equals y_r are skipped.
 
-Convention `exact` (exact match of greedy generation): 1[argmax_j = t_j for every j]. Greedy decoding
-emits t_1..t_k exactly when every teacher-forced argmax is right, so this needs no generation.
+Convention `exact` (teacher-forced exact match): 1[argmax_j = t_j for every j]. For a model whose
+computation does not depend on how the text came about, greedy decoding emits t_1..t_k exactly when this
+holds; an editor that routes or replaces by position (WISE's routing score over the whole sequence,
+GRACE's prompt-end query) can differ between the two, so generation is measured by itself:
+
+Convention `gen` (greedy generation; `generation_scores`): the edited model decodes greedily, k + `slack`
+new tokens, after the prompt as plain text, or, with `chat` and a tokenizer that has a chat template,
+after the prompt as the user's turn (the answer is then the assistant's reply). With norm(s) = lower
+case, whitespace collapsed, surrounding punctuation stripped, and c the decoded continuation:
+    *_gen_exact      = 1[norm(c) starts with norm(y), followed by a word boundary]
+    *_gen_contains   = 1[norm(y) occurs in norm(c) as whole words]
+    locality_gen     = 1[f_T's continuation of x_loc = f_0's] (same length: k_loc + slack tokens)
+  for reliability (x, y_new), generality (x', y_new) and portability (x_port, y_port).
 
 Fluency (ROME/MEMIT): n-gram entropy of free generations,
     H_n = -sum_g f(g) log2 f(g) over the frequencies f of the text's word n-grams,
@@ -43,6 +54,8 @@ import json
 import math
 import re
 from collections import Counter
+from contextlib import contextmanager
+from contextvars import ContextVar
 from dataclasses import dataclass
 
 import torch
@@ -56,13 +69,20 @@ METRIC_DOCS = {
     "generality_token": "EasyEdit: mean token accuracy of target_new after each paraphrase",
     "locality_token": "EasyEdit: fraction of locality-answer tokens whose argmax equals f_0's argmax",
     "portability_token": "EasyEdit: mean token accuracy of each portability answer",
-    "reliability_exact": "greedy generation after the prompt reproduces target_new exactly",
-    "generality_exact": "greedy generation after each paraphrase reproduces target_new exactly",
-    "portability_exact": "greedy generation after each portability prompt reproduces its answer exactly",
+    "reliability_exact": "teacher-forced: every target_new token is the argmax after the prompt",
+    "generality_exact": "teacher-forced: every target_new token is the argmax after each paraphrase",
+    "portability_exact": "teacher-forced: every answer token is the argmax after each portability prompt",
     "reliability_cf": "CounterFact efficacy score: NLL(target_new) < NLL(ground_truth) on the prompt",
     "generality_cf": "CounterFact paraphrase score: NLL(target_new) < NLL(ground_truth) on paraphrases",
     "locality_cf": "CounterFact neighborhood score: NLL(probe answer) < NLL(target_new) on locality prompts",
     "fluency_ngram_entropy": "ROME: mean of 2/3*H2 and 4/3*H3 word n-gram entropies (bits) of generations",
+    "reliability_gen_exact": "greedy generation after the prompt starts with target_new (normalised text)",
+    "reliability_gen_contains": "greedy generation after the prompt contains target_new (whole words)",
+    "generality_gen_exact": "greedy generation after each paraphrase starts with target_new",
+    "generality_gen_contains": "greedy generation after each paraphrase contains target_new",
+    "portability_gen_exact": "greedy generation after each portability prompt starts with its answer",
+    "portability_gen_contains": "greedy generation after each portability prompt contains its answer",
+    "locality_gen": "greedy generation after each locality prompt is f_0's, token for token",
 }
 
 
@@ -89,6 +109,31 @@ def _device(model) -> torch.device:
     return next(model.parameters()).device
 
 
+# Where each row's prompt ends while a teacher-forced batch (prompt + target) runs. Editors that act at
+# the prompt's last token read it (GRACE; the official code takes it from the labels' -100 count): the
+# model alone cannot tell a prompt from the target that follows it.
+_PROMPT_ENDS: ContextVar[torch.Tensor | None] = ContextVar("prompt_ends", default=None)
+
+
+@contextmanager
+def prompt_ends(ends: torch.Tensor):
+    """Declare (B,) indices of each row's last prompt token for the forward passes inside."""
+    token = _PROMPT_ENDS.set(ends)
+    try:
+        yield
+    finally:
+        _PROMPT_ENDS.reset(token)
+
+
+def declared_prompt_ends() -> torch.Tensor | None:
+    return _PROMPT_ENDS.get()
+
+
+def prompt_ends_of(labels: torch.Tensor) -> torch.Tensor:
+    """(B,) last prompt position of a `target_batch` (labels -100 on the prompt, then the target)."""
+    return (labels != -100).int().argmax(1) - 1
+
+
 @torch.no_grad()
 def score_targets(model, tokenizer, prompts: list[str], targets: list[str], batch_size: int = 32) -> list[TargetScore]:
     """Teacher-forced scores of every `prompt + target` pair (duplicates computed once, batches built
@@ -107,7 +152,8 @@ def score_targets(model, tokenizer, prompts: list[str], targets: list[str], batc
             batch = target_batch(tokenizer, [p for p, _ in chunk], [t for _, t in chunk], device)
             mask = batch.target_mask                                # (B, L): logits that predict a target token
             labels = batch.labels[:, 1:][mask[:, :-1]]              # (N,) the tokens they predict, N in the batch
-            logits, mask = _target_logits(model, batch.input_ids, batch.attention_mask, mask)
+            with prompt_ends(prompt_ends_of(batch.labels)):
+                logits, mask = _target_logits(model, batch.input_ids, batch.attention_mask, mask)
             picked = logits[mask].float()                              # (N, V)
             logp = torch.log_softmax(picked, dim=-1).gather(-1, labels.unsqueeze(-1)).squeeze(-1)
             argmax = picked.argmax(-1)
@@ -212,23 +258,43 @@ def ngram_entropy(text: str, ns: tuple[int, ...] = (2, 3), weights: tuple[float,
     return sum(terms) / len(terms)
 
 
+def as_chat(tokenizer, prompt: str) -> str:
+    """`prompt` as the user's turn of the tokenizer's chat template, ready for the assistant's reply;
+    the prompt itself when the tokenizer has no template."""
+    if not getattr(tokenizer, "chat_template", None):
+        return prompt
+    return tokenizer.apply_chat_template([{"role": "user", "content": prompt}], tokenize=False,
+                                         add_generation_prompt=True)
+
+
 @torch.no_grad()
 def generate(model, tokenizer, prompts: list[str], max_new_tokens: int = 50, batch_size: int = 16,
-             top_k: int | None = None, seed: int = 0) -> list[str]:
-    """Continuations of `prompts` (greedy, or top-k sampling under `seed`), left-padded batches."""
+             top_k: int | None = None, seed: int = 0, chat: bool = False, tokens: bool = False) -> list:
+    """Continuations of `prompts` (greedy, or top-k sampling under `seed`), left-padded batches; with
+    `chat`, each prompt is the user's turn of the chat template (`as_chat`). `tokens`: token ids instead
+    of text (the continuation stops at the end-of-sequence token)."""
     device, out = _device(model), []
     side = tokenizer.padding_side
     tokenizer.padding_side = "left"
+    texts = [as_chat(tokenizer, p) for p in prompts] if chat else list(prompts)
+    was_training = model.training
+    model.eval()
     try:
         torch.manual_seed(seed)
-        for start in range(0, len(prompts), batch_size):
-            enc = tokenizer(prompts[start : start + batch_size], return_tensors="pt", padding=True,
+        for start in range(0, len(texts), batch_size):
+            enc = tokenizer(texts[start : start + batch_size], return_tensors="pt", padding=True,
                             add_special_tokens=False).to(device)
             ids = model.generate(**enc, max_new_tokens=max_new_tokens, do_sample=top_k is not None, top_k=top_k,
                                  pad_token_id=tokenizer.pad_token_id)
-            out += tokenizer.batch_decode(ids[:, enc["input_ids"].shape[1]:], skip_special_tokens=True)
+            new = ids[:, enc["input_ids"].shape[1]:]
+            if tokens:
+                eos = tokenizer.eos_token_id
+                out += [row[: row.index(eos)] if eos in row else row for row in new.tolist()]
+            else:
+                out += tokenizer.batch_decode(new, skip_special_tokens=True)
     finally:
         tokenizer.padding_side = side
+        model.train(was_training)
     return out
 
 
@@ -236,6 +302,83 @@ def fluency(model, tokenizer, prompts: list[str], max_new_tokens: int = 50, **kw
     """ROME's fluency: mean n-gram entropy of the model's generations from `prompts`."""
     texts = generate(model, tokenizer, prompts, max_new_tokens, **kwargs)
     return sum(ngram_entropy(t) for t in texts) / len(texts)
+
+
+# ----------------------------------------------------------------------------- evaluation by generation
+
+def _norm(text: str) -> str:
+    return " ".join(text.lower().split()).strip(" .,;:!?\"'")
+
+
+def gen_exact(continuation: str, target: str) -> float:
+    """1 when the normalised continuation starts with the normalised target at a word boundary."""
+    c, y = _norm(continuation), _norm(target)
+    return float(bool(y) and c.startswith(y) and (len(c) == len(y) or not c[len(y)].isalnum()))
+
+
+def gen_contains(continuation: str, target: str) -> float:
+    """1 when the normalised target occurs in the normalised continuation as whole words."""
+    y = _norm(target)
+    return float(bool(y) and re.search(rf"(?<!\w){re.escape(y)}(?!\w)", _norm(continuation)) is not None)
+
+
+def _greedy(model, tokenizer, pairs: list[tuple[str, str]], slack: int, chat: bool, batch_size: int,
+            tokens: bool = False) -> dict[tuple[str, str], object]:
+    """(prompt, answer) -> the greedy continuation of prompt, k + slack tokens (k = the answer's tokens);
+    pairs of equal k are decoded together."""
+    by_length: dict[int, list[tuple[str, str]]] = {}
+    for pair in dict.fromkeys(pairs):
+        k = len(tokenizer(pair[1], add_special_tokens=False)["input_ids"])
+        by_length.setdefault(k, []).append(pair)
+    out = {}
+    for k, group in sorted(by_length.items()):
+        prompts = list(dict.fromkeys(p for p, _ in group))
+        texts = dict(zip(prompts, generate(model, tokenizer, prompts, max_new_tokens=k + slack, batch_size=batch_size,
+                                           chat=chat, tokens=tokens)))
+        out.update({pair: texts[pair[0]] for pair in group})
+    return out
+
+
+def base_generations(model, tokenizer, requests: list[EditRequest], slack: int = 5, chat: bool = False,
+                     batch_size: int = 16) -> dict[str, list[int]]:
+    """f_0's greedy continuations (token ids) of every locality probe, keyed by `probe_key`: what
+    `locality_gen` compares f_T's with. Compute it on the unedited model, once per request set."""
+    pairs = [(p.prompt, p.answer) for r in requests for p in r.locality]
+    done = _greedy(model, tokenizer, pairs, slack, chat, batch_size, tokens=True)
+    return {probe_key(p, a): list(ids) for (p, a), ids in done.items()}
+
+
+def generation_scores(model, tokenizer, requests: list[EditRequest], base_gen: dict[str, list[int]] | None = None,
+                      slack: int = 5, chat: bool = False, batch_size: int = 16, per_request: bool = False) -> dict:
+    """The `gen` convention of the module docstring for `model` on `requests` (means within a request,
+    then over requests; None where no request defines a metric). `base_gen` (`base_generations` of f_0)
+    adds `locality_gen`; `chat` decodes after the chat template when the tokenizer has one."""
+    if not requests:
+        raise ValueError("generation_scores: no requests to score")
+    pairs = []
+    for r in requests:
+        pairs += [(x, r.target_new) for x in (r.prompt, *r.paraphrases)]
+        pairs += [(p.prompt, p.answer) for p in r.portability]
+    texts = _greedy(model, tokenizer, pairs, slack, chat, batch_size)
+    local = _greedy(model, tokenizer, [(p.prompt, p.answer) for r in requests for p in r.locality], slack, chat,
+                    batch_size, tokens=True) if base_gen is not None else {}
+    rows = []
+    for r in requests:
+        row = {}
+        for name, probes in (("reliability", [(r.prompt, r.target_new)]),
+                             ("generality", [(x, r.target_new) for x in r.paraphrases]),
+                             ("portability", [(p.prompt, p.answer) for p in r.portability])):
+            row[f"{name}_gen_exact"] = _mean([gen_exact(texts[pair], pair[1]) for pair in probes])
+            row[f"{name}_gen_contains"] = _mean([gen_contains(texts[pair], pair[1]) for pair in probes])
+        if base_gen is not None:
+            row["locality_gen"] = _mean([float(list(local[(p.prompt, p.answer)]) == base_gen[probe_key(p.prompt, p.answer)])
+                                         for p in r.locality])
+        rows.append(row)
+    result = {k: _mean([row[k] for row in rows if row[k] is not None]) for k in rows[0]}
+    result["gen_chat"] = float(bool(chat and getattr(tokenizer, "chat_template", None)))  # the convention used
+    if per_request:
+        result["per_request_gen"] = rows
+    return result
 
 
 # ----------------------------------------------------------------------------- the entry point
