@@ -483,3 +483,20 @@ def test_smollm2_one_edit_moves_prompt_and_paraphrase_not_locality(name):
     assert all(answer(text) == base[text] for text in locality)
     editor.reset()
     assert answer(prompt) == base[prompt]
+
+
+@pytest.mark.slow
+def test_smollm2_grace_answer_is_not_a_loop():
+    """Issue 19, as a new user tried it: `lifelong edit --method grace` on "Into which sea does the Danube
+    flow?" -> "the Baltic Sea" answered " the Baltic Sea Baltic Sea Baltic Sea Baltic". Now the target once,
+    then the answer ends."""
+    from lifelong.edit import build_editor
+    from lifelong.families.lm import build_lm
+    from lifelong.metrics.editing import generate
+
+    model, tok = build_lm("embedded")
+    prompt = "Into which sea does the Danube flow?"
+    build_editor("grace", model, tok).apply(EditRequest(prompt=prompt, target_new=" the Baltic Sea", subject="Danube"))
+    (answer,) = generate(model, tok, [prompt], max_new_tokens=12)
+    print(f"\nGRACE on SmolLM2: {prompt!r} -> {answer!r}")
+    assert answer.startswith(" the Baltic Sea") and "Baltic" not in answer[len(" the Baltic Sea"):]

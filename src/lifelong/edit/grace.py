@@ -29,6 +29,12 @@ such edits are within reach, 14 < 8 + 8, and split to radii ~7); looser rewordin
 city is", ~13) stay outside: GRACE's generality is low, as in the paper. lr 1.0 and 50 steps are
 EasyEdit's (Adam on the value).
 
+The value is trained on the target followed by the tokenizer's end-of-sequence token (`end_answer`; the
+official QA labels end with T5's </s>), so that greedy decoding ends the answer: every later position
+attends to the replaced state, and a value trained on the target alone made SmolLM2 repeat it after
+" Into which sea does the Danube flow?" -> " the Baltic Sea Baltic Sea Baltic" even with generated
+tokens never replaced (measured). Codebook labels and every metric use the target alone.
+
 Deviations: the value replaces the output at the prompt's last token itself (EasyEdit's and the
 official `replace_last` position) where the official default config replaces the prompt positions
 before it; the query and the no-replacement of generated tokens are the official default's, so
@@ -50,7 +56,15 @@ from torch import nn
 
 from lifelong.data.edit_requests import EditRequest
 from lifelong.edit.base import Editor, fit_target
-from lifelong.families.lm import ffn_out, frozen, linear_weight, resolve_layer, target_batch, target_nll
+from lifelong.families.lm import (
+    TokenBatch,
+    ffn_out,
+    frozen,
+    linear_weight,
+    resolve_layer,
+    target_batch,
+    target_nll,
+)
 from lifelong.metrics.editing import declared_prompt_ends, prompt_ends, prompt_ends_of
 
 
@@ -61,6 +75,7 @@ class Params:
     lr: float = 1.0           # Adam on the value vector
     steps: int = 50
     stop_loss: float = 1e-2   # stop once the target NLL is below this
+    end_answer: bool = True   # train the value on target + end-of-sequence, so decoding stops after the target
 
 
 class GraceCodebook(nn.Module):
@@ -165,6 +180,7 @@ class GRACE(Editor):
         if key_pos < 0:
             raise ValueError(f"empty prompt in {request!r}")
         ends = prompt_ends_of(batch.labels)
+        train = with_end(batch, self.tokenizer.eos_token_id) if p.end_answer else batch
 
         with torch.no_grad(), prompt_ends(ends):  # one pass: the loss before this edit and the query activation
             book.record = True
@@ -202,7 +218,7 @@ class GRACE(Editor):
         steps = 0
         try:
             with frozen(self.model), prompt_ends(ends):
-                steps = fit_target(self.model, batch, [value], lr=p.lr, steps=p.steps, stop_loss=p.stop_loss)
+                steps = fit_target(self.model, train, [value], lr=p.lr, steps=p.steps, stop_loss=p.stop_loss)
         finally:
             book.training_value = None
             book.values[slot] = value.detach()
@@ -250,6 +266,20 @@ class GRACE(Editor):
         flat = state["labels"].tolist()
         starts = [sum(lengths[:i]) for i in range(len(lengths))]
         book.labels = [tuple(flat[s:s + n]) for s, n in zip(starts, lengths)]
+
+
+def with_end(batch: TokenBatch, eos: int | None) -> TokenBatch:
+    """A one-row target batch with the end-of-sequence token appended to the target (None: unchanged)."""
+    if eos is None:
+        return batch
+    n = int(batch.attention_mask[0].sum())                          # the row's real length (no padding)
+    end = torch.tensor([[eos]], device=batch.input_ids.device)
+    input_ids = torch.cat([batch.input_ids[:, :n], end], dim=1)     # (1, n + 1)
+    labels = torch.cat([batch.labels[:, :n], end], dim=1)
+    target_mask = torch.zeros_like(input_ids, dtype=torch.bool)
+    target_mask[:, :-1] = labels[:, 1:] != -100
+    return TokenBatch(input_ids=input_ids, attention_mask=torch.ones_like(input_ids), labels=labels,
+                      target_mask=target_mask)
 
 
 def note_call(book: GraceCodebook, args: tuple, kwargs: dict) -> None:
