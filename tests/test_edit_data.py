@@ -183,6 +183,73 @@ def test_readers_name_the_bad_record(tmp_path):
         read_easyedit_zsre(path)
 
 
+EASYEDIT_CF_FIXTURE = [{
+    "case_id": 7, "prompt": "The mother tongue of Danielle Darrieux is", "subject": "Danielle Darrieux",
+    "target_new": "English", "ground_truth": "French",
+    "rephrase_prompt": "Danielle Darrieux, a native speaker of",
+    "locality_prompt": "The mother tongue of Léon Blum is", "locality_ground_truth": "French"}]
+
+KNOWEDIT_FIXTURE = [{  # the shape of KnowEdit's ZsRE-test-all.json / counterfact-test-all.json records
+    "subject": "Watts Humphrey", "prompt": "What university did Watts Humphrey attend?",
+    "target_new": "University of Michigan", "ground_truth": ["Illinois Institute of Technology"],
+    "rephrase": "What university did Watts Humphrey take part in?",
+    "portability": {
+        "Reasoning": [{"prompt": "In which state is the university Watts Humphrey attended?",
+                       "ground_truth": [["Michigan", "MI"]]}],
+        "Subject_Aliasing": [{"prompt": "What university did Watts S. Humphrey attend?",
+                              "ground_truth": "University of Michigan"}],
+        "Logical_Generalization": [{"prompt": "Who attended the University of Michigan?", "ground_truth": [""]}]},
+    "locality": {
+        "Relation_Specificity": [{"prompt": "The gender of Watts Humphrey is", "ground_truth": ["male"]}],
+        "Forgetfulness": [{"prompt": ["Watts Humphrey was born in"], "ground_truth": [["Battle Creek"]]}]}},
+    {"concept": "Lyon", "text": "Lyon is the capital of", "labels": "France", "locality": {}}]
+
+
+def test_read_easyedit_flat_counterfact(tmp_path):
+    from lifelong.edit.readers import read_easyedit_counterfact
+
+    path = tmp_path / "counterfact-edit.json"
+    path.write_text(json.dumps(EASYEDIT_CF_FIXTURE))
+    assert read_easyedit_counterfact(path) == [EditRequest(
+        prompt="The mother tongue of Danielle Darrieux is", target_new=" English", subject="Danielle Darrieux",
+        ground_truth=" French", paraphrases=("Danielle Darrieux, a native speaker of",),
+        locality=(Probe("The mother tongue of Léon Blum is", " French"),), relation="counterfact", case_id="7")]
+    path.write_text(json.dumps([{"prompt": "x", "locality_prompt": "y"}]))
+    with pytest.raises(DataFormatError, match="record 0 is not EasyEdit CounterFact"):
+        read_easyedit_counterfact(path)
+
+
+def test_read_knowedit(tmp_path):
+    from lifelong.edit.readers import read_knowedit
+
+    path = tmp_path / "ZsRE-test-all.json"
+    path.write_text(json.dumps(KNOWEDIT_FIXTURE))
+    first, second = read_knowedit(path)
+    assert first == EditRequest(
+        prompt="What university did Watts Humphrey attend?", target_new=" University of Michigan",
+        subject="Watts Humphrey", ground_truth=" Illinois Institute of Technology",
+        paraphrases=("What university did Watts Humphrey take part in?",),
+        locality=(Probe("The gender of Watts Humphrey is", " male"), Probe("Watts Humphrey was born in", " Battle Creek")),
+        portability=(Probe("In which state is the university Watts Humphrey attended?", " Michigan"),
+                     Probe("What university did Watts S. Humphrey attend?", " University of Michigan")),  # "" skipped
+        relation="knowedit", case_id="0")
+    assert (second.prompt, second.target_new, second.subject, second.locality) == ("Lyon is the capital of", " France",
+                                                                                   "Lyon", ())
+    assert len(read_knowedit(path, limit=1)) == 1
+    path.write_text(json.dumps([{"locality": {}}]))
+    with pytest.raises(DataFormatError, match="record 0 is not KnowEdit"):
+        read_knowedit(path)
+
+
+def test_request_files_are_told_apart_by_their_fields(tmp_path):
+    from lifelong.edit.bench import read_requests_file
+
+    for name, data, relation in (("cf.json", EASYEDIT_CF_FIXTURE, "counterfact"), ("ke.json", KNOWEDIT_FIXTURE, "knowedit")):
+        path = tmp_path / name
+        path.write_text(json.dumps(data))
+        assert {r.relation for r in read_requests_file(path)} == {relation}
+
+
 def _subject_of_prompt() -> dict[str, str]:
     """Every fact's prompt and paraphrases, in both styles, -> its subject (all parts, all relations)."""
     out = {}

@@ -340,7 +340,7 @@ def add_edit_commands(sub) -> None:
     edit.add_argument("--subject", help="the subject inside the prompt (ROME needs it; default: the prompt's last word)")
     edit.add_argument("--paraphrase", action="append", default=[], help="a rephrased prompt to check generality (repeatable)")
     edit.add_argument("--locality", action="append", default=[], help="an unrelated prompt whose answer must not change (repeatable)")
-    edit.add_argument("--requests", type=Path, help="edit requests from a file: lifelong JSON, EasyEdit ZsRE or CounterFact JSON")
+    edit.add_argument("--requests", type=Path, help="edit requests from a file: lifelong JSON, EasyEdit ZsRE, ROME or EasyEdit CounterFact, or KnowEdit JSON")
     edit.add_argument("--limit", type=int, default=None, help="only the first N requests of --requests")
     edit.add_argument("--list", action="store_true", help="list the editors and their knobs, then exit")
     edit.add_argument("overrides", nargs="*", metavar="KNOB=VALUE", help="editor knobs, e.g. steps=30 layer=20")

@@ -24,7 +24,7 @@ from lifelong.atomic import atomic_write_json, atomic_write_text
 from lifelong.config import from_dict, read_raw, to_dict
 from lifelong.edit import EDITORS, editor_params
 from lifelong.edit.protocol import OverBudget, lifelong, make_editor, single, unedited
-from lifelong.edit.readers import read_counterfact, read_easyedit_zsre
+from lifelong.edit.readers import read_counterfact, read_easyedit_counterfact, read_easyedit_zsre, read_knowedit
 from lifelong.edit.requests import build_requests, counterfact_requests, load_requests
 from lifelong.errors import ConfigError, DataFormatError
 from lifelong.families.lm import build_lm
@@ -74,8 +74,9 @@ def load_bench_config(path: str | Path | None, overrides: list[str] | tuple[str,
 
 
 def read_requests_file(path: str | Path) -> list:
-    """Our request JSON, EasyEdit's ZsRE JSON (records with `src`) or ROME's CounterFact JSON
-    (records with `requested_rewrite`), told apart by their fields."""
+    """Our request JSON, EasyEdit's ZsRE JSON (records with `src`), ROME's CounterFact JSON (records with
+    `requested_rewrite`), EasyEdit's flat CounterFact (`locality_prompt`) or KnowEdit (`locality` groups),
+    told apart by their fields."""
 
 
     try:
@@ -89,7 +90,12 @@ def read_requests_file(path: str | Path) -> list:
         return read_counterfact(path)
     if isinstance(first, dict) and "src" in first:
         return read_easyedit_zsre(path)
-    raise DataFormatError(f"{path}: neither a lifelong request file nor an EasyEdit ZsRE / CounterFact list of records")
+    if isinstance(first, dict) and "locality_prompt" in first:
+        return read_easyedit_counterfact(path)
+    if isinstance(first, dict) and isinstance(first.get("locality"), dict):
+        return read_knowedit(path)
+    raise DataFormatError(f"{path}: neither a lifelong request file nor an EasyEdit ZsRE / CounterFact (ROME's or "
+                          "flat) / KnowEdit list of records")
 
 
 def evaluation_requests(config: EditBenchConfig, model, tokenizer) -> tuple[list, dict]:

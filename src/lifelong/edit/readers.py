@@ -11,6 +11,20 @@ CounterFact (ROME's `counterfact.json`, as EasyEdit reads it): a JSON list of
      "neighborhood_prompts" [..] (their answer is target_true), optional "portability"}
   ("prompt_full" is used when a variant ships the filled prompt instead.)
 
+EasyEdit's flat CounterFact (`counterfact-edit.json`, `counterfact-train.json`, read by its
+CounterFactDataset): a JSON list of
+    {"case_id", "prompt" (filled), "subject", "target_new", "ground_truth", "rephrase_prompt",
+     "locality_prompt", "locality_ground_truth", optional "portability" as in ZsRE}
+
+KnowEdit (EasyEdit's benchmark files, e.g. `ZsRE-test-all.json`, `counterfact-test-all.json`,
+`recent_test.json`, read by its KnoweditDataset): a JSON list of
+    {"subject" (or "concept"), "prompt" (or "text"), "target_new" (or "labels"), optional "ground_truth",
+     optional "rephrase", "portability": {"Reasoning" | "Subject_Aliasing" | "Logical_Generalization" ...:
+     [{"prompt", "ground_truth"}]}, "locality": {"Relation_Specificity" | "Forgetfulness": [...]}}
+  A probe's "ground_truth" may be a string or a (nested) list of aliases: the first one is its answer, as
+  EasyEdit unwraps it; probes with an empty answer are skipped, as there. Every portability and locality
+  group is kept; the relation field names the file's kind ("knowedit").
+
 EasyEdit joins prompt and answer with a space (`prompt + ' ' + target`); here every answer carries
 its own leading space instead, so the same text is scored.
 """
@@ -86,6 +100,72 @@ def read_counterfact(path: str | os.PathLike[str], limit: int | None = None) -> 
         except (KeyError, TypeError, IndexError) as e:
             raise DataFormatError(f"{path}: record {i} is not CounterFact (needs requested_rewrite.prompt/subject/"
                                   f"target_new.str/target_true.str): {e!r}") from e
+        if limit is not None and len(out) == limit:
+            break
+    return out
+
+
+def read_easyedit_counterfact(path: str | os.PathLike[str], limit: int | None = None) -> list[EditRequest]:
+    """EasyEdit's flat CounterFact JSON as requests (locality: locality_prompt -> locality_ground_truth)."""
+    out = []
+    for i, r in enumerate(_load_list(path)):
+        try:
+            rephrase = r.get("rephrase_prompt") or ()
+            out.append(EditRequest(
+                prompt=r["prompt"], target_new=_space(r["target_new"]), subject=r["subject"],
+                ground_truth=_space(r["ground_truth"]) if r.get("ground_truth") else "",
+                paraphrases=(rephrase,) if isinstance(rephrase, str) else tuple(rephrase),
+                locality=(Probe(r["locality_prompt"], _space(r["locality_ground_truth"])),)
+                if r.get("locality_prompt") else (),
+                portability=_portability(r), relation="counterfact", case_id=str(r.get("case_id", i))))
+        except (KeyError, TypeError) as e:
+            raise DataFormatError(f"{path}: record {i} is not EasyEdit CounterFact (needs prompt, subject, target_new; "
+                                  f"rephrase_prompt, locality_prompt, locality_ground_truth): {e!r}") from e
+        if limit is not None and len(out) == limit:
+            break
+    return out
+
+
+def _first(value):
+    """A KnowEdit answer or prompt: a string, or the first string of a (nested) list."""
+    while isinstance(value, list):
+        if not value:
+            return ""
+        value = value[0]
+    return value if isinstance(value, str) else ""
+
+
+def _knowedit_probes(groups) -> tuple[Probe, ...]:
+    if not isinstance(groups, dict):
+        return ()
+    probes = []
+    for items in groups.values():
+        for item in items or ():
+            prompt, answer = _first(item["prompt"]), _first(item["ground_truth"])
+            if prompt and answer.strip():
+                probes.append(Probe(prompt, _space(answer)))
+    return tuple(probes)
+
+
+def read_knowedit(path: str | os.PathLike[str], limit: int | None = None) -> list[EditRequest]:
+    """KnowEdit JSON as requests: every portability group (reasoning, subject aliasing, logical
+    generalisation) as portability probes, every locality group (relation specificity, forgetfulness) as
+    locality probes, "rephrase" (when present) as the paraphrase."""
+    out = []
+    for i, r in enumerate(_load_list(path)):
+        try:
+            target = _first(r["target_new"] if "target_new" in r else r["labels"])
+            rephrase = r.get("rephrase") or ()
+            out.append(EditRequest(
+                prompt=_first(r["prompt"] if "prompt" in r else r["text"]), target_new=_space(target),
+                subject=r["subject"] if "subject" in r else r.get("concept", ""),
+                ground_truth=_space(_first(r["ground_truth"])) if _first(r.get("ground_truth")) else "",
+                paraphrases=(rephrase,) if isinstance(rephrase, str) else tuple(rephrase),
+                locality=_knowedit_probes(r.get("locality")), portability=_knowedit_probes(r.get("portability")),
+                relation="knowedit", case_id=str(r.get("case_id", i))))
+        except (KeyError, TypeError) as e:
+            raise DataFormatError(f"{path}: record {i} is not KnowEdit (needs subject, prompt, target_new; portability "
+                                  f"and locality as {{group: [{{prompt, ground_truth}}]}}): {e!r}") from e
         if limit is not None and len(out) == limit:
             break
     return out
