@@ -458,12 +458,19 @@ def concept_images(names, split: str = "test", per_concept: int | None = None,
     unknown = [n for n in wanted if n not in by_name and n not in held]
     if unknown:
         raise ValueError(f"no real images of {unknown[:3]}: not concepts of the captioned pools")
+    # objects and digits straight from their sources (no need to render every letter and decode the clip-art)
+    direct = {"object": (_objects, _object_concepts), "digit": (_digits, _digit_concepts)}
     rng = np.random.default_rng(seed)
     images, labels = [], []
     for name in wanted:
-        source = held.get(name, "train-pool")
+        kind = by_name[name].kind if name in by_name else None
+        source = held.get(name) or (kind if kind in direct else "train-pool")
         if source not in pools:
-            pools[source] = load_pool(split) if source == "train-pool" else heldout_subject_pool(source, split)
+            if source in direct:
+                load, concepts = direct[source]
+                pools[source] = (*load(split), concepts())
+            else:
+                pools[source] = load_pool(split) if source == "train-pool" else heldout_subject_pool(source, split)
         pool_images, ids, concepts = pools[source]
         index = next(i for i, c in enumerate(concepts) if c.name == name)
         rows = np.flatnonzero(ids == index)
