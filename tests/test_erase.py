@@ -19,7 +19,7 @@ import torch
 from lifelong.erase import ERASERS, EraseRequest, build_eraser, erase_request, eraser_params
 from lifelong.erase.base import unet_parameters
 from lifelong.errors import ConfigError
-from lifelong.families.diffusion import TextStates, tiny_embedded
+from lifelong.families.diffusion import tiny_embedded
 
 # Small settings for the fine-tuning erasers on the tiny model (their defaults are for the embedded one).
 TINY_KNOBS = {
