@@ -141,14 +141,14 @@ def test_rome_gpt2_reset_is_exact_and_seeded_runs_agree():
 
 def test_rome_covariance_is_cached(llama, monkeypatch):
     from lifelong.cache import cache_dir
-    from lifelong.edit import rome
+    from lifelong.edit import key_value, rome
 
     model, tok = llama
     cov = rome.key_covariance(model, tok, 2, "python-reference", 1024)
     files = list((cache_dir() / "rome").glob("cov-*.safetensors"))
     assert len(files) >= 1 and cov.shape == (128, 128)
     assert torch.allclose(cov, cov.T) and torch.linalg.eigvalsh(cov.double()).min() > 0
-    monkeypatch.setattr(rome, "corpus_chunks", lambda *a, **k: pytest.fail("recomputed a cached covariance"))
+    monkeypatch.setattr(key_value, "corpus_chunks", lambda *a, **k: pytest.fail("recomputed a cached covariance"))
     assert torch.equal(rome.key_covariance(model, tok, 2, "python-reference", 1024), cov)
 
 

@@ -42,8 +42,8 @@ from torch import nn
 
 from lifelong.data.edit_requests import EditRequest
 from lifelong.edit.base import Editor
+from lifelong.edit.key_value import corpus_chunks
 from lifelong.edit.requests import train_fact_texts
-from lifelong.edit.rome import corpus_chunks
 from lifelong.families.lm import decoder_layers, resolve_layer, target_batch, target_nll_from_logits
 
 
