@@ -27,7 +27,13 @@ TINY_KNOBS = {
     "esd-u": {"iterations": 40, "batch_size": 8, "lr": 5e-4, "ddim_steps": 8},
     "ac": {"steps": 60, "batch_size": 8, "lr": 1e-2, "anchor_images": 8, "ddim_steps": 8},
     "uce": {},
+    "receler": {"iterations": 40, "batch_size": 8, "lr": 1e-2, "ddim_steps": 8, "rank": 8, "adversarial_iters": 2},
 }
+# How close to its target the erased prompt's prediction must come (fraction of where it started). Receler's
+# erasers act on each cross-attention output position by position: on the random tiny model they reach the
+# target on the DDIM-drawn x_t they train on, but only ~2/3 of the way on this test's Gaussian x_t (a wrong
+# target, e.g. eta's sign flipped, moves it away: ratio > 1).
+CLOSER = {"receler": 0.75}
 RED = EraseRequest(concept="red", prompts=("a red square",), anchor="a blue square", preserve=("a green circle",))
 OTHER = "a green circle"
 
@@ -50,7 +56,7 @@ def predictions(model, prompt: str, seed: int = 0) -> torch.Tensor:
 
 def target(model, method: str) -> torch.Tensor:
     """What the method trains the prompt's prediction toward, computed on the original model."""
-    if method in ("esd-x", "esd-u"):
+    if method in ("esd-x", "esd-u", "receler"):
         e_0, e_p = predictions(model, ""), predictions(model, RED.prompts[0])
         return e_0 - (e_p - e_0)  # eta 1
     return predictions(model, RED.anchor)
@@ -62,7 +68,7 @@ def test_the_erased_prompt_moves_to_the_methods_target(base, method):
     goal = target(base, method)
     build_eraser(method, TINY_KNOBS[method]).erase(model, RED, seed=0)
     start, end = (predictions(base, RED.prompts[0]) - goal).norm(), (predictions(model, RED.prompts[0]) - goal).norm()
-    assert end < 0.6 * start, f"{method}: the erased prompt's prediction moved only from {start:.3f} to {end:.3f} off its target"
+    assert end < CLOSER.get(method, 0.6) * start, f"{method}: the erased prompt's prediction moved only from {start:.3f} to {end:.3f} off its target"
 
 
 def test_uce_leaves_a_preserved_prompt_where_it_was(base):
@@ -77,20 +83,73 @@ def test_uce_leaves_a_preserved_prompt_where_it_was(base):
 
 @pytest.mark.parametrize("method", list(ERASERS))
 def test_an_eraser_is_seeded_and_changes_only_its_parameters(base, method):
+    """A weight eraser moves parameters of its set only; a module eraser (Receler) moves none of the UNet's
+    and adds eraser adapters after the cross-attention layers only. Same seed, same numbers."""
     params = eraser_params(method, TINY_KNOBS[method])
-    which = {"esd-x": "xattn", "esd-u": "noxattn", "ac": "kv", "uce": "kv"}[method]
-    allowed = {f"unet.{n}" for n, _ in unet_parameters(base.unet, which)}
+    which = {"esd-x": "xattn", "esd-u": "noxattn", "ac": "kv", "uce": "kv", "receler": None}[method]
+    allowed = {f"unet.{n}" for n, _ in unet_parameters(base.unet, which)} if which else set()
     patches = []
     for _ in range(2):
         model = copy.deepcopy(base)
         before = {n: p.detach().clone() for n, p in model.named_parameters()}
         stats = type(build_eraser(method))(params).erase(model, RED, seed=3)
-        moved = {n for n, p in model.named_parameters() if not torch.equal(p, before[n])}
-        assert moved and moved <= allowed, f"{method} moved {sorted(moved - allowed)[:3]} outside its set"
+        after = dict(model.named_parameters())
+        moved = {n for n in before if not torch.equal(after[n], before[n])}
+        added = set(after) - set(before)
+        if build_eraser(method).records == "module":
+            assert not moved, f"{method} changed the UNet's own {sorted(moved)[:3]}"
+            assert added and all(".attn2.eraser." in n for n in added), f"{method} added {sorted(added)[:3]}"
+            assert any(after[n].abs().sum() > 0 for n in added if n.endswith("up.weight")), "the erasers never trained"
+            changed = added
+        else:
+            assert not added and moved and moved <= allowed, f"{method} moved {sorted(moved - allowed)[:3]} outside its set"
+            changed = moved
         assert all(np.isfinite(v) for v in stats.values())
-        patches.append({n: p.detach().clone() for n, p in model.named_parameters() if n in moved})
+        patches.append({n: after[n].detach().clone() for n in changed})
     assert patches[0].keys() == patches[1].keys()
     assert all(torch.equal(patches[0][n], patches[1][n]) for n in patches[0]), f"{method} is not seeded"
+
+
+def test_receler_mask_and_regulariser_are_the_official_formulas():
+    """M: attention on the concept's tokens, mean over heads and tokens, layers at the resolution nearest
+    sample_size / 4, min-max normalised, >= threshold; resized (nearest) per layer. L_reg: sum over positions
+    outside M of mean_C E^2, over the number of such positions, averaged over layers."""
+    from lifelong.erase.receler import concept_masks, concept_regulariser
+
+    heat = torch.zeros(4, 4)
+    heat[:2, :2] = 1.0  # the concept drawn in the top-left quadrant
+    probs = torch.zeros(1, 2, 16, 3)  # (B, heads, HW, T): token 1 is the concept
+    probs[0, :, :, 1] = heat.flatten()
+    probs[0, :, :, 2] = 1.0  # another token, attended everywhere: not in the mask
+    coarse = torch.zeros(1, 2, 4, 3)  # a 2x2 layer (ignored for the mask: 4 is nearest 16 / 4)
+    coarse[0, :, 3, 1] = 1.0
+    masks = concept_masks({"fine": probs, "coarse": coarse}, [torch.tensor([1])], threshold=0.1, sample_size=16)
+    assert torch.equal(masks["fine"][0, 0], heat) and masks["coarse"].shape == (1, 1, 2, 2)
+    assert torch.equal(masks["coarse"][0, 0], torch.tensor([[1.0, 0.0], [0.0, 0.0]]))
+    inside = heat.flatten()[None, :, None].expand(1, 16, 5)  # (B, HW, C) eraser output only where M = 1
+    assert concept_regulariser({"fine": inside}, {"fine": masks["fine"]}) == 0
+    everywhere = torch.full((1, 16, 5), 2.0)
+    assert torch.isclose(concept_regulariser({"fine": everywhere}, {"fine": masks["fine"]}), torch.tensor(4.0))
+
+
+def test_receler_adversarial_embeddings_reach_the_unet(base):
+    """The official code's `emb_n[:, idx, :].data = adv` writes into a copy; here they replace the states
+    after the prompt's last word token and are read (mask 1), so the attack changes the prediction."""
+    from torch import nn
+
+    from lifelong.erase.receler import _prompt_layout, _with_adversary
+
+    prompt = RED.prompts[0]
+    layout = {prompt: _prompt_layout(base, prompt, "red", max_adversarial=4)}
+    concept, slots = layout[prompt]
+    assert concept.tolist() == [2] and slots.tolist() == [4, 5, 6, 7]  # [CLS] a red square [SEP]: "red" at 2
+    cond = base.encode([prompt])
+    adversary = {prompt: nn.Parameter(torch.randn(4, cond.hidden.shape[-1]))}
+    states = _with_adversary(cond, [prompt], layout, adversary)
+    assert torch.equal(states.hidden[0, 4:8], adversary[prompt]) and torch.equal(states.hidden[0, :4], cond.hidden[0, :4])
+    assert states.mask[0, :8].tolist() == [1] * 8 and states.mask[0, 8:].sum() == 0
+    x_t = torch.randn(1, 3, 16, 16, generator=torch.Generator().manual_seed(0))
+    assert not torch.allclose(base.noise_prediction(x_t, 500, states), base.noise_prediction(x_t, 500, cond))
 
 
 def test_uce_without_its_erase_term_changes_nothing(base):
@@ -222,6 +281,49 @@ def test_revert_brings_back_the_base_weights_and_scores(erased_ledger, tmp_path)
         assert torch.allclose(p, q, atol=1e-6), name
     # the same seeded samples: judge rates equal, the judge-FD up to float rounding of the subtracted patch
     assert revert["probes_after"] == pytest.approx(ledger.manifest["baseline"], rel=1e-3, abs=1e-3)
+
+
+RECELER_TINY = ["rank=4", "iterations=3", "batch_size=2", "ddim_steps=2", "adversarial_iters=1", "lr=0.05"]
+
+
+def test_a_receler_erasure_is_modules_that_revert_takes_off_exactly(erased_ledger, tmp_path, capsys):
+    """Receler's change is eraser adapters (an empty patch, their state recorded): materialize puts them back,
+    export is refused while they are in effect, a second Receler change trains on top of the first (and
+    holds both sets), and reverting both gives back the model before them bit for bit."""
+    import shutil
+
+    from lifelong.api import export
+    from lifelong.cli import main
+    from lifelong.errors import LedgerError
+    from lifelong.ledger.core import Ledger
+    from lifelong.modules.eraser_adapter import eraser_sets
+
+    root = tmp_path / "ledger"
+    shutil.copytree(erased_ledger, root)  # change 1: UCE
+    before = Ledger.open(root).materialize()
+    assert main(["erase", str(root), "--concept", "sneaker", "--method", "receler", *RECELER_TINY]) == 0
+    ledger = Ledger.open(root)
+    change = ledger.change(2)
+    assert change["method_states"] == ["receler"] and ledger.patch(2) == {} and change["cost"]["patch_numel"] > 0
+    erased = ledger.materialize()
+    assert eraser_sets(erased.unet) == 1
+    assert not torch.equal(predictions(erased, "a sneaker"), predictions(before, "a sneaker"))
+    with pytest.raises(LedgerError, match=r"receler \(change 2\)"):
+        export(root, tmp_path / "out")
+    assert main(["erase", str(root), "--concept", "digit 7", "--no-judge", "--method", "receler", *RECELER_TINY]) == 0
+    assert eraser_sets(Ledger.open(root).materialize().unet) == 2 and len(Ledger.open(root).state_of(3, "receler")) == 2 * len(ledger.state_of(2, "receler"))
+    assert main(["revert", str(root), "2"]) == 2  # change 3 trained on top of it
+    assert "revert it first" in capsys.readouterr().err
+    assert main(["revert", str(root), "3"]) == 0 and main(["revert", str(root), "2"]) == 0
+    ledger = Ledger.open(root)
+    assert [ledger.change(i)["strategy"] for i in (4, 5)] == ["restore", "restore"]
+    assert eraser_sets(ledger.materialize(upto=4).unet) == 1
+    now = ledger.materialize()
+    assert eraser_sets(now.unet) == 0
+    after, original = dict(now.named_parameters()), dict(before.named_parameters())
+    assert after.keys() == original.keys() and all(torch.equal(after[n], original[n]) for n in original)
+    assert torch.equal(predictions(now, "a sneaker"), predictions(before, "a sneaker"))
+    assert export(root, tmp_path / "out").is_dir()
 
 
 def test_the_erased_model_exports_as_a_pipeline_that_loads_back(erased_ledger, tmp_path):

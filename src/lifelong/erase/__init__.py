@@ -19,6 +19,7 @@ ERASERS: dict[str, tuple[str, dict]] = {
     "esd-u": ("lifelong.erase.esd:ESD", {"train_method": "noxattn"}),
     "ac": ("lifelong.erase.ablating:AblatingConcepts", {}),
     "uce": ("lifelong.erase.uce:UCE", {}),
+    "receler": ("lifelong.erase.receler:Receler", {}),
 }
 
 

@@ -9,7 +9,9 @@ naming a concept stop producing it, while other prompts produce what they did:
                                       loss at the start and end, steps, trainable parameters)
 
 Erasers record their change as a weight patch (`records = "weights"`): the ledger reads it off the model
-(`ledger.patch.patch_from_model`), reverts it by subtraction and exports it as a diffusers folder.
+(`ledger.patch.patch_from_model`), reverts it by subtraction and exports it as a diffusers folder. Receler
+adds modules instead (`records = "module"`: eraser adapters, modules/eraser_adapter.py): the ledger stores
+their state, re-attaches it on materialize, takes it off on revert and refuses to export it.
 """
 
 from __future__ import annotations
@@ -22,6 +24,7 @@ from torch import nn
 
 from lifelong.data import captioned
 from lifelong.errors import ConfigError
+from lifelong.modules.eraser_adapter import ERASER
 
 PROMPTS_PER_CONCEPT = 4  # training captions per judged concept in a request's prompts (besides the name)
 
@@ -86,7 +89,7 @@ class EraserProtocol(Protocol):
 
     name: ClassVar[str]
     Params: ClassVar[type]
-    records: ClassVar[str]  # "weights": the ledger records the change as a weight patch
+    records: ClassVar[str]  # "weights": the ledger records a weight patch; "module": the state of added modules
 
     def erase(self, model, request: EraseRequest, seed: int = 0) -> dict[str, float]: ...
 
@@ -101,8 +104,12 @@ def unet_parameters(unet: nn.Module, which: str) -> list[tuple[str, nn.Parameter
                (`conv_norm_out`, `conv_out`; the official code's `out.`): ESD-u
     kv         the text-side key and value projections (`attn2.to_k`, `attn2.to_v`): Ablating Concepts'
                `crossattn_kv`
-    full       every parameter"""
+    full       every parameter
+
+    Receler's eraser adapters (`attn2.eraser.*`) are never in a set: they are modules of their own change."""
     def keep(name: str) -> bool:
+        if f".{ERASER}." in name:
+            return False
         if which == "xattn":
             return ".attn2." in name
         if which == "noxattn":

@@ -17,7 +17,8 @@ The model family decides the base and the changes: a `vlm` ledger (a CLIP-style 
 changes probed by the edits in effect and held-out facts (edits.py). Both record `revert` changes.
 
 The current model is the base plus every patch in order (an lm ledger then re-attaches the modules of
-its module editors, GRACE, T-Patcher and WISE, from their latest states in effect). Nothing is
+its module editors, GRACE, T-Patcher and WISE, from their latest states in effect; a diffusion ledger
+those of its module erasers, Receler's eraser adapters). Nothing is
 rewritten in place: a revert is a new change whose patch undoes the reverted one (or, for a module
 editor, whose record takes the reverted state out of effect). A change becomes part of the history at
 one atomic write of the manifest, after its files are on disk; a crash before that leaves the previous
@@ -35,6 +36,7 @@ import torch
 
 from lifelong.config import ModelConfig, from_dict
 from lifelong.edit import build_editor
+from lifelong.erase import eraser_class
 from lifelong.errors import LedgerCorruptError, LedgerError
 from lifelong.families import Family, get_family, ledger_families
 from lifelong.ledger.patch import apply_patch
@@ -194,14 +196,15 @@ class Ledger:
         return {k.removeprefix(prefix): v for k, v in state.items() if k.startswith(prefix)}
 
     def module_states(self, upto: int | None = None) -> dict[str, int]:
-        """An lm ledger's module editors (GRACE, T-Patcher, WISE) in effect after change `upto` (all when None):
-        method -> the id of its latest change in effect then, whose recorded state holds all it added."""
+        """The module editors (an lm ledger's GRACE, T-Patcher, WISE) and module erasers (a diffusion ledger's
+        Receler) in effect after change `upto` (all when None): method -> the id of its latest change in effect
+        then, whose recorded state holds all it added."""
         gone = self.reverted_ids(upto)
         latest: dict[str, int] = {}
         for c in self.changes:
             if upto is not None and c["id"] > upto:
                 break
-            if c["id"] not in gone and c["kind"] == "edit":  # a learn change's state is its method's, not a module
+            if c["id"] not in gone and c["kind"] in ("edit", "erase"):  # a learn change's state is its method's, not a module
                 latest.update((method, c["id"]) for method in c.get("method_states", ()))
         return latest
 
@@ -225,7 +228,10 @@ class Ledger:
         return model, tokenizer, editors
 
     def attach(self, model, tokenizer, method: str, n: int):
-        """An editor of `method` (with change n's knobs) on `model`, holding the state change `n` recorded."""
+        """An editor of `method` (with change n's knobs) on `model`, holding the state change `n` recorded; for an
+        erase change, the modules of its eraser put back on `model` (their holder's `reset` takes them off)."""
+        if self.change(n)["kind"] == "erase":
+            return eraser_class(method).attach(model, self.state_of(n, method))
         editor = build_editor(method, model, tokenizer, self.change(n)["knobs"])
         editor.load_state_dict(self.state_of(n, method))
         return editor

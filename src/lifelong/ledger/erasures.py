@@ -11,7 +11,15 @@ anchor, the preserved prompts, the judge's concepts it covers), the eraser's sta
 weights it changed, as additive deltas), the cost, and every probe before and after. The erased concept
 gets a probe of its own when no probe covers it exactly (its `data.task`, the log's "own task" column).
 
-A revert subtracts the change's patch: exact when no later change is in effect (the record says so).
+A module eraser (Receler: eraser adapters after the cross-attention layers) records an empty patch and the
+state of every eraser set on the model after it (method_state.safetensors, accumulated as lm module
+editors do: a second Receler change trains a new set on top of the first's and records both). The
+current model is the base plus every weight patch, then the latest Receler state in effect re-attached.
+
+A revert subtracts the change's patch: exact when no later change is in effect (the record says so). A
+revert of a Receler change puts back the eraser sets of the previous Receler change in effect (none: the
+erasers come off and the UNet is bit-identical to before them); a change that a later Receler change
+continued from is reverted after it. Export is refused while erasers are in effect (`Ledger.export`).
 """
 
 from __future__ import annotations
@@ -60,7 +68,7 @@ def erase(root: str | Path, concept: str, method: str = "esd-x", *, anchor: str 
         n = ledger.next_id()
         own, new_probes = _own_probe(ledger, request, n)
         t_start = time.perf_counter()
-        model = ledger.materialize()
+        model = ledger.materialize()  # erasers of module changes in effect re-attached
         before = ledger.current_scores()
         if new_probes:
             before.update(run_concept_probes(model, new_probes))
@@ -69,7 +77,12 @@ def erase(root: str | Path, concept: str, method: str = "esd-x", *, anchor: str 
             t0 = time.perf_counter()
             stats = eraser.erase(model, request, seed=seed, progress=progress)
             erase_seconds = time.perf_counter() - t0
-        patch = patch_from_model(model, weights)
+        if eraser.records == "module":  # new modules: their state, every set in effect (this change's included)
+            patch, states = {}, {method: eraser.state(model)}
+            size = sum(t.numel() for t in states[method].values())
+        else:
+            patch, states = patch_from_model(model, weights), {}
+            size = patch_numel(patch)
         after = run_concept_probes(model, ledger.probes + new_probes)
         record = {
             "id": n,
@@ -85,9 +98,9 @@ def erase(root: str | Path, concept: str, method: str = "esd-x", *, anchor: str 
             "probes_after": after,
             "cost": {"train_seconds": erase_seconds, "wall_seconds": time.perf_counter() - t_start,
                      "peak_rss_mb": memory.peak_mb, "trainable_params": int(stats.get("trainable_params", 0)),
-                     "patch_numel": patch_numel(patch), "total_params": count_parameters(model)[1]},
+                     "patch_numel": size, "total_params": count_parameters(model)[1]},
         }
-        return ledger.commit(record, patch, {}, new_probes=new_probes)
+        return ledger.commit(record, patch, states, new_probes=new_probes)
 
 
 def _own_probe(ledger: Ledger, request, n: int):
@@ -105,22 +118,43 @@ def _own_probe(ledger: Ledger, request, n: int):
 
 
 def revert_erase(ledger: Ledger, n: int, strategy: str) -> int:
-    """Record a change that subtracts erase change `n`'s patch (the caller holds the lock); its id."""
+    """Record a change that takes erase change `n` out (the caller holds the lock); its id.
+
+    A weight erasure: its negated patch. A module erasure (Receler): the eraser sets of the method's previous
+    change in effect (none: the erasers come off), refused while later changes of the method that continued
+    from it are in effect."""
+    method = ledger.change(n)["method"]
+    module = method in ledger.change(n).get("method_states", ())
     if strategy == "replay":
-        raise LedgerError(f"change {n} is an erasure: it is reverted by subtracting its patch (--strategy subtract "
+        how = f"putting {method}'s previous erasers back" if module else "subtracting its patch"
+        raise LedgerError(f"change {n} is an erasure: it is reverted by {how} (--strategy subtract "
                           "or auto); replay retrains learn changes")
     gone = ledger.reverted_ids()
     later = [c["id"] for c in ledger.changes if c["id"] > n and c["id"] not in gone and c["kind"] != "revert"]
+    built_on = [i for i in later if method in ledger.change(i).get("method_states", ())]
+    if module and built_on:
+        order = ", ".join(str(i) for i in reversed(built_on))
+        raise LedgerError(f"change {n} is a {method} erasure that later {method} change(s) {', '.join(map(str, built_on))} "
+                          f"trained on top of (each holds its predecessors' erasers plus its own): revert "
+                          f"{'them' if len(built_on) > 1 else 'it'} first ({order}, latest first), then change {n}")
     t_start = time.perf_counter()
-    model = ledger.materialize()
+    model, _, attached = ledger.materialize_with_editors()
     with PeakMemory() as memory:
-        patch = negate(ledger.patch(n))
-        apply_patch(model, patch, where=f"revert of change {n}")
+        if module:
+            patch = {}
+            attached.pop(method).reset()
+            previous = [c["id"] for c in ledger.changes
+                        if c["id"] < n and c["id"] not in gone and method in c.get("method_states", ())]
+            if previous:
+                ledger.attach(model, None, method, previous[-1])
+        else:
+            patch = negate(ledger.patch(n))
+            apply_patch(model, patch, where=f"revert of change {n}")
     record = {
         "id": ledger.next_id(),
         "kind": "revert",
         "reverts": n,
-        "strategy": "subtract",
+        "strategy": "restore" if module else "subtract",  # restore: the method's previous erasers back in effect
         "replayed": [],
         "exact": not later,  # False: later changes in effect were made on top of change n
         "method": "-",
