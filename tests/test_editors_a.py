@@ -1,4 +1,4 @@
-"""FT-L, FT-M, LoRA, GRACE and WISE on tiny random Llama and GPT-2 models; one slow check on SmolLM2.
+"""The editor contract over every registered editor (batch editing included); FT-L, FT-M, LoRA, GRACE and WISE on tiny random Llama and GPT-2 models; one slow check on SmolLM2.
 
 The tiny models get their (tied) embeddings scaled by 8: with tiny_lm's 0.02-std embeddings every logit
 stays within about +-1.3 (the final norm fixes the hidden scale), so no edit could reach a low NLL and
@@ -23,6 +23,7 @@ ARCHS = ("llama", "gpt2")
 # four whose single edit reaches a low NLL on these random models also run test_edit_holds.
 EDITORS = tuple(REGISTERED)
 EDITS_ON_TINY = ("ft_l", "ft_m", "lora", "grace", "wise")
+BATCH = tuple(n for n in EDITORS if editor_class(n).batch)  # editors with apply_batch
 EDIT = EditRequest(prompt="The capital of France is", target_new=" Tokyo", subject="France")     # one token
 EDIT2 = EditRequest(prompt="The currency of India is the", target_new=" euro", subject="India")  # one token
 UNRELATED = ("She said that the weather was nice", " and")
@@ -43,6 +44,8 @@ def knobs(name: str, arch: str) -> dict:
         "rome": dict(layer=2, v_lr=1.0, clamp_norm_factor=20.0, cov_tokens=2048, prefix_lengths=(3,), prefixes_per_length=2),
         "t_patcher": dict(max_steps=20, memory_tokens=256, memory_facts=2),
         "mend": dict(layers=(-1,), rank=8, train_steps=4, lr=1e-3, lr_lr=1e-3, edit_lr=1e-3),
+        "memit": dict(layers=(1, 2), v_lr=1.0, clamp_norm_factor=20.0, cov_tokens=2048, prefix_lengths=(3,),
+                      prefixes_per_length=2, mom2_update_weight=1000.0),
     }[name]
 
 
@@ -176,12 +179,63 @@ def test_bad_input_fails_clearly(tiny, name):
             make(name, model, tok, "llama", **bad_layer)
 
 
+@pytest.mark.parametrize("arch", ARCHS)
+@pytest.mark.parametrize("name", BATCH)
+def test_batch_reset_is_exact_and_a_batch_of_one_is_one_apply(tiny, name, arch):
+    """apply_batch changes the model, reset brings f_0 back bit for bit (weights, modules, flags, hooks),
+    and a batch of one request is exactly `apply` of it (numbers and logits)."""
+    model, tok = tiny(arch)
+    next(model.parameters()).requires_grad_(False)
+    flags = {n: q.requires_grad for n, q in model.named_parameters()}
+    state = {k: v.clone() for k, v in model.state_dict().items()}
+    modules = [(n, type(m)) for n, m in model.named_modules()]
+    probe = batch_of(tok, (EDIT.prompt, EDIT.target_new), (EDIT2.prompt, EDIT2.target_new), UNRELATED)
+    base = logits(model, probe)
+
+    editor = make(name, model, tok, arch)
+    stats = editor.apply_batch([EDIT, EDIT2])
+    assert stats and all(type(v) is float for v in stats.values()), stats
+    assert not torch.equal(logits(model, probe), base)
+    editor.reset()
+    assert [(n, type(m)) for n, m in model.named_modules()] == modules
+    assert all(torch.equal(v, state[k]) for k, v in model.state_dict().items())
+    assert {n: q.requires_grad for n, q in model.named_parameters()} == flags
+    assert not model._forward_pre_hooks and not model._forward_hooks
+    assert torch.equal(logits(model, probe), base)
+
+    one = editor.apply_batch([EDIT])
+    after_batch = logits(model, probe)
+    editor.reset()
+    assert editor.apply(EDIT) == one and torch.equal(logits(model, probe), after_batch)
+    with pytest.raises(ValueError, match="at least one request"):
+        editor.apply_batch([])
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+@pytest.mark.parametrize("name", [n for n in EDITS_ON_TINY if n in BATCH])
+def test_batch_edit_holds(tiny, name, arch):
+    """Two requests in one update: both targets become the argmax."""
+    model, tok = tiny(arch)
+    make(name, model, tok, arch).apply_batch([EDIT, EDIT2])
+    for request in (EDIT, EDIT2):
+        predicted, target = predicted_targets(model, batch_of(tok, (request.prompt, request.target_new)))
+        assert predicted == target, (name, request)
+
+
+@pytest.mark.parametrize("name", [n for n in EDITORS if n not in BATCH])
+def test_editors_without_batch_refuse_apply_batch(tiny, name):
+    model, tok = tiny("llama")
+    with pytest.raises(NotImplementedError, match="one request at a time"):
+        make(name, model, tok, "llama").apply_batch([EDIT, EDIT2])
+
+
 def test_registry_builds_every_editor_with_its_metadata():
     from lifelong.errors import ConfigError
 
     for name in EDITORS:
         cls = editor_class(name)
         assert cls.name == name and cls.records in ("weights", "module") and isinstance(cls.learns_to_edit, bool)
+        assert isinstance(cls.batch, bool) and callable(cls.apply_batch)
         assert isinstance(cls(*tiny_lm("llama"), editor_params(name, knobs(name, "llama"))), EditorProtocol)
         if cls.records == "module":  # the ledger records these by their state
             assert callable(getattr(cls, "state_dict", None)) and callable(getattr(cls, "load_state_dict", None))

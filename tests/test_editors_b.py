@@ -30,9 +30,9 @@ The currency of Japan is the yen. The currency of France is the euro. The curren
 Lyon is a city in France. Osaka is a city in Japan. Toronto is located in the country of Canada."""
 
 
-def trained_tiny_llama(steps: int = 60):
-    """The tiny Llama after `steps` Adam steps on FACTS (deterministic, a few seconds)."""
-    model, tok = tiny_lm("llama", seed=0)
+def trained_tiny_llama(steps: int = 60, arch: str = "llama"):
+    """The tiny Llama (or `arch`) after `steps` Adam steps on FACTS (deterministic, a few seconds)."""
+    model, tok = tiny_lm(arch, seed=0)
     sentences = [s.strip().rstrip(".") + "." for s in FACTS.replace("\n", " ").split(". ") if s.strip()]
     enc = tok(sentences, add_special_tokens=False, padding=True, return_tensors="pt")
     labels = enc["input_ids"].masked_fill(enc["attention_mask"] == 0, -100)

@@ -1,6 +1,6 @@
 """Knowledge editors for the `lm` family, one file each (see `base.py` for the contract).
 
-Adding an editor = its file (with its `records` and `learns_to_edit` metadata), one line in EDITORS, its
+Adding an editor = its file (with its `records`, `learns_to_edit` and `batch` metadata), one line in EDITORS, its
 tiny-model knobs in tests/test_editors_a.py (the registry-wide contract tests then pick it up), a docs entry.
 """
 
@@ -23,6 +23,7 @@ EDITORS = {
     "grace": "lifelong.edit.grace:GRACE",
     "wise": "lifelong.edit.wise:WISE",
     "rome": "lifelong.edit.rome:ROME",
+    "memit": "lifelong.edit.memit:MEMIT",  # batch editing over several layers
 }
 
 

@@ -8,6 +8,8 @@ model), and `reset` returns the model to exactly f_0 (the single-edit protocol r
     prepare(train_requests)              optional, once: editors that learn to edit (MEND) train here,
                                          on requests disjoint from the evaluated ones
     apply(request) -> dict               one edit; returns stats (loss, steps, ...) as floats
+    apply_batch(requests) -> dict        editors with `batch = True`: one update from all requests at once
+                                         (EasyEdit's batch_edit; MEMIT's mass editing); others refuse
     reset()                              back to f_0, bit-identical (tests check it)
 
 Requests follow EasyEdit's field names where one exists (prompt, target_new, ground_truth, subject,
@@ -31,16 +33,21 @@ class EditorProtocol(Protocol):
     `records` says how the ledger records its edits: "weights" (the weights it changed, as an additive
     patch) or "module" (the modules it adds, through `state_dict`/`load_state_dict`, which re-attach
     them to a fresh model bit-identically). `learns_to_edit`: `prepare` trains on held-out requests.
+    `batch`: `apply_batch(requests)` makes one update from all of them (for these editors `apply(r)` is
+    `apply_batch([r])`).
     """
 
     name: ClassVar[str]
     Params: ClassVar[type]
     records: ClassVar[str]
     learns_to_edit: ClassVar[bool]
+    batch: ClassVar[bool]
 
     def prepare(self, train_requests: list[EditRequest]) -> None: ...
 
     def apply(self, request: EditRequest) -> dict: ...
+
+    def apply_batch(self, requests: list[EditRequest]) -> dict: ...
 
     def reset(self) -> None: ...
 
@@ -53,6 +60,7 @@ class Editor:
     Params: ClassVar[type]
     records: ClassVar[str] = "weights"
     learns_to_edit: ClassVar[bool] = False
+    batch: ClassVar[bool] = False  # True: apply_batch makes one update from many requests
     layer: int  # the decoder layer it edits, set by every editor's constructor
     # Set by make_editor while `prepare` trains: log(values, step) to the run's trackers (None: not logged).
     log = None
@@ -65,6 +73,11 @@ class Editor:
 
     def apply(self, request: EditRequest) -> dict:
         raise NotImplementedError
+
+    def apply_batch(self, requests: list[EditRequest]) -> dict:
+        """One update from all `requests` (editors with `batch = True` override this)."""
+        raise NotImplementedError(f"{self.name} edits one request at a time (no batch editing); "
+                                  "apply the requests in sequence")
 
     def reset(self) -> None:
         raise NotImplementedError

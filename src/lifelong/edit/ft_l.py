@@ -19,8 +19,9 @@ while the loss is >= `stop_loss` 1e-2 and training stops once it is below (EasyE
 decay 0. `norm_constraint` 5e-3 as `ft_m`'s measured SmolLM2 value (EasyEdit's constrained GPT-2 XL
 config has 5e-4; its current Llama configs turn the constraint off: give <= 0).
 
-Deviations: only the weight trains (EasyEdit's GPT-2 name match also catches `c_proj.bias`); requests are
-edited one at a time (EasyEdit batches them in `batch_size` when several are given to one call).
+Deviations: only the weight trains (EasyEdit's GPT-2 name match also catches `c_proj.bias`). `apply`
+edits one request; `apply_batch` trains on several at once (EasyEdit's `batch_size`; the loss is the
+mean over requests of each one's loss), the ball around the weights before the batch.
 """
 
 from __future__ import annotations
@@ -43,16 +44,27 @@ class Params:
     stop_loss: float = 1e-2       # no step, and stop, once the loss is below this
 
 
-def prompt_last_nll(model, input_ids: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+def prompt_last_nll(model, input_ids: torch.Tensor, targets: torch.Tensor,
+                    attention_mask: torch.Tensor | None = None, last: torch.Tensor | None = None,
+                    target_rows: torch.Tensor | None = None) -> torch.Tensor:
     """-(1/k) sum_j log p(t_j | prompt): every target token scored at the prompt's last position.
-    input_ids: (1, P) the prompt; targets: (k,) the target's token ids."""
-    logits = model(input_ids=input_ids).logits[0, -1].float()      # (V,) the next-token logits after the prompt
-    return -torch.log_softmax(logits, dim=-1)[targets].mean()
+    One prompt: input_ids (1, P), targets (k,). A batch: input_ids and attention_mask (B, P) right-padded,
+    last (B,) each prompt's last position, targets (N,) all target tokens and target_rows (N,) the row of
+    each; the loss is then the mean over prompts of each one's mean."""
+    if last is None:
+        logits = model(input_ids=input_ids).logits[0, -1].float()   # (V,) the next-token logits after the prompt
+        return -torch.log_softmax(logits, dim=-1)[targets].mean()
+    rows = torch.arange(len(input_ids), device=input_ids.device)
+    logits = model(input_ids=input_ids, attention_mask=attention_mask).logits[rows, last].float()  # (B, V)
+    token_lp = torch.log_softmax(logits, dim=-1)[target_rows, targets]                       # (N,)
+    per_row = token_lp.new_zeros(len(rows)).index_add(0, target_rows, token_lp) / torch.bincount(target_rows)
+    return -per_row.mean()
 
 
 class FTL(Editor):
     name = "ft_l"
     records = "weights"  # how a ledger records an edit: an additive weight patch
+    batch = True          # apply_batch: one fine-tuning run on all requests (EasyEdit's batch_size > 1)
     Params = Params
 
     def __init__(self, model, tokenizer, params: Params) -> None:
@@ -62,16 +74,37 @@ class FTL(Editor):
         self.original = self.weight.detach().clone()    # W_0, reset's target
 
     def apply(self, request: EditRequest) -> dict:
+        return self.apply_batch([request])
+
+    def apply_batch(self, requests: list[EditRequest]) -> dict:
+        """All requests at once: the mean over requests of each one's prompt-last loss (one request: the
+        loss of `prompt_last_nll` on it alone, the same numbers)."""
+        if not requests:
+            raise ValueError("ft_l: apply_batch needs at least one request")
         p = self.params
         device = self.weight.device
-        prompt = self.tokenizer(request.prompt, add_special_tokens=False)["input_ids"]
-        target = self.tokenizer(request.target_new, add_special_tokens=False)["input_ids"]
-        if not target:
-            raise ValueError(f"target {request.target_new!r} tokenizes to nothing")
-        if not prompt:
-            raise ValueError(f"empty prompt in {request!r}")
-        input_ids = torch.tensor([prompt], device=device)            # (1, P)
-        targets = torch.tensor(target, device=device)                # (k,)
+        prompts, targets = [], []
+        for request in requests:
+            prompt = self.tokenizer(request.prompt, add_special_tokens=False)["input_ids"]
+            target = self.tokenizer(request.target_new, add_special_tokens=False)["input_ids"]
+            if not target:
+                raise ValueError(f"target {request.target_new!r} tokenizes to nothing")
+            if not prompt:
+                raise ValueError(f"empty prompt in {request!r}")
+            prompts.append(prompt)
+            targets.append(target)
+        if len(requests) == 1:  # no padding: exactly the single-prompt pass
+            args = (torch.tensor(prompts, device=device), torch.tensor(targets[0], device=device))  # (1, P), (k,)
+        else:
+            width = max(map(len, prompts))
+            ids = torch.zeros((len(prompts), width), dtype=torch.long)
+            mask = torch.zeros((len(prompts), width), dtype=torch.long)
+            for i, row in enumerate(prompts):
+                ids[i, : len(row)], mask[i, : len(row)] = torch.tensor(row), 1   # right-padded (B, P)
+            last = torch.tensor([len(row) - 1 for row in prompts])
+            rows = torch.tensor([i for i, t in enumerate(targets) for _ in t])
+            args = (ids.to(device), torch.tensor([x for t in targets for x in t], device=device), mask.to(device),
+                    last.to(device), rows.to(device))
         start = self.weight.detach().clone()                         # W_s: this edit's ball is around it
         opt = torch.optim.Adam([self.weight], lr=p.lr)
         steps = 0
@@ -79,9 +112,9 @@ class FTL(Editor):
             self.weight.requires_grad_(True)
             try:
                 with torch.no_grad():
-                    loss_before = prompt_last_nll(self.model, input_ids, targets).item()
+                    loss_before = prompt_last_nll(self.model, *args).item()
                 for _ in range(p.steps):
-                    loss = prompt_last_nll(self.model, input_ids, targets)
+                    loss = prompt_last_nll(self.model, *args)
                     if loss.item() < p.stop_loss:
                         break
                     opt.zero_grad(set_to_none=True)
@@ -93,7 +126,7 @@ class FTL(Editor):
                             self.weight.copy_(torch.clamp(self.weight, start - p.norm_constraint,
                                                           start + p.norm_constraint))
                 with torch.no_grad():
-                    loss_after = prompt_last_nll(self.model, input_ids, targets).item()
+                    loss_after = prompt_last_nll(self.model, *args).item()
             finally:
                 self.weight.grad = None
         return {"loss_before": loss_before, "loss_after": loss_after, "steps": float(steps),

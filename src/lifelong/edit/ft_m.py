@@ -23,7 +23,8 @@ where EasyEdit's constrained GPT-2 XL config has 5e-4: measured on SmolLM2 (laye
 Deviations: the ball is around f_0's weights for the whole lifelong run (Zhu et al.'s constraint);
 EasyEdit re-centres it on the weights before each edit, so its sequential FT-M may drift without
 bound. Only the weight trains (EasyEdit's GPT-2 name match also catches `c_proj.bias`). Training stops
-early once the target NLL is below `stop_loss` (EasyEdit: 1e-2).
+early once the target NLL is below `stop_loss` (EasyEdit: 1e-2). `apply_batch` trains on all its
+requests at once (the mean of their NLLs, EasyEdit's `batch_size` > 1); `apply(r)` is `apply_batch([r])`.
 """
 
 from __future__ import annotations
@@ -49,6 +50,7 @@ class Params:
 class FTM(Editor):
     name = "ft_m"
     records = "weights"  # how a ledger records an edit: an additive weight patch
+    batch = True          # apply_batch: one fine-tuning run on all requests (EasyEdit's batch_edit)
     Params = Params
 
     def __init__(self, model, tokenizer, params: Params) -> None:
@@ -58,9 +60,16 @@ class FTM(Editor):
         self.original = self.weight.detach().clone()    # W_0, the centre of the ball and reset's target
 
     def apply(self, request: EditRequest) -> dict:
+        return self.apply_batch([request])
+
+    def apply_batch(self, requests: list[EditRequest]) -> dict:
+        """All requests in one teacher-forced batch: the loss is the mean over requests of each one's
+        target NLL, minimised for `steps` steps inside the same ball."""
+        if not requests:
+            raise ValueError("ft_m: apply_batch needs at least one request")
         p = self.params
         device = self.weight.device
-        batch = target_batch(self.tokenizer, [request.prompt], [request.target_new], device)
+        batch = target_batch(self.tokenizer, [r.prompt for r in requests], [r.target_new for r in requests], device)
         # only W trains: remember everyone's flag so the model comes back as it was lent
         flags = {n: q.requires_grad for n, q in self.model.named_parameters()}
         for q in self.model.parameters():

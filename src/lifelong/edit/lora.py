@@ -17,7 +17,8 @@ steps are EasyEdit's LLaMA-2-7B values; SmolLM2-135M reaches the edit in fewer, 
 
 Deviations: lora_dropout 0 (EasyEdit 0.1) so that an edit is a deterministic function of the seed; A is
 initialised from a generator seeded by `seed` (peft draws it from the global RNG); a fresh Adam per edit
-(as EasyEdit); early stop once the target NLL is below `stop_loss`.
+(as EasyEdit); early stop once the target NLL is below `stop_loss`. `apply_batch` fits the adapter
+to all its requests at once (the mean of their NLLs); `apply(r)` is `apply_batch([r])`.
 """
 
 from __future__ import annotations
@@ -46,6 +47,7 @@ class Params:
 class LoRAEdit(Editor):
     name = "lora"
     records = "weights"  # how a ledger records an edit: an additive weight patch
+    batch = True          # apply_batch: one adapter fit on all requests
     Params = Params
 
     def __init__(self, model, tokenizer, params: Params) -> None:
@@ -82,12 +84,18 @@ class LoRAEdit(Editor):
         return [(n, q) for n, q in self.model.named_parameters() if "lora_" in n]
 
     def apply(self, request: EditRequest) -> dict:
+        return self.apply_batch([request])
+
+    def apply_batch(self, requests: list[EditRequest]) -> dict:
+        """The adapter fitted to all requests at once (mean of their target NLLs)."""
+        if not requests:
+            raise ValueError("lora: apply_batch needs at least one request")
         p = self.params
+        batch = target_batch(self.tokenizer, [r.prompt for r in requests], [r.target_new for r in requests])
         if self.peft_model is None:
             self._inject()
         adapter = [q for _, q in self._adapter_parameters()]
-        device = adapter[0].device
-        batch = target_batch(self.tokenizer, [request.prompt], [request.target_new], device)
+        batch = batch.to(adapter[0].device)
         with torch.no_grad():
             loss_before = target_nll(self.model, batch).item()
         steps = fit_target(self.model, batch, adapter, lr=p.lr, steps=p.steps, stop_loss=p.stop_loss)

@@ -148,6 +148,7 @@ class MEND(Editor):
     name = "mend"
     records = "weights"  # how a ledger records an edit: an additive weight patch
     learns_to_edit = True  # `prepare` trains the editor networks on held-out requests
+    batch = True           # apply_batch: one update from the gradient of all requests
     Params = Params
 
     def __init__(self, model, tokenizer, params: Params = Params()) -> None:
@@ -229,13 +230,21 @@ class MEND(Editor):
     # ------------------------------------------------------------------ the edit
 
     def apply(self, request: EditRequest) -> dict:
+        return self.apply_batch([request])
+
+    def apply_batch(self, requests: list[EditRequest]) -> dict:
+        """One update from all requests: the gradient of the mean of their target NLLs, decomposed over
+        every edit token of the batch (the paper's batched editing, as in its training batches of 10)."""
         if not self.prepared:
             raise RuntimeError("mend: call prepare(train_requests) first: MEND learns its editor on held-out edits")
-        batch = target_batch(self.tokenizer, [request.prompt], [request.target_new], self._device)
+        if not requests:
+            raise ValueError("mend: apply_batch needs at least one request")
+        batch = target_batch(self.tokenizer, [r.prompt for r in requests], [r.target_new for r in requests],
+                             self._device)
         with torch.no_grad():
             nll_before = target_nll(self.model, batch).item()
         with torch.no_grad():
-            weights, _ = self._edited_weights(batch, n_edit_rows=1, train=False)
+            weights, _ = self._edited_weights(batch, n_edit_rows=len(requests), train=False)
             norms = []
             for module, new in zip(self.edited_modules, weights):
                 current = linear_weight(module)
