@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import json
 
 import numpy as np
 import pytest
@@ -371,3 +372,24 @@ def test_erasing_needs_a_diffusion_ledger(tmp_path, capsys):
     assert main(["init", str(tmp_path / "new"), "--family", "diffusion", "--model", "tiny-embedded",
                  "--probe", "object/unicorn"]) == 2
     assert "not concepts the judge knows" in capsys.readouterr().err and not (tmp_path / "new").exists()
+
+
+def test_the_erase_bench_writes_its_table_and_resumes(tmp_path):
+    from lifelong.erase.bench import load_bench_config, run_bench
+
+    overrides = [f"output_dir={tmp_path}", "model=tiny-embedded", "methods=[uce,esd-x]", "concepts=[sneaker]",
+                 "locality=[object/sneaker,object/sandal,digit/7]", "scale=[1,2]", "scale_concepts=[sneaker,seven]",
+                 "n=4", "steps=2", "knobs.esd-x.iterations=2", "knobs.esd-x.ddim_steps=2"]
+    config = load_bench_config(None, overrides)
+    out = run_bench(config)
+    results = json.loads((out / "results.json").read_text())
+    rows = results["rows"]
+    assert {"original", "uce|sneaker", "esd-x|sneaker", "uce|scale=1", "uce|scale=2", "esd-x|scale=2"} <= set(rows)
+    row = rows["uce|sneaker"]
+    assert row["judged"] == ["object/sneaker"] and set(row["locality"]) == {"object/sandal", "digit/7"}
+    assert row["close"].keys() == {"object/sandal"} and row["cost"]["patch_bytes"] > 0
+    assert "| uce | sneaker |" in (out / "summary.md").read_text()
+    run_bench(config)  # every row done: nothing is recomputed (the rows would differ in their timings)
+    assert json.loads((out / "results.json").read_text())["rows"] == rows
+    with pytest.raises(ConfigError, match="unknown erasure method"):
+        load_bench_config(None, ["methods=[esd]"])

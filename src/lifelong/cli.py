@@ -13,6 +13,8 @@ from lifelong.data.streams import PRESETS
 from lifelong.edit import EDITORS, editor_class
 from lifelong.edit.bench import load_bench_config, read_requests_file, run_bench
 from lifelong.erase import ERASERS
+from lifelong.erase.bench import load_bench_config as load_erase_bench_config
+from lifelong.erase.bench import run_bench as run_erase_bench
 from lifelong.errors import ConfigError, LifelongError
 from lifelong.families import FAMILIES, ledger_families
 from lifelong.learn import METHODS
@@ -351,9 +353,13 @@ def add_edit_commands(sub) -> None:
                            "judged on the final model), with time and peak memory per edit; writes runs/<name>/results.json, "
                            "summary.md and metrics_vs_T.png. Keys: see lifelong/edit/bench.py (EditBenchConfig).",
                            epilog=EDIT_EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
-    bench.add_argument("what", choices=["edit"], help="the benchmark to run")
+    bench.add_argument("what", choices=["edit", "erase"], help="the benchmark to run: edit (the editing T-sweep) or "
+                       "erase (every eraser on the same concepts: efficacy, locality, scale, cost; see "
+                       "lifelong/erase/bench.py, EraseBenchConfig)")
     bench.add_argument("config", nargs="?", type=Path, help="a YAML config (default: the built-in defaults)")
-    bench.add_argument("--methods", help="comma-separated editors (default: all eight)")
+    bench.add_argument("--methods", help="comma-separated editors or erasers (default: all)")
+    bench.add_argument("--quick", action="store_true", help="erase: a smoke run (esd-x and uce on one concept, few samples)")
+    bench.add_argument("--concepts", help="erase: comma-separated concepts (default: sneaker,calligraphic,flower)")
     bench.add_argument("--T", help="comma-separated edit counts for the lifelong protocol (default: 1,10,100,1000)")
     bench.add_argument("--split", choices=["zsre", "counterfact"], help="the request set (default: zsre)")
     bench.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="e.g. single_n=10 time_budget_s=600 knobs.wise.steps=30")
@@ -399,6 +405,16 @@ def cmd_bench_edit(args) -> int:
     overrides = list(args.overrides)
     if args.methods:
         overrides.append(f"methods=[{args.methods}]")
+    if args.what == "erase":
+        if args.T or args.split:
+            raise ConfigError("--T and --split belong to `bench edit`")
+        if args.concepts:
+            overrides.append(f"concepts=[{args.concepts}]")
+        out = run_erase_bench(load_erase_bench_config(args.config, overrides, quick=args.quick))
+        print((out / "summary.md").read_text() + f"\nwrote {out}")
+        return 0
+    if args.quick or args.concepts:
+        raise ConfigError("--quick and --concepts belong to `bench erase`")
     if args.T:
         overrides.append(f"T=[{args.T}]")
     if args.split:
