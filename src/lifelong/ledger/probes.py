@@ -11,7 +11,7 @@ For the `lm` family a probe is a `FactProbe`, scored in % with EasyEdit's token-
     edits in effect   reliability_token over every request of every edit change in effect (not
                       reverted) other than the change being recorded or reverted: whether old edits
                       survive it (absent while there are none)
-    held-out facts    locality_token of `n` cloze prompts of the counterfact split, each with the base
+    held-out facts    locality_token of `n` cloze prompts of the `locality` part of the facts, each with the base
                       model's greedy answer: the fraction of answer tokens whose argmax (teacher-forced)
                       is still the base model's, i.e. what the base model said that the edits left alone
                       (an edit of one of these very facts counts here as a loss of locality)
@@ -152,11 +152,12 @@ class FactProbe:
 
 
 def heldout_facts_probe(model, tokenizer, n: int = 50, seed: int = 0) -> FactProbe:
-    """`n` cloze prompts drawn (seeded) from the counterfact split's candidate facts (real facts whose
-    subjects the `train` split, on which MEND learns to edit, never uses), with the base model's greedy
-    answers (`ANSWER_TOKENS` tokens; prompts it answers with nothing are skipped)."""
+    """`n` cloze prompts drawn (seeded) from the `locality` part of the facts (subjects that no request of
+    the train, zsre or counterfact splits edits, kept for locality probes), with the base model's greedy
+    answers (`ANSWER_TOKENS` tokens; prompts it answers with nothing are skipped). A ledger stores the
+    prompts it drew, so ledgers created before this choice keep theirs."""
 
-    facts = candidate_facts("counterfact", max_cities=2000)
+    facts = candidate_facts("locality", max_cities=2000)
     pool = [fact_prompts(f)[0] for f in random.Random(f"heldout-{seed}").sample(facts, len(facts))]
     kept, start = [], 0
     while len(kept) < n and start < len(pool):
