@@ -109,6 +109,51 @@ class TextToImage(nn.Module):
         """The text encoder's input token embeddings (vocabulary x width)."""
         return self.text_encoder.get_input_embeddings()
 
+    def token_ids(self, text: str) -> list[int]:
+        """The ids `text` tokenizes to, without the special tokens around it."""
+        return self.tokenizer(text, add_special_tokens=False)["input_ids"]
+
+    @torch.no_grad()
+    def add_tokens(self, tokens: list[str], embeddings: torch.Tensor | None = None,
+                   initializers: list[str] | None = None) -> list[int]:
+        """Add `tokens` to the tokenizer's vocabulary and one row each to the text encoder's token embeddings
+        (Textual Inversion's placeholder, Custom Diffusion's modifier token); returns their ids. A row is
+        `embeddings[i]` (K, D) when given, else the embedding of the first token of `initializers[i]` (the
+        papers' initializer word), else the mean row. The text encoder stays frozen; cached states are dropped."""
+        if embeddings is not None and len(embeddings) != len(tokens):
+            raise ValueError(f"{len(tokens)} tokens but {len(embeddings)} embedding rows")
+        rows = self.token_embeddings().weight
+        sources = []
+        for i in range(len(tokens)):
+            if embeddings is not None:
+                sources.append(embeddings[i].to(rows.dtype))
+            elif initializers and self.token_ids(initializers[i]):
+                sources.append(rows[self.token_ids(initializers[i])[0]].clone())
+            else:
+                sources.append(rows.mean(0))
+        self.tokenizer.add_tokens(list(tokens))
+        ids = [self.token_ids(t) for t in tokens]
+        if any(len(i) != 1 for i in ids):
+            raise ConfigError(f"the tokenizer did not take {tokens} as single tokens (it reads them as {ids})")
+        ids = [i[0] for i in ids]
+        if max(ids) >= len(rows):
+            with torch.random.fork_rng(devices=[]):  # its random init of the new rows (overwritten) leaves the caller's generator alone
+                self.text_encoder.resize_token_embeddings(max(ids) + 1, mean_resizing=False)
+        weight = self.token_embeddings().weight
+        for i, row in zip(ids, sources):
+            weight[i] = row
+        self.text_encoder.requires_grad_(False)  # a resized embedding comes back trainable
+        self.clear_cache()
+        return ids
+
+    @property
+    def image_size(self) -> int:
+        """The side of the square images the model draws and trains on (pixels)."""
+        size = self.unet.config.sample_size
+        if self.vae is not None:
+            size *= 2 ** (len(self.vae.config.block_out_channels) - 1)
+        return size
+
     # -- text, noise, loss
 
     def encode(self, prompts: list[str]) -> TextStates:
