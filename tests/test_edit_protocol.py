@@ -101,6 +101,43 @@ def test_bench_writes_the_sweep_and_skips_what_exceeds_the_budget(tmp_path, tiny
     assert "time_budget_s" in rows["skipped"][0]["why"]
 
 
+def test_bench_batch_protocol_rows_per_B(tmp_path, tiny_folder):
+    """batch_sizes: each batch editor writes the first B requests in one update from f_0 and is scored on
+    all B (a row per B, f_0 left as it was); an editor without batch editing says so; f_0 has a pre-edit
+    row for every B; a rerun reuses the measured rows."""
+    memit = {"layers": [0, 1], "cov_tokens": 512, "prefix_lengths": [2], "prefixes_per_length": 1, "v_steps": 3}
+    overrides = [f"model={tiny_folder}", "methods=[ft_m, memit, grace]", "T=[1]", "single_n=0", "batch_sizes=[2, 3]",
+                 f"output_dir={tmp_path}", "name=batch", "generation=false",
+                 "knobs={grace: {eps: 0.03, steps: 5}, ft_m: {steps: 3}, memit: " + json.dumps(memit) + "}"]
+    out = run_bench(load_bench_config(None, overrides))
+    results = json.loads((out / "results.json").read_text())
+    for method in ("ft_m", "memit"):
+        rows = results["methods"][method]["batch"]
+        assert [(r["protocol"], r["T"]) for r in rows] == [("batch", 2), ("batch", 3)]
+        assert all(r["seconds_per_edit"] == pytest.approx(r["edit_seconds_total"] / r["T"]) for r in rows)
+        assert all(0 <= r["reliability_token"] <= 1 and r["locality_token"] is not None for r in rows)
+    grace = results["methods"]["grace"]
+    assert grace["batch"] == [] and "no batch editing" in grace["skipped"][0]["why"]
+    assert [r["T"] for r in results["methods"]["unedited"]["lifelong"]] == [1, 2, 3]
+    table = (out / "summary.md").read_text()
+    assert "| memit | batch | 3 |" in table and "| grace | batch | B | skipped" in table
+    with pytest.raises(ConfigError, match="batch_sizes must list positive"):
+        load_bench_config(None, ["batch_sizes=[0]"])
+
+
+def test_batch_protocol_leaves_f0(tiny):
+    from lifelong.edit.protocol import batch
+
+    model, tok = tiny
+    requests = build_requests("zsre", n=3)
+    base = cached_base_predictions(model, tok, requests)
+    before = snapshot(model)
+    editor = build_editor("ft_m", model, tok, {"layer": 2, "lr": 0.05, "steps": 3})
+    row = batch(editor, model, tok, requests, base, with_fluency=False)
+    assert row["protocol"] == "batch" and row["T"] == 3 and row["n_requests"] == 3
+    assert_same(model, before)
+
+
 def test_bench_config_errors_name_the_fix():
     with pytest.raises(ConfigError, match="not an editor; valid: ft_l"):
         load_bench_config(None, ["methods=[memit]"])

@@ -1,4 +1,5 @@
-"""`lifelong bench edit`: every editor under the single-edit protocol and the lifelong T-sweep.
+"""`lifelong bench edit`: every editor under the single-edit protocol, the lifelong T-sweep and, with
+`batch_sizes`, the batch protocol (B edits written in one update, for editors with `batch = True`).
 
 First the unedited model f_0 on the same requests (the pre-edit rows, method "unedited"). Then for each
 method: the single-edit protocol on `single_n` requests, then the lifelong protocol for each T in `T`
@@ -7,7 +8,10 @@ greedy-generation metrics (`_gen_exact`, `_gen_contains`, `locality_gen`), decod
 chat template when `chat` and the tokenizer has one. A method whose next T would exceed
 `time_budget_s` (estimated from its measured time per edit) stops there: the table records the largest
 T it ran and its time per edit; a T whose edits run past twice the budget (editors slow down as edits
-accumulate) is stopped and recorded the same way. Writes results.json (every metric, both conventions, named), summary.md
+accumulate) is stopped and recorded the same way. For each B of `batch_sizes` (e.g. 10, 100, 1000) each
+batch editor writes the first B requests in one `apply_batch` from f_0 and is scored on all B (rows with
+protocol "batch", their T column = B); a B whose estimated time exceeds the budget is skipped the same
+way, and editors without batch editing record why they have no batch rows. Writes results.json (every metric, both conventions, named), summary.md
 and metrics_vs_T.png under output_dir/name.
 """
 
@@ -22,8 +26,8 @@ import yaml
 
 from lifelong.atomic import atomic_write_json, atomic_write_text
 from lifelong.config import from_dict, read_raw, to_dict
-from lifelong.edit import EDITORS, editor_params
-from lifelong.edit.protocol import OverBudget, lifelong, make_editor, single, unedited
+from lifelong.edit import EDITORS, editor_class, editor_params
+from lifelong.edit.protocol import OverBudget, batch, lifelong, make_editor, single, unedited
 from lifelong.edit.readers import read_counterfact, read_easyedit_counterfact, read_easyedit_zsre, read_knowedit
 from lifelong.edit.requests import build_requests, counterfact_requests, load_requests
 from lifelong.errors import ConfigError, DataFormatError
@@ -46,6 +50,7 @@ class EditBenchConfig:
     requests_file: str = ""              # instead of the split: our JSON, or EasyEdit ZsRE/CounterFact JSON
     methods: tuple[str, ...] = ("ft_l", "ft_m", "lora", "grace", "wise", "rome", "t_patcher", "mend")
     T: tuple[int, ...] = (1, 10, 100, 1000)
+    batch_sizes: tuple[int, ...] = ()    # the batch protocol: B edits in one update each, e.g. [10, 100, 1000]
     single_n: int = 20                   # requests edited one at a time (reset in between)
     time_budget_s: float = 900.0         # per method and T: skip a T whose estimated edit time exceeds it
     train_n: int = 200                   # MEND's training requests (the disjoint `train` split)
@@ -70,6 +75,8 @@ def load_bench_config(path: str | Path | None, overrides: list[str] | tuple[str,
         raise ConfigError(f"split={config.split!r} is not one of: zsre, counterfact")
     if not config.T or min(config.T) < 1 or config.single_n < 0:
         raise ConfigError(f"T must list positive edit counts (got {list(config.T)}) and single_n must be >= 0")
+    if config.batch_sizes and min(config.batch_sizes) < 1:
+        raise ConfigError(f"batch_sizes must list positive batch sizes (got {list(config.batch_sizes)})")
     return config
 
 
@@ -101,7 +108,7 @@ def read_requests_file(path: str | Path) -> list:
 def evaluation_requests(config: EditBenchConfig, model, tokenizer) -> tuple[list, dict]:
     """The evaluated requests (enough for the largest T) and a description of where they came from."""
 
-    need = max(max(config.T), config.single_n)
+    need = max(max(config.T), config.single_n, *config.batch_sizes)
     if config.requests_file:
         requests = read_requests_file(config.requests_file)
         source = {"requests_file": config.requests_file}
@@ -124,7 +131,7 @@ def run_bench(config: EditBenchConfig) -> Path:
     atomic_write_text(out / "config.yaml", yaml.safe_dump(to_dict(config), sort_keys=False))
     model, tokenizer = build_lm(config.model)
     requests, source = evaluation_requests(config, model, tokenizer)
-    evaluated = requests[: max(max(config.T), config.single_n)]
+    evaluated = requests[: max(max(config.T), config.single_n, *config.batch_sizes)]
     base = cached_base_predictions(model, tokenizer, evaluated)
     base_gen = base_generations(model, tokenizer, evaluated, chat=config.chat) if config.generation else None
     train = build_requests("train", n=config.train_n, seed=config.seed)
@@ -140,7 +147,8 @@ def run_bench(config: EditBenchConfig) -> Path:
     for method in config.methods:
         t0 = time.perf_counter()
         editor = make_editor(method, model, tokenizer, config.knobs.get(method), train, log_dir=out / "logs")
-        rows = {"prepare_seconds": time.perf_counter() - t0, "params": to_dict(editor.params), "lifelong": [], "skipped": []}
+        rows = {"prepare_seconds": time.perf_counter() - t0, "params": to_dict(editor.params), "lifelong": [], "skipped": [],
+                "batch": []}
         print(f"== {method}")
         earlier = done.get(method, {})
         if config.single_n:
@@ -174,6 +182,9 @@ def run_bench(config: EditBenchConfig) -> Path:
             rows["lifelong"].append(row)
             print(f"   T={T}: " + _line(row))
             atomic_write_json(out / "results.json", {**results, "methods": {**results["methods"], method: rows}})
+        run_batches(config, editor, model, tokenizer, requests, base, gen, rows, earlier,
+                    per_edit=rows.get("single", {}).get("seconds_per_edit"),
+                    save=lambda: atomic_write_json(out / "results.json", {**results, "methods": {**results["methods"], method: rows}}))
         results["methods"][method] = rows
         atomic_write_json(out / "results.json", results)
     atomic_write_text(out / "summary.md", summary(results))
@@ -183,11 +194,42 @@ def run_bench(config: EditBenchConfig) -> Path:
     return out
 
 
+def run_batches(config: EditBenchConfig, editor, model, tokenizer, requests: list, base: dict, gen: dict, rows: dict,
+                earlier: dict, per_edit: float | None, save) -> None:
+    """The batch protocol for each B of `config.batch_sizes` into rows["batch"] (skips into rows["skipped"])."""
+    if not config.batch_sizes:
+        return
+    if not editor_class(editor.name).batch:
+        rows["skipped"].append({"protocol": "batch", "T": "B", "why": f"{editor.name} has no batch editing"})
+        print(f"   batch: skipped, {rows['skipped'][-1]['why']}")
+        return
+    for B in sorted(config.batch_sizes):
+        if B in earlier.get("batch", {}):
+            rows["batch"].append(earlier["batch"][B])
+            per_edit = earlier["batch"][B]["seconds_per_edit"]
+            print(f"   B={B} (earlier run): " + _line(rows["batch"][-1]))
+            continue
+        if B > len(requests):
+            rows["skipped"].append({"protocol": "batch", "T": B, "why": f"only {len(requests)} requests"})
+            continue
+        if per_edit is not None and per_edit * B > config.time_budget_s:
+            rows["skipped"].append({"protocol": "batch", "T": B, "why": f"estimated {per_edit * B:.0f} s of edits > "
+                                    f"time_budget_s {config.time_budget_s:.0f} ({per_edit:.2f} s per edit)"})
+            print(f"   B={B}: skipped, {rows['skipped'][-1]['why']}")
+            continue
+        row = batch(editor, model, tokenizer, requests[:B], base, **gen)
+        per_edit = row["seconds_per_edit"]
+        rows["batch"].append(row)
+        print(f"   B={B}: " + _line(row))
+        save()
+
+
 def pre_edit_rows(config: EditBenchConfig, model, tokenizer, requests: list, base: dict, base_gen: dict | None) -> dict:
     """f_0 on the single-edit requests and on the first T requests of each T (no edit, no time)."""
     kw = {"base_gen": base_gen, "chat": config.chat}
     rows = {"prepare_seconds": 0.0, "params": {}, "skipped": [],
-            "lifelong": [unedited(model, tokenizer, requests[:T], base, **kw) for T in sorted(config.T) if T <= len(requests)]}
+            "lifelong": [unedited(model, tokenizer, requests[:T], base, **kw)
+                         for T in sorted(set(config.T) | set(config.batch_sizes)) if T <= len(requests)]}
     if config.single_n:
         rows["single"] = {**unedited(model, tokenizer, requests[: config.single_n], base, with_fluency=False, **kw),
                           "protocol": "pre-edit (single requests)", "n_requests": config.single_n}
@@ -205,19 +247,21 @@ def finished_rows(path: Path, config: EditBenchConfig) -> dict:
         earlier = json.loads(path.read_text())
     except ValueError:
         return {}
-    free = ("methods", "T", "time_budget_s", "knobs")
+    free = ("methods", "T", "batch_sizes", "time_budget_s", "knobs")
     same = {k: v for k, v in to_dict(config).items() if k not in free}
     if {k: v for k, v in earlier.get("config", {}).items() if k not in free} != same:
         return {}
     done = {}
-    if UNEDITED in earlier.get("methods", {}) and list(earlier["config"].get("T", ())) == list(config.T):
+    if (UNEDITED in earlier.get("methods", {}) and list(earlier["config"].get("T", ())) == list(config.T)
+            and list(earlier["config"].get("batch_sizes", ())) == list(config.batch_sizes)):
         done[UNEDITED] = {"rows": earlier["methods"][UNEDITED]}
     for method, rows in earlier.get("methods", {}).items():
         if method == UNEDITED:
             continue
         if earlier["config"].get("knobs", {}).get(method) != config.knobs.get(method):
             continue  # other knobs: other numbers
-        done[method] = {"single": rows.get("single"), "lifelong": {r["T"]: r for r in rows.get("lifelong", [])}}
+        done[method] = {"single": rows.get("single"), "lifelong": {r["T"]: r for r in rows.get("lifelong", [])},
+                        "batch": {r["T"]: r for r in rows.get("batch", [])}}
     return done
 
 
@@ -230,21 +274,23 @@ def _line(row: dict) -> str:
 
 def summary(results: dict) -> str:
     """The table: one row per method and protocol/T; metrics in [0, 1] (fluency in bits)."""
-    heads = ["method", "protocol", "T", *TABLE_METRICS, "s/edit", "peak RSS (MiB)"]
+    heads = ["method", "protocol", "T or B", *TABLE_METRICS, "s/edit", "peak RSS (MiB)"]
     lines = ["| " + " | ".join(heads) + " |", "|" + "---|" * len(heads)]
     for method, rows in results["methods"].items():
-        for row in ([rows["single"]] if "single" in rows else []) + rows["lifelong"]:
+        for row in ([rows["single"]] if "single" in rows else []) + rows["lifelong"] + rows.get("batch", []):
             cells = [method, row["protocol"], str(row["T"])]
             cells += ["-" if row.get(k) is None else f"{row[k]:.2f}" for k in TABLE_METRICS]
             cells += [f"{row['seconds_per_edit']:.2f}", f"{row['peak_rss_mb']:.0f}"]
             lines.append("| " + " | ".join(cells) + " |")
         for skip in rows["skipped"]:
-            lines.append(f"| {method} | lifelong | {skip['T']} | skipped: {skip['why']} |" + " |" * (len(heads) - 4))
+            lines.append(f"| {method} | {skip.get('protocol', 'lifelong')} | {skip['T']} | skipped: {skip['why']} |"
+                         + " |" * (len(heads) - 4))
     names = {"reliability": "Rel", "generality": "Gen", "locality": "Loc", "portability": "Port"}
     legend = ", ".join(f"{v} = {k}" for k, v in names.items())
     return ("Knowledge editing: `_token` = EasyEdit token-level teacher-forced accuracy, `_cf` = CounterFact "
             "probability comparison, `_gen_exact` / `_gen_contains` = greedy generation starts with / contains the "
             "target, `locality_gen` = greedy generation unchanged from f_0; fluency = ROME's n-gram entropy; "
+            "protocol `lifelong`: T edits in sequence, `batch`: B edits in one update, all judged on the final model; "
             f"`unedited` = f_0 on the same requests. {legend}.\n\n" + "\n".join(lines) + "\n")
 
 

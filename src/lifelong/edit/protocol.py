@@ -4,6 +4,8 @@
     lifelong:  f_0 -> apply(r_1) ... apply(r_T) -> score all T requests on f_T (WISE's protocol);
                run for each T of a sweep (T = 1, 10, 100, 1000), each from f_0 again.
 
+    batch:     f_0 -> apply_batch(r_1 .. r_B), one update -> score all B on it (MEMIT's mass editing,
+               EasyEdit's batch_edit); for editors with `batch = True`, each B from f_0 again.
     unedited:  f_0 scored as it is on the same requests (the pre-edit row every table carries).
 
 Every result names its scoring conventions (`metrics/editing.py`: `_token` EasyEdit, `_cf`
@@ -113,6 +115,27 @@ def lifelong(editor, model, tokenizer, requests: list[EditRequest], base: dict, 
             scores["fluency_ngram_entropy"] = fluency(model, tokenizer, [r.prompt for r in requests[:FLUENCY_PROMPTS]])
     editor.reset()
     return {"protocol": "lifelong", "T": len(requests), **scores, **cost}
+
+
+def batch(editor, model, tokenizer, requests: list[EditRequest], base: dict, *, with_fluency: bool = True,
+          base_gen: dict | None = None, chat: bool = False) -> dict:
+    """B = len(requests) edits written in one `apply_batch`, every one judged on the model after it; the
+    model is reset after. Time per edit is the batch's time over B."""
+    with PeakMemory() as memory:
+        t0 = time.perf_counter()
+        try:
+            editor.apply_batch(requests)
+        except BaseException:
+            editor.reset()
+            raise
+        seconds = time.perf_counter() - t0
+    scores = evaluate(model, tokenizer, requests, base, base_gen, chat)
+    if with_fluency:
+        with torch.no_grad():
+            scores["fluency_ngram_entropy"] = fluency(model, tokenizer, [r.prompt for r in requests[:FLUENCY_PROMPTS]])
+    editor.reset()
+    return {"protocol": "batch", "T": len(requests), **scores, "edit_seconds_total": seconds,
+            "seconds_per_edit": seconds / len(requests), "peak_rss_mb": memory.peak_mb}
 
 
 def single(editor, model, tokenizer, requests: list[EditRequest], base: dict, base_gen: dict | None = None,
