@@ -140,7 +140,7 @@ def test_batch_protocol_leaves_f0(tiny):
 
 def test_bench_config_errors_name_the_fix():
     with pytest.raises(ConfigError, match="not an editor; valid: ft_l"):
-        load_bench_config(None, ["methods=[memit]"])
+        load_bench_config(None, ["methods=[kn]"])
     with pytest.raises(ConfigError, match=r"knobs\.grace\.epsilon.*eps"):
         load_bench_config(None, ["methods=[grace]", "knobs={grace: {epsilon: 1}}"])
     with pytest.raises(ConfigError, match="split='wiki'"):
