@@ -42,7 +42,7 @@ class TaskData:
     seen_class_names: the label spaces of the tasks before this one, for distillation on old classes.
     old_label_spaces: the same, one entry per head the earlier tasks trained: task-incremental, each
     earlier task's own class names; class-incremental, one entry, every class seen before (a single head).
-    Empty where the caller does not know them (a ledger passes only `seen_class_names`).
+    Empty where the caller does not know them (a ledger passes each earlier learn change's classes).
     """
 
     index: int

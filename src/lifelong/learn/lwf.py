@@ -24,7 +24,7 @@ the task's cached stem outputs) instead of on every step.
 Deviations: KL divergence (Hinton et al. 2015, with its T^2 factor) where Li & Hoiem write a modified
 cross-entropy: the same gradients, a value lower by the teacher's entropy. Avalanche's LwF has no T^2:
 its `alpha` is reg_weight * T^2 here. Where a caller gives only the concatenated old class names
-(`TaskData.old_label_spaces` empty, as a ledger does), they form one head, each name once. The MTIL
+(`TaskData.old_label_spaces` empty), they form one head, each name once. The MTIL
 paper's "LwF" row is a different recipe: `lwf_mtil`.
 """
 

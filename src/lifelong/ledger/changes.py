@@ -191,8 +191,8 @@ def _complete_learn(ledger: Ledger, spec: LearnSpec, loaded: Task | None = None)
     checkpoint = pending / "train_state.safetensors"
     with PeakMemory() as memory:
         trained = train_change(model, ledger.model_config, spec, task=loaded, prior_state=ledger.method_state(method),
-                               seen_class_names=seen_classes(active), index=len(active),
-                               checkpoint=checkpoint, checkpoint_every=spec.checkpoint_every, log_dir=root / "logs")
+                               seen_class_names=seen_classes(active), old_label_spaces=label_spaces(active),
+                               index=len(active), checkpoint=checkpoint, checkpoint_every=spec.checkpoint_every, log_dir=root / "logs")
     apply_patch(plain, trained["patch"], where=f"change {n}")
     after = run_probes(plain, probes)
     trainable, total = count_parameters(model)
@@ -221,6 +221,12 @@ def seen_classes(changes: list[dict]) -> tuple[str, ...]:
     return tuple(name for c in changes for name in c["data"]["classes"])
 
 
+def label_spaces(changes: list[dict]) -> tuple[tuple[str, ...], ...]:
+    """Each earlier learn change's own label space: a ledger's tasks are task-incremental (every change
+    is probed among its own classes), so each is one old head (LwF's one distillation term per task)."""
+    return tuple(tuple(c["data"]["classes"]) for c in changes)
+
+
 def load_task(spec: LearnSpec) -> Task:
     task = spec.task
     train = load_source(task.source, "train", max_items=task.train_items, seed=task.seed, **task.options)
@@ -237,7 +243,7 @@ def check_task(task: Task) -> None:
 
 
 def train_change(model, model_config: ModelConfig, spec: LearnSpec, *, task: Task | None = None, prior_state: dict,
-                 seen_class_names: tuple[str, ...],
+                 seen_class_names: tuple[str, ...], old_label_spaces: tuple[tuple[str, ...], ...] = (),
                  index: int, checkpoint: Path | None = None, checkpoint_every: int = 0, log_dir: Path | None = None) -> dict:
     """Train one learn change on the plain `model` (in place; adapters are injected into it).
 
@@ -259,7 +265,7 @@ def train_change(model, model_config: ModelConfig, spec: LearnSpec, *, task: Tas
         method.load_state_dict(prior_state)
     set_seed(spec.seed)
     data = TaskData(index=index, task=task, inputs=inputs, targets=torch.as_tensor(task.train.labels),
-                    class_names=task.class_names, seen_class_names=seen_class_names)
+                    class_names=task.class_names, seen_class_names=seen_class_names, old_label_spaces=old_label_spaces)
 
     resume_from = checkpoint if checkpoint is not None and checkpoint.is_file() else None
     elapsed = TrainState.load(resume_from).meta.get("elapsed_seconds", 0.0) if resume_from else 0.0
@@ -357,7 +363,7 @@ def _replay(ledger: Ledger, n: int, later: list[dict]):
         prior = states[method] if method in states else ledger.method_state(method, before=n)
         work = copy.deepcopy(model)
         trained = train_change(work, ledger.model_config, spec, prior_state=prior,
-                               seen_class_names=seen_classes(kept), index=len(kept))
+                               seen_class_names=seen_classes(kept), old_label_spaces=label_spaces(kept), index=len(kept))
         apply_patch(model, trained["patch"], where=f"replay of change {c['id']}")
         states[method] = trained["method_state"]
         seconds += trained["train_seconds"]
