@@ -39,7 +39,7 @@ from lifelong.errors import ConfigError, LedgerCorruptError
 from lifelong.families import get_family, ledger_families
 from lifelong.families.diffusion import check_sampling
 from lifelong.learn.driver import load_run_config, run_experiment
-from lifelong.ledger import changes, edits, erasures, views
+from lifelong.ledger import changes, edits, erasures, personal, views
 from lifelong.ledger.core import Ledger
 from lifelong.ledger.probes import DEFAULT_PROBES, run_probes, unique_name
 from lifelong.ledger.probes import Probe as ImageProbe
@@ -183,6 +183,15 @@ def erase(root: str | Path, concept: str, method: str = "esd-x", *, anchor: str 
     other concepts of its kind); `judge=False` erases a concept the judge does not know."""
     return erasures.erase(root, concept, method, anchor=anchor, preserve=tuple(preserve) if preserve is not None else None,
                           knobs=knobs, seed=seed, judge=judge)
+
+
+def personalize(root: str | Path, images: str | Path, token: str, class_word: str = "", method: str = "ti", *,
+                knobs: dict | None = None, seed: int = 0, warn=None) -> int:
+    """One personalize change of the diffusion ledger `root`: `method` (ti, dreambooth, dreambooth-lora,
+    custom-diffusion) teaches the model the subject of the images in the folder `images` under `token`
+    ("<my-style>"; `class_word`: its class, e.g. "letter"); returns the change's id. `warn(message)` gets the
+    warnings (an identifier naming a known concept, resized or skipped images)."""
+    return personal.personalize(root, images, token, class_word, method, knobs=knobs, seed=seed, warn=warn)
 
 
 def generate(prompt: str, n: int = 16, seed: int = 0, steps: int = 25, guidance: float | None = None,

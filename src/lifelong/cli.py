@@ -18,6 +18,7 @@ from lifelong.erase.bench import run_bench as run_erase_bench
 from lifelong.errors import ConfigError, LifelongError
 from lifelong.families import FAMILIES, ledger_families
 from lifelong.learn import METHODS
+from lifelong.personalize import PERSONALIZERS
 from lifelong.runtime import tune_allocator
 
 CONFIG_DIR = Path(__file__).resolve().parent / "configs"
@@ -88,6 +89,7 @@ def main(argv: list[str] | None = None) -> int:
     add_ledger_commands(sub)
     add_edit_commands(sub)
     add_generate_command(sub)
+    add_personalize_command(sub)
 
     # KEY=VALUE overrides may stand before or after options (argparse alone stops at the first option).
     args, extra = parser.parse_known_args(argv)
@@ -113,6 +115,8 @@ def main(argv: list[str] | None = None) -> int:
             return cmd_generate(args)
         if args.command == "erase":
             return cmd_erase(args)
+        if args.command == "personalize":
+            return cmd_personalize(args)
         return LEDGER_COMMANDS[args.command](args)
     except LifelongError as e:
         print(f"error: {e}", file=sys.stderr)
@@ -488,6 +492,48 @@ examples:
 def cmd_erase(args) -> int:
     n = api.erase(args.dir, args.concept, args.method, anchor=args.anchor, preserve=args.preserve,
                   knobs=api.parse_knobs(args.overrides), seed=args.seed, judge=not args.no_judge)
+    print(api.show(args.dir, n))
+    return 0
+
+
+# ---------------------------------------------------------------------------------------------
+# Personalization (the `diffusion` family)
+
+PERSONALIZE_EPILOG = """\
+examples:
+  lifelong init my-t2i --family diffusion
+  lifelong personalize my-t2i --images my-letters/ --token "<my-style>" --class letter --method ti
+  lifelong personalize my-t2i --images bugs/ --token "<my-bug>" --class bug --method custom-diffusion steps=100
+  lifelong generate --ledger my-t2i --prompt "a <my-style> letter" --out mine.png
+  lifelong revert my-t2i 1                      the subject (and its token) out again
+"""
+
+
+def add_personalize_command(sub) -> None:
+    p = sub.add_parser("personalize", help="one change of a diffusion ledger: teach the model a subject or style from "
+                       "a few images", description="Teach the current model of the diffusion ledger DIR the subject of "
+                       "the images in FOLDER under TOKEN with METHOD and record the change (the weights it moved as an "
+                       "additive patch, a new token's embedding row), with every probe before and after; `lifelong "
+                       "revert DIR N` takes it out again, token included.",
+                       epilog=PERSONALIZE_EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("dir", type=Path, help="a diffusion ledger (`lifelong init DIR --family diffusion`)")
+    p.add_argument("--images", required=True, type=Path, metavar="FOLDER", help="3-20 images of the subject (any "
+                   "size: centre-cropped and resized to the model's)")
+    p.add_argument("--token", required=True, help="the identifier prompts will use, e.g. '<my-style>' (a new "
+                   "vocabulary token for ti and custom-diffusion; dreambooth writes it into the prompt as is)")
+    p.add_argument("--class", dest="class_word", default="", help="the subject's class, e.g. letter (the class "
+                   "prompt of dreambooth's prior preservation and custom-diffusion's regularization images)")
+    p.add_argument("--method", default="ti", choices=list(PERSONALIZERS), help="ti (default): Textual Inversion, one "
+                   "new token embedding; dreambooth: the UNet with prior preservation; dreambooth-lora: the same "
+                   "through LoRA; custom-diffusion: cross-attention K/V and a new token")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="method knobs, e.g. steps=100 lr=1e-3")
+
+
+def cmd_personalize(args) -> int:
+    n = api.personalize(args.dir, args.images, args.token, args.class_word, args.method,
+                        knobs=api.parse_knobs(args.overrides), seed=args.seed,
+                        warn=lambda message: print(f"warning: {message}", file=sys.stderr))
     print(api.show(args.dir, n))
     return 0
 

@@ -109,7 +109,7 @@ FAMILIES: dict[str, Family] = {
     "diffusion": FamilySpec(
         name="diffusion", summary="a text-to-image diffusion model (the embedded pixel-space UNet, or any diffusers "
         "StableDiffusionPipeline)",
-        operations=frozenset({"generate", "erase"}), probe_kind="images-generated",
+        operations=frozenset({"generate", "erase", "personalize"}), probe_kind="images-generated",
         score_unit="judge rate % (judge-FD: lower is closer to real images)",
         build_fn=diffusion.build, fingerprint_fn=diffusion.fingerprint,
         export_fn=lambda model, tokenizer, out: model.export(out),

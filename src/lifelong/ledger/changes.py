@@ -40,6 +40,7 @@ from lifelong.ledger.core import Ledger
 from lifelong.ledger.edits import revert_edit
 from lifelong.ledger.erasures import revert_erase
 from lifelong.ledger.patch import apply_patch, check_recordable, dense_patch, negate, patch_from_model
+from lifelong.ledger.personal import revert_personal
 from lifelong.ledger.probes import Probe, run_probes, unique_name
 from lifelong.ledger.store import LedgerLock
 from lifelong.loop import (
@@ -307,8 +308,9 @@ def revert(root: str | Path, n: int, strategy: str = "auto") -> int:
         if _pending_raw(root) is not None:
             raise LedgerError(f"{root} has an interrupted change: `lifelong resume {root}` (or --discard) first")
         target = ledger.change(n)
-        if target["kind"] not in ("learn", "edit", "erase"):
-            raise LedgerError(f"change {n} is a {target['kind']}; only learn, edit and erase changes can be reverted")
+        if target["kind"] not in ("learn", "edit", "erase", "personalize"):
+            raise LedgerError(f"change {n} is a {target['kind']}; only learn, edit, erase and personalize changes can "
+                              "be reverted")
         if n in ledger.reverted_ids():
             by = next(c["id"] for c in ledger.changes if c.get("reverts") == n)
             raise LedgerError(f"change {n} is already reverted (by change {by})")
@@ -316,6 +318,8 @@ def revert(root: str | Path, n: int, strategy: str = "auto") -> int:
             return revert_edit(ledger, n, strategy)
         if target["kind"] == "erase":
             return revert_erase(ledger, n, strategy)
+        if target["kind"] == "personalize":
+            return revert_personal(ledger, n, strategy)
         later = [c for c in ledger.active_learn_changes() if c["id"] > n]
         if strategy == "auto":
             strategy = "replay" if later else "subtract"

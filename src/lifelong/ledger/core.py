@@ -52,6 +52,7 @@ from lifelong.ledger.store import (
 )
 
 BASE_WEIGHTS = "base/weights.safetensors"
+TOKENS = "tokens"  # the method state of a change that added vocabulary tokens: {"embeddings": (K, D)}
 
 
 class Ledger:
@@ -224,8 +225,24 @@ class Ledger:
         file used is checked against its recorded SHA-256 first."""
         model, tokenizer = self._base()
         self._patched(model, upto)
+        tokens, rows = self.personal_tokens(upto)
+        if tokens:  # after every patch: patches hold the base's parameter shapes
+            model.add_tokens(tokens, rows)
         editors = {method: self.attach(model, tokenizer, method, n) for method, n in self.module_states(upto).items()}
         return model, tokenizer, editors
+
+    def personal_tokens(self, upto: int | None = None) -> tuple[list[str], torch.Tensor | None]:
+        """The vocabulary tokens that personalize changes in effect after change `upto` (all when None) added, in
+        order, and their embedding rows (K, D) (method state TOKENS of each change; ledger/personal.py)."""
+        gone = self.reverted_ids(upto)
+        tokens, rows = [], []
+        for c in self.changes:
+            if upto is not None and c["id"] > upto:
+                break
+            if c.get("tokens") and c["id"] not in gone:
+                tokens += c["tokens"]
+                rows.append(self.state_of(c["id"], TOKENS)["embeddings"])
+        return tokens, (torch.cat(rows) if rows else None)
 
     def attach(self, model, tokenizer, method: str, n: int):
         """An editor of `method` (with change n's knobs) on `model`, holding the state change `n` recorded; for an

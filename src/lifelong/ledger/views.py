@@ -138,6 +138,14 @@ def format_change(ledger: Ledger, n: int) -> str:
         lines.append(f"  anchor     {r['anchor']!r}" + (f"; preserved {', '.join(map(repr, r['preserve']))}"
                                                       if r["preserve"] else ""))
         lines.append("  stats      " + ", ".join(f"{k} {v:.4g}" for k, v in c["stats"].items()))
+    elif c["kind"] == "personalize":
+        r = c["request"]
+        lines.append(f"  method     {c['method']} {json.dumps(c['knobs'])}  seed {c['seed']}")
+        lines.append(f"  subject    {r['token']!r} (class {r['class_word'] or '-'!r}): {r['n_images']} images, pixels "
+                     f"sha256 {r['images_sha256'][:12]}" + (f"; {'; '.join(r['notes'])}" if r["notes"] else ""))
+        lines.append(f"  prompts    {r['instance_prompt']!r}; class {r['class_prompt']!r}")
+        lines.append(f"  tokens     {', '.join(c['tokens']) or '- (none added: the identifier is text in the prompt)'}")
+        lines.append("  stats      " + ", ".join(f"{k} {v:.4g}" for k, v in c["stats"].items()))
     elif c["kind"] == "learn":
         spec = c["spec"]
         lines.append(f"  task       {c['data']['task']} ({c['data']['source']}, {c['data']['train_items']} training images, "

@@ -1,0 +1,177 @@
+"""The personalize changes of a diffusion ledger: a text-to-image model taught a subject or style from a few
+images, each one reversible change.
+
+    lifelong personalize DIR --images FOLDER --token "<my-style>" --class letter --method ti
+
+A personalize change runs one personalizer (lifelong.personalize) on the ledger's current model and
+records: the method and its resolved knobs, the request (token, class word, prompts, the number of images
+and the SHA-256 of their pixels), the method's statistics, the cost, every probe before and after, and
+
+  - the patch: the weights it moved (the UNet, the cross-attention K/V, LoRA factors), as additive deltas
+    on parameters of the base's shapes;
+  - the tokens it added to the vocabulary (the record's `tokens`) and their embedding rows (method state
+    `tokens`, {"embeddings": (K, D)}). A patch cannot hold them: a new row changes the shape of the
+    token-embedding table. The current model is the base plus every patch in order, then the tokens of
+    the personalize changes in effect added in order (`Ledger.personal_tokens`, `TextToImage.add_tokens`).
+    The rows of the tokens that were there before must not move (every method here holds them; a change
+    that moved them is refused).
+
+A revert subtracts the change's patch, and its tokens leave the vocabulary with it (the change is no
+longer in effect): base + personalize + revert is the base, bit for bit in its tokenizer and embedding
+table, up to float rounding in the subtracted weights.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import time
+from pathlib import Path
+
+import torch
+
+from lifelong.errors import ConfigError, LedgerError
+from lifelong.ledger.core import TOKENS, Ledger
+from lifelong.ledger.patch import apply_patch, negate, patch_from_model, patch_numel
+from lifelong.ledger.probes import run_concept_probes
+from lifelong.ledger.store import LedgerLock
+from lifelong.metrics.cost import PeakMemory, count_parameters
+from lifelong.personalize import PersonalizeRequest, build_personalizer, check_token, personalizer_params, read_images
+from lifelong.personalize.base import MIN_IMAGES
+
+
+def personalize(root: str | Path, images: str | Path, token: str, class_word: str = "", method: str = "ti", *,
+                knobs: dict | None = None, seed: int = 0, progress: bool = True,
+                warn=None) -> int:
+    """One personalize change on the ledger at `root`; returns its id. Every input is checked before any
+    training; `warn(message)` receives the warnings (an identifier that names a known concept, resized or
+    skipped images)."""
+    warn = warn or (lambda message: None)
+    ledger = Ledger.open(root)
+    ledger.require_operation("personalize")
+    params = personalizer_params(method, knobs)
+    personalizer = build_personalizer(method, knobs)
+    class_word = " ".join(class_word.split())
+    if getattr(params, "prior_loss_weight", 0) > 0 and not class_word:
+        raise ConfigError(f"--method {method} draws class images for its prior term: give the subject's class "
+                          "(--class letter), or turn the term off (prior_loss_weight=0)")
+    token = token.strip()
+    earlier = {t: c["id"] for c in ledger.changes if c.get("tokens") and c["id"] not in ledger.reverted_ids()
+               for t in c["tokens"]}
+    if token in earlier:
+        raise ConfigError(f"--token {token!r} is already in the vocabulary: change {earlier[token]} added it; choose "
+                          f"a new one, or revert change {earlier[token]} first")
+    with LedgerLock(Path(root), "lifelong personalize"):
+        ledger = Ledger.open(root)
+        n = ledger.next_id()
+        t_start = time.perf_counter()
+        model = ledger.materialize()
+        for message in check_token(model, token, personalizer.adds_token):
+            warn(message)
+        pixels, notes = read_images(images, model.image_size, min_images=MIN_IMAGES)
+        for message in notes:
+            warn(message)
+        request = PersonalizeRequest(pixels, token, class_word, notes)
+        before = ledger.current_scores()
+        weights = {k: p.detach().clone() for k, p in model.named_parameters()}
+        table = _table_name(model)
+        with PeakMemory() as memory:
+            t0 = time.perf_counter()
+            stats = personalizer.personalize(model, request, seed=seed, progress=progress)
+            train_seconds = time.perf_counter() - t0
+        patch, rows = _patch_and_rows(model, weights, table, [token] if personalizer.adds_token else [])
+        after = run_concept_probes(model, ledger.probes)
+        record = {
+            "id": n,
+            "kind": "personalize",
+            "method": method,
+            "label": method,
+            "knobs": dataclasses.asdict(params),
+            "seed": seed,
+            "request": request.summary(),
+            "tokens": [token] if personalizer.adds_token else [],
+            "stats": stats,
+            "data": {"task": token, "classes": []},
+            "probes_before": before,
+            "probes_after": after,
+            "cost": {"train_seconds": train_seconds, "wall_seconds": time.perf_counter() - t_start,
+                     "peak_rss_mb": memory.peak_mb, "trainable_params": int(stats.get("trainable_params", 0)),
+                     "patch_numel": patch_numel(patch) + (rows.numel() if rows is not None else 0),
+                     "total_params": count_parameters(model)[1]},
+        }
+        states = {TOKENS: {"embeddings": rows}} if rows is not None else {}
+        return ledger.commit(record, patch, states)
+
+
+def _table_name(model) -> str:
+    """The parameter name of the text encoder's token-embedding table."""
+    table = model.token_embeddings().weight
+    return next(name for name, p in model.named_parameters() if p is table)
+
+
+def _patch_and_rows(model, before: dict[str, torch.Tensor], table: str, tokens: list[str]):
+    """(the patch of every weight the change moved, on the shapes before it; the new tokens' embedding rows
+    (K, D) or None). Rows of the embedding table that existed before must not have moved."""
+    weight = model.token_embeddings().weight.detach()
+    old = before[table]
+    moved = (weight[: len(old)] != old).any(dim=1).nonzero().flatten().tolist()
+    if moved:
+        raise LedgerError(f"the personalization moved {len(moved)} existing row(s) of the token-embedding table "
+                          f"(e.g. id {moved[0]}); a ledger records new tokens' rows, not changes to existing ones")
+    plain = dict(before)
+    plain[table] = weight.clone()  # the table's delta is recorded as new rows, not in the patch
+    patch = patch_from_model(model, plain)
+    if not tokens:
+        return patch, None
+    ids = [model.token_ids(t)[0] for t in tokens]
+    return patch, weight[ids].clone()
+
+
+def revert_personal(ledger: Ledger, n: int, strategy: str) -> int:
+    """Record a change that takes personalize change `n` out (the caller holds the lock): its negated patch;
+    its tokens leave the vocabulary with it. Returns the new change's id."""
+    if strategy == "replay":
+        raise LedgerError(f"change {n} is a personalization: it is reverted by subtracting its patch (--strategy "
+                          "subtract or auto); replay retrains learn changes")
+    gone = ledger.reverted_ids()
+    later = [c["id"] for c in ledger.changes if c["id"] > n and c["id"] not in gone and c["kind"] != "revert"]
+    t_start = time.perf_counter()
+    with PeakMemory() as memory:
+        patch = negate(ledger.patch(n))
+        model = ledger.materialize(upto=None)
+        apply_patch(model, patch, where=f"revert of change {n}")
+        if ledger.change(n).get("tokens"):  # the vocabulary without this change's tokens: rebuilt from the history
+            model = _without(ledger, n, model)
+    record = {
+        "id": ledger.next_id(),
+        "kind": "revert",
+        "reverts": n,
+        "strategy": "subtract",
+        "replayed": [],
+        "exact": not later,  # False: later changes in effect were made on top of change n
+        "method": "-",
+        "label": "-",
+        "data": {"task": f"change {n}", "classes": []},
+        "probes_before": ledger.current_scores(),
+        "probes_after": run_concept_probes(model, ledger.probes),
+        "cost": {"train_seconds": 0.0, "wall_seconds": time.perf_counter() - t_start, "peak_rss_mb": memory.peak_mb,
+                 "trainable_params": 0, "total_params": count_parameters(model)[1]},
+    }
+    return ledger.commit(record, patch, {})
+
+
+def _without(ledger: Ledger, n: int, patched):
+    """`patched` (the current weights minus change n's patch) with the vocabulary of the history without
+    change n: the base's table plus the other changes' tokens in effect."""
+    model = ledger.base_model()
+    own = model.state_dict()
+    model.load_state_dict({k: v for k, v in patched.state_dict().items() if k in own and v.shape == own[k].shape},
+                          strict=False)  # every weight but the token table, whose base rows never move
+    gone = ledger.reverted_ids() | {n}
+    tokens, rows = [], []
+    for c in ledger.changes:
+        if c.get("tokens") and c["id"] not in gone:
+            tokens += c["tokens"]
+            rows.append(ledger.state_of(c["id"], TOKENS)["embeddings"])
+    if tokens:
+        model.add_tokens(tokens, torch.cat(rows))
+    return model
