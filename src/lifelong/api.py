@@ -194,6 +194,12 @@ def personalize(root: str | Path, images: str | Path, token: str, class_word: st
     return personal.personalize(root, images, token, class_word, method, knobs=knobs, seed=seed, warn=warn)
 
 
+def merge(root: str | Path, changes: Sequence[int], method: str = "custom-diffusion") -> int:
+    """One change of the diffusion ledger `root` that merges its personalize changes `changes` with `method`
+    (custom-diffusion: the closed-form constrained merge of their cross-attention K/V); returns its id."""
+    return personal.merge(root, list(changes), method)
+
+
 def generate(prompt: str, n: int = 16, seed: int = 0, steps: int = 25, guidance: float | None = None,
              model: str = "embedded", out: str | Path = "grid.png", ledger: str | Path | None = None) -> tuple[np.ndarray, Path]:
     """`n` images of `prompt` from the text-to-image `model` (the diffusion family's names: embedded, a

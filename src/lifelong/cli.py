@@ -117,6 +117,8 @@ def main(argv: list[str] | None = None) -> int:
             return cmd_erase(args)
         if args.command == "personalize":
             return cmd_personalize(args)
+        if args.command == "merge":
+            return cmd_merge(args)
         return LEDGER_COMMANDS[args.command](args)
     except LifelongError as e:
         print(f"error: {e}", file=sys.stderr)
@@ -506,6 +508,7 @@ examples:
   lifelong personalize my-t2i --images bugs/ --token "<my-bug>" --class bug --method custom-diffusion steps=100
   lifelong generate --ledger my-t2i --prompt "a <my-style> letter" --out mine.png
   lifelong revert my-t2i 1                      the subject (and its token) out again
+  lifelong merge my-t2i --changes 1,2 --method custom-diffusion     two concepts in one set of K/V weights
 """
 
 
@@ -529,11 +532,30 @@ def add_personalize_command(sub) -> None:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="method knobs, e.g. steps=100 lr=1e-3")
 
+    m = sub.add_parser("merge", help="one change of a diffusion ledger: merge personalize changes into one model",
+                       description="Merge the personalize changes CHANGES of the diffusion ledger DIR (in effect) with "
+                       "METHOD and record the result as a change: custom-diffusion solves, per cross-attention K/V "
+                       "projection, the closed-form constrained merge (each concept's prompt features mapped as its "
+                       "own change maps them, the base kept on regularization prompts).")
+    m.add_argument("dir", type=Path, help="a diffusion ledger")
+    m.add_argument("--changes", required=True, help="comma-separated change ids, e.g. 3,5")
+    m.add_argument("--method", default="custom-diffusion", choices=["custom-diffusion"])
+
 
 def cmd_personalize(args) -> int:
     n = api.personalize(args.dir, args.images, args.token, args.class_word, args.method,
                         knobs=api.parse_knobs(args.overrides), seed=args.seed,
                         warn=lambda message: print(f"warning: {message}", file=sys.stderr))
+    print(api.show(args.dir, n))
+    return 0
+
+
+def cmd_merge(args) -> int:
+    try:
+        ids = [int(x) for x in args.changes.split(",") if x.strip()]
+    except ValueError:
+        raise ConfigError(f"--changes {args.changes!r}: comma-separated change ids, e.g. 3,5") from None
+    n = api.merge(args.dir, ids, args.method)
     print(api.show(args.dir, n))
     return 0
 

@@ -16,6 +16,11 @@ and the SHA-256 of their pixels), the method's statistics, the cost, every probe
     The rows of the tokens that were there before must not move (every method here holds them; a change
     that moved them is refused).
 
+`lifelong merge DIR --changes 3,5 --method custom-diffusion` records Custom Diffusion's closed-form merge of
+personalize changes in effect as a personalize change of its own (method custom-diffusion-merge, no tokens):
+its patch turns the cross-attention K/V from the naive sum of the changes' deltas into the constrained
+optimum (personalize/custom_diffusion.py), with W_0 = the current weights minus those deltas.
+
 A revert subtracts the change's patch, and its tokens leave the vocabulary with it (the change is no
 longer in effect): base + personalize + revert is the base, bit for bit in its tokenizer and embedding
 table, up to float rounding in the subtracted weights.
@@ -29,6 +34,7 @@ from pathlib import Path
 
 import torch
 
+from lifelong.data import captioned
 from lifelong.errors import ConfigError, LedgerError
 from lifelong.ledger.core import TOKENS, Ledger
 from lifelong.ledger.patch import apply_patch, negate, patch_from_model, patch_numel
@@ -37,6 +43,9 @@ from lifelong.ledger.store import LedgerLock
 from lifelong.metrics.cost import PeakMemory, count_parameters
 from lifelong.personalize import PersonalizeRequest, build_personalizer, check_token, personalizer_params, read_images
 from lifelong.personalize.base import MIN_IMAGES
+from lifelong.personalize.custom_diffusion import kv_parameters, merge_kv, text_features
+
+MERGE_METHODS = ("custom-diffusion",)
 
 
 def personalize(root: str | Path, images: str | Path, token: str, class_word: str = "", method: str = "ti", *,
@@ -175,3 +184,61 @@ def _without(ledger: Ledger, n: int, patched):
     if tokens:
         model.add_tokens(tokens, torch.cat(rows))
     return model
+
+
+def merge(root: str | Path, change_ids: list[int], method: str = "custom-diffusion",
+          reg_prompts: tuple[str, ...] | None = None) -> int:
+    """One change that merges the personalize changes `change_ids` (in effect) with `method`; returns its id.
+    `reg_prompts`: the regularization prompts of the merge (default: the first training caption of every
+    concept the embedded model was trained on)."""
+    if method not in MERGE_METHODS:
+        raise ConfigError(f"--method {method!r}: merging is implemented for {', '.join(MERGE_METHODS)} (Mix-of-Show's "
+                          "gradient fusion is not yet)")
+    ids = list(dict.fromkeys(change_ids))
+    if len(ids) < 2:
+        raise ConfigError(f"--changes {','.join(map(str, change_ids))}: a merge needs at least two changes")
+    ledger = Ledger.open(root)
+    ledger.require_operation("personalize")
+    gone = ledger.reverted_ids()
+    for n in ids:
+        c = ledger.change(n)
+        if c["kind"] != "personalize" or c["method"] != method:
+            raise ConfigError(f"change {n} is a {c['kind']} ({c['method']}), not a {method} personalization")
+        if n in gone:
+            raise ConfigError(f"change {n} is reverted: only changes in effect can be merged")
+    reg_prompts = tuple(reg_prompts or (captioned.train_captions(c)[0] for c in captioned.training_concepts()))
+    with LedgerLock(Path(root), "lifelong merge"):
+        ledger = Ledger.open(root)
+        t_start = time.perf_counter()
+        model = ledger.materialize()
+        current = {name: p.detach().clone() for name, p in kv_parameters(model).items()}
+        deltas = [{name: ledger.patch(n).get(f"delta::{name}", torch.zeros_like(w)) for name, w in current.items()}
+                  for n in ids]
+        w0 = {name: w - sum(d[name] for d in deltas) for name, w in current.items()}
+        finetuned = [{name: w0[name] + d[name] for name in w0} for d in deltas]
+        targets = [text_features(model, [ledger.change(n)["request"]["instance_prompt"]]) for n in ids]
+        with PeakMemory() as memory:
+            merged = merge_kv(w0, finetuned, targets, text_features(model, list(reg_prompts)))
+        patch = {f"delta::{name}": merged[name].to(w.dtype) - w for name, w in current.items()}
+        apply_patch(model, patch, where="merge")
+        record = {
+            "id": ledger.next_id(),
+            "kind": "personalize",
+            "method": f"{method}-merge",
+            "label": f"{method}-merge",
+            "knobs": {"reg_prompts": len(reg_prompts)},
+            "seed": 0,
+            "merges": ids,
+            "request": {"token": "+".join(ledger.change(n)["request"]["token"] for n in ids), "class_word": "",
+                        "n_images": 0, "images_sha256": "", "notes": [f"merge of changes {', '.join(map(str, ids))}"],
+                        "instance_prompt": "; ".join(ledger.change(n)["request"]["instance_prompt"] for n in ids),
+                        "class_prompt": ""},
+            "tokens": [],
+            "stats": {"target_rows": float(sum(len(t) for t in targets)), "reg_rows": float(len(reg_prompts))},
+            "data": {"task": "+".join(ledger.change(n)["request"]["token"] for n in ids), "classes": []},
+            "probes_before": ledger.current_scores(),
+            "probes_after": run_concept_probes(model, ledger.probes),
+            "cost": {"train_seconds": 0.0, "wall_seconds": time.perf_counter() - t_start, "peak_rss_mb": memory.peak_mb,
+                     "trainable_params": 0, "patch_numel": patch_numel(patch), "total_params": count_parameters(model)[1]},
+        }
+        return ledger.commit(record, patch, {})
