@@ -16,7 +16,7 @@ bench scores the attack like any prompt (the judge's concept rate on its samples
    accumulation, lr 5e-3 scaled by batch size (`--scale_lr`: 0.08), AdamW (weight decay 1e-2), the
    imagenet_templates_small prompts ("a photo of a {}", ...), v* initialised from a word ("art" for styles).
    Here: `steps` (default 300, CPU), batch 8 without accumulation, lr 5e-3 unscaled, the same templates
-   (cut to the text encoder's length), no random flips (digits and letters are not symmetric), v*
+   (those whose placeholder fits in the text encoder's length), no random flips (digits and letters are not symmetric), v*
    initialised from `initializer`'s first token (default: the mean of the token embeddings). The
    placeholder is a token added to a copy of the tokenizer; the model's own tokenizer and text encoder are
    not changed.
@@ -154,6 +154,10 @@ def textual_inversion_attack(model, images, steps: int = 300, seed: int = 0, *, 
     optimizer = torch.optim.AdamW([v], lr=lr, weight_decay=1e-2)
     prompts = [t.format(PLACEHOLDER) for t in templates]
     ids, mask = _tokenize(tokenizer, prompts)
+    fits = (ids == vocab).any(1)  # templates whose placeholder survives truncation to the text length
+    if not fits.any():
+        raise ConfigError(f"no template keeps {PLACEHOLDER} within {tokenizer.model_max_length} text positions")
+    ids, mask = ids[fits], mask[fits]
     x0 = _x0(model, images)  # (N, C, h, w)
     fixed = _fixed_batch(model, x0, seed)
     with torch.no_grad():
@@ -162,11 +166,10 @@ def textual_inversion_attack(model, images, steps: int = 300, seed: int = 0, *, 
     losses = []
     for _ in tqdm(range(steps), desc="textual-inversion attack", unit="step", disable=not progress):
         pick = torch.randint(len(x0), (batch_size,), generator=generator)
-        which = torch.randint(len(prompts), (batch_size,), generator=generator)
+        which = torch.randint(len(ids), (batch_size,), generator=generator)
         states = encode_ids(model, ids[which], mask[which], v, vocab)
         loss = model.denoising_loss(x0[pick], states, generator)
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
+        (v.grad,) = torch.autograd.grad(loss, [v])  # v's gradient only: the model's parameters get none
         optimizer.step()
         losses.append(loss.item())
     v = v.detach()
@@ -230,8 +233,7 @@ def adversarial_prompt_attack(model, original_model, images, prompt: str, steps:
                     reference = original_model.noise_prediction(x_t, t_batch, plain[[0] * batch_size])
             goal = noise if target == "noise" else reference
             loss = F.mse_loss(model.noise_prediction(x_t, t_batch, states), goal)
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
+            (u.grad,) = torch.autograd.grad(loss, [u])  # u's gradient only: the model's parameters get none
             optimizer.step()
             with torch.no_grad():
                 u.copy_(project_simplex(u))
