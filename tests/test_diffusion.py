@@ -170,10 +170,10 @@ def test_a_train_t2i_checkpoint_loads_with_its_ema_weights(tmp_path):
         unet_from_safetensors(tmp_path / "broken.safetensors")
 
 
-def test_the_family_is_registered_for_generation_only():
+def test_the_family_is_registered_for_generation_erasure_and_personalization():
     family = get_family("diffusion")
-    assert family.operations == frozenset({"generate"}) and family.probe_kind == "images-generated"
-    assert "diffusion" not in ledger_families()
+    assert family.operations == frozenset({"generate", "erase", "personalize"}) and family.probe_kind == "images-generated"
+    assert "diffusion" in ledger_families()
     model, tokenizer = family.build(family.tiny())
     assert isinstance(model, TextToImage) and tokenizer is model.tokenizer
     assert family.fingerprint(model) == fingerprint(build_pipeline("tiny-embedded"))
