@@ -70,9 +70,9 @@ def cycled(prompts: list[str], n: int) -> list[str]:
     return [prompts[i % len(prompts)] for i in range(n)]
 
 
-def sample(model, prompts: list[str], seed: int, steps: int, bf16: bool) -> np.ndarray:
+def sample(model, prompts: list[str], seed: int, steps: int, bf16: bool, eta: float) -> np.ndarray:
     with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
-        return model.sample(prompts, n=1, seed=seed, steps=steps, batch_size=64)
+        return model.sample(prompts, n=1, seed=seed, steps=steps, batch_size=64, eta=eta)
 
 
 def evaluate(args) -> dict:
@@ -81,7 +81,7 @@ def evaluate(args) -> dict:
     judge = J.load_judge()
     weights_file = model_path or embedded_weights()
     settings = {"model": args.model, "weights_sha256": file_digest(weights_file), "n": args.n, "steps": args.steps,
-                "guidance": model.guidance, "seed": args.seed, "bf16": args.bf16}
+                "guidance": model.guidance, "seed": args.seed, "bf16": args.bf16, "eta": args.eta}
     concepts = captioned.training_concepts()
     if args.kinds:
         concepts = [c for c in concepts if c.kind in args.kinds]
@@ -101,7 +101,7 @@ def evaluate(args) -> dict:
         seed = args.seed + i
         entry = {}
         for which, prompts in (("train", captioned.train_captions(concept)), ("heldout", captioned.heldout_captions(concept))):
-            images = sample(model, cycled(prompts, args.n), seed, args.steps, args.bf16)
+            images = sample(model, cycled(prompts, args.n), seed, args.steps, args.bf16, args.eta)
             seen = J.predicted_concepts(judge, images)
             entry[f"rate_{which}"] = 100.0 * float(np.mean([s == concept.name for s in seen]))
             if which == "train":
@@ -190,6 +190,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--n", type=int, default=50, help="seeded samples per concept and prompt set (default 50)")
     parser.add_argument("--steps", type=int, default=25, help="DDIM steps (default 25)")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--eta", type=float, default=0.0, help="DDIM's eta (0 deterministic, default; 1 ancestral)")
     parser.add_argument("--bf16", action="store_true", help="sample under bfloat16 autocast (about 2x faster on CPU)")
     parser.add_argument("--kinds", nargs="*", choices=captioned.KINDS, help="only these kinds")
     parser.add_argument("--max-concepts", type=int, help="an evenly spaced subset (smoke runs)")

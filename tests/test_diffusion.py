@@ -234,3 +234,15 @@ def test_the_embedded_model_reads_and_samples_as_train_t2i_does():
     assert torch.equal(encoded.hidden, states) and torch.equal(encoded.mask, mask)
     empty_encoded = pipeline.encode([""])
     assert torch.equal(empty_encoded.hidden, empty) and torch.equal(empty_encoded.mask, empty_mask)
+
+
+def test_ancestral_sampling_is_seeded_and_independent_of_the_batch_size():
+    """eta > 0 draws noise at every step: all of it comes from the seed, so the images do not depend on
+    how they are batched, and differ from deterministic DDIM's."""
+    pipeline = build_pipeline("tiny-embedded")
+    a = pipeline.sample(["a sneaker", "a dress"], n=3, seed=5, steps=4, eta=1.0, batch_size=6)
+    b = pipeline.sample(["a sneaker", "a dress"], n=3, seed=5, steps=4, eta=1.0, batch_size=2)
+    c = pipeline.sample(["a sneaker", "a dress"], n=3, seed=5, steps=4, eta=0.0, batch_size=6)
+    assert np.abs(a.astype(int) - b.astype(int)).max() <= 1 and not np.array_equal(a, c)
+    with pytest.raises(ConfigError, match="eta"):
+        pipeline.sample(["a sneaker"], eta=1.5)

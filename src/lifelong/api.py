@@ -201,7 +201,8 @@ def merge(root: str | Path, changes: Sequence[int], method: str = "custom-diffus
 
 
 def generate(prompt: str, n: int = 16, seed: int = 0, steps: int = 25, guidance: float | None = None,
-             model: str = "embedded", out: str | Path = "grid.png", ledger: str | Path | None = None) -> tuple[np.ndarray, Path]:
+             model: str = "embedded", out: str | Path = "grid.png", ledger: str | Path | None = None,
+             eta: float = 0.0) -> tuple[np.ndarray, Path]:
     """`n` images of `prompt` from the text-to-image `model` (the diffusion family's names: embedded, a
     train_t2i.py checkpoint, a StableDiffusionPipeline folder or hub id), seeded DDIM with `steps` steps and
     classifier-free `guidance` (None: the model's own, 3 embedded, 7.5 Stable Diffusion), or the current model
@@ -214,7 +215,7 @@ def generate(prompt: str, n: int = 16, seed: int = 0, steps: int = 25, guidance:
         pipeline = book.materialize()
     else:
         pipeline, _ = get_family("diffusion").build(ModelConfig(family="diffusion", name=model))
-    images = pipeline.sample([prompt], n=n, seed=seed, steps=steps, guidance=guidance, progress=True)
+    images = pipeline.sample([prompt], n=n, seed=seed, steps=steps, guidance=guidance, progress=True, eta=eta)
     return images, save_grid(images, out)
 
 

@@ -446,6 +446,8 @@ def add_generate_command(sub) -> None:
     gen.add_argument("--model", default="embedded", help="embedded (the project's model, default), a "
                      "scripts/train_t2i.py .safetensors checkpoint, a StableDiffusionPipeline folder or hub id, "
                      "tiny-embedded / tiny-sd (random, tests)")
+    gen.add_argument("--eta", type=float, default=0.0, help="DDIM's eta: 0 deterministic (default), 1 fresh noise at "
+                     "every step (ancestral; seeded too)")
     gen.add_argument("--ledger", type=Path, metavar="DIR", help="sample the current model of this diffusion ledger "
                      "(after its erasures) instead of --model")
     gen.add_argument("--out", type=Path, default=Path("grid.png"), help="the PNG grid to write (default grid.png)")
@@ -473,7 +475,7 @@ def add_generate_command(sub) -> None:
 
 def cmd_generate(args) -> int:
     images, out = api.generate(args.prompt, n=args.n, seed=args.seed, steps=args.steps, guidance=args.guidance,
-                               model=args.model, out=args.out, ledger=args.ledger)
+                               model=args.model, out=args.out, ledger=args.ledger, eta=args.eta)
     n, h, w, _ = images.shape
     print(f"wrote {out}: {n} image(s) of {args.prompt!r}, {w}x{h} each (seed {args.seed}, {args.steps} DDIM steps)")
     return 0

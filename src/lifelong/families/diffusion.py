@@ -219,27 +219,36 @@ class TextToImage(nn.Module):
 
     @torch.no_grad()
     def sample(self, prompts: str | list[str], n: int = 1, seed: int = 0, steps: int = 25,
-               guidance: float | None = None, batch_size: int = 16, progress: bool = False) -> np.ndarray:
-        """`n` images per prompt, uint8 (len(prompts) * n, H, W, 3), prompt-major: DDIM (eta 0) with
-        classifier-free guidance (`guidance`, default `self.guidance`), in batches of `batch_size`.
+               guidance: float | None = None, batch_size: int = 16, progress: bool = False,
+               eta: float = 0.0) -> np.ndarray:
+        """`n` images per prompt, uint8 (len(prompts) * n, H, W, 3), prompt-major: DDIM with classifier-free
+        guidance (`guidance`, default `self.guidance`), in batches of `batch_size`. `eta` 0 (default) is
+        deterministic DDIM; eta 1 adds DDPM's noise at every step (ancestral sampling on the DDIM steps).
 
-        All starting noise is drawn first, on the CPU, from a generator seeded with `seed`, and DDIM with
-        eta 0 draws nothing more: a seed gives the same images on every call (on another device or batch
+        All noise, the starting noise and (eta > 0) every step's, is drawn first, on the CPU, from a
+        generator seeded with `seed`: a seed gives the same images on every call (on another device or batch
         size, the same up to float rounding)."""
         prompts = [prompts] if isinstance(prompts, str) else list(prompts)
         check_sampling(prompts, n, steps, guidance)
+        if not 0 <= eta <= 1:
+            raise ConfigError(f"--eta {eta}: DDIM's eta is in [0, 1] (0: deterministic DDIM, 1: DDPM-like noise at every step)")
         size, channels = self.unet.config.sample_size, self.unet.config.in_channels
         generator = torch.Generator().manual_seed(seed)
         noise = torch.randn((len(prompts) * n, channels, size, size), generator=generator)  # (N, C, h, w)
+        step_noise = torch.randn((steps, *noise.shape), generator=generator) if eta > 0 else None  # (S, N, C, h, w)
         cond = self.encode(prompts)[torch.arange(len(prompts)).repeat_interleave(n)]  # (N, T, D)
-        return self.sample_states(cond, self.encode([""]), noise, steps, guidance, batch_size, progress)
+        return self.sample_states(cond, self.encode([""]), noise, steps, guidance, batch_size, progress, eta, step_noise)
 
     @torch.no_grad()
     def sample_states(self, cond: TextStates, uncond: TextStates, noise: torch.Tensor, steps: int = 25,
-                      guidance: float | None = None, batch_size: int = 16, progress: bool = False) -> np.ndarray:
-        """DDIM (eta 0) from the starting `noise` (N, C, h, w) with classifier-free guidance between the
-        prompt states `cond` (N rows) and the empty prompt's `uncond` (1 row): uint8 (N, H, W, 3). What
-        `sample` runs after encoding; the training script calls it with its cached caption states."""
+                      guidance: float | None = None, batch_size: int = 16, progress: bool = False, eta: float = 0.0,
+                      step_noise: torch.Tensor | None = None) -> np.ndarray:
+        """DDIM from the starting `noise` (N, C, h, w) with classifier-free guidance between the prompt
+        states `cond` (N rows) and the empty prompt's `uncond` (1 row): uint8 (N, H, W, 3). With eta > 0,
+        `step_noise` (steps, N, C, h, w) is each step's added noise. What `sample` runs after encoding; the
+        training script calls it with its cached caption states."""
+        if eta > 0 and (step_noise is None or step_noise.shape[:2] != (steps, len(noise))):
+            raise ValueError(f"eta {eta} needs step_noise of shape ({steps}, {len(noise)}, C, h, w)")
         from diffusers import DDIMScheduler  # heavy optional dependency, at first use
 
         guidance = self.guidance if guidance is None else guidance
@@ -253,23 +262,29 @@ class TextToImage(nn.Module):
         for start in batches:
             x = noise[start : start + batch_size].to(self.device) * sampler.init_noise_sigma
             b = len(x)
-            x = self.denoise(x, cond[start : start + b], uncond, sampler, sampler.timesteps, guidance, bar.update)
+            extra = step_noise[:, start : start + b] if eta > 0 else None
+            x = self.denoise(x, cond[start : start + b], uncond, sampler, sampler.timesteps, guidance, bar.update, eta, extra)
             images.append(self.decode(x))
         bar.close()
         self.unet.train(was_training)
         return np.concatenate(images)
 
     def denoise(self, x: torch.Tensor, cond: TextStates, uncond: TextStates, sampler, timesteps, guidance: float,
-                after_step=None) -> torch.Tensor:
+                after_step=None, eta: float = 0.0, step_noise: torch.Tensor | None = None) -> torch.Tensor:
         """DDIM steps of `sampler` (set_timesteps done) at `timesteps` (a prefix of sampler.timesteps to stop
         early, as ESD does to draw its x_t) from x (b, C, h, w), with classifier-free guidance between `cond`
-        (b rows) and `uncond` (1 row). Gradients flow only if the caller enables them."""
+        (b rows) and `uncond` (1 row); with eta > 0, step i adds `step_noise[i]` (b, C, h, w) scaled by DDIM's
+        sigma. Gradients flow only if the caller enables them."""
         b = len(x)
         both = TextStates.cat([uncond[[0] * b], cond])  # (2b, T, D): "" then the prompts
-        for t in timesteps:
+        for i, t in enumerate(timesteps):
             pred = self.noise_prediction(sampler.scale_model_input(torch.cat([x, x]), t), t, both)  # (2b, C, h, w)
             pred_uncond, pred_text = pred.chunk(2)
-            x = sampler.step(pred_uncond + guidance * (pred_text - pred_uncond), t, x).prev_sample
+            guided = pred_uncond + guidance * (pred_text - pred_uncond)
+            if eta > 0:
+                x = sampler.step(guided, t, x, eta=eta, variance_noise=step_noise[i].to(x.device)).prev_sample
+            else:
+                x = sampler.step(guided, t, x).prev_sample
             if after_step is not None:
                 after_step()
         return x
