@@ -11,7 +11,6 @@ steps. Writes benchmarks/results/t2i_samplers.json.
 from __future__ import annotations
 
 import argparse
-import json
 import time
 from pathlib import Path
 
