@@ -150,19 +150,27 @@ def revert_erase(ledger: Ledger, n: int, strategy: str) -> int:
         else:
             patch = negate(ledger.patch(n))
             apply_patch(model, patch, where=f"revert of change {n}")
+    # restore: the method's previous erasers back in effect
+    return commit_revert(ledger, n, model, patch, "restore" if module else "subtract", not later, t_start, memory.peak_mb)
+
+
+def commit_revert(ledger: Ledger, n: int, model, patch: dict, strategy: str, exact: bool, t_start: float,
+                  peak_mb: float) -> int:
+    """Probe `model` (the ledger's model with change n taken out) and record that as the revert of change n;
+    `exact` is False when later changes in effect were made on top of change n. Returns the new id."""
     record = {
         "id": ledger.next_id(),
         "kind": "revert",
         "reverts": n,
-        "strategy": "restore" if module else "subtract",  # restore: the method's previous erasers back in effect
+        "strategy": strategy,
         "replayed": [],
-        "exact": not later,  # False: later changes in effect were made on top of change n
+        "exact": exact,
         "method": "-",
         "label": "-",
         "data": {"task": f"change {n}", "classes": []},
         "probes_before": ledger.current_scores(),
         "probes_after": run_concept_probes(model, ledger.probes),
-        "cost": {"train_seconds": 0.0, "wall_seconds": time.perf_counter() - t_start, "peak_rss_mb": memory.peak_mb,
+        "cost": {"train_seconds": 0.0, "wall_seconds": time.perf_counter() - t_start, "peak_rss_mb": peak_mb,
                  "trainable_params": 0, "total_params": count_parameters(model)[1]},
     }
     return ledger.commit(record, patch, {})

@@ -37,6 +37,7 @@ import torch
 from lifelong.data import captioned
 from lifelong.errors import ConfigError, LedgerError
 from lifelong.ledger.core import TOKENS, Ledger
+from lifelong.ledger.erasures import commit_revert
 from lifelong.ledger.patch import apply_patch, negate, patch_from_model, patch_numel
 from lifelong.ledger.probes import run_concept_probes
 from lifelong.ledger.store import LedgerLock
@@ -150,22 +151,7 @@ def revert_personal(ledger: Ledger, n: int, strategy: str) -> int:
         apply_patch(model, patch, where=f"revert of change {n}")
         if ledger.change(n).get("tokens"):  # the vocabulary without this change's tokens: rebuilt from the history
             model = _without(ledger, n, model)
-    record = {
-        "id": ledger.next_id(),
-        "kind": "revert",
-        "reverts": n,
-        "strategy": "subtract",
-        "replayed": [],
-        "exact": not later,  # False: later changes in effect were made on top of change n
-        "method": "-",
-        "label": "-",
-        "data": {"task": f"change {n}", "classes": []},
-        "probes_before": ledger.current_scores(),
-        "probes_after": run_concept_probes(model, ledger.probes),
-        "cost": {"train_seconds": 0.0, "wall_seconds": time.perf_counter() - t_start, "peak_rss_mb": memory.peak_mb,
-                 "trainable_params": 0, "total_params": count_parameters(model)[1]},
-    }
-    return ledger.commit(record, patch, {})
+    return commit_revert(ledger, n, model, patch, "subtract", not later, t_start, memory.peak_mb)
 
 
 def _without(ledger: Ledger, n: int, patched):
