@@ -202,7 +202,7 @@ def test_edit_command_bad_input_exits_2(tiny_folder, capsys):
     assert "--target" in capsys.readouterr().err
     assert main(["edit", "--model", str(tiny_folder), "--method", "grace", "--prompt", "x is", "--target", "y", "radius=3"]) == 2
     assert "eps" in capsys.readouterr().err
-    assert main(["bench", "edit", "--methods", "memit"]) == 2
+    assert main(["bench", "edit", "--methods", "kn"]) == 2
 
 
 def test_edits_past_the_budget_stop_and_leave_f0(tiny):
