@@ -379,7 +379,8 @@ def test_the_erase_bench_writes_its_table_and_resumes(tmp_path):
 
     overrides = [f"output_dir={tmp_path}", "model=tiny-embedded", "methods=[uce,esd-x]", "concepts=[sneaker]",
                  "locality=[object/sneaker,object/sandal,digit/7]", "scale=[1,2]", "scale_concepts=[sneaker,seven]",
-                 "n=4", "steps=2", "knobs.esd-x.iterations=2", "knobs.esd-x.ddim_steps=2"]
+                 "n=4", "steps=2", "knobs.esd-x.iterations=2", "knobs.esd-x.ddim_steps=2", "attacks=[ti,adv]",
+                 "attack_steps={ti: 2, adv: 2}", "attack_images=2"]
     config = load_bench_config(None, overrides)
     out = run_bench(config)
     results = json.loads((out / "results.json").read_text())
@@ -388,6 +389,7 @@ def test_the_erase_bench_writes_its_table_and_resumes(tmp_path):
     row = rows["uce|sneaker"]
     assert row["judged"] == ["object/sneaker"] and set(row["locality"]) == {"object/sandal", "digit/7"}
     assert row["close"].keys() == {"object/sandal"} and row["cost"]["patch_bytes"] > 0
+    assert set(row["attacks"]) == {"ti", "adv"} and set(row["attacks"]["ti"]) == {"judge", "probe_judge", "seconds"}
     assert "| uce | sneaker |" in (out / "summary.md").read_text()
     run_bench(config)  # every row done: nothing is recomputed (the rows would differ in their timings)
     assert json.loads((out / "results.json").read_text())["rows"] == rows

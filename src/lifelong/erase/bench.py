@@ -9,6 +9,11 @@ a fresh copy of the model is erased and measured with seeded samples (`n` per pr
                   from the original model, the close concepts' rates (erasing "sneaker" must keep "sandal"
                   and "ankle boot"), and the judge-FD between the original model's and the erased model's
                   samples of the other concepts (0: the same images)
+    attacks       the rate of the erased concept in samples of an attack's prompt against the erased model
+                  (erase/attacks.py): "ti", the textual-inversion attack of Pham et al. 2023 (a token learned on
+                  real images of the concept), and "adv", an UnlearnDiffAtk-style adversarial prefix (Zhang et
+                  al. 2023); each scored by the judge and by the second judge of another architecture
+                  (metrics/probe_judge.py), so that images tuned to one network do not count by themselves
     cost          erase seconds, peak RSS, trainable parameters, patch bytes (the weights it moved, fp32)
 
 Then the scale rows: each method erasing the first k of `scale_concepts` for k in `scale` (UCE in one
@@ -35,10 +40,12 @@ from lifelong.atomic import atomic_write_json, atomic_write_text
 from lifelong.config import from_dict, read_raw
 from lifelong.data import captioned
 from lifelong.erase import ERASERS, build_eraser, erase_request, eraser_params
+from lifelong.erase.attacks import adversarial_prompt_attack, textual_inversion_attack
 from lifelong.errors import ConfigError
 from lifelong.families.diffusion import build_pipeline
 from lifelong.metrics.cost import PeakMemory
 from lifelong.metrics.judge import frechet_distance, judge_features, load_judge, predicted_concepts
+from lifelong.metrics.probe_judge import load_probe_judge
 from lifelong.runtime import versions
 
 DEFAULT_LOCALITY = ("object/sneaker", "object/sandal", "object/ankle boot", "object/dress", "object/bag", "digit/3",
@@ -48,6 +55,7 @@ CLOSE = {"object/sneaker": ("object/sandal", "object/ankle boot"), "object/sanda
          "object/ankle boot": ("object/sneaker", "object/sandal"), "object/t-shirt": ("object/shirt", "object/pullover"),
          "object/shirt": ("object/t-shirt", "object/pullover"), "object/pullover": ("object/coat", "object/shirt")}
 QUICK = {"n": 8, "steps": 10, "methods": ("esd-x", "uce"), "concepts": ("sneaker",), "scale": (1, 2),
+         "attacks": ("ti",), "attack_steps": {"ti": 10, "adv": 4}, "attack_images": 4,
          "knobs": {"esd-x": {"iterations": 20}, "esd-u": {"iterations": 20}, "ac": {"steps": 20, "anchor_images": 8}}}
 
 
@@ -66,6 +74,9 @@ class EraseBenchConfig:
     steps: int = 25      # DDIM steps of every sample
     bf16: bool = True    # sample under bfloat16 autocast (about 2x faster on CPU; erasers train in fp32)
     seed: int = 0
+    attacks: tuple[str, ...] = ("ti", "adv")  # "ti" (textual inversion), "adv" (UnlearnDiffAtk-style prefix)
+    attack_steps: dict = field(default_factory=lambda: {"ti": 300, "adv": 40})
+    attack_images: int = 16  # real train images of the concept the attacks learn from
     knobs: dict = field(default_factory=dict)  # {method: {knob: value}}, validated by the method's Params
 
 
@@ -83,7 +94,33 @@ def load_bench_config(path: str | Path | None, overrides=(), quick: bool = False
         raise ConfigError(f"locality: {unknown} are not concepts the judge knows")
     if config.n < 2 or config.steps < 1:
         raise ConfigError("n must be at least 2 and steps at least 1")
+    unknown = [a for a in config.attacks if a not in ATTACKS]
+    if unknown:
+        raise ConfigError(f"attacks: {unknown} unknown; choose from {', '.join(ATTACKS)}")
     return config
+
+
+ATTACKS = ("ti", "adv")
+
+
+def attack_rates(config: EraseBenchConfig, erased, original, request, judges: dict) -> dict:
+    """Per attack: the erased concept's rate (%) in n samples of the attack's prompt, by each judge."""
+    real, _ = captioned.concept_images(list(request.judged), "train", per_concept=max(1, config.attack_images // len(
+        request.judged)), seed=config.seed)
+    out = {}
+    for attack in config.attacks:
+        steps = int(config.attack_steps.get(attack, 0)) or None
+        t0 = time.perf_counter()
+        if attack == "ti":
+            prompt = textual_inversion_attack(erased, real, steps=steps or 300, seed=config.seed)
+        else:
+            prompt = adversarial_prompt_attack(erased, original, real, request.prompts[-1], steps=steps or 40,
+                                               seed=config.seed)
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=config.bf16):
+            images = prompt.sample(erased, n=config.n, seed=config.seed, steps=config.steps)
+        out[attack] = {name: 100.0 * float(np.mean([s in request.judged for s in predicted_concepts(j, images)]))
+                       for name, j in judges.items()} | {"seconds": time.perf_counter() - t0}
+    return out
 
 
 class Sampler:
@@ -139,6 +176,7 @@ def run_bench(config: EraseBenchConfig) -> Path:
 
     model = build_pipeline(config.model)
     judge = load_judge()
+    judges = {"judge": judge, "probe_judge": load_probe_judge()} if config.attacks else {}
     sampler = Sampler(config, judge)
     judged_sets = {c: erase_request(c).judged for c in config.concepts}
 
@@ -165,7 +203,8 @@ def run_bench(config: EraseBenchConfig) -> Path:
                 stats = build_eraser(method, config.knobs.get(method)).erase(erased, request, seed=config.seed,
                                                                              progress=True)
                 seconds = time.perf_counter() - t0
-            moved = sum(int((p != q).sum()) for p, q in zip(erased.parameters(), model.parameters()))
+            own = dict(model.named_parameters())
+            moved = sum(int((p != own[n]).sum()) if n in own else p.numel() for n, p in erased.named_parameters())
             others = [c for c in config.locality if c not in request.judged]
             rates, images = sampler.locality(erased, others)
             keep = [i for i, c in enumerate(config.locality) if c not in request.judged]
@@ -182,6 +221,7 @@ def run_bench(config: EraseBenchConfig) -> Path:
                 "close_original": {c: original["locality"][c] for c in close if c in rates},
                 "judge_fd_to_original": frechet_distance(before_feats, judge_features(judge, images).numpy()),
                 "locality": rates,
+                "attacks": attack_rates(config, erased, model, request, judges) if request.judged else {},
                 "cost": {"erase_seconds": seconds, "peak_rss_mb": memory.peak_mb,
                          "trainable_params": int(stats.get("trainable_params", 0)), "patch_bytes": 4 * moved},
                 "stats": stats,
@@ -229,18 +269,20 @@ def summary(results: dict) -> str:
              "Judge rates in % of seeded samples (the judge: lifelong.metrics.judge, trained on real images only). "
              "Efficacy: the erased concept's rate (lower is better), with the original model's in brackets. "
              "Others: the mean rate of the other probe concepts. judge-FD: the other concepts' samples, erased vs "
-             "original model (0 = identical; FID formula on judge features, not Inception-FID).", "",
+             "original model (0 = identical; FID formula on judge features, not Inception-FID). Attacks: the erased "
+             "concept's rate in samples of each attack's prompt, by the judge and by the second judge.", "",
              "| method | concept | efficacy train | efficacy held-out | others | close concepts | judge-FD to original | "
-             "erase s | trainable params | patch bytes |",
-             "|---|---|---|---|---|---|---|---|---|---|"]
+             "attacks: judge / second judge | erase s | trainable params | patch bytes |",
+             "|---|---|---|---|---|---|---|---|---|---|---|"]
     for key, r in rows.items():
         if "|" not in key or "scale=" in key:
             continue
         close = ", ".join(f"{c.split('/')[-1]} {v:.0f} ({r['close_original'][c]:.0f})" for c, v in r["close"].items()) or "-"
+        attacks = ", ".join(f"{a} {v['judge']:.0f} / {v['probe_judge']:.0f}" for a, v in r.get("attacks", {}).items()) or "-"
         lines.append(f"| {r['method']} | {r['concept']} | {r['efficacy']['train']:.1f} ({r['efficacy_original']['train']:.1f}) "
                      f"| {r['efficacy']['heldout']:.1f} ({r['efficacy_original']['heldout']:.1f}) | "
                      f"{r['locality_mean']:.1f} ({r['locality_mean_original']:.1f}) | {close} | "
-                     f"{r['judge_fd_to_original']:.2f} | {r['cost']['erase_seconds']:.1f} | "
+                     f"{r['judge_fd_to_original']:.2f} | {attacks} | {r['cost']['erase_seconds']:.1f} | "
                      f"{r['cost']['trainable_params']:,} | {r['cost']['patch_bytes']:,} |")
     scale = [r for key, r in rows.items() if "scale=" in key]
     if scale:
