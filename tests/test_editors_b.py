@@ -31,18 +31,27 @@ Lyon is a city in France. Osaka is a city in Japan. Toronto is located in the co
 
 
 def trained_tiny_llama(steps: int = 60, arch: str = "llama"):
-    """The tiny Llama (or `arch`) after `steps` Adam steps on FACTS (deterministic, a few seconds)."""
+    """The tiny Llama (or `arch`) after `steps` Adam steps on FACTS (deterministic, a few seconds).
+
+    Trained on one thread whatever the machine's setting: at lr 1e-2 the float-summation order of two
+    threads gives another model after 60 steps (on the tiny GPT-2, one on which a MEMIT batch edit of
+    "The currency of India is the" -> " yen" fails), so the tests would depend on OMP_NUM_THREADS."""
     model, tok = tiny_lm(arch, seed=0)
     sentences = [s.strip().rstrip(".") + "." for s in FACTS.replace("\n", " ").split(". ") if s.strip()]
     enc = tok(sentences, add_special_tokens=False, padding=True, return_tensors="pt")
     labels = enc["input_ids"].masked_fill(enc["attention_mask"] == 0, -100)
     opt = torch.optim.Adam(model.parameters(), lr=1e-2)
     model.train()
-    for _ in range(steps):
-        loss = model(**enc, labels=labels).loss
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        for _ in range(steps):
+            loss = model(**enc, labels=labels).loss
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+    finally:
+        torch.set_num_threads(threads)
     model.eval()
     model.zero_grad(set_to_none=True)
     return model, tok
