@@ -29,7 +29,6 @@ differs: real test sets are not balanced by concept; read it against its real-vs
 from __future__ import annotations
 
 import argparse
-import hashlib
 import io
 import json
 import sys
@@ -44,6 +43,7 @@ from safetensors.torch import load_file, save_file
 from lifelong.atomic import atomic_write_bytes, atomic_write_json
 from lifelong.data import captioned
 from lifelong.families.diffusion import build_pipeline, embedded_weights
+from lifelong.ledger.store import sha256_file
 from lifelong.metrics import judge as J
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -56,14 +56,6 @@ GRID_CONCEPTS = (
         ["black", "red", "green", "blue"] * 3)]
     + [f"clipart/{c}" for c in captioned.CLIPART_CATEGORIES]
 )
-
-
-def file_digest(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
 
 
 def cycled(prompts: list[str], n: int) -> list[str]:
@@ -80,7 +72,7 @@ def evaluate(args) -> dict:
     model = build_pipeline(args.model)
     judge = J.load_judge()
     weights_file = model_path or embedded_weights()
-    settings = {"model": args.model, "weights_sha256": file_digest(weights_file), "n": args.n, "steps": args.steps,
+    settings = {"model": args.model, "weights_sha256": sha256_file(weights_file), "n": args.n, "steps": args.steps,
                 "guidance": model.guidance, "seed": args.seed, "bf16": args.bf16, "eta": args.eta}
     concepts = captioned.training_concepts()
     if args.kinds:

@@ -39,6 +39,7 @@ import numpy as np
 import torch
 
 from lifelong.atomic import atomic_write_json
+from lifelong.data import captioned
 from lifelong.metrics import judge as J
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -63,17 +64,7 @@ def kind_of(name: str) -> str:
     return name.split("/")[0]
 
 
-def load_real(split: str) -> tuple[np.ndarray, list[str]]:
-    """uint8 (N, 32, 32, 3) and concept names: the captioned pool of `split` plus its held-out subjects."""
-    from lifelong.data import captioned
-
-    images, ids, concepts = captioned.load_pool(split)
-    parts, names = [images], [concepts[i].name for i in ids]
-    for subject in captioned.HELDOUT_SUBJECTS:
-        held, held_ids, held_concepts = captioned.heldout_subject_pool(subject, split)
-        parts.append(held)
-        names += [held_concepts[i].name for i in held_ids]
-    return np.concatenate(parts), names
+load_real = captioned.labelled_images  # the pool of a split plus its held-out subjects, with concept names
 
 
 def sampling_weights(names: list[str], kind_weights: dict[str, float]) -> torch.Tensor:

@@ -31,6 +31,7 @@ import torch
 from lifelong.atomic import atomic_write_json
 from lifelong.cache import cached, content_key
 from lifelong.data import captioned
+from lifelong.fingerprint import tensor_digest
 from lifelong.metrics import judge as J
 from lifelong.metrics.probe_judge import PROBE_JUDGE_ASSET, ProbeJudge, load_probe_judge, save_probe_judge
 
@@ -40,15 +41,7 @@ DEFAULT_CONFIG: dict = {"seed": 0, "steps": 1500, "batch_size": 1024, "lr": 3e-3
                         "max_per_concept": 500}
 
 
-def load_real(split: str) -> tuple[np.ndarray, list[str]]:
-    """uint8 (N, 32, 32, 3) and concept names: the captioned pool of `split` plus its held-out subjects."""
-    images, ids, concepts = captioned.load_pool(split)
-    parts, names = [images], [concepts[i].name for i in ids]
-    for subject in captioned.HELDOUT_SUBJECTS:
-        held, held_ids, held_concepts = captioned.heldout_subject_pool(subject, split)
-        parts.append(held)
-        names += [held_concepts[i].name for i in held_ids]
-    return np.concatenate(parts), names
+load_real = captioned.labelled_images  # the pool of a split plus its held-out subjects, with concept names
 
 
 def capped(names: list[str], cap: int, seed: int) -> np.ndarray:
@@ -63,7 +56,7 @@ def capped(names: list[str], cap: int, seed: int) -> np.ndarray:
 def trunk_features(judge: ProbeJudge, images: np.ndarray, batch_size: int = 256) -> torch.Tensor:
     """The frozen trunk's features (N, 1280) of uint8 images, from the cache when computed before."""
     digest = hashlib.sha256(np.ascontiguousarray(images).tobytes()).hexdigest()
-    key = content_key("probe-judge", judge.config, judge_trunk_digest(judge), digest)
+    key = content_key("probe-judge", judge.config, tensor_digest(judge.trunk.state_dict()), digest)
 
     def compute() -> dict[str, torch.Tensor]:
         x = J.as_input(images)
@@ -71,14 +64,6 @@ def trunk_features(judge: ProbeJudge, images: np.ndarray, batch_size: int = 256)
         return {"features": torch.cat(parts)}
 
     return cached("probe-judge-features", key, compute)["features"]
-
-
-def judge_trunk_digest(judge: ProbeJudge) -> str:
-    h = hashlib.sha256()
-    for name, t in sorted(judge.trunk.state_dict().items()):
-        h.update(name.encode())
-        h.update(t.detach().float().numpy().tobytes())
-    return h.hexdigest()[:16]
 
 
 def train(judge: ProbeJudge, features: torch.Tensor, names: list[str], config: dict) -> list[float]:

@@ -585,3 +585,17 @@ def save_checkpoint(path: Path, model, method, tasks_done: int) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
     atomic_write_bytes(path, save(tensors, metadata={"tasks_done": str(tasks_done)}))
     return path
+
+
+def check_finite(loss: torch.Tensor, method: str, step: int) -> None:
+    """Stop a method's own training loop (erasers, personalizers) on a NaN or infinite loss with the error
+    the main loop raises for it: nothing has been recorded yet."""
+    if not math.isfinite(loss.item()):
+        raise TrainingDivergedError(f"{method}: the loss is {loss.item()} at step {step}; nothing was recorded. "
+                                    "Lower its lr (a KEY=VALUE knob) and run it again")
+
+
+def mean_ends(losses: list[float]) -> tuple[float, float]:
+    """The mean of the first and of the last tenth of `losses` (at least one value each)."""
+    k = max(1, len(losses) // 10)
+    return sum(losses[:k]) / k, sum(losses[-k:]) / k

@@ -407,6 +407,18 @@ def heldout_subject_pool(subject: str, split: str) -> tuple[np.ndarray, np.ndarr
     return pool["images"].numpy(), pool["concept_ids"].numpy(), concepts
 
 
+def labelled_images(split: str) -> tuple[np.ndarray, list[str]]:
+    """uint8 (N, 32, 32, 3) and each image's concept name: the pool of `split` plus its held-out subjects
+    (what the judges train and are tested on)."""
+    images, ids, concepts = load_pool(split)
+    parts, names = [images], [concepts[i].name for i in ids]
+    for subject in HELDOUT_SUBJECTS:
+        held, held_ids, held_concepts = heldout_subject_pool(subject, split)
+        parts.append(held)
+        names += [held_concepts[i].name for i in held_ids]
+    return np.concatenate(parts), names
+
+
 # --- finding concepts by what a user calls them ------------------------------------------------------
 
 

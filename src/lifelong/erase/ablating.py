@@ -33,7 +33,8 @@ import torch
 from torch import nn
 from tqdm import tqdm
 
-from lifelong.erase.base import EraseRequest, check_finite, prompt_batch, train_only
+from lifelong.erase.base import EraseRequest, prompt_batch, train_only
+from lifelong.loop import check_finite, mean_ends
 
 
 @dataclass(frozen=True)
@@ -98,6 +99,6 @@ class AblatingConcepts:
             optimizer.step()
             losses.append(loss.item())
         model.unet.eval().requires_grad_(False)
-        k = max(1, len(losses) // 10)
-        return {"loss_start": sum(losses[:k]) / k, "loss_end": sum(losses[-k:]) / k, "steps": float(p.steps),
+        start, end = mean_ends(losses)
+        return {"loss_start": start, "loss_end": end, "steps": float(p.steps),
                 "trainable_params": float(sum(q.numel() for q in params))}

@@ -141,6 +141,3 @@ def prompt_batch(prompts: tuple[str, ...], batch_size: int, generator: torch.Gen
     return [prompts[i] for i in picks]
 
 
-def check_finite(loss: torch.Tensor, method: str, step: int) -> None:
-    if not torch.isfinite(loss):
-        raise FloatingPointError(f"{method}: the loss is {loss.item()} at step {step}; lower lr and erase again")

@@ -83,7 +83,7 @@ class EraseBenchConfig:
 def load_bench_config(path: str | Path | None, overrides=(), quick: bool = False) -> EraseBenchConfig:
     raw = read_raw(path, list(overrides))
     if quick:
-        raw = {**{k: v for k, v in QUICK.items()}, **raw, "name": raw.get("name", "erase-bench-quick")}
+        raw = {**QUICK, **raw, "name": raw.get("name", "erase-bench-quick")}
     config = from_dict(EraseBenchConfig, raw, "")
     for method in config.methods:
         eraser_params(method, config.knobs.get(method))  # an unknown method or knob fails before any work
@@ -143,13 +143,9 @@ class Sampler:
 
     def efficacy(self, model, judged: tuple[str, ...]) -> dict[str, float]:
         """Judge rates (%) of the erased concepts on training and held-out prompts (n spread over them)."""
-        out = {}
-        for which in ("train", "heldout"):
-            per = max(1, self.config.n // len(judged))
-            parts = [self.images(model, c, which, per) for c in judged]
-            out[which] = self.rate(np.concatenate(parts), list(judged)) if len(judged) == 1 else float(np.mean(
-                [self.rate(p, [c]) for p, c in zip(parts, judged)]))
-        return out
+        per = max(1, self.config.n // len(judged))
+        return {which: float(np.mean([self.rate(self.images(model, c, which, per), [c]) for c in judged]))
+                for which in ("train", "heldout")}
 
     def locality(self, model, concepts: list[str]) -> tuple[dict[str, float], np.ndarray]:
         """Each concept's judge rate (%) on n // 2 training-prompt samples, and all their images."""

@@ -39,7 +39,8 @@ import torch
 from torch import nn
 from tqdm import tqdm
 
-from lifelong.erase.base import EraseRequest, check_finite, prompt_batch, train_only
+from lifelong.erase.base import EraseRequest, prompt_batch, train_only
+from lifelong.loop import check_finite, mean_ends
 
 
 @dataclass(frozen=True)
@@ -104,8 +105,8 @@ class ESD:
             optimizer.step()
             losses.append(loss.item())
         model.unet.eval().requires_grad_(False)
-        first, last = losses[: max(1, len(losses) // 10)], losses[-max(1, len(losses) // 10):]
-        return {"loss_start": sum(first) / len(first), "loss_end": sum(last) / len(last), "steps": float(p.iterations),
+        start, end = mean_ends(losses)
+        return {"loss_start": start, "loss_end": end, "steps": float(p.iterations),
                 "trainable_params": float(sum(q.numel() for q in params))}
 
 

@@ -61,8 +61,9 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm import tqdm
 
-from lifelong.erase.base import EraseRequest, check_finite, prompt_batch
+from lifelong.erase.base import EraseRequest, prompt_batch
 from lifelong.families.diffusion import TextStates
+from lifelong.loop import check_finite
 from lifelong.modules.eraser_adapter import (
     AttachedErasers,
     add_erasers,

@@ -39,7 +39,7 @@ from lifelong.edit import build_editor
 from lifelong.erase import eraser_class
 from lifelong.errors import LedgerCorruptError, LedgerError
 from lifelong.families import Family, get_family, ledger_families
-from lifelong.ledger.patch import apply_patch
+from lifelong.ledger.patch import apply_patch, negate
 from lifelong.ledger.probes import PROBE_KINDS, Probe
 from lifelong.ledger.store import (
     check_file,
@@ -252,6 +252,38 @@ class Ledger:
         editor = build_editor(method, model, tokenizer, self.change(n)["knobs"])
         editor.load_state_dict(self.state_of(n, method))
         return editor
+
+    def take_out(self, n: int, model, tokenizer, attached: dict, strategy: str, noun: str) -> tuple[dict, str, bool]:
+        """Take change `n` (an edit or erasure, a `noun`) out of `model`, the current model materialized with
+        its module editors `attached`: a module change puts its method's previous state in effect back (none:
+        the module comes off), a weight change subtracts its patch. Refuses `replay` (that retrains learn
+        changes) and a module change that later changes of its method continued from. Returns (the patch to
+        record, "restore" or "subtract", exact: no later change in effect was made on top of change n)."""
+        method = self.change(n)["method"]
+        module = method in self.change(n).get("method_states", ())
+        if strategy == "replay":
+            how = f"putting {method}'s previous state back" if module else "subtracting its patch"
+            raise LedgerError(f"change {n} is {noun}: it is reverted by {how} (--strategy subtract or auto); "
+                              "replay retrains learn changes")
+        gone = self.reverted_ids()
+        later = [c["id"] for c in self.changes if c["id"] > n and c["id"] not in gone and c["kind"] != "revert"]
+        built_on = [i for i in later if method in self.change(i).get("method_states", ())]
+        if module and built_on:
+            order = ", ".join(str(i) for i in reversed(built_on))
+            raise LedgerError(f"change {n} is a {method} change that later {method} change(s) "
+                              f"{', '.join(map(str, built_on))} continued from (each holds its predecessors' {method} "
+                              f"state plus its own): revert {'them' if len(built_on) > 1 else 'it'} first ({order}, "
+                              f"latest first), then change {n}")
+        if module:
+            attached.pop(method).reset()
+            previous = [c["id"] for c in self.changes
+                        if c["id"] < n and c["id"] not in gone and method in c.get("method_states", ())]
+            if previous:
+                self.attach(model, tokenizer, method, previous[-1])
+            return {}, "restore", not later
+        patch = negate(self.patch(n))
+        apply_patch(model, patch, where=f"revert of change {n}")
+        return patch, "subtract", not later
 
     def _patched(self, model, upto: int | None):
         for c in self.changes:

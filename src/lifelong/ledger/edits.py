@@ -45,7 +45,7 @@ from lifelong.edit.protocol import make_editor
 from lifelong.edit.requests import request_from_dict
 from lifelong.errors import ConfigError, LedgerError
 from lifelong.ledger.core import Ledger
-from lifelong.ledger.patch import apply_patch, negate, patch_from_model, patch_numel
+from lifelong.ledger.patch import apply_patch, patch_from_model, patch_numel
 from lifelong.ledger.probes import lm_probes, run_fact_probes, without_locality
 from lifelong.ledger.store import LedgerLock
 from lifelong.metrics.cost import PeakMemory, count_parameters
@@ -143,22 +143,8 @@ def revert_edit(ledger: Ledger, n: int, strategy: str) -> int:
 
     A weight edit: its negated patch. A module edit: the method's state of its previous change in effect
     (none: the module is taken off), refused while later changes of the method that continued from it
-    are in effect."""
+    are in effect (`Ledger.take_out`)."""
     change = ledger.change(n)
-    method = change["method"]
-    module = method in change.get("method_states", ())
-    if strategy == "replay":
-        how = f"putting {method}'s previous state back" if module else "subtracting its patch"
-        raise LedgerError(f"change {n} is an edit: it is reverted by {how} (--strategy subtract or "
-                          "auto); replay retrains learn changes")
-    gone = ledger.reverted_ids()
-    later = [c["id"] for c in ledger.changes if c["id"] > n and c["id"] not in gone and c["kind"] == "edit"]
-    built_on = [i for i in later if method in ledger.change(i).get("method_states", ())]
-    if module and built_on:
-        order = ", ".join(str(i) for i in reversed(built_on))
-        raise LedgerError(f"change {n} is a {method} edit that later {method} change(s) {', '.join(map(str, built_on))} "
-                          f"continued from (each holds its predecessors' {method} state plus its own): revert "
-                          f"{'them' if len(built_on) > 1 else 'it'} first ({order}, latest first), then change {n}")
     t_start = time.perf_counter()
     model, tokenizer, attached = ledger.materialize_with_editors()
     target = requests_of(change)
@@ -166,23 +152,14 @@ def revert_edit(ledger: Ledger, n: int, strategy: str) -> int:
     own_before = _score(model, tokenizer, target)
     before = run_fact_probes(model, tokenizer, ledger.probes, others)
     with PeakMemory() as memory:
-        if module:
-            patch = {}
-            attached.pop(method).reset()
-            previous = [c["id"] for c in ledger.changes
-                        if c["id"] < n and c["id"] not in gone and method in c.get("method_states", ())]
-            if previous:
-                ledger.attach(model, tokenizer, method, previous[-1])
-        else:
-            patch = negate(ledger.patch(n))
-            apply_patch(model, patch, where=f"revert of change {n}")
+        patch, how, exact = ledger.take_out(n, model, tokenizer, attached, strategy, "an edit")
     record = {
         "id": ledger.next_id(),
         "kind": "revert",
         "reverts": n,
-        "strategy": "restore" if module else "subtract",  # restore: the method's previous state back in effect
+        "strategy": how,  # restore: the method's previous state back in effect
         "replayed": [],
-        "exact": not later,  # False: later edits in effect were made on top of change n
+        "exact": exact,  # False: later edits in effect were made on top of change n
         "method": "-",
         "label": "-",
         "data": {"task": f"change {n}", "classes": []},

@@ -29,10 +29,10 @@ import time
 from pathlib import Path
 
 from lifelong.config import ModelConfig
-from lifelong.erase import build_eraser, erase_request, eraser_params
-from lifelong.errors import ConfigError, LedgerError
+from lifelong.erase import erase_request, eraser_class, eraser_params
+from lifelong.errors import ConfigError
 from lifelong.ledger.core import Ledger
-from lifelong.ledger.patch import apply_patch, negate, patch_from_model, patch_numel
+from lifelong.ledger.patch import patch_from_model, patch_numel
 from lifelong.ledger.probes import DEFAULT_CONCEPTS, concept_probe, concept_probes, run_concept_probes, unique_name
 from lifelong.ledger.store import LedgerLock
 from lifelong.metrics.cost import PeakMemory, count_parameters
@@ -60,7 +60,7 @@ def erase(root: str | Path, concept: str, method: str = "esd-x", *, anchor: str 
     ledger.require_operation("erase")
     request = erase_request(concept, anchor, preserve, judge=judge, seed=seed)
     params = eraser_params(method, knobs)
-    eraser = build_eraser(method, knobs)
+    eraser = eraser_class(method)(params)
     if method == "ac" and not request.anchor.strip():
         raise ConfigError(f"--method ac maps {concept!r} onto an anchor concept: give one with --anchor")
     with LedgerLock(Path(root), "lifelong erase"):
@@ -122,36 +122,12 @@ def revert_erase(ledger: Ledger, n: int, strategy: str) -> int:
 
     A weight erasure: its negated patch. A module erasure (Receler): the eraser sets of the method's previous
     change in effect (none: the erasers come off), refused while later changes of the method that continued
-    from it are in effect."""
-    method = ledger.change(n)["method"]
-    module = method in ledger.change(n).get("method_states", ())
-    if strategy == "replay":
-        how = f"putting {method}'s previous erasers back" if module else "subtracting its patch"
-        raise LedgerError(f"change {n} is an erasure: it is reverted by {how} (--strategy subtract "
-                          "or auto); replay retrains learn changes")
-    gone = ledger.reverted_ids()
-    later = [c["id"] for c in ledger.changes if c["id"] > n and c["id"] not in gone and c["kind"] != "revert"]
-    built_on = [i for i in later if method in ledger.change(i).get("method_states", ())]
-    if module and built_on:
-        order = ", ".join(str(i) for i in reversed(built_on))
-        raise LedgerError(f"change {n} is a {method} erasure that later {method} change(s) {', '.join(map(str, built_on))} "
-                          f"trained on top of (each holds its predecessors' erasers plus its own): revert "
-                          f"{'them' if len(built_on) > 1 else 'it'} first ({order}, latest first), then change {n}")
+    from it are in effect (`Ledger.take_out`)."""
     t_start = time.perf_counter()
     model, _, attached = ledger.materialize_with_editors()
     with PeakMemory() as memory:
-        if module:
-            patch = {}
-            attached.pop(method).reset()
-            previous = [c["id"] for c in ledger.changes
-                        if c["id"] < n and c["id"] not in gone and method in c.get("method_states", ())]
-            if previous:
-                ledger.attach(model, None, method, previous[-1])
-        else:
-            patch = negate(ledger.patch(n))
-            apply_patch(model, patch, where=f"revert of change {n}")
-    # restore: the method's previous erasers back in effect
-    return commit_revert(ledger, n, model, patch, "restore" if module else "subtract", not later, t_start, memory.peak_mb)
+        patch, how, exact = ledger.take_out(n, model, None, attached, strategy, "an erasure")
+    return commit_revert(ledger, n, model, patch, how, exact, t_start, memory.peak_mb)
 
 
 def commit_revert(ledger: Ledger, n: int, model, patch: dict, strategy: str, exact: bool, t_start: float,

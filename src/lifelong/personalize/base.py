@@ -176,12 +176,3 @@ def restore_rows(weight: torch.Tensor, original: torch.Tensor, keep: list[int]) 
         weight[mask] = original[mask]
 
 
-def check_finite(loss: torch.Tensor, method: str, step: int) -> None:
-    if not torch.isfinite(loss):
-        raise FloatingPointError(f"{method}: the loss is {loss.item()} at step {step}; lower lr and try again")
-
-
-def mean_ends(losses: list[float]) -> tuple[float, float]:
-    """The mean of the first and of the last tenth of the losses."""
-    k = max(1, len(losses) // 10)
-    return sum(losses[:k]) / k, sum(losses[-k:]) / k

@@ -42,13 +42,12 @@ from dataclasses import dataclass
 import torch
 from tqdm import tqdm
 
+from lifelong.loop import check_finite, mean_ends
 from lifelong.personalize.base import (
     PersonalizeRequest,
-    check_finite,
     class_images,
     freeze_all,
     image_batch,
-    mean_ends,
     restore_rows,
 )
 

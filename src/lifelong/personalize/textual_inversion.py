@@ -30,12 +30,11 @@ from dataclasses import dataclass
 import torch
 from tqdm import tqdm
 
+from lifelong.loop import check_finite, mean_ends
 from lifelong.personalize.base import (
     PersonalizeRequest,
-    check_finite,
     freeze_all,
     image_batch,
-    mean_ends,
     restore_rows,
 )
 
