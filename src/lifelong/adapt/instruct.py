@@ -1,0 +1,171 @@
+"""Instruction tuning of a frozen causal LM through a small adapter: LLaMA-Adapter, LoRA or prefix tuning.
+
+    kind            what trains                                                    from
+    llama-adapter   K prompt vectors + a zero-init gate in each of the top L layers  modules/llama_adapter.py
+                    (Zhang et al., ICLR 2024): L * (K * C + 1) parameters
+    lora            B A beside W in `target_modules` (Hu et al., ICLR 2022), B = 0   peft LoraConfig
+                    at init: rank * (in + out) per adapted matrix
+    prefix          N key/value vectors per layer (Li & Liang, ACL 2021), no            peft PrefixTuningConfig
+                    reparametrisation MLP: N * layers * 2 * (kv heads * head dim)
+
+The loss is the mean NLL of the answer tokens (the prompt's are masked, -100), the answer being the
+reference output plus the end-of-sequence token (data.instructions.target_text), on right-padded batches
+drawn in seeded reshuffled epochs (loop.batch_order). AdamW, weight decay 0.02 and a cosine schedule
+with linear warm-up over the first 10% of the steps, as LLaMA-Adapter's recipe (its lr 9e-3 is the
+default for llama-adapter; lora 3e-3 and prefix 1e-2 are the usual values for those methods, not tuned
+here). One thread of work per process: the caller sets torch's thread count.
+
+`equal_budget(config, trainable)` picks, for one model shape, each kind's size nearest a parameter
+budget, so that a comparison is at equal trainable parameters.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import asdict, dataclass, field
+
+import torch
+from safetensors.torch import save
+
+from lifelong.data.instructions import InstructionTask, prompt_text, target_text
+from lifelong.errors import ConfigError
+from lifelong.families.lm import target_batch
+from lifelong.loop import batch_order, check_finite, cosine_with_warmup
+from lifelong.metrics.cost import PeakMemory
+from lifelong.modules.llama_adapter import adaption_parameters, add_llama_adapter
+
+KINDS = ("llama-adapter", "lora", "prefix")
+DEFAULT_LR = {"llama-adapter": 9e-3, "lora": 3e-3, "prefix": 1e-2}
+
+
+@dataclass(frozen=True)
+class AdapterSpec:
+    kind: str
+    adapter_len: int = 10                 # llama-adapter: K prompt vectors per layer
+    adapter_layers: int = 8               # llama-adapter: the top L layers
+    rank: int = 2                         # lora
+    alpha: float = 4.0                    # lora: scale alpha / rank
+    target_modules: tuple[str, ...] = ("q_proj", "v_proj")  # lora (Llama names; GPT-2: ("c_attn",))
+    num_virtual_tokens: int = 10          # prefix
+
+    def __post_init__(self) -> None:
+        if self.kind not in KINDS:
+            raise ConfigError(f"adapter kind {self.kind!r} is not one of {', '.join(KINDS)}")
+
+
+@dataclass(frozen=True)
+class TrainSettings:
+    steps: int = 100
+    batch_size: int = 8
+    lr: float | None = None               # None: DEFAULT_LR of the kind
+    weight_decay: float = 0.02
+    warmup: float = 0.1                   # share of the steps
+    chat: bool = True                     # prompts through the tokenizer's chat template
+    seed: int = 0
+
+
+@dataclass
+class AdapterRun:
+    model: torch.nn.Module                # the adapted model (peft's wrapper for lora/prefix and Llama adapters)
+    spec: AdapterSpec
+    settings: TrainSettings
+    trainable: int
+    patch_bytes: int                      # the adapter's tensors as a safetensors file
+    losses: list[float] = field(default_factory=list)
+    seconds_per_step: float = float("nan")  # mean over the steps after the first
+    peak_mb: float = float("nan")           # peak RSS during training
+    delta_mb: float = float("nan")          # peak RSS minus RSS at its start
+
+    def summary(self) -> dict:
+        k = max(1, len(self.losses) // 10)
+        return {"spec": asdict(self.spec), "settings": asdict(self.settings), "trainable": self.trainable,
+                "patch_bytes": self.patch_bytes, "seconds_per_step": self.seconds_per_step,
+                "peak_mb": self.peak_mb, "delta_mb": self.delta_mb,
+                "loss_first": sum(self.losses[:k]) / k, "loss_last": sum(self.losses[-k:]) / k}
+
+
+def attach(model, spec: AdapterSpec, seed: int = 0):
+    """The model with the adapter of `spec` in it and every base parameter frozen; returns the module to call."""
+    if spec.kind == "llama-adapter":
+        return add_llama_adapter(model, spec.adapter_len, spec.adapter_layers, seed=seed)
+    from peft import LoraConfig, PrefixTuningConfig, get_peft_model  # heavy optional dependency, imported at first use
+
+    if spec.kind == "lora":
+        config = LoraConfig(r=spec.rank, lora_alpha=spec.alpha, lora_dropout=0.0, bias="none",
+                            target_modules=list(spec.target_modules), task_type="CAUSAL_LM",
+                            fan_in_fan_out=model.config.model_type == "gpt2")
+    else:
+        config = PrefixTuningConfig(num_virtual_tokens=spec.num_virtual_tokens, task_type="CAUSAL_LM")
+    with torch.random.fork_rng(devices=[]):  # peft draws LoRA's A and the prefixes from the global RNG
+        torch.manual_seed(seed)
+        return get_peft_model(model, config)
+
+
+def adapter_state(model) -> dict[str, torch.Tensor]:
+    """The trained tensors: what a patch of this change holds."""
+    return {n: q.detach().cpu().contiguous() for n, q in model.named_parameters() if q.requires_grad}
+
+
+def train_adapter(model, tokenizer, task: InstructionTask, spec: AdapterSpec,
+                  settings: TrainSettings = TrainSettings()) -> AdapterRun:
+    """Attach `spec`'s adapter to `model` (in place) and train it on `task.train` for `settings.steps` steps."""
+    if not task.train:
+        raise ConfigError(f"{task.name}: no training examples")
+    lr = settings.lr if settings.lr is not None else DEFAULT_LR[spec.kind]
+    adapted = attach(model, spec, seed=settings.seed)
+    params = [q for q in adapted.parameters() if q.requires_grad]
+    if spec.kind == "llama-adapter":
+        assert len(params) == len(adaption_parameters(adapted))
+    prompts = [prompt_text(e, tokenizer, chat=settings.chat) for e in task.train]
+    targets = [target_text(e, tokenizer) for e in task.train]
+    opt = torch.optim.AdamW(params, lr=lr, weight_decay=settings.weight_decay)
+    sched = torch.optim.lr_scheduler.LambdaLR(
+        opt, cosine_with_warmup(max(1, round(settings.warmup * settings.steps)), settings.steps))
+    device = params[0].device
+    run = AdapterRun(adapted, spec, settings, sum(q.numel() for q in params), 0)
+    times = []
+    adapted.train()
+    with PeakMemory() as mem:
+        for step, idx in enumerate(batch_order(len(prompts), settings.batch_size, settings.steps, settings.seed)):
+            start = time.perf_counter()
+            batch = target_batch(tokenizer, [prompts[i] for i in idx], [targets[i] for i in idx], device)
+            loss = adapted(input_ids=batch.input_ids, attention_mask=batch.attention_mask, labels=batch.labels).loss
+            check_finite(loss, spec.kind, step)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            sched.step()
+            times.append(time.perf_counter() - start)
+            run.losses.append(loss.item())
+    adapted.eval()
+    run.seconds_per_step = sum(times[1:]) / max(1, len(times) - 1)
+    run.peak_mb, run.delta_mb = mem.peak_mb, mem.delta_mb
+    run.patch_bytes = len(save(adapter_state(adapted)))
+    return run
+
+
+def count_for(config, spec: AdapterSpec) -> int:
+    """Trainable parameters of `spec` on a Llama-shaped model `config` (no model built)."""
+    c, layers = config.hidden_size, config.num_hidden_layers
+    head = getattr(config, "head_dim", None) or c // config.num_attention_heads
+    kv = getattr(config, "num_key_value_heads", None) or config.num_attention_heads
+    if spec.kind == "llama-adapter":
+        return spec.adapter_layers * (spec.adapter_len * c + 1)
+    if spec.kind == "prefix":
+        return spec.num_virtual_tokens * layers * 2 * kv * head
+    out = {"q_proj": config.num_attention_heads * head, "k_proj": kv * head, "v_proj": kv * head, "o_proj": c}
+    ins = {"o_proj": config.num_attention_heads * head}
+    return layers * sum(spec.rank * (ins.get(m, c) + out[m]) for m in spec.target_modules)
+
+
+def equal_budget(config, lora_rank: int = 2, adapter_len: int = 10) -> dict[str, AdapterSpec]:
+    """One spec per kind at LoRA(q, v, rank)'s parameter count: the prefix length and the number of
+    LLaMA-Adapter layers (K = adapter_len) nearest it."""
+    lora = AdapterSpec("lora", rank=lora_rank, alpha=2.0 * lora_rank)
+    budget = count_for(config, lora)
+    per_token = count_for(config, AdapterSpec("prefix", num_virtual_tokens=1))
+    prefix = AdapterSpec("prefix", num_virtual_tokens=max(1, round(budget / per_token)))
+    per_layer = count_for(config, AdapterSpec("llama-adapter", adapter_len=adapter_len, adapter_layers=1))
+    layers = min(config.num_hidden_layers, max(1, round(budget / per_layer)))
+    return {"llama-adapter": AdapterSpec("llama-adapter", adapter_len=adapter_len, adapter_layers=layers),
+            "lora": lora, "prefix": prefix}
