@@ -198,3 +198,19 @@ def test_refuses_an_unsupported_model_and_a_second_adapter():
         add_llama_adapter(model, K, L)
     with pytest.raises(ValueError, match="adapter_layers"):
         add_llama_adapter(tiny_lm("gpt2")[0], K, 9)
+
+
+@pytest.mark.slow
+def test_embedded_smollm2_starts_exactly_at_the_base():
+    """The real SmolLM2-135M-Instruct (grouped-query attention, 9 heads over 3 KV heads) through peft's code."""
+    from lifelong.families.lm import build_lm
+
+    model, tok = build_lm("embedded")
+    enc = tok(["The capital of France is"], return_tensors="pt")
+    with torch.no_grad():
+        base = model(**enc).logits.clone()
+        adapted = add_llama_adapter(model, adapter_len=10, adapter_layers=20)
+        assert sum(q.numel() for q in adaption_parameters(adapted).values()) == 20 * (10 * 576 + 1)
+        assert torch.equal(adapted(**enc).logits, base)
+        open_gates(adapted, 0.5)
+        assert not torch.equal(adapted(**enc).logits, base)
