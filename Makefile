@@ -31,11 +31,12 @@ $(STAMP): pyproject.toml requirements-nodeps.txt
 	$(BIN)/pip install --disable-pip-version-check -q --no-deps -r requirements-nodeps.txt
 	touch $(STAMP)
 
-# Debian's Fashion-MNIST, and the fonts and clip-art of the text-to-image data (root only; otherwise the
-# loaders' errors say how to get them).
+# Debian's Fashion-MNIST, the fonts and clip-art of the text-to-image data, and chromium for the report's
+# browser test (root only; otherwise the loaders' errors say how to get them, and the browser test skips).
 system-data:
 	@bash scripts/install_system_data.sh
 	@bash scripts/install_t2i_data.sh >/dev/null || echo "note: the text-to-image data packages are not installed (see scripts/install_t2i_data.sh); their tests skip"
+	@bash scripts/install_browser.sh
 
 heads: $(STAMP)
 	$(BIN)/python scripts/fit_vlm_heads.py

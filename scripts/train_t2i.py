@@ -13,7 +13,8 @@ How (defaults = the real run):
   * The text encoder never runs during training: every distinct training caption is encoded once, in
     one pass, and the (n_captions, 16, 384) states are kept in memory and in lifelong.cache.
   * bf16 autocast (`--precision bf16`, default): measured 0.93 s/step against 1.78 s/step in fp32 on one
-    thread of this machine's CPU (AVX512-BF16), batch 64.
+    thread of a CPU with AVX512-BF16, batch 64. On a CPU without it (AVX2 only) bf16 is emulated and about
+    100 s/step: use `--precision fp32` there (a resumed run may switch precision; logged in train.log).
 
 Exact resume: all per-step randomness (batch images, caption choice, caption dropout, timesteps, noise)
 comes from a torch.Generator seeded by (seed, step), and the learning rate is a function of the step, so
@@ -21,9 +22,14 @@ a run resumed from a checkpoint reproduces the uninterrupted run bit for bit (sa
 count). The checkpoint (`<out-dir>/checkpoint.safetensors`, written atomically every --checkpoint-minutes,
 on SIGTERM/SIGINT and at the end) holds model weights, EMA weights and AdamW state (exp_avg, exp_avg_sq,
 step per parameter); its metadata holds the step, the config JSON, the cumulative training seconds and a
-digest of the training data. Re-running the same command resumes from it automatically (a changed config
-is refused; changed data, e.g. letters rendered by another FreeType, is warned about and logged). A NaN/inf loss stops the run with an error and
-leaves the last good checkpoint in place.
+digest of the training data. Re-running the same command resumes from it automatically. A changed config
+is refused, except precision and the total steps (RESUMABLE_CHANGES: said and logged); changed data, e.g.
+letters rendered by another FreeType, is warned about and logged. A NaN/inf loss stops the run with an error
+and leaves the last good checkpoint in place.
+
+Devices: `--device auto` (default) trains on CUDA when there is one, else the CPU. The batches are drawn on
+the CPU either way (the same per-step generator), so a run can move between a CPU and a GPU on resume (not
+bit-identical then: another device's arithmetic); train.log names the device of every line.
 
 Outputs in --out-dir (default checkpoints/t2i): train.log (a JSON line every 50 steps: step, mean loss
 of the last 50, lr, grad_norm, seconds/step, cumulative elapsed seconds), samples/step_XXXXX.png (EMA
@@ -46,7 +52,7 @@ import signal
 import sys
 import time
 from collections import deque
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np
@@ -104,6 +110,7 @@ class RunOptions:
     log_with: str | None = "tensorboard"
     project_dir: str = "runs/t2i"
     progress: bool = True
+    device: str = "cpu"  # "cpu", "cuda" or "auto" (cuda when there is one); the batches are drawn on the CPU either way
 
 
 @dataclass
@@ -186,6 +193,13 @@ def prepare_real_data(config: dict) -> TrainData:
     )
 
 
+# Settings a resumed run may change, said and logged. precision: the arithmetic of a step, not the recipe (bf16
+# autocast is 2x faster than fp32 on a CPU with AVX512-BF16 but about 50x slower without it, emulated, so a run
+# moved to another CPU may need to switch). total_steps: a run lengthened or cut short (not below the steps
+# done); the learning rate follows the new schedule from the next step on.
+RESUMABLE_CHANGES = {"precision", "total_steps"}
+
+
 def learning_rate(config: dict, step: int) -> float:
     """Linear warm-up to `lr`, then cosine decay to `lr * lr_final_ratio` at `total_steps`."""
     peak, warmup, total = config["lr"], config["warmup_steps"], config["total_steps"]
@@ -231,13 +245,13 @@ def save_checkpoint(path: Path, model, ema: dict, optimizer, step: int, config: 
                     data_digest: str) -> None:
     """Model, EMA and flattened AdamW state as named tensors; step, config, elapsed seconds and the
     training data's digest as metadata."""
-    tensors = {f"model.{k}": v.detach().clone() for k, v in model.state_dict().items()}
-    tensors.update({f"ema.{k}": v.clone() for k, v in ema.items()})
+    tensors = {f"model.{k}": v.detach().cpu().clone() for k, v in model.state_dict().items()}
+    tensors.update({f"ema.{k}": v.cpu().clone() for k, v in ema.items()})
     state = optimizer.state_dict()["state"]
     for i, (name, _) in enumerate(model.named_parameters()):
         if i in state:
             for field in ("exp_avg", "exp_avg_sq", "step"):
-                tensors[f"adam.{name}.{field}"] = state[i][field].detach().clone().reshape(-1)
+                tensors[f"adam.{name}.{field}"] = state[i][field].detach().cpu().clone().reshape(-1)
     metadata = {"format": FORMAT, "step": str(step), "config": json.dumps(config, sort_keys=True),
                 "elapsed_seconds": repr(elapsed), "data_digest": data_digest}
     atomic_write_bytes(path, save(tensors, metadata))
@@ -266,7 +280,7 @@ def load_checkpoint(path: Path, model, optimizer) -> tuple[dict, int, float, dic
 
 
 def save_final(path: Path, ema: dict, config: dict, step: int) -> None:
-    tensors = {k: v.to(torch.float16) for k, v in ema.items()}
+    tensors = {k: v.to("cpu", torch.float16) for k, v in ema.items()}
     metadata = {"format": "lifelong-t2i-ema-fp16-v1", "step": str(step), "config": json.dumps(config, sort_keys=True)}
     atomic_write_bytes(path, save(tensors, metadata))
 
@@ -276,7 +290,9 @@ def save_sample_grid(path: Path, model, ema: dict, data: TrainData) -> None:
     from PIL import Image
 
     # the sampler `lifelong generate` uses, on the EMA weights and the cached caption states
-    pipeline = TextToImage(None, None, arch.ema_copy(model, ema), arch.build_sampler(), text_attention_mask=True)
+    # on the CPU whatever the training device (a few seconds): the noise and sampler are the CPU ones
+    cpu_ema = {k: v.cpu() for k, v in ema.items()}
+    pipeline = TextToImage(None, None, arch.ema_copy(model, cpu_ema).cpu(), arch.build_sampler(), text_attention_mask=True)
     n, size = data.sample_states.shape[0], model.config.sample_size
     noise = torch.randn((2 * n, model.config.in_channels, size, size), generator=torch.Generator().manual_seed(1234))
     cond = TextStates(data.sample_states.repeat(2, 1, 1), data.sample_masks.repeat(2, 1))  # (2n, T, D)
@@ -331,8 +347,10 @@ def train(config: dict, out_dir: str | Path, stop_after: int | None = None, data
     data = data if data is not None else prepare_real_data(config)
     data_digest = data.digest()
 
+    if options.device == "cuda" and not torch.cuda.is_available():
+        raise ConfigError("--device cuda: no CUDA device here (use --device auto or cpu)")
     accelerator = Accelerator(
-        cpu=True,
+        cpu=options.device == "cpu" or not torch.cuda.is_available(),
         mixed_precision="bf16" if config["precision"] == "bf16" else "no",
         log_with=None if options.log_with in (None, "none") else options.log_with,
         project_dir=options.project_dir,
@@ -349,10 +367,18 @@ def train(config: dict, out_dir: str | Path, stop_after: int | None = None, data
     if ckpt_path.exists():
         ema, step, elapsed_before, metadata = load_checkpoint(ckpt_path, model, optimizer)
         saved = json.loads(metadata["config"])
-        if saved != config:
-            differing = sorted(k for k in set(saved) | set(config) if saved.get(k) != config.get(k))
+        differing = sorted(k for k in set(saved) | set(config) if saved.get(k) != config.get(k))
+        if set(differing) - RESUMABLE_CHANGES:
             raise ConfigError(f"{ckpt_path} was trained with a different config ({', '.join(differing)}): "
                               f"rerun with the same settings to resume, or choose another --out-dir")
+        if config["total_steps"] < step:
+            raise ConfigError(f"--steps {config['total_steps']}: {ckpt_path} has already trained {step} steps")
+        for key in differing:  # how the steps are computed, not what is trained: allowed, said and logged
+            warning = {"step": step, "event": f"{key}_changed", "checkpoint": saved.get(key), "now": config[key]}
+            print(f"warning: resuming with {key} {config[key]!r} (the checkpoint's steps used {saved.get(key)!r}); "
+                  "not bit-identical to an uninterrupted run", file=sys.stderr)
+            with open(out_dir / "train.log", "a") as log:
+                log.write(json.dumps(warning) + "\n")
         if metadata["data_digest"] != data_digest:
             # e.g. another Pillow/FreeType renders the letters differently: training goes on, but no longer
             # bit-identical to the uninterrupted run. Said on stderr and recorded in train.log.
@@ -370,8 +396,12 @@ def train(config: dict, out_dir: str | Path, stop_after: int | None = None, data
     if config["batch_size"] % world:
         raise ConfigError(f"--batch-size {config['batch_size']} must be a multiple of the {world} processes")
     main_process = accelerator.is_main_process
-    model, optimizer = accelerator.prepare(model, optimizer)
+    model, optimizer = accelerator.prepare(model, optimizer)  # model and AdamW state onto the device
     unwrapped = accelerator.unwrap_model(model)
+    device = accelerator.device
+    ema = {k: v.to(device) for k, v in ema.items()}
+    alphas = alphas.to(device)
+    on_device = replace(data, states=data.states.to(device), masks=data.masks.to(device))
     if options.log_with not in (None, "none"):
         accelerator.init_trackers("t2i", config={k: v if isinstance(v, (int, float, str)) else json.dumps(v)
                                                  for k, v in config.items()})
@@ -395,8 +425,8 @@ def train(config: dict, out_dir: str | Path, stop_after: int | None = None, data
             lr = learning_rate(config, step)
             for group in optimizer.param_groups:
                 group["lr"] = lr
-            share = tuple(t[rank::world] for t in step_batch(data, config, step))
-            loss = diffusion_loss(model, alphas, data, share, accelerator.autocast)
+            share = tuple(t[rank::world].to(device) for t in step_batch(data, config, step))
+            loss = diffusion_loss(model, alphas, on_device, share, accelerator.autocast)
             if not torch.isfinite(loss):
                 kept = f"the last good checkpoint {ckpt_path} is kept" if ckpt_path.exists() else "no checkpoint yet"
                 raise TrainingDivergedError(
@@ -419,7 +449,7 @@ def train(config: dict, out_dir: str | Path, stop_after: int | None = None, data
                 now = time.monotonic()
                 record = {"step": step, "loss": sum(losses) / len(losses), "lr": lr, "grad_norm": grad_norm,
                           "sec_per_step": (now - window_start) / window_steps, "elapsed_seconds": elapsed(),
-                          "processes": world, "items_per_process": len(share[0])}
+                          "processes": world, "items_per_process": len(share[0]), "device": device.type}
                 with open(out_dir / "train.log", "a") as log:
                     log.write(json.dumps(record) + "\n")
                 accelerator.log({k: v for k, v in record.items() if k not in ("step", "processes", "items_per_process")},
@@ -471,7 +501,7 @@ def parse_args(argv=None) -> tuple[dict, argparse.Namespace]:
     parser = argparse.ArgumentParser(
         description=__doc__,
         epilog="Run it again with the same arguments to resume from <out-dir>/checkpoint.safetensors; "
-               "changing a training setting (steps, lr, batch, seed, precision, ...) is refused on resume.",
+               "changing a training setting (lr, batch, seed, ...) is refused on resume; precision and --steps may change.",
         formatter_class=_HelpFormatter,
     )
     parser.add_argument("--out-dir", default="checkpoints/t2i", help="checkpoint, train.log, samples, final weights")
@@ -495,6 +525,9 @@ def parse_args(argv=None) -> tuple[dict, argparse.Namespace]:
     parser.add_argument("--stop-after", type=int, default=None,
                         help="stop (with a checkpoint) after this many steps of this session: trial runs")
     parser.add_argument("--no-progress", action="store_true", help="no tqdm bar")
+    parser.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto",
+                        help="where the steps run (auto: CUDA when there is one); the batches are drawn on the CPU "
+                        "either way, so a run may move between devices on resume (not bit-identical then)")
     parser.add_argument("--synthetic-tiny", action="store_true",
                         help="not a real run: the tiny UNet on a tiny synthetic pool (coloured squares, random caption "
                         "states), for the multi-process test")
@@ -509,7 +542,7 @@ def main(argv=None) -> int:
     config, args = parse_args(argv)
     options = RunOptions(checkpoint_minutes=args.checkpoint_minutes, sample_every=args.sample_every,
                          log_every=args.log_every, log_with=args.log_with, project_dir=args.project_dir,
-                         progress=not args.no_progress)
+                         progress=not args.no_progress, device=args.device)
     try:
         data = None
         if args.synthetic_tiny:

@@ -1,4 +1,4 @@
-"""Report helpers: table formatting, PNG figures, the HTML page and atomic writes."""
+"""Report helpers: table formatting, PNG figures, the site's HTML pieces and atomic writes."""
 
 import json
 import math
@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 from lifelong.atomic import atomic_write_bytes, atomic_write_json, atomic_write_text
-from lifelong.report.html import write_html_report
+from lifelong.report import site
 from lifelong.report.plots import plot_accuracy_matrices, plot_metric_bars
 from lifelong.report.table import format_table
 
@@ -100,27 +100,39 @@ def test_plot_metric_bars(tmp_path):
 # ---------------------------------------------------------------- html
 
 
-def test_html_report_is_self_contained(tmp_path):
+def test_site_page_is_self_contained_and_escapes(tmp_path):
     heat = plot_accuracy_matrices({"finetune": A}, ["a", "b", "c"], tmp_path / "heat.png")
-    out = write_html_report(
-        tmp_path / "report.html", "Run <1>", ROWS, COLUMNS, [heat], notes="seed 0 & cpu\n\nsecond"
-    )
-    text = out.read_text(encoding="utf-8")
+    text = site.page("Run <1>", site.section("Methods & more", site.table(ROWS, COLUMNS, table_id="m")),
+                     site.figure(heat.read_bytes(), "heat"), index=None)
     assert text.startswith("<!DOCTYPE html>")
-    for value in ("finetune", "44.6", "83.61", "1000", "<th>Transfer</th>"):
+    for value in ("finetune", "44.6", "83.61", "1000", '<th data-key="transfer">Transfer</th>'):
         assert value in text
-    assert '<td class="num">-</td>' in text  # NaN / missing
+    assert '<td class="num">-</td>' in text  # NaN / missing: no data-value, sorted last
+    assert 'data-value="83.612"' in text  # the full value behind the formatted one
     assert text.count("data:image/png;base64,") == 1
-    assert "Run &lt;1&gt;" in text and "seed 0 &amp; cpu" in text
+    assert "Run &lt;1&gt;" in text and "Methods &amp; more" in text
     assert "src=\"http" not in text and "<link" not in text
 
 
-def test_html_report_rejects_non_png(tmp_path):
-    fake = tmp_path / "fake.png"
-    fake.write_bytes(b"not a png")
-    with pytest.raises(ValueError, match="not a PNG"):
-        write_html_report(tmp_path / "r.html", "t", ROWS, COLUMNS, [fake])
-    assert not (tmp_path / "r.html").exists()
+def test_heatmap_cells_hold_values_and_changes():
+    values = np.array([[50.0, 1.5], [40.0, np.nan]])
+    deltas = np.array([[np.nan, np.nan], [-10.0, np.nan]])
+    text = site.heatmap(["base", "after 1"], ["acc", "fd"], values, deltas=deltas, table_id="h")
+    assert 'data-value="40.0" data-delta="-10.0"' in text and "(-10.0)" in text
+    assert text.count('class="missing"') == 1
+    assert "rgb(222,45,38)" in text  # the largest fall of its column: full red
+
+
+def test_strip_checks_its_images():
+    assert site.strip(np.zeros((3, 4, 4, 3), np.uint8), "x", scale=2).startswith('<img class="strip" alt="x" width="24"')
+    with pytest.raises(ValueError, match="uint8 images"):
+        site.strip(np.zeros((3, 4, 4), np.float32), "x")
+
+
+def test_flat_rows_flattens_nested_results():
+    rows, columns = site.flat_rows([{"method": "esd", "efficacy": {"train": 3.0, "held": 5.0}, "images": [1, 2]}])
+    assert rows == [{"method": "esd", "efficacy.train": 3.0, "efficacy.held": 5.0}]
+    assert [c[0] for c in columns] == ["method", "efficacy.train", "efficacy.held"]
 
 
 # ---------------------------------------------------------------- atomic writes

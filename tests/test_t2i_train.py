@@ -14,6 +14,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from accelerate.state import AcceleratorState
 from safetensors.torch import load_file
 
 from lifelong.errors import DataNotFoundError
@@ -70,6 +71,23 @@ def test_resume_is_bit_identical(t2i, tmp_path):
     changed = dict(config, lr=1e-3)
     with pytest.raises(Exception, match="different config"):
         t2i.train(changed, resumed, data=data, options=options)
+
+
+def test_a_resumed_run_may_switch_precision_or_its_length_and_logs_it(t2i, tmp_path):
+    """bf16 is emulated (about 50x slower) on a CPU without AVX512-BF16: a run moved there goes on in fp32."""
+    data = _tiny_data(t2i)
+    options = t2i.RunOptions(**QUIET)
+    AcceleratorState._reset_state(True)  # each run as its own process: accelerate fixes the precision per process
+    assert t2i.train(dict(_config(t2i), precision="bf16"), tmp_path, stop_after=1, data=data, options=options) == 1
+    AcceleratorState._reset_state(True)
+    assert t2i.train(_config(t2i), tmp_path, stop_after=1, data=data, options=options) == 2
+    events = [json.loads(line) for line in (tmp_path / "train.log").read_text().splitlines()]
+    assert {"step": 1, "event": "precision_changed", "checkpoint": "bf16", "now": "fp32"} in events
+    # cut short (not below the steps done): trains to the new end, its learning rate on the new schedule
+    with pytest.raises(Exception, match="already trained 2 steps"):
+        t2i.train(dict(_config(t2i), total_steps=1), tmp_path, data=data, options=options)
+    assert t2i.train(dict(_config(t2i), total_steps=3), tmp_path, data=data, options=options) == 3
+    assert (tmp_path / t2i.FINAL).is_file()
 
 
 def test_training_lowers_the_loss_on_a_fixed_batch(t2i):

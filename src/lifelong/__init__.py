@@ -18,6 +18,7 @@ from lifelong.api import (  # noqa: E402 - after __version__, which lower module
     load_run_config,
     log,
     open_ledger,
+    report,
     resume,
     revert,
     run,
@@ -26,4 +27,4 @@ from lifelong.api import (  # noqa: E402 - after __version__, which lower module
 )
 
 __all__ = ["EditRequest", "Ledger", "Probe", "edit", "export", "generate", "init", "learn", "load_run_config", "log",
-           "open_ledger", "resume", "revert", "run", "show", "verify"]
+           "open_ledger", "report", "resume", "revert", "run", "show", "verify"]

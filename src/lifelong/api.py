@@ -30,7 +30,7 @@ import numpy as np
 import yaml
 from PIL import Image
 
-from lifelong.atomic import atomic_write_bytes
+from lifelong.atomic import atomic_write_bytes, atomic_write_text
 from lifelong.config import ModelConfig, RunConfig, apply_override
 from lifelong.data.edit_requests import EditRequest, Probe
 from lifelong.edit import editor_params
@@ -46,9 +46,11 @@ from lifelong.ledger.probes import Probe as ImageProbe
 from lifelong.ledger.runs import run_into_ledgers
 from lifelong.metrics.editing import base_predictions, score_requests
 from lifelong.metrics.editing import generate as greedy_answers
+from lifelong.report import pages as report_pages
+from lifelong.report import site
 
 __all__ = ["EditRequest", "Ledger", "Probe", "edit", "erase", "export", "generate", "init", "learn", "load_run_config", "log",
-           "open_ledger", "resume", "revert", "run", "show", "verify"]
+           "ledger_report", "open_ledger", "report", "resume", "revert", "run", "show", "verify"]
 
 
 def run(config: str | Path | RunConfig | None, overrides: Sequence[str] = (), ledger: str | Path | None = None) -> Path:
@@ -270,6 +272,49 @@ def log(root: str | Path, matrix: bool = False, markdown: bool = False) -> str:
         text += ("\n\ninterference matrix: probe score after each change (how much that change moved it)\n"
                  + views.format_matrix(ledger, markdown=markdown) + f"\n\nwrote {views.write_report(ledger)}")
     return text
+
+
+def ledger_report(root: str | Path) -> Path:
+    """Write root/report.html (the ledger's page: history, interference heatmap, samples) and return its path."""
+    return views.write_report(Ledger.open(root))
+
+
+def report(paths: Sequence[str | Path] = ("runs",), out: str | Path = "report") -> Path:
+    """One self-contained HTML site over run folders and ledgers: OUT/index.html (every run and ledger with its
+    key numbers) and a page each. A path is a ledger (DIR/ledger.json), a results folder (DIR/results.json: a
+    `lifelong run` or a bench), or a folder of those (e.g. runs/). Returns the index's path."""
+    found: list[Path] = []
+    for path in map(Path, paths):
+        if not path.exists():
+            raise ConfigError(f"{path}: no such file or folder (give ledgers, run folders or a folder of them)")
+        kids = [path] if _reportable(path) else sorted(p for p in path.iterdir() if p.is_dir() and _reportable(p))
+        if not kids:
+            raise ConfigError(f"{path}: neither a ledger (ledger.json) nor a results folder (results.json), nor a folder "
+                              "holding some")
+        found += [p for p in kids if p.resolve() not in {f.resolve() for f in found}]
+    out = Path(out)
+    entries, names = [], {"index"}
+    for path in found:
+        page = (views.ledger_page(Ledger.open(path)) if (path / "ledger.json").is_file()
+                else report_pages.results_page(path))
+        name = unique_name(_slug(path.name), names)
+        names.add(name)
+        atomic_write_text(out / f"{name}.html", page.html())
+        entries.append({"name": path.name, "kind": page.kind, "key": page.key_numbers, "path": str(path),
+                        "page": f"{name}.html"})
+    index = site.page("lifelong report", site.section(
+        "Runs and ledgers", site.table(entries, [("name", "name", ""), ("kind", "kind", ""), ("key", "key numbers", ""),
+                                                 ("path", "folder", "")],
+                                       table_id="index", links={e["name"]: e["page"] for e in entries})), index=None)
+    return atomic_write_text(out / "index.html", index)
+
+
+def _reportable(path: Path) -> bool:
+    return (path / "ledger.json").is_file() or (path / "results.json").is_file()
+
+
+def _slug(name: str) -> str:
+    return "".join(ch if ch.isalnum() or ch in "-_." else "-" for ch in name).strip(".") or "page"
 
 
 def show(root: str | Path, n: int) -> str:

@@ -30,6 +30,7 @@ examples:
   lifelong run configs/split_fashion_mnist.yaml adapter.kind=lora adapter.rank=4
   lifelong methods                                the methods and their knobs
   lifelong streams                                the shipped task streams
+  lifelong report runs/ my-model --out report/    one HTML site over runs and ledgers
 
 a model's history (a ledger):
   lifelong init my-model                          the embedded model + the default zero-shot probes
@@ -83,6 +84,21 @@ def main(argv: list[str] | None = None) -> int:
                           "dual encoder; print the table and save the accuracy-matrix figure.")
     demo.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="overrides of the demo config")
 
+    report = sub.add_parser(
+        "report", help="one HTML site over runs and ledgers (offline, self-contained pages)",
+        description="Write OUT/index.html (every run and ledger with its key numbers) and a page each: for a run "
+        "its sortable metrics table, accuracy matrices as heatmaps and figures; for a bench its rows and, for "
+        "editing, the metrics against T; for a ledger its history with each change's cost, the interference "
+        "matrix as a heatmap (hover a cell for before -> after) and, for a diffusion ledger, every probe "
+        "concept's samples after each change beside the base model's. Pages carry their CSS, script and images "
+        "inline: open them from disk or mail them.",
+        epilog="examples:\n  lifelong report                          every run under runs/ into report/\n"
+        "  lifelong report runs/demo my-model --out site/\n",
+        formatter_class=argparse.RawDescriptionHelpFormatter)
+    report.add_argument("paths", nargs="*", type=Path, default=[Path("runs")], metavar="PATH",
+                        help="ledgers, run or bench folders, or folders holding them (default: runs)")
+    report.add_argument("--out", type=Path, default=Path("report"), help="the site's folder (default: report)")
+
     sub.add_parser("methods", help="list the continual-learning methods and their knobs")
     sub.add_parser("streams", help="list the shipped task streams")
 
@@ -103,6 +119,9 @@ def main(argv: list[str] | None = None) -> int:
             return cmd_run(args.config, args.overrides, args.ledger)
         if args.command == "demo":
             return cmd_run(CONFIG_DIR / "demo.yaml", args.overrides)
+        if args.command == "report":
+            print(f"report: {api.report(args.paths, args.out)}")
+            return 0
         if args.command == "methods":
             return cmd_methods()
         if args.command == "streams":
@@ -245,6 +264,12 @@ def add_ledger_commands(sub) -> None:
     verify.add_argument("dir", type=Path)
 
 
+def print_change(root: Path, n: int) -> None:
+    """What a ledger command prints at its end: the change it recorded, and the ledger's refreshed report."""
+    print(api.show(root, n))
+    print(f"report: {api.ledger_report(root)}")
+
+
 def cmd_init(args) -> int:
     ledger = api.init(args.dir, family=args.family, model=args.model, probes=args.probe, probe_items=args.probe_items,
                       resolution=args.resolution, trainable_blocks=args.trainable_blocks, weights=args.weights,
@@ -265,6 +290,7 @@ def cmd_init(args) -> int:
         else:
             shown = f"{score:5.1f}%"
         print(f"  probe {probe.name:16s} {shown}")
+    print(f"report: {api.ledger_report(args.dir)}")
     return 0
 
 
@@ -272,13 +298,16 @@ def cmd_learn(args) -> int:
     n = api.learn(args.dir, args.task, method=args.method, options=api.parse_options(args.option), name=args.name,
                   train_items=args.train_items, test_items=args.test_items, config=args.config,
                   overrides=args.overrides, checkpoint_every=args.checkpoint_every)
-    print(api.show(args.dir, n))
+    print_change(args.dir, n)
     return 0
 
 
 def cmd_resume(args) -> int:
     n = api.resume(args.dir, discard=args.discard)
-    print(f"dropped the interrupted change of {args.dir}" if n is None else api.show(args.dir, n))
+    if n is None:
+        print(f"dropped the interrupted change of {args.dir}")
+    else:
+        print_change(args.dir, n)
     return 0
 
 
@@ -293,7 +322,7 @@ def cmd_show(args) -> int:
 
 
 def cmd_revert(args) -> int:
-    print(api.show(args.dir, api.revert(args.dir, args.n, strategy=args.strategy)))
+    print_change(args.dir, api.revert(args.dir, args.n, strategy=args.strategy))
     return 0
 
 
@@ -397,7 +426,7 @@ def cmd_edit(args) -> int:
                                 locality=tuple(Probe(p, "") for p in args.locality))]
     result = api.edit(requests, args.method, model=args.model, ledger=args.ledger, knobs=knobs)
     if args.ledger is not None:
-        print(api.show(args.ledger, result["change"]))
+        print_change(args.ledger, result["change"])
         return 0
     cost = result["cost"]
     print(f"{args.method}: {len(requests)} edit(s), {cost['seconds_per_edit']:.2f} s per edit, peak RSS {cost['peak_rss_mb']:.0f} MiB")
@@ -496,7 +525,7 @@ examples:
 def cmd_erase(args) -> int:
     n = api.erase(args.dir, args.concept, args.method, anchor=args.anchor, preserve=args.preserve,
                   knobs=api.parse_knobs(args.overrides), seed=args.seed, judge=not args.no_judge)
-    print(api.show(args.dir, n))
+    print_change(args.dir, n)
     return 0
 
 
@@ -548,7 +577,7 @@ def cmd_personalize(args) -> int:
     n = api.personalize(args.dir, args.images, args.token, args.class_word, args.method,
                         knobs=api.parse_knobs(args.overrides), seed=args.seed,
                         warn=lambda message: print(f"warning: {message}", file=sys.stderr))
-    print(api.show(args.dir, n))
+    print_change(args.dir, n)
     return 0
 
 
@@ -558,7 +587,7 @@ def cmd_merge(args) -> int:
     except ValueError:
         raise ConfigError(f"--changes {args.changes!r}: comma-separated change ids, e.g. 3,5") from None
     n = api.merge(args.dir, ids, args.method)
-    print(api.show(args.dir, n))
+    print_change(args.dir, n)
     return 0
 
 

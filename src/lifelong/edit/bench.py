@@ -33,6 +33,7 @@ from lifelong.edit.requests import build_requests, counterfact_requests, load_re
 from lifelong.errors import ConfigError, DataFormatError
 from lifelong.families.lm import build_lm
 from lifelong.metrics.editing import base_generations, cached_base_predictions
+from lifelong.report.pages import write_run_report
 from lifelong.runtime import versions
 
 TABLE_METRICS = ("reliability_token", "generality_token", "locality_token", "portability_token",
@@ -190,7 +191,9 @@ def run_bench(config: EditBenchConfig) -> Path:
     atomic_write_text(out / "summary.md", summary(results))
     plot_vs_T(results, out / "metrics_vs_T.png")
     print(summary(results))
-    print(f"wrote {out}/ (results.json, summary.md, metrics_vs_T.png)")
+    write_run_report(out)
+    print(f"wrote {out}/ (results.json, summary.md, metrics_vs_T.png, report.html)")
+    print(f"report: {out / 'report.html'}")
     return out
 
 

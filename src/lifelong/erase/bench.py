@@ -46,6 +46,7 @@ from lifelong.families.diffusion import build_pipeline
 from lifelong.metrics.cost import PeakMemory
 from lifelong.metrics.judge import frechet_distance, judge_features, load_judge, predicted_concepts
 from lifelong.metrics.probe_judge import load_probe_judge
+from lifelong.report.pages import write_run_report
 from lifelong.runtime import versions
 
 DEFAULT_LOCALITY = ("object/sneaker", "object/sandal", "object/ankle boot", "object/dress", "object/bag", "digit/3",
@@ -250,6 +251,7 @@ def run_bench(config: EraseBenchConfig) -> Path:
                          "erase_seconds": seconds}
             save()
     save()
+    print(f"report: {write_run_report(out)}")
     return out
 
 

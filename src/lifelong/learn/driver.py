@@ -26,25 +26,10 @@ from lifelong.learn import METHODS, build_method, method_params
 from lifelong.loop import compute_stem_features, make_accelerator, run_stream
 from lifelong.metrics.continual import METRIC_DOCS, average_incremental_accuracy, summarize
 from lifelong.metrics.cost import PeakMemory, count_parameters
-from lifelong.report.html import write_html_report
+from lifelong.report.pages import INCREMENTAL_COLUMNS, LEARN_COLUMNS, write_run_report
 from lifelong.report.plots import plot_accuracy_matrices, plot_metric_bars
 from lifelong.report.table import format_table
 from lifelong.runtime import versions
-
-TABLE_COLUMNS = [
-    ("method", "method", ""),
-    ("transfer", "Transfer", ".1f"),
-    ("avg", "Avg", ".1f"),
-    ("last", "Last", ".1f"),
-    ("max_forgetting", "max forgetting", ".1f"),
-    ("chaudhry_forgetting", "forgetting (Chaudhry)", ".1f"),
-    ("zero_shot_degradation", "ZS degradation", ".1f"),
-    ("bwt", "BWT", ".1f"),
-    ("trainable_params", "trainable params", ","),
-    ("train_seconds", "time (s)", ".0f"),
-    ("peak_rss_mb", "peak RSS (MiB)", ".0f"),
-]
-INCREMENTAL_COLUMNS = [("avg_incremental_accuracy", "avg incr. acc", ".1f"), ("final_seen_accuracy", "A_T", ".1f")]
 
 
 @dataclass
@@ -152,7 +137,7 @@ def describe_stream(stream: Stream) -> dict:
 
 
 def columns_for(stream: Stream) -> list[tuple[str, str, str]]:
-    return TABLE_COLUMNS[:-3] + (INCREMENTAL_COLUMNS if stream.scenario == "class" else []) + TABLE_COLUMNS[-3:]
+    return LEARN_COLUMNS[:-3] + (INCREMENTAL_COLUMNS if stream.scenario == "class" else []) + LEARN_COLUMNS[-3:]
 
 
 def write_results(out: Path, config: RunConfig, streams: list[Stream], runs: list[MethodRun], processes: int = 1) -> None:
@@ -191,10 +176,9 @@ def write_results(out: Path, config: RunConfig, streams: list[Stream], runs: lis
         rows = [{**row, **{k: (row[k], row[f"{k}_std"]) for k in row if f"{k}_std" in row}} for row in rows]
     table = format_table(rows, columns)
     task_names = [t.name for t in stream.tasks]
-    figures = [plot_accuracy_matrices({r.label: r.matrices[0] for r in runs}, task_names, out / "accuracy_matrices.png")]
+    plot_accuracy_matrices({r.label: r.matrices[0] for r in runs}, task_names, out / "accuracy_matrices.png")
     bar_metrics = ["transfer", "avg", "last", "max_forgetting", "zero_shot_degradation"]
-    figures.append(plot_metric_bars([r.row for r in runs], bar_metrics, out / "metrics.png",
-                                    title=f"mean over {len(streams)} task order(s)"))
+    plot_metric_bars([r.row for r in runs], bar_metrics, out / "metrics.png", title=f"mean over {len(streams)} task order(s)")
     orders_note = (f"; {len(streams)} cyclic task orders, mean +- std over them" if len(streams) > 1 else "")
     summary = (
         f"# {config.name}\n\nStream `{stream.name}` ({stream.scenario}-incremental): {', '.join(task_names)}{orders_note}; "
@@ -203,10 +187,10 @@ def write_results(out: Path, config: RunConfig, streams: list[Stream], runs: lis
         + "\n\nAccuracies in percent; metric definitions in results.json (`metric_definitions`).\n"
     )
     atomic_write_text(out / "summary.md", summary)
-    write_html_report(out / "report.html", f"lifelong: {config.name}", rows, columns, figures,
-                      notes="; ".join(f"{k}: {v}" for k, v in METRIC_DOCS.items()))
+    write_run_report(out)
     print(table)
     print(f"\nwrote {out}/ (results.json, accuracy_matrix.csv, summary.md, accuracy_matrices.png, metrics.png, report.html)")
+    print(f"report: {out / 'report.html'}")
 
 
 def _mean_std(key: str, fmt: str):

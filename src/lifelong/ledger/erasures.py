@@ -33,7 +33,14 @@ from lifelong.erase import erase_request, eraser_class, eraser_params
 from lifelong.errors import ConfigError
 from lifelong.ledger.core import Ledger
 from lifelong.ledger.patch import patch_from_model, patch_numel
-from lifelong.ledger.probes import DEFAULT_CONCEPTS, concept_probe, concept_probes, run_concept_probes, unique_name
+from lifelong.ledger.probes import (
+    DEFAULT_CONCEPTS,
+    concept_probe,
+    concept_probes,
+    run_concept_probes,
+    samples_path,
+    unique_name,
+)
 from lifelong.ledger.store import LedgerLock
 from lifelong.metrics.cost import PeakMemory, count_parameters
 
@@ -48,7 +55,7 @@ def create_diffusion_ledger(root: str | Path, name: str = "embedded", concepts=N
     except ValueError as e:
         raise ConfigError(f"--probe: {e}") from None
     ledger = Ledger.create(root, ModelConfig(family="diffusion", name=name), probes)
-    ledger.record_baseline(run_concept_probes(ledger.materialize(), ledger.probes))
+    ledger.record_baseline(run_concept_probes(ledger.materialize(), ledger.probes, keep=samples_path(ledger.root, None)))
     return ledger
 
 
@@ -83,7 +90,7 @@ def erase(root: str | Path, concept: str, method: str = "esd-x", *, anchor: str 
         else:
             patch, states = patch_from_model(model, weights), {}
             size = patch_numel(patch)
-        after = run_concept_probes(model, ledger.probes + new_probes)
+        after = run_concept_probes(model, ledger.probes + new_probes, keep=samples_path(ledger.root, n))
         record = {
             "id": n,
             "kind": "erase",
@@ -134,8 +141,9 @@ def commit_revert(ledger: Ledger, n: int, model, patch: dict, strategy: str, exa
                   peak_mb: float) -> int:
     """Probe `model` (the ledger's model with change n taken out) and record that as the revert of change n;
     `exact` is False when later changes in effect were made on top of change n. Returns the new id."""
+    n_new = ledger.next_id()
     record = {
-        "id": ledger.next_id(),
+        "id": n_new,
         "kind": "revert",
         "reverts": n,
         "strategy": strategy,
@@ -145,7 +153,7 @@ def commit_revert(ledger: Ledger, n: int, model, patch: dict, strategy: str, exa
         "label": "-",
         "data": {"task": f"change {n}", "classes": []},
         "probes_before": ledger.current_scores(),
-        "probes_after": run_concept_probes(model, ledger.probes),
+        "probes_after": run_concept_probes(model, ledger.probes, keep=samples_path(ledger.root, n_new)),
         "cost": {"train_seconds": 0.0, "wall_seconds": time.perf_counter() - t_start, "peak_rss_mb": peak_mb,
                  "trainable_params": 0, "total_params": count_parameters(model)[1]},
     }

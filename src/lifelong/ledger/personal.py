@@ -39,7 +39,7 @@ from lifelong.errors import ConfigError, LedgerError
 from lifelong.ledger.core import TOKENS, Ledger
 from lifelong.ledger.erasures import commit_revert
 from lifelong.ledger.patch import apply_patch, negate, patch_from_model, patch_numel
-from lifelong.ledger.probes import run_concept_probes
+from lifelong.ledger.probes import run_concept_probes, samples_path
 from lifelong.ledger.store import LedgerLock
 from lifelong.metrics.cost import PeakMemory, count_parameters
 from lifelong.personalize import PersonalizeRequest, build_personalizer, check_token, personalizer_params, read_images
@@ -89,7 +89,7 @@ def personalize(root: str | Path, images: str | Path, token: str, class_word: st
             stats = personalizer.personalize(model, request, seed=seed, progress=progress)
             train_seconds = time.perf_counter() - t0
         patch, rows = _patch_and_rows(model, weights, table, [token] if personalizer.adds_token else [])
-        after = run_concept_probes(model, ledger.probes)
+        after = run_concept_probes(model, ledger.probes, keep=samples_path(ledger.root, n))
         record = {
             "id": n,
             "kind": "personalize",
@@ -223,7 +223,7 @@ def merge(root: str | Path, change_ids: list[int], method: str = "custom-diffusi
             "stats": {"target_rows": float(sum(len(t) for t in targets)), "reg_rows": float(len(reg_prompts))},
             "data": {"task": "+".join(ledger.change(n)["request"]["token"] for n in ids), "classes": []},
             "probes_before": ledger.current_scores(),
-            "probes_after": run_concept_probes(model, ledger.probes),
+            "probes_after": run_concept_probes(model, ledger.probes, keep=samples_path(ledger.root, ledger.next_id())),
             "cost": {"train_seconds": 0.0, "wall_seconds": time.perf_counter() - t_start, "peak_rss_mb": memory.peak_mb,
                      "trainable_params": 0, "patch_numel": patch_numel(patch), "total_params": count_parameters(model)[1]},
         }

@@ -24,10 +24,14 @@ import json
 import random
 from dataclasses import asdict, dataclass, field
 from functools import lru_cache
+from pathlib import Path
 
 import numpy as np
 import torch
+from safetensors import safe_open
+from safetensors.torch import save
 
+from lifelong.atomic import atomic_write_bytes
 from lifelong.data import captioned
 from lifelong.data.base import ImageDataset
 from lifelong.data.edit_requests import EditRequest
@@ -268,8 +272,9 @@ def concept_probe_images(model, probe: ConceptProbe, batch_size: int = 64):
 
 
 @torch.no_grad()
-def run_concept_probes(model, probes: list[ConceptProbe], judge=None) -> dict[str, float]:
-    """Every probe's score on the text-to-image `model`: judge rates (%) and the judge-FD."""
+def run_concept_probes(model, probes: list[ConceptProbe], judge=None, keep: Path | None = None) -> dict[str, float]:
+    """Every probe's score on the text-to-image `model`: judge rates (%) and the judge-FD. With `keep`, the first
+    SAMPLES_KEPT images of each concept probe are also written there (`save_probe_samples`), for the report."""
     judge = judge if judge is not None else load_judge()
     scores, images, targets = {}, [], []
     for probe in (p for p in probes if p.kind == "concept"):
@@ -278,12 +283,41 @@ def run_concept_probes(model, probes: list[ConceptProbe], judge=None) -> dict[st
         scores[probe.name] = 100.0 * float(np.mean([s == t for s, t in zip(seen, probe.targets)]))
         images.append(generated)
         targets += probe.targets
+    if keep is not None:
+        concept = [p for p in probes if p.kind == "concept"]
+        save_probe_samples(keep, {p.name: im[:SAMPLES_KEPT] for p, im in zip(concept, images)})
     for probe in (p for p in probes if p.kind == "frechet"):
         if images:
             real, _ = captioned.concept_images(list(dict.fromkeys(targets)), "test", per_concept=REAL_PER_CONCEPT,
                                                seed=probe.seed)
             scores[probe.name] = frechet_distance(judge_features(judge, real), judge_features(judge, np.concatenate(images)))
     return scores
+
+
+SAMPLES_KEPT = 8  # images of each concept probe a diffusion ledger keeps per state, for its report
+
+
+def samples_path(root: Path, n: int | None) -> Path:
+    """Where a diffusion ledger keeps the probe samples of the base (`n` None) or of the model after change n: a
+    view for the report, derived from the recorded history (the seeds make them again), not part of it."""
+    return Path(root) / "samples" / ("base.safetensors" if n is None else f"change_{n:04d}.safetensors")
+
+
+def save_probe_samples(path: Path, samples: dict[str, np.ndarray]) -> None:
+    """{probe name: uint8 (N, H, W, 3)} as one safetensors file (written atomically)."""
+    tensors = {f"probe_{i}": torch.from_numpy(np.ascontiguousarray(im)) for i, im in enumerate(samples.values())}
+    metadata = {"probes": json.dumps(list(samples))}
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    atomic_write_bytes(path, save(tensors, metadata))
+
+
+def load_probe_samples(path: Path) -> dict[str, np.ndarray]:
+    """What `save_probe_samples` wrote ({} when there is no such file: a ledger made before samples were kept)."""
+    if not Path(path).is_file():
+        return {}
+    with safe_open(str(path), framework="pt") as f:
+        names = json.loads(f.metadata()["probes"])
+        return {name: f.get_tensor(f"probe_{i}").numpy() for i, name in enumerate(names)}
 
 
 # The probe classes by a family's `probe_kind`: what a ledger of that family registers and runs.

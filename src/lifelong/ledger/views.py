@@ -12,9 +12,11 @@ from pathlib import Path
 
 import numpy as np
 
+from lifelong.atomic import atomic_write_text
 from lifelong.ledger.core import Ledger
-from lifelong.report.html import write_html_report
-from lifelong.report.plots import plot_interference_matrix
+from lifelong.ledger.probes import load_probe_samples, samples_path
+from lifelong.report import site
+from lifelong.report.pages import Page
 from lifelong.report.table import format_table
 
 LOG_COLUMNS = [
@@ -185,14 +187,60 @@ def format_change(ledger: Ledger, n: int) -> str:
     return "\n".join(line for line in lines if line)
 
 
-def write_report(ledger: Ledger) -> Path:
-    """DIR/report.html: the log table and the interference matrix drawn as a heatmap (derived files,
-    not part of the recorded history)."""
-
+def ledger_page(ledger: Ledger, name: str = "") -> Page:
+    """The ledger's page: its history with each change's cost, the interference matrix as a heatmap (each cell's
+    score before -> after in its tooltip), and for a diffusion ledger each concept probe's samples after every
+    change beside the base model's."""
     rows, probes, scores, deltas = interference_matrix(ledger)
-    figure = plot_interference_matrix(rows, probes, scores, deltas, ledger.root / "interference_matrix.png")
-    score = ledger.family_spec.score_unit
-    notes = (f"Interference matrix: each cell is a probe's score ({score}) after the change of its row, and in "
-             "brackets how much that change moved it; the colour shows that move. Rows start at the base model.")
-    return write_html_report(ledger.root / "report.html", f"lifelong ledger: {ledger.root.name}", log_rows(ledger),
-                             LOG_COLUMNS, [figure], notes=notes)
+    titles = np.full(scores.shape, "", dtype=object)
+    for i, c in enumerate(ledger.changes, start=1):
+        for j, probe in enumerate(probes):
+            before, after = c["probes_before"].get(probe), c["probes_after"].get(probe)
+            if before is not None and after is not None:
+                titles[i, j] = f"{probe}: {before:.2f} -> {after:.2f} (change {c['id']})"
+    base = ledger.manifest["base"]
+    unit = ledger.family_spec.score_unit
+    sections = [
+        site.section("History", site.table(log_rows(ledger), LOG_COLUMNS, table_id="history"),
+                     note=f"{ledger.manifest['family']} model {base['name']!r} (base SHA-256 {base['sha256'][:12]}); "
+                          "every change with its own task's score before -> after, the other probes' mean, and its cost."),
+        site.section("Interference matrix", site.heatmap(rows, probes, scores, deltas=deltas, titles=titles,
+                                                         table_id="interference"),
+                     note=f"Scores: {unit}. Each cell: a probe's score after the change of its row, in brackets how "
+                          "much that change moved it; blue up, red down, as deep as the largest move of the column. Hover a cell "
+                          "for before -> after."),
+    ]
+    if ledger.family_spec.probe_kind == "images-generated":
+        sections.append(_samples_section(ledger))
+    last = ledger.changes[-1] if ledger.changes else None
+    key = (f"{ledger.manifest['family']} model {base['name']}; {len(ledger.changes)} change(s)"
+           + (f", last: {change_title(last)}" if last else ""))
+    return Page(name or ledger.root.name, f"ledger {ledger.root.name}", "ledger", key, sections)
+
+
+def _samples_section(ledger: Ledger) -> str:
+    """Per change (and the base), each concept probe's first samples beside the base model's."""
+    base = load_probe_samples(samples_path(ledger.root, None))
+    parts = []
+    states = [(None, "base")] + [(c["id"], change_title(c)) for c in ledger.changes]
+    for n, title in states:
+        samples = base if n is None else load_probe_samples(samples_path(ledger.root, n))
+        if not samples:
+            parts.append(f"<h3>{site.esc(title)}</h3><p class=\"note\">no samples kept (made before the ledger kept them)</p>")
+            continue
+        head = "<tr><th>probe</th><th>base model</th>" + ("" if n is None else f"<th>after change {n}</th>") + "</tr>"
+        body = []
+        for probe, images in samples.items():
+            before = base.get(probe)
+            cells = [site.strip(before, f"{probe}, base") if before is not None else "-"]
+            if n is not None:
+                cells.append(site.strip(images, f"{probe}, after change {n}"))
+            body.append(f"<tr><th>{site.esc(probe)}</th>" + "".join(f"<td>{c}</td>" for c in cells) + "</tr>")
+        parts.append(f"<h3>{site.esc(title)}</h3><table class=\"samples\">{head}{''.join(body)}</table>")
+    return site.section("Samples", *parts, note="The first seeded samples of every concept probe (the same noise "
+                                                "in every row), drawn twice their size.")
+
+
+def write_report(ledger: Ledger) -> Path:
+    """DIR/report.html: the ledger's page on its own (a view derived from the history, not part of it)."""
+    return atomic_write_text(ledger.root / "report.html", ledger_page(ledger).html(index=None))

@@ -21,7 +21,7 @@ from matplotlib.figure import Figure
 from lifelong.atomic import atomic_write_bytes
 from lifelong.metrics.continual import validate_accuracy_matrix
 
-__all__ = ["plot_accuracy_matrices", "plot_interference_matrix", "plot_metric_bars"]
+__all__ = ["plot_accuracy_matrices", "plot_metric_bars"]
 
 _CMAP = "viridis"
 
@@ -118,32 +118,3 @@ def plot_metric_bars(
 
 def _as_float(value: Any) -> float:
     return float("nan") if value is None else float(value)
-
-
-def plot_interference_matrix(
-    row_labels: Sequence[str],
-    probe_names: Sequence[str],
-    scores: np.ndarray,
-    deltas: np.ndarray,
-    path: str | os.PathLike[str],
-) -> Path:
-    """A ledger's change x probe matrix: colour = how much each change moved each probe (red down,
-    blue up, symmetric scale), text = the score after the change and the move; NaN cells stay blank."""
-    rows, cols = scores.shape
-    fig = Figure(figsize=(1.2 * cols + 3.0, 0.45 * rows + 2.0), layout="constrained")
-    ax = fig.subplots()
-    span = float(np.nanmax(np.abs(deltas))) if np.isfinite(deltas).any() else 1.0
-    norm = Normalize(vmin=-max(span, 1e-6), vmax=max(span, 1e-6))
-    image = ax.imshow(np.ma.masked_invalid(deltas), cmap="RdBu", norm=norm, aspect="auto")  # (rows, probes)
-    for i in range(rows):
-        for j in range(cols):
-            if np.isnan(scores[i, j]):
-                continue
-            text = f"{scores[i, j]:.1f}" + ("" if np.isnan(deltas[i, j]) else f"\n{deltas[i, j]:+.1f}")
-            ax.text(j, i, text, ha="center", va="center", fontsize=7)
-    ax.set_xticks(range(cols), labels=list(probe_names), rotation=45, ha="right")
-    ax.set_yticks(range(rows), labels=list(row_labels))
-    ax.set_xlabel("probe")
-    ax.set_ylabel("after change")
-    fig.colorbar(image, ax=ax, label="change in score (points)", shrink=0.9)
-    return _save_png(fig, path)
