@@ -35,12 +35,16 @@ class ModelConfig:
 
 @dataclass(frozen=True)
 class AdapterConfig:
-    kind: str = "none"  # "none" (train the trainable blocks fully) or "lora" (through peft)
+    # "none" (train the trainable blocks fully), "lora" (through peft) or "vpt" (visual prompt tuning of a
+    # transformer image tower, modules/vpt.py)
+    kind: str = "none"
     rank: int = 8
     alpha: float = 16.0
     dropout: float = 0.0
     tower: str = "image"  # "image", "text" or "both"
     target_modules: tuple[str, ...] | None = None  # None: the family's default targets per tower
+    prompt_tokens: int = 5  # vpt: K prompt tokens per prompted layer (the official default NUM_TOKENS)
+    deep_prompts: bool = False  # vpt: fresh prompts at every trunk layer (VPT-deep), else the first only (shallow)
 
 
 @dataclass(frozen=True)
@@ -241,8 +245,10 @@ def validate(config: RunConfig) -> None:
     for where, adapter in [("adapter", config.adapter)] + [
         (f"methods.{i}.adapter", m.adapter) for i, m in enumerate(config.methods) if m.adapter is not None
     ]:
-        choices[f"{where}.kind"] = (adapter.kind, ("none", "lora"))
+        choices[f"{where}.kind"] = (adapter.kind, ("none", "lora", "vpt"))
         choices[f"{where}.tower"] = (adapter.tower, ("image", "text", "both"))
+        if adapter.kind == "vpt":
+            check_vpt(adapter, where)
     for key, (value, valid) in choices.items():
         if value not in valid:
             raise ConfigError(f"{key}={value!r} is not one of: {', '.join(valid)}")
@@ -261,6 +267,18 @@ def validate(config: RunConfig) -> None:
     labels = [m.display_name for m in config.methods]
     if len(set(labels)) != len(labels):
         raise ConfigError(f"methods have duplicate names {labels}: give each a distinct `label`")
+
+
+def check_vpt(adapter: AdapterConfig, where: str = "adapter") -> None:
+    """VPT's knobs: prompts in the image tower, at least one token, and no prompt dropout (the towers run in
+    inference mode, where it would never act; modules/vpt.py)."""
+    if adapter.tower != "image":
+        raise ConfigError(f"{where}.kind=vpt prompts the image tower only; set {where}.tower=image (got {adapter.tower!r})")
+    if adapter.prompt_tokens <= 0:
+        raise ConfigError(f"{where}.prompt_tokens must be positive, got {adapter.prompt_tokens}")
+    if adapter.dropout != 0:
+        raise ConfigError(f"{where}.dropout={adapter.dropout}: VPT's prompt dropout would never act here (the towers "
+                          "always run in inference mode); set it to 0, the official default")
 
 
 def to_dict(config: Any) -> Any:

@@ -131,7 +131,8 @@ def ledger_families() -> tuple[str, ...]:
 
 
 def prepare_trainable(model, model_config: ModelConfig, adapter: AdapterConfig, seed: int = 0) -> None:
-    """Choose what trains: LoRA through peft on the adapter's targets, or the family's default trainable part.
+    """Choose what trains: LoRA through peft on the adapter's targets, VPT prompts (families/vlm.py `add_vpt`),
+    or the family's default trainable part.
 
     peft draws LoRA's A matrices from torch's global generator; drawn as is, they depended on everything
     that ran before in the process (the methods before it in a run, a cold or warm cache), and the demo's
@@ -141,6 +142,11 @@ def prepare_trainable(model, model_config: ModelConfig, adapter: AdapterConfig, 
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(seed)
             model.add_lora(adapter)
+    elif adapter.kind == "vpt":
+        if not hasattr(model, "add_vpt"):
+            raise ConfigError(f"adapter.kind=vpt prompts a vision transformer; a {model_config.family} model has none: "
+                              "use adapter.kind=lora or none")
+        model.add_vpt(adapter, seed=seed)
     else:
         model.default_trainable(model_config.train_text_projection)
 

@@ -42,6 +42,7 @@ from lifelong.atomic import atomic_write_bytes, atomic_write_json
 from lifelong.config import AdapterConfig, ModelConfig
 from lifelong.errors import ConfigError, DataFormatError, DataNotFoundError
 from lifelong.fingerprint import tensor_digest
+from lifelong.modules.vpt import VisualPrompts
 
 CLIP_TEMPLATES = ("a photo of a {}.",)
 # What LoRA targets in each tower when `adapter.target_modules` is not set.
@@ -197,6 +198,32 @@ class DualEncoder(nn.Module):
             p.requires_grad_("lora_" in name)
         self.clear_text_cache()
 
+    def add_vpt(self, adapter: AdapterConfig, seed: int = 0) -> None:
+        """Visual Prompt Tuning (modules/vpt.py) on the image trunk: K prompt tokens at its first layer
+        (shallow) or at each of its layers (deep); only the prompts train. A trunk that already holds
+        prompts (an earlier VPT change of a ledger) goes on training them."""
+        if self.kind != "clip":
+            raise ConfigError(
+                "adapter.kind=vpt prompts a transformer's token sequence; this model's image tower is a CNN "
+                "(EfficientNet-Lite0), which has no tokens to prepend to. Use adapter.kind=lora, or a CLIP model "
+                "(model.name=tiny-clip, a transformers CLIPModel name or folder)"
+            )
+        trunk = self.image_trunk
+        vision = self.native["clip"].config.vision_config
+        rows = len(trunk.layers) if adapter.deep_prompts else 1
+        shape = (rows, adapter.prompt_tokens, vision.hidden_size)
+        if trunk.prompts is None:
+            generator = torch.Generator().manual_seed(seed)
+            trunk.prompts = VisualPrompts.init(*shape, patch_size=vision.patch_size, generator=generator)
+        elif tuple(trunk.prompts.embeddings.shape) != shape:
+            raise ConfigError(
+                f"the image trunk already holds VPT prompts of shape {tuple(trunk.prompts.embeddings.shape)} "
+                f"(layers, tokens, width) from an earlier change; this one asks for {shape}: give the same "
+                "adapter.prompt_tokens and adapter.deep_prompts, or revert that change first"
+            )
+        self.requires_grad_(False)
+        trunk.prompts.requires_grad_(True)
+
     def trainable_state(self) -> dict[str, torch.Tensor]:
         return {n: p.detach().clone() for n, p in self.named_parameters() if p.requires_grad}
 
@@ -284,9 +311,12 @@ class ClipVisionTrunk(nn.Module):
         super().__init__()
         self.layers = nn.ModuleList(vision_model.encoder.layers[n_layers:])
         self.post_layernorm = vision_model.post_layernorm
+        self.prompts: VisualPrompts | None = None  # VPT (modules/vpt.py), set by DualEncoder.add_vpt
 
     def forward(self, h: torch.Tensor) -> torch.Tensor:
-        for layer in self.layers:
+        for i, layer in enumerate(self.layers):
+            if self.prompts is not None:
+                h = self.prompts(h, i)  # VPT: K prompt tokens after CLS (inserted at layer 0, replaced above)
             h = layer(h, None)
         return self.post_layernorm(h[:, 0])  # (N, H)
 
@@ -533,6 +563,9 @@ def export_native(model: DualEncoder, out_dir: str | os.PathLike) -> Path:
     `load_heads` reads). Both: lifelong_model.json, written last, says what the folder holds.
     `model` itself is not changed: the merge happens on a copy.
     """
+    if getattr(model.image_trunk, "prompts", None) is not None:
+        raise ConfigError("the model holds VPT prompts, which a CLIPModel folder cannot hold (they are new tokens, "
+                          "not weights): revert the VPT changes, or export an earlier change with --upto")
     out = Path(out_dir)
     if out.exists() and (not out.is_dir() or any(out.iterdir())):
         raise ConfigError(f"cannot export into {out}: it exists and is not an empty folder")

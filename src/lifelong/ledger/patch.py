@@ -8,8 +8,14 @@ current model is its base plus every patch in order. Two entry kinds, keyed `kin
     lora_A::W, lora_B::W, lora_scale::W
                                  a low-rank delta scale * B @ A (peft LoRA on a Linear or 1x1 Conv),
                                  stored as its factors: r * (in + out) numbers instead of in * out
+    prompts::S, prompts_before::S
+                                 the VPT prompts (n, K, D) the layer stack S holds after the change and
+                                 before it ((0,) when it held none; modules/vpt.py). Prompts are new tokens,
+                                 not a weight delta, so this entry sets them, after checking that S holds
+                                 `prompts_before`; its negation swaps the two, so a revert takes them off (or
+                                 puts the earlier ones back) bit for bit.
 
-`patch_from_model` reads either kind off a trained model; `apply_patch` adds a patch to a plain model.
+`patch_from_model` reads any kind off a trained model; `apply_patch` adds a patch to a plain model.
 """
 
 from __future__ import annotations
@@ -17,6 +23,7 @@ from __future__ import annotations
 import torch
 
 from lifelong.errors import LedgerCorruptError, LedgerError
+from lifelong.modules.vpt import PROMPT_PARAMETER, is_prompt_parameter, set_prompts
 
 LORA_ADAPTER = "default"  # the adapter name peft's inject_adapter_in_model uses
 
@@ -49,11 +56,13 @@ def patch_from_model(model, before: dict[str, torch.Tensor]) -> dict[str, torch.
             patch.update({f"lora_A::{weight}": a, f"lora_B::{weight}": b, f"lora_scale::{weight}": scale})
         else:
             patch[f"delta::{weight}"] = reference.clone()
+    params = dict(model.named_parameters())
+    patch.update(prompt_entries({n: p.detach() for n, p in params.items() if is_prompt_parameter(n)}, before))
     # Every other parameter that moved, trainable or not (a method may fold an adapter into frozen
     # weights, as O-LoRA does), under its plain-model name.
     check_recordable(model, before)
-    for name, p in model.named_parameters():
-        if "lora_" in name:
+    for name, p in params.items():
+        if "lora_" in name or is_prompt_parameter(name):
             continue
         plain = name.replace(".base_layer.", ".")
         delta = p.detach() - before[plain]
@@ -63,25 +72,50 @@ def patch_from_model(model, before: dict[str, torch.Tensor]) -> dict[str, torch.
     return patch
 
 
+def prompt_entries(after: dict[str, torch.Tensor], before: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """prompts / prompts_before entries for every VPT prompt parameter that differs between two parameter
+    sets (`after` and `before`: name -> tensor; a name missing from one means no prompts there)."""
+    entries = {}
+    none = torch.zeros(0)
+    for name in sorted({n for n in (*after, *before) if is_prompt_parameter(n)}):
+        new, old = after.get(name, none), before.get(name, none)
+        if new.shape == old.shape and torch.equal(new, old):
+            continue
+        stack = name.removesuffix(PROMPT_PARAMETER).rstrip(".")
+        entries[f"prompts::{stack}"] = new.detach().clone()
+        entries[f"prompts_before::{stack}"] = old.detach().clone()
+    return entries
+
+
 def check_recordable(model, before: dict[str, torch.Tensor], method: str = "the method") -> None:
-    """Refuse a model with modules the plain model lacks (beside peft LoRA): a patch cannot hold them."""
+    """Refuse a model with modules the plain model lacks (beside peft LoRA and VPT prompts): a patch cannot
+    hold them."""
     for name, _ in model.named_parameters():
-        if "lora_" not in name and name.replace(".base_layer.", ".") not in before:
+        if "lora_" not in name and not is_prompt_parameter(name) and name.replace(".base_layer.", ".") not in before:
             raise LedgerError(f"{method} adds modules the plain model does not have (e.g. {name!r}); a ledger records "
                               "weight changes and LoRA adapters, not new modules (yet): use `lifelong run` for it")
 
 
 def dense_patch(after: dict[str, torch.Tensor], before: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """A patch of dense deltas between two full parameter sets (what a replayed revert records)."""
-    return {f"delta::{n}": after[n] - before[n] for n in after if not torch.equal(after[n], before[n])}
+    """A patch of dense deltas between two full parameter sets (what a replayed revert records); VPT prompts,
+    which one side may lack, as prompts entries."""
+    patch = prompt_entries(after, before)
+    patch.update({f"delta::{n}": after[n] - before[n] for n in after
+                  if not is_prompt_parameter(n) and not torch.equal(after[n], before[n])})
+    return patch
 
 
 def negate(patch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """The patch that undoes `patch` (B and the scale keep their sign on one factor only)."""
+    """The patch that undoes `patch` (B and the scale keep their sign on one factor only; VPT prompts swap
+    their after and before)."""
+    swap = {"prompts": "prompts_before", "prompts_before": "prompts"}
     out = {}
     for key, t in patch.items():
-        kind = key.partition("::")[0]
-        out[key] = -t if kind in ("delta", "lora_scale") else t.clone()
+        kind, _, name = key.partition("::")
+        if kind in swap:
+            out[f"{swap[kind]}::{name}"] = t.clone()
+        else:
+            out[key] = -t if kind in ("delta", "lora_scale") else t.clone()
     return out
 
 
@@ -91,8 +125,11 @@ def apply_patch(model, patch: dict[str, torch.Tensor], where: str = "patch") -> 
     params = dict(model.named_parameters())
     for key, t in patch.items():
         kind, _, name = key.partition("::")
-        if kind in ("lora_A", "lora_scale"):
-            continue  # used with their lora_B entry
+        if kind in ("lora_A", "lora_scale", "prompts_before"):
+            continue  # used with their lora_B / prompts entry
+        if kind == "prompts":
+            set_prompts_checked(model, name, t, patch[f"prompts_before::{name}"], where)
+            continue
         if name not in params:
             raise LedgerCorruptError(f"{where} changes the parameter {name!r}, which this model does not have")
         p = params[name]
@@ -105,6 +142,22 @@ def apply_patch(model, patch: dict[str, torch.Tensor], where: str = "patch") -> 
         if delta.shape != p.shape:
             raise LedgerCorruptError(f"{where}: {name} has shape {tuple(p.shape)}, the patch {tuple(delta.shape)}")
         p.add_(delta.to(p.dtype))
+
+
+def set_prompts_checked(model, stack: str, prompts: torch.Tensor, expected: torch.Tensor, where: str) -> None:
+    """Set the VPT prompts of the layer stack `stack` to `prompts` ((0,): none), after checking that it holds
+    `expected` now: a patch sets prompts, so it applies only to the model it was taken from."""
+    try:
+        holder = model.get_submodule(stack)
+    except AttributeError:
+        raise LedgerCorruptError(f"{where} sets VPT prompts on {stack!r}, which this model does not have") from None
+    if not hasattr(holder, "prompts"):
+        raise LedgerCorruptError(f"{where} sets VPT prompts on {stack!r}, which takes none")
+    now = holder.prompts.embeddings.detach() if holder.prompts is not None else torch.zeros(0)
+    if now.shape != expected.shape or not torch.equal(now, expected.to(now.dtype)):
+        raise LedgerCorruptError(f"{where} sets the VPT prompts of {stack!r} from ones of shape {tuple(expected.shape)}, "
+                                 f"but the model holds ones of shape {tuple(now.shape)} (or other values)")
+    set_prompts(holder, prompts)
 
 
 def patch_numel(patch: dict[str, torch.Tensor]) -> int:
