@@ -30,9 +30,9 @@ from safetensors.torch import save
 from lifelong.data.instructions import InstructionTask, prompt_text, target_text
 from lifelong.errors import ConfigError
 from lifelong.families.lm import target_batch
-from lifelong.loop import batch_order, check_finite, cosine_with_warmup
+from lifelong.loop import batch_order, check_finite, cosine_with_warmup, mean_ends
 from lifelong.metrics.cost import PeakMemory
-from lifelong.modules.llama_adapter import adaption_parameters, add_llama_adapter
+from lifelong.modules.llama_adapter import add_llama_adapter
 
 KINDS = ("llama-adapter", "lora", "prefix")
 DEFAULT_LR = {"llama-adapter": 9e-3, "lora": 3e-3, "prefix": 1e-2}
@@ -77,11 +77,11 @@ class AdapterRun:
     delta_mb: float = float("nan")          # peak RSS minus RSS at its start
 
     def summary(self) -> dict:
-        k = max(1, len(self.losses) // 10)
+        first, last = mean_ends(self.losses)
         return {"spec": asdict(self.spec), "settings": asdict(self.settings), "trainable": self.trainable,
                 "patch_bytes": self.patch_bytes, "seconds_per_step": self.seconds_per_step,
                 "peak_mb": self.peak_mb, "delta_mb": self.delta_mb,
-                "loss_first": sum(self.losses[:k]) / k, "loss_last": sum(self.losses[-k:]) / k}
+                "loss_first": first, "loss_last": last}
 
 
 def attach(model, spec: AdapterSpec, seed: int = 0):
@@ -114,8 +114,6 @@ def train_adapter(model, tokenizer, task: InstructionTask, spec: AdapterSpec,
     lr = settings.lr if settings.lr is not None else DEFAULT_LR[spec.kind]
     adapted = attach(model, spec, seed=settings.seed)
     params = [q for q in adapted.parameters() if q.requires_grad]
-    if spec.kind == "llama-adapter":
-        assert len(params) == len(adaption_parameters(adapted))
     prompts = [prompt_text(e, tokenizer, chat=settings.chat) for e in task.train]
     targets = [target_text(e, tokenizer) for e in task.train]
     opt = torch.optim.AdamW(params, lr=lr, weight_decay=settings.weight_decay)
