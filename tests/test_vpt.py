@@ -218,6 +218,7 @@ def test_refusals(tmp_path, capsys, tiny_model):
                "adapter.kind=vpt", *common) == 2
     err = capsys.readouterr().err
     assert "adapter.kind=vpt" in err and "CNN" in err and "adapter.kind=lora" in err and "CLIP" in err
+    assert not (tmp_path / "vpt").exists()  # refused before any work: no run folder, no stem features
     assert cli(*run, "model.name=tiny-clip", "adapter.kind=vpt", "adapter.tower=text", *common) == 2
     assert "image tower only" in capsys.readouterr().err
     assert cli(*run, "model.name=tiny-clip", "adapter.kind=vpt", "adapter.dropout=0.1", *common) == 2

@@ -38,7 +38,7 @@ from lifelong.edit.protocol import apply_all, make_editor
 from lifelong.errors import ConfigError, LedgerCorruptError
 from lifelong.families import get_family, ledger_families
 from lifelong.families.diffusion import check_sampling
-from lifelong.learn.driver import load_run_config, run_experiment
+from lifelong.learn.driver import check_adapters, load_run_config, run_experiment
 from lifelong.ledger import changes, edits, erasures, personal, views
 from lifelong.ledger.core import Ledger
 from lifelong.ledger.probes import DEFAULT_PROBES, run_probes, unique_name
@@ -126,6 +126,7 @@ def learn(root: str | Path, task: str, *, method: str | None = None, options: di
     # the method first, so that knobs given as methods.0.KEY=VALUE apply to it (not to a default replaced after)
     overrides = ([f"methods=[{method}]"] if method else []) + list(overrides)
     cfg = load_run_config(config, ["stream.name=tiny"] + overrides)  # the stream section is unused here
+    check_adapters(cfg, Ledger.open(root).model_config)
     spec = {"source": task, "options": dict(options or {}), "name": name, "train_items": train_items,
             "test_items": test_items}
     return changes.learn(root, changes.learn_spec(cfg, spec, checkpoint_every))

@@ -203,11 +203,7 @@ class DualEncoder(nn.Module):
         (shallow) or at each of its layers (deep); only the prompts train. A trunk that already holds
         prompts (an earlier VPT change of a ledger) goes on training them."""
         if self.kind != "clip":
-            raise ConfigError(
-                "adapter.kind=vpt prompts a transformer's token sequence; this model's image tower is a CNN "
-                "(EfficientNet-Lite0), which has no tokens to prepend to. Use adapter.kind=lora, or a CLIP model "
-                "(model.name=tiny-clip, a transformers CLIPModel name or folder)"
-            )
+            raise ConfigError(VPT_ON_CNN)
         trunk = self.image_trunk
         vision = self.native["clip"].config.vision_config
         rows = len(trunk.layers) if adapter.deep_prompts else 1
@@ -512,6 +508,19 @@ def _clip_normalisation(name_or_path: str) -> tuple[tuple, tuple]:
         return tuple(proc.image_mean), tuple(proc.image_std)
     except OSError:  # no preprocessor_config.json: OpenAI CLIP's constants
         return (0.48145466, 0.4578275, 0.40821073), (0.26862954, 0.26130258, 0.27577711)
+
+
+VPT_ON_CNN = ("adapter.kind=vpt prompts a transformer's token sequence; this model's image tower is a CNN "
+              "(EfficientNet-Lite0), which has no tokens to prepend to. Use adapter.kind=lora, or a CLIP model "
+              "(model.name=tiny-clip, a transformers CLIPModel name or folder)")
+
+
+def has_cnn_tower(config: ModelConfig) -> bool:
+    """Whether `config` names the embedded kind (an EfficientNet image tower), known before building it."""
+    if config.name in ("embedded", "tiny-embedded"):
+        return True
+    manifest = read_export_manifest(Path(config.name))
+    return manifest is not None and manifest["kind"] == "embedded"
 
 
 def build_vlm(config: ModelConfig) -> DualEncoder:

@@ -21,7 +21,7 @@ from lifelong.config import ModelConfig, RunConfig, load_config, method_train, t
 from lifelong.data.base import Stream
 from lifelong.data.streams import build_stream, stream_from_section, task_order
 from lifelong.errors import ConfigError
-from lifelong.families import FAMILIES, get_family, prepare_trainable
+from lifelong.families import FAMILIES, get_family, prepare_trainable, vlm
 from lifelong.learn import METHODS, build_method, method_params
 from lifelong.loop import compute_stem_features, make_accelerator, run_stream
 from lifelong.metrics.continual import METRIC_DOCS, average_incremental_accuracy, summarize
@@ -49,6 +49,7 @@ def build_model(config: ModelConfig, stream: Stream):
 def run_experiment(config: RunConfig) -> Path:
     """Run every configured method on the stream; write results, tables and figures; return the run dir."""
     check_run(config)
+    check_adapters(config, config.model)
     # Under `accelerate launch` every process trains (DDP) and evaluates its share; one writes and prints.
     main = make_accelerator().is_main_process
     say = print if main else (lambda *a, **k: None)
@@ -223,4 +224,12 @@ def check_run(config: RunConfig) -> None:
                           f"{', '.join(n for n, f in FAMILIES.items() if 'learn' in f.operations)}")
     family.validate(config.model, tuple(m.name for m in config.methods))
     stream_from_section(config.stream)
+
+
+def check_adapters(config: RunConfig, model: ModelConfig) -> None:
+    """Adapter kinds the model cannot take, refused before any work (building the model would find them only
+    after the stem features or the probes). `model`: the run's, or a ledger's (its learn config names none)."""
+    adapters = [config.adapter] + [m.adapter for m in config.methods if m.adapter is not None]
+    if model.family == "vlm" and any(a.kind == "vpt" for a in adapters) and vlm.has_cnn_tower(model):
+        raise ConfigError(vlm.VPT_ON_CNN)
 

@@ -13,7 +13,7 @@ from lifelong.config import RunConfig, to_dict
 from lifelong.data.streams import build_stream, stream_from_section, task_names, task_order
 from lifelong.errors import ConfigError
 from lifelong.families import ledger_families
-from lifelong.learn.driver import MethodRun, check_run, write_results
+from lifelong.learn.driver import MethodRun, check_adapters, check_run, write_results
 from lifelong.ledger.changes import learn, learn_spec, resume
 from lifelong.ledger.core import Ledger
 from lifelong.ledger.probes import Probe, run_probes
@@ -27,6 +27,7 @@ def run_into_ledgers(config: RunConfig, ledger_root: Path) -> Path:
     are row t of the accuracy matrix. Interrupted? Run the same command again: tasks already in a
     ledger are skipped and an interrupted change continues from its last checkpoint."""
     check_run(config)
+    check_adapters(config, config.model)
     spec = stream_from_section(config.stream)
     if config.model.family not in ledger_families():
         raise ConfigError(f"--ledger records the families {', '.join(ledger_families())}, not model.family={config.model.family}")
