@@ -12,8 +12,10 @@ The loss is the mean NLL of the answer tokens (the prompt's are masked, -100), t
 reference output plus the end-of-sequence token (data.instructions.target_text), on right-padded batches
 drawn in seeded reshuffled epochs (loop.batch_order). AdamW, weight decay 0.02 and a cosine schedule
 with linear warm-up over the first 10% of the steps, as LLaMA-Adapter's recipe (its lr 9e-3 is the
-default for llama-adapter; lora 3e-3 and prefix 1e-2 are the usual values for those methods, not tuned
-here). One thread of work per process: the caller sets torch's thread count.
+default for llama-adapter; prefix 1e-2 as peft's prefix-tuning example; lora 3e-3 chosen for a rank-2
+adapter and short runs; none tuned here). The caller sets torch's thread count.
+
+Not handled yet: prompts longer than the model's context (the issue's "truncated with a warning").
 
 `equal_budget(config, trainable)` picks, for one model shape, each kind's size nearest a parameter
 budget, so that a comparison is at equal trainable parameters.
