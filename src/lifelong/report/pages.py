@@ -128,7 +128,8 @@ def _edit_bench(folder: Path, results: dict) -> Page:
             for row in [entries] if isinstance(entries, dict) else entries:
                 rows.append({"method": method, **row, "protocol": row.get("protocol", protocol)})
     flat, columns = site.flat_rows(rows)
-    by_t = sorted({r["T"] for r in rows if r.get("protocol") == "lifelong" and "T" in r})
+    # the T of every row of the sweep (the unedited model's rows there are labelled "pre-edit")
+    by_t = sorted({r["T"] for m in results["methods"].values() for r in m.get("lifelong") or [] if "T" in r})
     curves = []
     for metric in EDIT_METRICS:
         methods = [m for m in results["methods"] if any(metric in r for r in results["methods"][m].get("lifelong", []))]
