@@ -202,7 +202,7 @@ def test_grace_generation_says_the_target_once_then_continues_not_in_a_loop(llam
 # ---------------------------------------------------------------------- T-Patcher
 
 
-PATCHER_TINY = PatcherParams(memory_tokens=256, memory_facts=2, max_steps=300)  # train facts resemble the edits: more steps
+PATCHER_TINY = PatcherParams(memory_tokens=256, memory_facts=2, max_steps=1000)  # train facts resemble the edits: more steps (it stops once the edit holds and the memory is silent)
 PATCH_REQUESTS = [EditRequest(prompt="The capital of France is", target_new=" Rome", subject="France"),
                   EditRequest(prompt="Toronto is located in the country of", target_new=" Japan", subject="Toronto")]
 

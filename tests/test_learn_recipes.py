@@ -68,7 +68,9 @@ def test_lwf_adds_one_weighted_distillation_term_per_old_head(tiny_model, tiny_s
         ce = F.cross_entropy(tiny_model(batch.inputs, data.class_names), batch.targets)
         kds = [kl(tiny_model(batch.inputs, h), teacher(batch.inputs, h)) for h in heads]
     assert all(k > 1e-5 for k in kds), kds
-    torch.testing.assert_close(torch.tensor(logs["kd"]), sum(kds), rtol=1e-4, atol=1e-7)
+    # one forward over all 12 names vs one per head: other matmul shapes, so float rounding differs (2e-4
+    # relative on an AVX2-only CPU); a missing, merged or unweighted term moves it by far more
+    torch.testing.assert_close(torch.tensor(logs["kd"]), sum(kds), rtol=1e-3, atol=1e-7)
     torch.testing.assert_close(loss.detach(), ce + 3.0 * sum(kds), rtol=1e-4, atol=1e-6)
 
 
