@@ -285,6 +285,7 @@ def report(paths: Sequence[str | Path] = ("runs",), out: str | Path = "report") 
     key numbers) and a page each. A path is a ledger (DIR/ledger.json), a results folder (DIR/results.json: a
     `lifelong run` or a bench), or a folder of those (e.g. runs/). Returns the index's path."""
     found: list[Path] = []
+    seen: set[Path] = set()  # resolved paths: a folder named twice (or through a link) gets one page
     for path in map(Path, paths):
         if not path.exists():
             raise ConfigError(f"{path}: no such file or folder (give ledgers, run folders or a folder of them)")
@@ -292,7 +293,10 @@ def report(paths: Sequence[str | Path] = ("runs",), out: str | Path = "report") 
         if not kids:
             raise ConfigError(f"{path}: neither a ledger (ledger.json) nor a results folder (results.json), nor a folder "
                               "holding some")
-        found += [p for p in kids if p.resolve() not in {f.resolve() for f in found}]
+        for kid in kids:
+            if kid.resolve() not in seen:
+                seen.add(kid.resolve())
+                found.append(kid)
     out = Path(out)
     entries, names = [], {"index"}
     for path in found:

@@ -73,13 +73,10 @@ def _read_results(folder: Path) -> dict:
         raise DataFormatError(f"{path}: not JSON ({e})") from None
 
 
-def _figures(folder: Path) -> list[str]:
-    return [site.figure(p.read_bytes(), p.stem) for p in sorted(folder.glob("*.png"))
-            if p.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"]
-
-
 def _figures_section(folder: Path) -> str:
-    figures = _figures(folder)
+    """Every PNG of the folder, each file read once (a file that is not a PNG is left out)."""
+    pngs = ((p, p.read_bytes()) for p in sorted(folder.glob("*.png")))
+    figures = [site.figure(data, p.stem) for p, data in pngs if data[:8] == b"\x89PNG\r\n\x1a\n"]
     return site.section("Figures", *figures) if figures else ""
 
 
