@@ -9,7 +9,8 @@ written as soon as it is done, with its generated images' judge features in --wo
 runs/t2i_eval/), so a killed run continues where it stopped (same model file and settings; otherwise it
 starts over).
 
-For each training concept, `n` seeded samples (default 50, DDIM 25 steps, the model's guidance) from:
+For each training concept, `n` seeded samples (default 50; 25 steps of the default sampler, ancestral
+(families.diffusion.DEFAULT_ETA); the model's guidance) from:
   training prompts   its training captions, cycled (what the model was trained on);
   held-out prompts   captions it never saw: held-out templates and held-out synonyms, cycled.
 The judge (lifelong.metrics.judge, trained on real images only) reads each sample; the rate is the % in
@@ -42,7 +43,7 @@ from safetensors.torch import load_file, save_file
 
 from lifelong.atomic import atomic_write_bytes, atomic_write_json
 from lifelong.data import captioned
-from lifelong.families.diffusion import build_pipeline, embedded_weights
+from lifelong.families.diffusion import DEFAULT_ETA, build_pipeline, embedded_weights
 from lifelong.ledger.store import sha256_file
 from lifelong.metrics import judge as J
 
@@ -86,7 +87,9 @@ def evaluate(args) -> dict:
     if state.get("settings") != settings:
         state = {"settings": settings, "per_concept": {}}
     started = time.perf_counter()
-    for i, concept in enumerate(concepts):
+    position = {c.name: k for k, c in enumerate(captioned.training_concepts())}  # a concept's seed and files, in any subset
+    for concept in concepts:
+        i = position[concept.name]
         if concept.name in state["per_concept"]:
             continue
         t0 = time.perf_counter()
@@ -180,9 +183,10 @@ def main(argv: list[str] | None = None) -> int:
                                      epilog=__doc__.split("\n\n", 1)[1])
     parser.add_argument("--model", default="embedded", help="embedded (the shipped weights) or a train_t2i.py .safetensors file")
     parser.add_argument("--n", type=int, default=50, help="seeded samples per concept and prompt set (default 50)")
-    parser.add_argument("--steps", type=int, default=25, help="DDIM steps (default 25)")
+    parser.add_argument("--steps", type=int, default=25, help="denoising steps (default 25)")
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--eta", type=float, default=0.0, help="DDIM's eta (0 deterministic, default; 1 ancestral)")
+    parser.add_argument("--eta", type=float, default=DEFAULT_ETA,
+                        help=f"DDIM's eta (default {DEFAULT_ETA}: ancestral; 0: deterministic DDIM)")
     parser.add_argument("--bf16", action="store_true", help="sample under bfloat16 autocast (about 2x faster on CPU)")
     parser.add_argument("--kinds", nargs="*", choices=captioned.KINDS, help="only these kinds")
     parser.add_argument("--max-concepts", type=int, help="an evenly spaced subset (smoke runs)")

@@ -63,7 +63,7 @@ from lifelong.atomic import atomic_write_bytes
 from lifelong.cache import cached, content_key
 from lifelong.errors import ConfigError, TrainingDivergedError
 from lifelong.families import diffusion_arch as arch
-from lifelong.families.diffusion import TextStates, TextToImage
+from lifelong.families.diffusion import DEFAULT_ETA, TextStates, TextToImage
 from lifelong.fingerprint import tensor_digest
 
 CHECKPOINT = "checkpoint.safetensors"
@@ -293,11 +293,11 @@ def save_sample_grid(path: Path, model, ema: dict, data: TrainData) -> None:
     # on the CPU whatever the training device (a few seconds): the noise and sampler are the CPU ones
     cpu_ema = {k: v.cpu() for k, v in ema.items()}
     pipeline = TextToImage(None, None, arch.ema_copy(model, cpu_ema).cpu(), arch.build_sampler(), text_attention_mask=True)
-    n, size = data.sample_states.shape[0], model.config.sample_size
-    noise = torch.randn((2 * n, model.config.in_channels, size, size), generator=torch.Generator().manual_seed(1234))
+    n = data.sample_states.shape[0]
+    noise, step_noise = pipeline.draw_noise(2 * n, 1234, 25, DEFAULT_ETA)
     cond = TextStates(data.sample_states.repeat(2, 1, 1), data.sample_masks.repeat(2, 1))  # (2n, T, D)
     images = pipeline.sample_states(cond, TextStates(data.states[:1], data.masks[:1]), noise, steps=25, guidance=3.0,
-                                    batch_size=2 * n)  # (2n, H, W, 3)
+                                    batch_size=2 * n, eta=DEFAULT_ETA, step_noise=step_noise)  # (2n, H, W, 3)
     h, w = images.shape[1:3]
     grid = images.reshape(2, n, h, w, 3).transpose(0, 2, 1, 3, 4).reshape(2 * h, n * w, 3)
     image = Image.fromarray(grid).resize((n * w * 2, 2 * h * 2), Image.NEAREST)

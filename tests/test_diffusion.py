@@ -246,3 +246,34 @@ def test_ancestral_sampling_is_seeded_and_independent_of_the_batch_size():
     assert np.abs(a.astype(int) - b.astype(int)).max() <= 1 and not np.array_equal(a, c)
     with pytest.raises(ConfigError, match="eta"):
         pipeline.sample(["a sneaker"], eta=1.5)
+
+
+def test_the_default_sampler_steps_as_ddpm_ancestral_sampling():
+    """DEFAULT_ETA (1) with the noise re-derived from the clipped x0 is DDPM's ancestral step on the same
+    timesteps (posterior mean from the clipped x0, variance fixed_small): `denoise` from the same x and step
+    noise lands where DDPMScheduler.step lands with a generator that draws that noise."""
+    from diffusers import DDIMScheduler, DDPMScheduler
+
+    from lifelong.families.diffusion import DEFAULT_ETA, TextStates
+
+    pipeline = build_pipeline("tiny-embedded")
+    assert DEFAULT_ETA == 1.0
+    ddim = DDIMScheduler.from_config(pipeline.scheduler.config)
+    ddpm = DDPMScheduler.from_config(pipeline.scheduler.config)
+    ddim.set_timesteps(5)
+    ddpm.set_timesteps(5)
+    assert torch.equal(ddim.timesteps, ddpm.timesteps)
+    states, empty = pipeline.encode(["a sneaker"] * 2), pipeline.encode([""])
+    x = 3 * torch.randn((2, 3, 16, 16), generator=torch.Generator().manual_seed(0))  # x0 predictions outside [-1, 1]: clipping matters
+    step_noise = torch.randn((2, 2, 3, 16, 16), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        ours = pipeline.denoise(x, states, empty, ddim, ddim.timesteps[:2], 3.0, eta=DEFAULT_ETA, step_noise=step_noise)
+        theirs, both = x, TextStates.cat([empty[[0, 0]], states])
+        for i, t in enumerate(ddpm.timesteps[:2]):
+            uncond, text = pipeline.noise_prediction(torch.cat([theirs, theirs]), t, both).chunk(2)
+            guided = uncond + 3.0 * (text - uncond)
+            step = ddpm.step(guided, t, theirs, generator=torch.Generator().manual_seed(7)).prev_sample
+            drawn = torch.randn(theirs.shape, generator=torch.Generator().manual_seed(7))  # the noise DDPM added
+            sigma = ddpm._get_variance(t, ddpm.previous_timestep(t)) ** 0.5
+            theirs = step + sigma * (step_noise[i] - drawn)  # with our step noise in its place
+    assert torch.allclose(ours, theirs, atol=1e-5), (ours - theirs).abs().max()

@@ -56,7 +56,7 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 from lifelong.errors import ConfigError
-from lifelong.families.diffusion import TextStates
+from lifelong.families.diffusion import DEFAULT_ETA, TextStates
 
 PLACEHOLDER = "<concept>"
 # diffusers textual_inversion.py's imagenet_templates_small (the official attack's prompts for objects)
@@ -100,10 +100,10 @@ class AttackPrompt:
                batch_size: int = 16, progress: bool = False) -> np.ndarray:
         """`n` images per prompt, uint8 (P * n, H, W, 3), prompt-major: as `TextToImage.sample`, same noise
         for the same seed."""
-        size, channels = model.unet.config.sample_size, model.unet.config.in_channels
-        noise = torch.randn((len(self.text) * n, channels, size, size), generator=torch.Generator().manual_seed(seed))
+        noise, step_noise = model.draw_noise(len(self.text) * n, seed, steps, DEFAULT_ETA)
         cond = self.states(model)[torch.arange(len(self.text)).repeat_interleave(n)]
-        return model.sample_states(cond, model.encode([""]), noise, steps, guidance, batch_size, progress)
+        return model.sample_states(cond, model.encode([""]), noise, steps, guidance, batch_size, progress, DEFAULT_ETA,
+                                   step_noise)
 
 
 def encode_ids(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, vectors: torch.Tensor,

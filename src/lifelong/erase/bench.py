@@ -1,7 +1,8 @@
 """`lifelong bench erase`: every eraser on the same concepts, judged independently, one table.
 
 For each method and each concept of `concepts` (default: an object, a type style and a clip-art category),
-a fresh copy of the model is erased and measured with seeded samples (`n` per prompt set, DDIM `steps`):
+a fresh copy of the model is erased and measured with seeded samples (`n` per prompt set, `steps` of the
+model's default sampler, ancestral):
 
     efficacy      the judge's rate of the erased concept on samples from its training prompts and from
                   held-out paraphrases and synonyms (lower is better; the original model's rate beside it)
@@ -47,7 +48,7 @@ from lifelong.metrics.cost import PeakMemory
 from lifelong.metrics.judge import frechet_distance, judge_features, load_judge, predicted_concepts
 from lifelong.metrics.probe_judge import load_probe_judge
 from lifelong.report.pages import write_run_report
-from lifelong.runtime import versions
+from lifelong.runtime import fast_bf16, versions
 
 DEFAULT_LOCALITY = ("object/sneaker", "object/sandal", "object/ankle boot", "object/dress", "object/bag", "digit/3",
                     "digit/7", "letter/A/calligraphic/black", "letter/R/serif/red", "clipart/flower", "clipart/house",
@@ -72,8 +73,8 @@ class EraseBenchConfig:
     scale_concepts: tuple[str, ...] = ("sneaker", "dress", "bag", "three", "seven", "flower", "house", "fruit",
                                        "t-shirt", "coat")
     n: int = 32          # seeded samples per concept and prompt set (efficacy); n // 2 per locality concept
-    steps: int = 25      # DDIM steps of every sample
-    bf16: bool = True    # sample under bfloat16 autocast (about 2x faster on CPU; erasers train in fp32)
+    steps: int = 25      # denoising steps of every sample (the default sampler: ancestral)
+    bf16: bool = field(default_factory=fast_bf16)  # sample under bf16 autocast where it is fast (runtime.fast_bf16)
     seed: int = 0
     attacks: tuple[str, ...] = ("ti", "adv")  # "ti" (textual inversion), "adv" (UnlearnDiffAtk-style prefix)
     attack_steps: dict = field(default_factory=lambda: {"ti": 300, "adv": 40})

@@ -26,14 +26,18 @@ the concept's words. Here:
     the embedded model learned its concepts through caption templates; official ESD draws from the
     words it is given, which may be several.
   - `start_guidance` defaults to the embedded model's sampling guidance (3, as the official).
-  - x_t is drawn under bfloat16 autocast (`sample_bf16`): it only picks where the loss is applied, and
-    drawing it is most of an iteration's time; the targets and the trained prediction stay fp32.
+  - x_t is drawn under bfloat16 autocast (`sample_bf16`) where bf16 is fast (a CPU with AVX512-BF16 or AMX,
+    a GPU: runtime.fast_bf16; about 2x faster there, 20x slower where it is emulated): it only picks where
+    the loss is applied, and drawing it is most of an iteration's time; the targets and the trained
+    prediction stay fp32.
+  - x_t is drawn with deterministic DDIM (eta 0) as in the official code, not with the ancestral sampler
+    the project samples with by default (families.diffusion.DEFAULT_ETA).
 """
 
 from __future__ import annotations
 
 import copy
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 from torch import nn
@@ -41,6 +45,7 @@ from tqdm import tqdm
 
 from lifelong.erase.base import EraseRequest, prompt_batch, train_only
 from lifelong.loop import check_finite, mean_ends
+from lifelong.runtime import fast_bf16
 
 
 @dataclass(frozen=True)
@@ -52,7 +57,7 @@ class Params:
     batch_size: int = 8
     lr: float = 1e-4               # Adam
     ddim_steps: int = 25           # DDIM schedule x_t is drawn on (stopped after a random number of steps)
-    sample_bf16: bool = True       # draw x_t under bfloat16 autocast (about 2x faster on CPU; the loss stays fp32)
+    sample_bf16: bool = field(default_factory=fast_bf16)  # draw x_t under bf16 autocast where it is fast (runtime.fast_bf16)
 
     def __post_init__(self):
         if self.train_method not in ("xattn", "noxattn"):
