@@ -395,3 +395,4 @@ def test_the_erase_bench_writes_its_table_and_resumes(tmp_path):
     assert json.loads((out / "results.json").read_text())["rows"] == rows
     with pytest.raises(ConfigError, match="unknown erasure method"):
         load_bench_config(None, ["methods=[esd]"])
+    assert sorted(load_bench_config(None, []).methods) == sorted(ERASERS)  # the default bench runs every method
