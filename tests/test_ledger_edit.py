@@ -281,7 +281,7 @@ def test_bad_input_fails_clearly_and_records_nothing(ledger_dir, tmp_path, tiny_
         edit(ledger_dir, "wise", [EDIT], {"mask_ratio": 2.0})
     with pytest.raises(ConfigError, match="unknown"):
         edit(ledger_dir, "ft_m", [EDIT], {"lrr": 1.0})
-    with pytest.raises(LedgerError, match="ledger of a lm model: it takes `lifelong edit` changes, not learn changes"):
+    with pytest.raises(LedgerError, match="ledger of a lm model: it takes `lifelong adapt`, `lifelong edit` changes, not learn changes"):
         learn(ledger_dir, {"kind": "learn"})
     assert Ledger.open(ledger_dir).changes == []
 

@@ -1,7 +1,8 @@
 """lifelong: change pretrained models after pretraining without breaking what they know.
 
 The public API is `lifelong.api` (see its docstring for a tour): open or create a ledger, learn, edit,
-revert, resume, export, verify, run a config, generate images. Its functions are re-exported here.
+adapt (and chat with the result), revert, resume, export, verify, run a config, generate images. Its
+functions are re-exported here.
 """
 
 __version__ = "0.1.0"
@@ -10,8 +11,11 @@ from lifelong.api import (  # noqa: E402 - after __version__, which lower module
     EditRequest,
     Ledger,
     Probe,
+    adapt,
+    chat,
     edit,
     export,
+    export_peft,
     generate,
     init,
     learn,
@@ -26,5 +30,5 @@ from lifelong.api import (  # noqa: E402 - after __version__, which lower module
     verify,
 )
 
-__all__ = ["EditRequest", "Ledger", "Probe", "edit", "export", "generate", "init", "learn", "load_run_config", "log",
-           "open_ledger", "report", "resume", "revert", "run", "show", "verify"]
+__all__ = ["EditRequest", "Ledger", "Probe", "adapt", "chat", "edit", "export", "export_peft", "generate", "init", "learn",
+           "load_run_config", "log", "open_ledger", "report", "resume", "revert", "run", "show", "verify"]

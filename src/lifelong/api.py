@@ -10,6 +10,9 @@
 
     lm = lifelong.init("my-lm", family="lm")                          # SmolLM2-135M-Instruct
     lifelong.edit(lifelong.EditRequest("The capital of France is", " Lyon", "France"), method="grace", ledger="my-lm")
+    lifelong.adapt("my-lm", "bbc-topic", method="llama-adapter", steps=60)   # an instruction-tuning adapter
+    lifelong.export_peft("my-lm", "topic-adapter/")                     # that adapter as a peft folder
+    print(lifelong.chat("What is the capital of Peru?", ledger="my-lm"))
 
     lifelong.run("configs/demo.yaml", ["train.steps_per_task=50"])   # a whole stream, every method, one table
 
@@ -30,6 +33,7 @@ import numpy as np
 import yaml
 from PIL import Image
 
+from lifelong.adapt.chat import answer, check_image, load_adapter
 from lifelong.atomic import atomic_write_bytes, atomic_write_text
 from lifelong.config import ModelConfig, RunConfig, apply_override
 from lifelong.data.edit_requests import EditRequest, Probe
@@ -39,7 +43,7 @@ from lifelong.errors import ConfigError, LedgerCorruptError
 from lifelong.families import get_family, ledger_families
 from lifelong.families.diffusion import check_sampling
 from lifelong.learn.driver import check_adapters, load_run_config, run_experiment
-from lifelong.ledger import changes, edits, erasures, personal, views
+from lifelong.ledger import adapters, changes, edits, erasures, personal, views
 from lifelong.ledger.core import Ledger
 from lifelong.ledger.probes import DEFAULT_PROBES, run_probes, unique_name
 from lifelong.ledger.probes import Probe as ImageProbe
@@ -49,8 +53,9 @@ from lifelong.metrics.editing import generate as greedy_answers
 from lifelong.report import pages as report_pages
 from lifelong.report import site
 
-__all__ = ["EditRequest", "Ledger", "Probe", "edit", "erase", "export", "generate", "init", "learn", "load_run_config", "log",
-           "ledger_report", "open_ledger", "report", "resume", "revert", "run", "show", "verify"]
+__all__ = ["EditRequest", "Ledger", "Probe", "adapt", "chat", "edit", "erase", "export", "export_peft", "generate", "init",
+           "learn", "load_run_config", "log", "ledger_report", "open_ledger", "report", "resume", "revert", "run", "show",
+           "verify"]
 
 
 def run(config: str | Path | RunConfig | None, overrides: Sequence[str] = (), ledger: str | Path | None = None) -> Path:
@@ -178,6 +183,50 @@ def edit(requests: EditRequest | Sequence[EditRequest], method: str = "wise", *,
             "cost": cost}
 
 
+def adapt(root: str | Path, task: str, method: str = "llama-adapter", *, steps: int = 100, lr: float | None = None,
+          batch_size: int = 8, items: int | None = None, eval_items: int = adapters.EVAL_ITEMS, seed: int = 0,
+          warn=None) -> int:
+    """One adapt change of the lm ledger `root`: a `method` adapter (llama-adapter, lora) trained for `steps` steps
+    on the instruction task `task` (data.instructions.TASKS; `items` training examples, default all) on top of its
+    current model; the task's held-out items (`eval_items`) become a probe. Returns the change's id. `lr` None:
+    the method's default (adapt.instruct.DEFAULT_LR). `warn(message)` gets the warnings (prompts cut to the
+    model's context)."""
+    return adapters.adapt(root, task, method, steps=steps, lr=lr, batch_size=batch_size, items=items,
+                          eval_items=eval_items, seed=seed, warn=warn)
+
+
+def export_peft(root: str | Path, out: str | Path, change: int | None = None) -> tuple[Path, int]:
+    """The adapter of adapt change `change` (default: the latest in effect) of the lm ledger `root` as a peft folder
+    `out`; returns (out, the change's id). `PeftModel.from_pretrained(model, out)` loads it onto the ledger's
+    model before that change."""
+    return adapters.export_peft(root, out, change)
+
+
+def chat(prompt: str, model: str | None = None, *, ledger: str | Path | None = None, adapter: str | Path | None = None,
+         max_new_tokens: int = 128, image: str | Path | None = None, warn=None) -> str:
+    """The greedy answer of a causal LM to `prompt` (through its chat template when it has one): `model` (default
+    the embedded SmolLM2-135M-Instruct), or the current model of the lm ledger `ledger`, with the peft adapter
+    folder `adapter` on it when given (refused when built for another model). A prompt longer than the model's
+    context keeps its last tokens (`warn(message)` says so). `image`: refused, saying why (no multimodal adapter
+    yet)."""
+    if image is not None:
+        check_image(image)
+    if ledger is not None and model is not None:
+        raise ConfigError(f"--model: a ledger's model is fixed at `lifelong init` (see `lifelong log {ledger}`); give "
+                          "--model or --ledger")
+    if ledger is not None:
+        book = Ledger.open(ledger)
+        book.require_operation("adapt")
+        lm, tokenizer = book.materialize_with_tokenizer()
+        name = f"the current model of ledger {ledger}"
+    else:
+        name = model or "embedded"
+        lm, tokenizer = get_family("lm").build(ModelConfig(family="lm", name=name))
+    if adapter is not None:
+        lm = load_adapter(lm, adapter, name)
+    return answer(lm, tokenizer, prompt, max_new_tokens, warn=warn)
+
+
 def erase(root: str | Path, concept: str, method: str = "esd-x", *, anchor: str | None = None,
           preserve: Sequence[str] | None = None, knobs: dict | None = None, seed: int = 0, judge: bool = True) -> int:
     """One erase change of the diffusion ledger `root`: `method` (esd-x, esd-u, ac, uce) makes prompts naming
@@ -251,7 +300,8 @@ def export(root: str | Path, out: str | Path, upto: int | None = None) -> Path:
     """The ledger's model (after change `upto`, default all) in its family's native format, in `out`.
 
     Refuses a ledger whose files do not match their recorded hashes, and a model holding module edits
-    (GRACE, T-Patcher, WISE) that the native format cannot hold."""
+    (GRACE, T-Patcher, WISE) or a LLaMA-Adapter that the native format cannot hold (`export_peft` writes the
+    adapter alone)."""
     return Ledger.open(root).export(out, upto)
 
 

@@ -8,7 +8,9 @@ import sys
 from pathlib import Path
 
 from lifelong import api
+from lifelong.adapt.instruct import DEFAULT_LR, TrainSettings
 from lifelong.data.edit_requests import EditRequest, Probe
+from lifelong.data.instructions import TASKS as INSTRUCTION_TASKS
 from lifelong.data.streams import PRESETS
 from lifelong.edit import EDITORS, editor_class
 from lifelong.edit.bench import load_bench_config, read_requests_file, run_bench
@@ -18,6 +20,8 @@ from lifelong.erase.bench import run_bench as run_erase_bench
 from lifelong.errors import ConfigError, LifelongError
 from lifelong.families import FAMILIES, ledger_families
 from lifelong.learn import METHODS
+from lifelong.ledger.adapters import EVAL_ITEMS as ADAPT_EVAL_ITEMS
+from lifelong.ledger.adapters import METHODS as ADAPT_METHODS
 from lifelong.personalize import PERSONALIZERS
 from lifelong.runtime import tune_allocator
 
@@ -40,6 +44,8 @@ a model's history (a ledger):
   lifelong export my-model out/                   the current model in the family's native format
   lifelong init my-lm --family lm                 a causal LM's history (SmolLM2 embedded): knowledge edits
   lifelong edit --ledger my-lm --method ft_l --prompt "The capital of France is" --target Lyon
+  lifelong adapt my-lm --task bbc-topic --method llama-adapter --steps 60     an instruction-tuning adapter
+  lifelong chat --ledger my-lm "What is the capital of Peru?"
 
 knowledge editing of a causal LM (SmolLM2-135M-Instruct embedded):
   lifelong edit --prompt "The capital of France is" --target Lyon --method wise
@@ -106,6 +112,7 @@ def main(argv: list[str] | None = None) -> int:
     add_edit_commands(sub)
     add_generate_command(sub)
     add_personalize_command(sub)
+    add_chat_command(sub)
 
     # KEY=VALUE overrides may stand before or after options (argparse alone stops at the first option).
     args, extra = parser.parse_known_args(argv)
@@ -138,6 +145,8 @@ def main(argv: list[str] | None = None) -> int:
             return cmd_personalize(args)
         if args.command == "merge":
             return cmd_merge(args)
+        if args.command == "chat":
+            return cmd_chat(args)
         return LEDGER_COMMANDS[args.command](args)
     except LifelongError as e:
         print(f"error: {e}", file=sys.stderr)
@@ -186,7 +195,8 @@ def add_ledger_commands(sub) -> None:
     init = command("init", "start a ledger: a base model and the probes run after every change",
                    "Create DIR as a new ledger of MODEL and score the base model on its probes. A vlm ledger (the "
                    "default) takes `lifelong learn` changes; an lm ledger (--family lm, a causal LM) takes "
-                   "`lifelong edit --ledger DIR` changes and is probed by the edits in effect and held-out facts; a "
+                   "`lifelong edit --ledger DIR` and `lifelong adapt DIR` changes and is probed by the edits in effect, "
+                   "held-out facts and the instruction tasks it learned; a "
                    "diffusion ledger (a text-to-image model) takes `lifelong erase DIR` changes and is probed by the "
                    "judge's rate of each probe concept in seeded samples, and the judge-FD to real images.")
     init.add_argument("dir", type=Path)
@@ -251,13 +261,39 @@ def add_ledger_commands(sub) -> None:
                         help="auto (default); subtract: task arithmetic even with later changes (an approximation "
                         "then); replay: retrain the later changes without N (exact)")
 
-    export = command("export", "write the current model in the family's native format",
+    export = command("export", "write the current model in the family's native format (or an adapter as peft's)",
                      "Write the ledger's current model (base + every patch) to OUT: a transformers save_pretrained "
                      "folder for CLIP models and causal LMs; the towers and heads for the embedded model. "
-                     "`--model OUT` loads it.")
+                     "`--model OUT` loads it. With --peft OUT instead, an lm ledger's adapter of an adapt change "
+                     "(default: the latest in effect) as a peft folder: `PeftModel.from_pretrained(model, OUT)` loads it "
+                     "onto the ledger's model before that change, `lifelong chat --adapter OUT` answers with it.")
     export.add_argument("dir", type=Path)
-    export.add_argument("out", type=Path)
+    export.add_argument("out", type=Path, nargs="?", help="the folder to write the model to (new or empty)")
     export.add_argument("--upto", type=int, help="the model as it was after change N")
+    export.add_argument("--peft", type=Path, metavar="OUT", help="write the adapter of an adapt change as a peft "
+                        "folder (adapter_config.json, adapter_model.safetensors) to OUT instead of the model")
+    export.add_argument("--change", type=int, metavar="N", help="with --peft: the adapt change whose adapter to write "
+                        "(default: the latest adapt change in effect)")
+
+    adapt = command("adapt", "one change of an lm ledger: an instruction-tuning adapter trained on a task",
+                    "Train an adapter (llama-adapter: zero-init gated adaption prompts; lora: low-rank factors merged "
+                    "into the weights) on the instruction task TASK on top of the lm ledger's current model, and record "
+                    "it as a change with the task's score on held-out items before and after, every probe before and "
+                    "after, and its cost. The task's held-out items become a probe that every later change runs. "
+                    "`lifelong revert DIR N` takes it out; `lifelong export DIR --peft OUT` writes it as a peft folder.")
+    adapt.add_argument("dir", type=Path, help="an lm ledger (`lifelong init DIR --family lm`)")
+    adapt.add_argument("--task", required=True, help="the instruction task: " + ", ".join(INSTRUCTION_TASKS))
+    adapt.add_argument("--method", default="llama-adapter", help="llama-adapter (default; a later one continues the one "
+                       "in effect) or lora")
+    adapt.add_argument("--steps", type=int, default=TrainSettings.steps, help=f"training steps (default {TrainSettings.steps})")
+    adapt.add_argument("--lr", type=float, help="learning rate (default: the method's, " + ", ".join(
+        f"{k} {v:g}" for k, v in DEFAULT_LR.items() if k in ADAPT_METHODS) + ")")
+    adapt.add_argument("--batch-size", type=int, default=TrainSettings.batch_size,
+                       help=f"examples per step (default {TrainSettings.batch_size})")
+    adapt.add_argument("--items", type=int, help="training examples drawn from the task's training split (default: all)")
+    adapt.add_argument("--eval-items", type=int, default=ADAPT_EVAL_ITEMS, help="held-out test items of the task's probe "
+                       f"(a fixed seeded subset; default {ADAPT_EVAL_ITEMS})")
+    adapt.add_argument("--seed", type=int, default=0, help="the training seed (batches, initial adapter)")
 
     verify = command("verify", "re-hash every file and rebuild the base model",
                      "Check every file the manifest lists against its SHA-256, and the base model against its hash.")
@@ -327,6 +363,17 @@ def cmd_revert(args) -> int:
 
 
 def cmd_export(args) -> int:
+    if args.peft is not None:
+        if args.out is not None or args.upto is not None:
+            raise ConfigError("give either OUT [--upto N] (the model) or --peft OUT [--change N] (an adapter), not both")
+        out, n = api.export_peft(args.dir, args.peft, change=args.change)
+        print(f"exported the adapter of change {n} to {out} (peft); load it with `PeftModel.from_pretrained(model, "
+              f"{str(out)!r})` on the ledger's model before change {n}, or `lifelong chat --adapter {out}`")
+        return 0
+    if args.out is None:
+        raise ConfigError("export needs OUT (the folder to write the model to), or --peft OUT for an adapter")
+    if args.change is not None:
+        raise ConfigError("--change belongs to --peft (the model after change N: --upto N)")
     out = api.export(args.dir, args.out, upto=args.upto)
     state = f"after change {args.upto}" if args.upto is not None else "after every change"
     print(f"exported the model {state} to {out}; load it with `--model {out}` (or model.name={out})")
@@ -339,8 +386,19 @@ def cmd_verify(args) -> int:
     return 0
 
 
+def cmd_adapt(args) -> int:
+    n = api.adapt(args.dir, args.task, args.method, steps=args.steps, lr=args.lr, batch_size=args.batch_size,
+                  items=args.items, eval_items=args.eval_items, seed=args.seed, warn=_warn)
+    print_change(args.dir, n)
+    return 0
+
+
+def _warn(message: str) -> None:
+    print(f"warning: {message}", file=sys.stderr)
+
+
 LEDGER_COMMANDS = {"init": cmd_init, "learn": cmd_learn, "resume": cmd_resume, "log": cmd_log, "show": cmd_show,
-                   "revert": cmd_revert, "export": cmd_export, "verify": cmd_verify}
+                   "revert": cmd_revert, "export": cmd_export, "verify": cmd_verify, "adapt": cmd_adapt}
 
 
 # ---------------------------------------------------------------------------------------------
@@ -455,6 +513,37 @@ def cmd_bench_edit(args) -> int:
     if args.split:
         overrides.append(f"split={args.split}")
     run_bench(load_bench_config(args.config, overrides))
+    return 0
+
+
+def add_chat_command(sub) -> None:
+    chat = sub.add_parser("chat", help="answer one prompt with a causal LM (a ledger's current model, a peft adapter)",
+                          description="Answer PROMPT with greedy decoding, through the tokenizer's chat template when it "
+                          "has one: the model --model, or the current model of the lm ledger --ledger, with the peft "
+                          "adapter --adapter on it (refused when it was built for another base model). A prompt longer "
+                          "than the model's context keeps its last tokens, with a warning.",
+                          epilog=CHAT_EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
+    chat.add_argument("prompt", help="what to ask")
+    chat.add_argument("--model", help="embedded (SmolLM2-135M-Instruct, the default), a hub id or a folder")
+    chat.add_argument("--ledger", type=Path, metavar="DIR", help="use the current model of this lm ledger instead")
+    chat.add_argument("--adapter", type=Path, metavar="PEFT_DIR", help="a peft adapter folder (`lifelong export DIR "
+                      "--peft OUT` writes one)")
+    chat.add_argument("--max-new-tokens", type=int, default=128, help="the longest answer in tokens (default 128)")
+    chat.add_argument("--image", type=Path, metavar="PATH", help="an image to ask about: needs the multimodal adapter, "
+                      "which does not exist yet (refused, saying so)")
+
+
+CHAT_EPILOG = """\
+examples:
+  lifelong chat "What is the capital of Peru?"
+  lifelong chat --ledger my-lm "What is the topic of this news article? ..."
+  lifelong export my-lm --peft topic-adapter/ && lifelong chat --adapter topic-adapter/ "..."
+"""
+
+
+def cmd_chat(args) -> int:
+    print(api.chat(args.prompt, args.model, ledger=args.ledger, adapter=args.adapter,
+                   max_new_tokens=args.max_new_tokens, image=args.image, warn=_warn))
     return 0
 
 

@@ -15,7 +15,13 @@ with linear warm-up over the first 10% of the steps, as LLaMA-Adapter's recipe (
 default for llama-adapter; prefix 1e-2 as peft's prefix-tuning example; lora 3e-3 chosen for a rank-2
 adapter and short runs; none tuned here). The caller sets torch's thread count.
 
-Not handled yet: prompts longer than the model's context (the issue's "truncated with a warning").
+A prompt whose prompt + answer is longer than the model's context (families.lm.context_length) loses its
+first tokens, with one warning for the run (`warn`; default warnings.warn) saying how many were cut.
+
+A ledger records an adapter as a change (ledger/adapters.py): `train_adapter(..., init=)` continues a
+LLaMA-Adapter from the tensors of the one in effect, `AttachedAdapter` puts recorded tensors back on a model
+(and takes them off again), and `lora_weights` folds a trained LoRA into dense weight deltas and its peft
+factors, taking the LoRA layers off.
 
 `equal_budget(config, trainable)` picks, for one model shape, each kind's size nearest a parameter
 budget, so that a comparison is at equal trainable parameters.
@@ -24,6 +30,8 @@ budget, so that a comparison is at equal trainable parameters.
 from __future__ import annotations
 
 import time
+import warnings
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 
 import torch
@@ -31,12 +39,19 @@ from safetensors.torch import save
 
 from lifelong.data.instructions import InstructionTask, prompt_text, target_text
 from lifelong.errors import ConfigError
-from lifelong.families.lm import target_batch
+from lifelong.families.lm import context_length, overlong, target_batch
 from lifelong.loop import batch_order, check_finite, cosine_with_warmup, mean_ends
 from lifelong.metrics.cost import PeakMemory
-from lifelong.modules.llama_adapter import add_llama_adapter
+from lifelong.modules.llama_adapter import (
+    OWN_TYPES,
+    adaption_parameters,
+    add_llama_adapter,
+    plain_parameter_name,
+    remove_llama_adapter,
+)
 
 KINDS = ("llama-adapter", "lora", "prefix")
+MODULE_KINDS = ("llama-adapter",)  # what a ledger holds as a module; a LoRA folds into the weights
 DEFAULT_LR = {"llama-adapter": 9e-3, "lora": 3e-3, "prefix": 1e-2}
 
 
@@ -53,6 +68,10 @@ class AdapterSpec:
     def __post_init__(self) -> None:
         if self.kind not in KINDS:
             raise ConfigError(f"adapter kind {self.kind!r} is not one of {', '.join(KINDS)}")
+
+    @classmethod
+    def from_dict(cls, raw: dict) -> AdapterSpec:
+        return cls(**{**raw, "target_modules": tuple(raw.get("target_modules", cls.target_modules))})
 
 
 @dataclass(frozen=True)
@@ -90,17 +109,29 @@ def attach(model, spec: AdapterSpec, seed: int = 0):
     """The model with the adapter of `spec` in it and every base parameter frozen; returns the module to call."""
     if spec.kind == "llama-adapter":
         return add_llama_adapter(model, spec.adapter_len, spec.adapter_layers, seed=seed)
-    from peft import LoraConfig, PrefixTuningConfig, get_peft_model  # heavy optional dependency, imported at first use
+    from peft import get_peft_model  # heavy optional dependency, imported at first use
 
-    if spec.kind == "lora":
-        config = LoraConfig(r=spec.rank, lora_alpha=spec.alpha, lora_dropout=0.0, bias="none",
-                            target_modules=list(spec.target_modules), task_type="CAUSAL_LM",
-                            fan_in_fan_out=model.config.model_type == "gpt2")
-    else:
-        config = PrefixTuningConfig(num_virtual_tokens=spec.num_virtual_tokens, task_type="CAUSAL_LM")
     with torch.random.fork_rng(devices=[]):  # peft draws LoRA's A and the prefixes from the global RNG
         torch.manual_seed(seed)
-        return get_peft_model(model, config)
+        return get_peft_model(model, peft_config(spec, model.config.model_type))
+
+
+def peft_config(spec: AdapterSpec, model_type: str):
+    """peft's config of `spec`'s adapter on a model of `model_type`: what `attach` builds and an exported peft
+    folder's adapter_config.json holds."""
+    from peft import AdaptionPromptConfig, LoraConfig, PrefixTuningConfig  # heavy optional dependency
+
+    if spec.kind == "lora":
+        return LoraConfig(r=spec.rank, lora_alpha=spec.alpha, lora_dropout=0.0, bias="none",
+                          target_modules=list(spec.target_modules), task_type="CAUSAL_LM",
+                          fan_in_fan_out=model_type == "gpt2")
+    if spec.kind == "prefix":
+        return PrefixTuningConfig(num_virtual_tokens=spec.num_virtual_tokens, task_type="CAUSAL_LM")
+    if model_type in OWN_TYPES:
+        raise ConfigError(f"LLaMA-Adapter on {model_type} is this project's own code (peft's {model_type} form adds "
+                          "the prompts' output without the attention's output projection W_o, another function): "
+                          "peft cannot load it as the same model")
+    return AdaptionPromptConfig(adapter_len=spec.adapter_len, adapter_layers=spec.adapter_layers, task_type="CAUSAL_LM")
 
 
 def adapter_state(model) -> dict[str, torch.Tensor]:
@@ -109,15 +140,26 @@ def adapter_state(model) -> dict[str, torch.Tensor]:
 
 
 def train_adapter(model, tokenizer, task: InstructionTask, spec: AdapterSpec,
-                  settings: TrainSettings = TrainSettings()) -> AdapterRun:
-    """Attach `spec`'s adapter to `model` (in place) and train it on `task.train` for `settings.steps` steps."""
+                  settings: TrainSettings = TrainSettings(), init: dict[str, torch.Tensor] | None = None,
+                  warn: Callable[[str], None] | None = None) -> AdapterRun:
+    """Attach `spec`'s adapter to `model` (in place) and train it on `task.train` for `settings.steps` steps.
+
+    `init`: a LLaMA-Adapter's tensors to start from (`AttachedAdapter.state_dict()` of the one this run
+    continues) instead of the zero-gate start. `warn` gets the warning about prompts cut to the context."""
     if not task.train:
         raise ConfigError(f"{task.name}: no training examples")
     lr = settings.lr if settings.lr is not None else DEFAULT_LR[spec.kind]
     adapted = attach(model, spec, seed=settings.seed)
+    if init is not None:
+        load_adapter_state(model, init)
     params = [q for q in adapted.parameters() if q.requires_grad]
     prompts = [prompt_text(e, tokenizer, chat=settings.chat) for e in task.train]
     targets = [target_text(e, tokenizer) for e in task.train]
+    max_length = context_length(model)
+    cut = overlong(tokenizer, prompts, targets, max_length) if max_length else 0
+    if cut:
+        (warn or _warn)(f"{task.name}: {cut} of {len(prompts)} training prompt(s) with their answer are longer than the "
+                        f"model's context ({max_length} tokens): each keeps its last tokens")
     opt = torch.optim.AdamW(params, lr=lr, weight_decay=settings.weight_decay)
     sched = torch.optim.lr_scheduler.LambdaLR(
         opt, cosine_with_warmup(max(1, round(settings.warmup * settings.steps)), settings.steps))
@@ -128,7 +170,7 @@ def train_adapter(model, tokenizer, task: InstructionTask, spec: AdapterSpec,
     with PeakMemory() as mem:
         for step, idx in enumerate(batch_order(len(prompts), settings.batch_size, settings.steps, settings.seed)):
             start = time.perf_counter()
-            batch = target_batch(tokenizer, [prompts[i] for i in idx], [targets[i] for i in idx], device)
+            batch = target_batch(tokenizer, [prompts[i] for i in idx], [targets[i] for i in idx], device, max_length)
             loss = adapted(input_ids=batch.input_ids, attention_mask=batch.attention_mask, labels=batch.labels).loss
             check_finite(loss, spec.kind, step)
             opt.zero_grad(set_to_none=True)
@@ -142,6 +184,70 @@ def train_adapter(model, tokenizer, task: InstructionTask, spec: AdapterSpec,
     run.peak_mb, run.delta_mb = mem.peak_mb, mem.delta_mb
     run.patch_bytes = len(save(adapter_state(adapted)))
     return run
+
+
+def _warn(message: str) -> None:
+    warnings.warn(message, stacklevel=3)
+
+
+# ----------------------------------------------------------------------------- adapters a ledger records
+
+def adapter_tensors(model) -> dict[str, torch.Tensor]:
+    """A LLaMA-Adapter's prompts and gates, under their names in the plain model (`model.layers.5.self_attn.
+    adaption_prompt`, whatever peft wrapper holds it): what a ledger's change records."""
+    return {plain_parameter_name(n): q.detach().clone() for n, q in adaption_parameters(model).items()}
+
+
+def load_adapter_state(model, state: dict[str, torch.Tensor]) -> None:
+    """Copy recorded prompts and gates (`adapter_tensors`) into the adapter attached to `model`."""
+    own = {plain_parameter_name(n): q for n, q in adaption_parameters(model).items()}
+    if own.keys() != state.keys() or any(own[k].shape != state[k].shape for k in own):
+        theirs = {k: tuple(v.shape) for k, v in state.items()}
+        raise ConfigError(f"the recorded LLaMA-Adapter {theirs} does not fit the one attached "
+                          f"{ {k: tuple(v.shape) for k, v in own.items()} }: another adapter_len / adapter_layers?")
+    with torch.no_grad():
+        for name, q in own.items():
+            q.copy_(state[name])
+
+
+class AttachedAdapter:
+    """A recorded LLaMA-Adapter put back on a model, frozen (what a ledger's materialized model holds);
+    `state_dict()` gives its tensors, `reset()` takes it off (the model's own parameters were never written)."""
+
+    def __init__(self, model, spec: AdapterSpec, state: dict[str, torch.Tensor]):
+        flags = [(q, q.requires_grad) for q in model.parameters()]
+        self.model, self.spec = model, spec
+        add_llama_adapter(model, spec.adapter_len, spec.adapter_layers)
+        load_adapter_state(model, state)
+        for q, flag in flags:  # the model's trainability as it was; the adapter frozen
+            q.requires_grad_(flag)
+        for q in adaption_parameters(model).values():
+            q.requires_grad_(False)
+
+    def state_dict(self) -> dict[str, torch.Tensor]:
+        return adapter_tensors(self.model)
+
+    def reset(self) -> None:
+        remove_llama_adapter(self.model)
+
+
+@torch.no_grad()
+def lora_weights(adapted) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
+    """(dense deltas, peft factors) of the LoRA in peft's model `adapted`, whose layers it then takes off.
+
+    deltas: plain weight name -> scale * B @ A in the weight's own layout (peft's `get_delta_weight`: transposed
+    for GPT-2's Conv1D). factors: peft's state dict of the adapter (`base_model.model.<module>.lora_A.weight`...),
+    what `adapter_model.safetensors` of a peft folder holds."""
+    from peft import get_peft_model_state_dict
+    from peft.tuners.lora import LoraLayer
+
+    deltas = {}
+    for name, module in adapted.get_base_model().named_modules():
+        if isinstance(module, LoraLayer):
+            deltas[plain_parameter_name(f"{name}.weight")] = module.get_delta_weight("default").detach().clone()
+    factors = {k: v.detach().clone() for k, v in get_peft_model_state_dict(adapted).items()}
+    adapted.unload()  # the LoRA layers off: the plain modules back, their weights untouched
+    return deltas, factors
 
 
 def count_for(config, spec: AdapterSpec) -> int:

@@ -101,7 +101,8 @@ FAMILIES: dict[str, Family] = {
     ),
     "lm": FamilySpec(
         name="lm", summary="a causal language model (SmolLM2-135M-Instruct embedded, or any transformers causal LM)",
-        operations=frozenset({"edit"}), probe_kind="facts", score_unit="token-level accuracy %",
+        operations=frozenset({"edit", "adapt"}), probe_kind="facts",
+        score_unit="token-level accuracy % (an instruction task's probe: its own metric, %)",
         build_fn=lambda config, class_names: lm.build_lm(config.name),
         fingerprint_fn=lm.lm_fingerprint, export_fn=lm.export_pretrained,
         validate_fn=lm.validate_config, tiny_name="tiny-llama",

@@ -14,7 +14,10 @@ trained on a fixed text in this file (offline, ~ms, deterministic): for unit tes
 Layer access for editors lives here so that methods never hard-code a module path:
 `decoder_layers(model)`, `ffn_out(model, l)` (the FFN's output projection: Llama `mlp.down_proj`,
 GPT-2 `mlp.c_proj`), and `linear_weight(module)`, which returns that projection's weight as
-(out_features, in_features) whatever the storage (GPT-2's Conv1D stores it transposed).
+(out_features, in_features) whatever the storage (GPT-2's Conv1D stores it transposed);
+`attention_projections(model)` names the attention's query/value projections (LoRA's usual targets) and
+`context_length(model)` how many tokens the model reads (prompts longer than that are cut from the left:
+`target_batch(..., max_length=)`, `metrics.editing.generate(..., max_length=)`).
 """
 
 from __future__ import annotations
@@ -90,6 +93,18 @@ def frozen(model: nn.Module):
     finally:
         for q, flag in flags:
             q.requires_grad_(flag)
+
+
+def attention_projections(model: nn.Module) -> tuple[str, ...]:
+    """The attention's query and value projections by module name: LoRA's targets (Hu et al. adapt W_q, W_v).
+    GPT-2 computes q, k, v in one Conv1D, `c_attn`."""
+    return ("c_attn",) if getattr(model.config, "model_type", None) == "gpt2" else ("q_proj", "v_proj")
+
+
+def context_length(model: nn.Module) -> int | None:
+    """The most tokens the model reads at once (its position table), None when its config does not say."""
+    config = getattr(model, "config", None)
+    return getattr(config, "max_position_embeddings", None) or getattr(config, "n_positions", None)
 
 
 def lm_fingerprint(model: nn.Module) -> str:
@@ -269,16 +284,22 @@ class TokenBatch:
         return TokenBatch(*(t.to(device) for t in (self.input_ids, self.attention_mask, self.labels, self.target_mask)))
 
 
-def target_batch(tokenizer, prompts: list[str], targets: list[str], device=None) -> TokenBatch:
+def target_batch(tokenizer, prompts: list[str], targets: list[str], device=None,
+                 max_length: int | None = None) -> TokenBatch:
     """Teacher-forced batch of `prompt + target`: input_ids, attention_mask, and labels that are -100
     everywhere except the target tokens (so a causal-LM loss is the target's NLL). Right-padded.
-    `target_mask[i, j]` marks the positions whose *logits* predict target tokens (labels shifted)."""
+    `target_mask[i, j]` marks the positions whose *logits* predict target tokens (labels shifted).
+    With `max_length`, a prompt whose prompt + target is longer loses its first tokens (`overlong` counts them)."""
     ids, labels = [], []
     for prompt, target in zip(prompts, targets, strict=True):
         p = tokenizer(prompt, add_special_tokens=False)["input_ids"]
         t = tokenizer(target, add_special_tokens=False)["input_ids"]
         if not t:
             raise ValueError(f"target {target!r} tokenizes to nothing")
+        if max_length is not None:
+            if len(t) >= max_length:
+                raise ValueError(f"target {target[:40]!r}... alone is {len(t)} tokens, the model reads {max_length}")
+            p = p[max(0, len(p) + len(t) - max_length):]  # cut from the left: the end of the prompt leads to the answer
         ids.append(p + t)
         labels.append([-100] * len(p) + t)
     width = max(map(len, ids))
@@ -294,6 +315,14 @@ def target_batch(tokenizer, prompts: list[str], targets: list[str], device=None)
     target_mask[:, :-1] = label_t[:, 1:] != -100
     batch = TokenBatch(input_ids=input_ids, attention_mask=attention, labels=label_t, target_mask=target_mask)
     return batch.to(device) if device is not None else batch
+
+
+def overlong(tokenizer, prompts: list[str], targets: list[str], max_length: int) -> int:
+    """How many `prompt + target` pairs are longer than `max_length` tokens (what `target_batch` cuts)."""
+    def n(text: str) -> int:
+        return len(tokenizer(text, add_special_tokens=False)["input_ids"])
+
+    return sum(n(p) + n(t) > max_length for p, t in zip(prompts, targets))
 
 
 def target_nll(model, batch: TokenBatch) -> torch.Tensor:

@@ -36,6 +36,7 @@ from lifelong.data.sources import default_task_name, load_source
 from lifelong.errors import DataFormatError, LedgerError, LifelongError
 from lifelong.families import prepare_trainable
 from lifelong.learn import build_method, method_params
+from lifelong.ledger.adapters import revert_adapt
 from lifelong.ledger.core import Ledger
 from lifelong.ledger.edits import revert_edit
 from lifelong.ledger.erasures import revert_erase
@@ -308,9 +309,9 @@ def revert(root: str | Path, n: int, strategy: str = "auto") -> int:
         if _pending_raw(root) is not None:
             raise LedgerError(f"{root} has an interrupted change: `lifelong resume {root}` (or --discard) first")
         target = ledger.change(n)
-        if target["kind"] not in ("learn", "edit", "erase", "personalize"):
-            raise LedgerError(f"change {n} is a {target['kind']}; only learn, edit, erase and personalize changes can "
-                              "be reverted")
+        if target["kind"] not in ("learn", "edit", "erase", "personalize", "adapt"):
+            raise LedgerError(f"change {n} is a {target['kind']}; only learn, edit, erase, personalize and adapt changes "
+                              "can be reverted")
         if n in ledger.reverted_ids():
             by = next(c["id"] for c in ledger.changes if c.get("reverts") == n)
             raise LedgerError(f"change {n} is already reverted (by change {by})")
@@ -320,6 +321,8 @@ def revert(root: str | Path, n: int, strategy: str = "auto") -> int:
             return revert_erase(ledger, n, strategy)
         if target["kind"] == "personalize":
             return revert_personal(ledger, n, strategy)
+        if target["kind"] == "adapt":
+            return revert_adapt(ledger, n, strategy)
         later = [c for c in ledger.active_learn_changes() if c["id"] > n]
         if strategy == "auto":
             strategy = "replay" if later else "subtract"

@@ -14,11 +14,12 @@
 
 The model family decides the base and the changes: a `vlm` ledger (a CLIP-style dual encoder) takes
 `learn` changes probed by image test sets (probes.py); an `lm` ledger (a causal LM) takes `edit`
-changes probed by the edits in effect and held-out facts (edits.py). Both record `revert` changes.
+changes (edits.py) and `adapt` changes (adapters.py), probed by the edits in effect, held-out facts and
+the instruction tasks its adapt changes learned. Both record `revert` changes.
 
 The current model is the base plus every patch in order (an lm ledger then re-attaches the modules of
-its module editors, GRACE, T-Patcher and WISE, from their latest states in effect; a diffusion ledger
-those of its module erasers, Receler's eraser adapters). Nothing is
+its module editors, GRACE, T-Patcher and WISE, and its LLaMA-Adapter, from their latest states in effect;
+a diffusion ledger those of its module erasers, Receler's eraser adapters). Nothing is
 rewritten in place: a revert is a new change whose patch undoes the reverted one (or, for a module
 editor, whose record takes the reverted state out of effect). A change becomes part of the history at
 one atomic write of the manifest, after its files are on disk; a crash before that leaves the previous
@@ -34,6 +35,7 @@ from pathlib import Path
 
 import torch
 
+from lifelong.adapt.instruct import MODULE_KINDS, AdapterSpec, AttachedAdapter
 from lifelong.config import ModelConfig, from_dict
 from lifelong.edit import build_editor
 from lifelong.erase import eraser_class
@@ -197,16 +199,20 @@ class Ledger:
         return {k.removeprefix(prefix): v for k, v in state.items() if k.startswith(prefix)}
 
     def module_states(self, upto: int | None = None) -> dict[str, int]:
-        """The module editors (an lm ledger's GRACE, T-Patcher, WISE) and module erasers (a diffusion ledger's
-        Receler) in effect after change `upto` (all when None): method -> the id of its latest change in effect
-        then, whose recorded state holds all it added."""
+        """The module editors (an lm ledger's GRACE, T-Patcher, WISE), module adapters (its LLaMA-Adapter) and
+        module erasers (a diffusion ledger's Receler) in effect after change `upto` (all when None): method -> the
+        id of its latest change in effect then, whose recorded state holds all it added."""
         gone = self.reverted_ids(upto)
         latest: dict[str, int] = {}
         for c in self.changes:
             if upto is not None and c["id"] > upto:
                 break
-            if c["id"] not in gone and c["kind"] in ("edit", "erase"):  # a learn change's state is its method's, not a module
+            if c["id"] in gone:
+                continue
+            if c["kind"] in ("edit", "erase"):  # a learn change's state is its method's, not a module
                 latest.update((method, c["id"]) for method in c.get("method_states", ()))
+            elif c["kind"] == "adapt":  # a LoRA's state is its factors (for export); its weights are in the patch
+                latest.update((method, c["id"]) for method in c.get("method_states", ()) if method in MODULE_KINDS)
         return latest
 
     def materialize(self, upto: int | None = None):
@@ -246,15 +252,18 @@ class Ledger:
 
     def attach(self, model, tokenizer, method: str, n: int):
         """An editor of `method` (with change n's knobs) on `model`, holding the state change `n` recorded; for an
-        erase change, the modules of its eraser put back on `model` (their holder's `reset` takes them off)."""
+        erase change, the modules of its eraser put back on `model`; for an adapt change, its LLaMA-Adapter
+        (their holder's `reset` takes them off)."""
         if self.change(n)["kind"] == "erase":
             return eraser_class(method).attach(model, self.state_of(n, method))
+        if self.change(n)["kind"] == "adapt":
+            return AttachedAdapter(model, AdapterSpec.from_dict(self.change(n)["knobs"]["spec"]), self.state_of(n, method))
         editor = build_editor(method, model, tokenizer, self.change(n)["knobs"])
         editor.load_state_dict(self.state_of(n, method))
         return editor
 
     def take_out(self, n: int, model, tokenizer, attached: dict, strategy: str, noun: str) -> tuple[dict, str, bool]:
-        """Take change `n` (an edit or erasure, a `noun`) out of `model`, the current model materialized with
+        """Take change `n` (an edit, erasure or adapter, a `noun`) out of `model`, the current model materialized with
         its module editors `attached`: a module change puts its method's previous state in effect back (none:
         the module comes off), a weight change subtracts its patch. Refuses `replay` (that retrains learn
         changes) and a module change that later changes of its method continued from. Returns (the patch to
@@ -330,7 +339,7 @@ class Ledger:
         """The model after change `upto` (all when None) in its family's native format, into `out`.
 
         Refused when any recorded file fails its SHA-256 (what `lifelong verify` checks), and when the model
-        holds module edits (GRACE, T-Patcher, WISE) that the native format cannot hold."""
+        holds module edits (GRACE, T-Patcher, WISE) or a LLaMA-Adapter that the native format cannot hold."""
         if upto is not None:
             self.change(upto)
         problems = verify(self.root, self.manifest)
@@ -339,9 +348,10 @@ class Ledger:
         modules = self.module_states(upto)
         if modules:
             held = ", ".join(f"{method} (change {n})" for method, n in modules.items())
+            peft = "; `--peft OUT` writes a LLaMA-Adapter alone, as a peft folder" if set(modules) & set(MODULE_KINDS) else ""
             raise LedgerError(f"the model {f'after change {upto}' if upto is not None else 'now'} holds modules that a "
                               f"{self.family} export cannot: {held}; revert those changes (or export an earlier "
-                              "change with --upto) to export the weights alone")
+                              f"change with --upto) to export the weights alone{peft}")
         model, tokenizer = self.materialize_with_tokenizer(upto)
         return self.family_spec.export(model, tokenizer, Path(out))
 

@@ -2,7 +2,8 @@
 
 A patch is additive: the model after a change is the model before it plus the patch, so a ledger's
 current model is its base plus every patch in order. Two entry kinds, keyed `kind::parameter name`
-(the parameter names of the plain model, without adapters):
+(the parameter names of the plain model, without adapters: peft's LoRA `base_layer` and adaption-prompt
+`.model` hops are left out, so a patch taken on a model with a LLaMA-Adapter attached applies without it):
 
     delta::W                     a dense weight delta (full fine-tuning of the trainable part)
     lora_A::W, lora_B::W, lora_scale::W
@@ -23,6 +24,7 @@ from __future__ import annotations
 import torch
 
 from lifelong.errors import LedgerCorruptError, LedgerError
+from lifelong.modules.llama_adapter import plain_parameter_name
 from lifelong.modules.vpt import PROMPT_PARAMETER, is_prompt_parameter, set_prompts
 
 LORA_ADAPTER = "default"  # the adapter name peft's inject_adapter_in_model uses
@@ -43,11 +45,12 @@ def patch_from_model(model, before: dict[str, torch.Tensor]) -> dict[str, torch.
     """
     from peft.tuners.lora import LoraLayer  # heavy optional dependency, imported at first use
 
+    before = {plain_name(n): t for n, t in before.items()}
     patch: dict[str, torch.Tensor] = {}
     for name, module in model.named_modules():
         if not isinstance(module, LoraLayer) or LORA_ADAPTER not in module.lora_A:
             continue
-        weight = f"{name}.weight"
+        weight = plain_name(f"{name}.weight")
         a = module.lora_A[LORA_ADAPTER].weight.detach().clone()
         b = module.lora_B[LORA_ADAPTER].weight.detach().clone()
         scale = torch.tensor(float(module.scaling[LORA_ADAPTER]))
@@ -64,12 +67,17 @@ def patch_from_model(model, before: dict[str, torch.Tensor]) -> dict[str, torch.
     for name, p in params.items():
         if "lora_" in name or is_prompt_parameter(name):
             continue
-        plain = name.replace(".base_layer.", ".")
+        plain = plain_name(name)
         delta = p.detach() - before[plain]
         if delta.any():
             key = f"delta::{plain}"
             patch[key] = patch[key] + delta if key in patch else delta
     return patch
+
+
+def plain_name(name: str) -> str:
+    """A parameter's name in the plain model: without peft LoRA's `base_layer` or an adaption prompt's hop."""
+    return plain_parameter_name(name.replace(".base_layer.", "."))
 
 
 def prompt_entries(after: dict[str, torch.Tensor], before: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
@@ -90,8 +98,9 @@ def prompt_entries(after: dict[str, torch.Tensor], before: dict[str, torch.Tenso
 def check_recordable(model, before: dict[str, torch.Tensor], method: str = "the method") -> None:
     """Refuse a model with modules the plain model lacks (beside peft LoRA and VPT prompts): a patch cannot
     hold them."""
+    before = {plain_name(n) for n in before}
     for name, _ in model.named_parameters():
-        if "lora_" not in name and not is_prompt_parameter(name) and name.replace(".base_layer.", ".") not in before:
+        if "lora_" not in name and not is_prompt_parameter(name) and plain_name(name) not in before:
             raise LedgerError(f"{method} adds modules the plain model does not have (e.g. {name!r}); a ledger records "
                               "weight changes and LoRA adapters, not new modules (yet): use `lifelong run` for it")
 
@@ -121,8 +130,8 @@ def negate(patch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
 
 @torch.no_grad()
 def apply_patch(model, patch: dict[str, torch.Tensor], where: str = "patch") -> None:
-    """Add `patch` to a plain model's parameters in place."""
-    params = dict(model.named_parameters())
+    """Add `patch` to a plain model's parameters in place (or to a model with LLaMA-Adapters attached)."""
+    params = {plain_parameter_name(n): p for n, p in model.named_parameters()}
     for key, t in patch.items():
         kind, _, name = key.partition("::")
         if kind in ("lora_A", "lora_scale", "prompts_before"):

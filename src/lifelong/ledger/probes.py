@@ -7,7 +7,7 @@ own task measures what the change learned. Every change runs every probe registe
 ledger keeps the scores before and after, which makes the interference matrix (change x probe).
 
 For the `lm` family a probe is a `FactProbe`, scored in % with EasyEdit's token-level metrics
-(`metrics/editing.py`, `score_requests`):
+(`metrics/editing.py`, `score_requests`), or with an instruction task's own metric:
     edits in effect   reliability_token over every request of every edit change in effect (not
                       reverted) other than the change being recorded or reverted: whether old edits
                       survive it (absent while there are none)
@@ -15,6 +15,10 @@ For the `lm` family a probe is a `FactProbe`, scored in % with EasyEdit's token-
                       model's greedy answer: the fraction of answer tokens whose argmax (teacher-forced)
                       is still the base model's, i.e. what the base model said that the edits left alone
                       (an edit of one of these very facts counts here as a loss of locality)
+    an instruction    kind "instructions", registered by the first `adapt` change on a task (data/instructions.py):
+    task, e.g.        its metric (accuracy, exact match or ROUGE-L, metrics/instructions.py) x 100 on a fixed
+    bbc-topic         seeded subset of `test_items` items of its held-out test split, greedy answers: whether
+                      a learned skill survives later edits, and each later adapter's effect on it
 """
 
 from __future__ import annotations
@@ -36,6 +40,8 @@ from lifelong.data import captioned
 from lifelong.data.base import ImageDataset
 from lifelong.data.edit_requests import EditRequest
 from lifelong.data.edit_requests import Probe as TextProbe
+from lifelong.data.instructions import InstructionTask
+from lifelong.data.instructions import load_task as load_instruction_task
 from lifelong.data.sources import load_source
 from lifelong.edit.requests import candidate_facts, fact_prompts
 from lifelong.loop import count_correct, stem_outputs
@@ -45,6 +51,7 @@ from lifelong.metrics.editing import (
     probe_key,
     score_requests,
 )
+from lifelong.metrics.instructions import evaluate_task
 from lifelong.metrics.judge import (
     frechet_distance,
     judge_features,
@@ -127,15 +134,28 @@ ANSWER_TOKENS = 3  # greedy tokens of the base model's answer to a held-out prom
 class FactProbe:
     """A probe of an lm ledger. kind "edits": the ledger's edit requests in effect (no data of its own).
     kind "facts": `prompts` with the base model's greedy `answers` and its argmax tokens on each
-    prompt + answer (`base`), against which later models are scored."""
+    prompt + answer (`base`), against which later models are scored. kind "instructions": the first
+    `test_items` items of the instruction task `task`'s test split shuffled by `seed`, prompted through the
+    chat template when `chat`, scored by the task's metric."""
 
     name: str
-    kind: str  # "edits" or "facts"
+    kind: str  # "edits", "facts" or "instructions"
     prompts: tuple[str, ...] = ()
     answers: tuple[str, ...] = ()
     base: tuple[tuple[int, ...], ...] = ()
     seed: int = 0
     origin: str = "init"
+    task: str = ""  # instructions: the task's name (data.instructions.TASKS)
+    test_items: int = 0
+    chat: bool = False
+
+    def same_data(self, other: FactProbe) -> bool:
+        return (self.kind, self.task, self.test_items, self.seed, self.chat, self.prompts) == \
+            (other.kind, other.task, other.test_items, other.seed, other.chat, other.prompts)
+
+    def instruction_task(self) -> InstructionTask:
+        """kind "instructions": the task with the probe's test items (and no training items)."""
+        return _instruction_test(self.task, self.test_items, self.seed)
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -153,6 +173,17 @@ class FactProbe:
 
         return [EditRequest(prompt=p, target_new=a, subject="", locality=(TextProbe(p, a),))
                 for p, a in zip(self.prompts, self.answers)]
+
+
+@lru_cache(maxsize=8)
+def _instruction_test(task: str, test_items: int, seed: int) -> InstructionTask:
+    return load_instruction_task(task, max_train=0, max_test=test_items, seed=seed)
+
+
+def instruction_probe(name: str, task: str, test_items: int, chat: bool, origin: str, seed: int = 0) -> FactProbe:
+    """The probe of an instruction task's held-out items that an `adapt` change registers."""
+    return FactProbe(name=name, kind="instructions", task=task, test_items=test_items, chat=chat, seed=seed,
+                     origin=origin)
 
 
 def heldout_facts_probe(model, tokenizer, n: int = 50, seed: int = 0) -> FactProbe:
@@ -193,6 +224,8 @@ def run_fact_probes(model, tokenizer, probes: list[FactProbe], edits: list) -> d
         elif probe.kind == "facts":
             base = {key: list(tokens) for key, tokens in zip(_keys(probe), probe.base)}
             scores[probe.name] = 100.0 * score_requests(model, tokenizer, probe.requests(), base)["locality_token"]
+        elif probe.kind == "instructions":
+            scores[probe.name] = 100.0 * evaluate_task(model, tokenizer, probe.instruction_task(), chat=probe.chat)["score"]
     return scores
 
 

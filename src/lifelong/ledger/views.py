@@ -37,11 +37,13 @@ def log_rows(ledger: Ledger) -> list[dict]:
     apart = {p.name for p in ledger.probes if getattr(p, "kind", "") == "frechet"}  # another unit: not averaged
     rows = []
     for c in ledger.changes:
-        own = c["data"]["task"] if c["kind"] in ("learn", "erase") else None
+        own = c["data"]["task"] if c["kind"] in ("learn", "erase") else c["data"]["probe"] if c["kind"] == "adapt" \
+            else None
         before, after = c["probes_before"], c["probes_after"]
         others = [p for p in after if p != own and p in before and p not in apart]
-        if "own_before" in c:  # an lm ledger's change: its own requests' reliability (%)
-            own_arrow = _arrow(*(100 * c[k]["reliability_token"] for k in ("own_before", "own_after")))
+        if "own_before" in c:  # an lm ledger's change: its own requests' reliability, or its task's score (%)
+            key = "score" if "score" in c["own_before"] else "reliability_token"
+            own_arrow = _arrow(*(100 * c[k][key] for k in ("own_before", "own_after")))
         else:
             own_arrow = _arrow(before.get(own), after.get(own)) if own else ""
         rows.append({
@@ -55,9 +57,16 @@ def log_rows(ledger: Ledger) -> list[dict]:
             "peak_rss_mb": c["cost"]["peak_rss_mb"],
             "trainable_params": c["cost"]["trainable_params"],
             # a module editor's change (GRACE, T-Patcher) stores its module's state instead of a weight patch
-            "patch_bytes": c["cost"]["state_bytes" if c["kind"] == "edit" and c.get("method_states") else "patch_bytes"],
+            "patch_bytes": c["cost"]["state_bytes" if _module_change(c) else "patch_bytes"],
         })
     return rows
+
+
+def _module_change(c: dict) -> bool:
+    """A change whose model part is its module's state (GRACE, T-Patcher, WISE, a LLaMA-Adapter), not a patch."""
+    if c["kind"] == "adapt":
+        return c["adapter"]["records"] == "module"
+    return c["kind"] == "edit" and bool(c.get("method_states"))
 
 
 def change_title(c: dict) -> str:
@@ -109,12 +118,14 @@ def format_log(ledger: Ledger, markdown: bool = False) -> str:
             f"(base SHA-256 {base['sha256'][:12]}), {len(ledger.changes)} change(s), {len(ledger.probes)} probe(s)")
     kind = ledger.family_spec.probe_kind
     if not ledger.changes:
-        how = {"facts": "`lifelong edit --ledger DIR --method ft_l --prompt ... --target ...`",
+        how = {"facts": "`lifelong edit --ledger DIR --method ft_l --prompt ... --target ...` or "
+                        "`lifelong adapt DIR --task TASK --method llama-adapter`",
                "images-generated": "`lifelong erase DIR --concept CONCEPT`"}.get(kind, "`lifelong learn DIR --task SOURCE`")
         return head + f"\nno changes yet: {how} adds one"
     note = {"facts": "(scores: token-level accuracy %, EasyEdit convention; `own task`: reliability on the change's own "
-                     "edit requests (a revert: the reverted change's); other probes: the edits in effect before the "
-                     "change, and agreement with the base model on held-out facts)",
+                     "edit requests, or an adapt change's task metric on its held-out items (a revert: the reverted "
+                     "change's); other probes: the edits in effect before the change, agreement with the base model on "
+                     "held-out facts, and the instruction tasks of adapt changes, each by its own metric %)",
             "images-generated": "(probe scores: judge rate %, the share of seeded samples in which the judge sees the "
                                 "prompted concept; `own task`: the erased concept's; other probes: the mean judge rate of "
                                 "the other concepts; judge-FD, not averaged: `lifelong log --matrix`)",
@@ -148,6 +159,16 @@ def format_change(ledger: Ledger, n: int) -> str:
         lines.append(f"  prompts    {r['instance_prompt']!r}; class {r['class_prompt']!r}")
         lines.append(f"  tokens     {', '.join(c['tokens']) or '- (none added: the identifier is text in the prompt)'}")
         lines.append("  stats      " + ", ".join(f"{k} {v:.4g}" for k, v in c["stats"].items()))
+    elif c["kind"] == "adapt":
+        d, spec, settings = c["data"], c["knobs"]["spec"], c["knobs"]["settings"]
+        knobs = {k: spec[k] for k in (("adapter_len", "adapter_layers") if c["method"] == "llama-adapter"
+                                      else ("rank", "alpha", "target_modules"))}
+        lines.append(f"  method     {c['method']} {json.dumps(knobs)}"
+                     + (f", continuing change {c['adapter']['continues']}" if c["adapter"]["continues"] else ""))
+        lines.append(f"  train      {json.dumps(settings)}")
+        lines.append(f"  task       {d['task']}: {d['items']} training examples; probe {d['probe']!r} ({d['eval_items']} "
+                     "held-out test items)")
+        lines.append(f"  loss       {c['loss_first']:.4f} -> {c['loss_last']:.4f} (mean of the first / last steps)")
     elif c["kind"] == "learn":
         spec = c["spec"]
         lines.append(f"  task       {c['data']['task']} ({c['data']['source']}, {c['data']['train_items']} training images, "
@@ -164,13 +185,19 @@ def format_change(ledger: Ledger, n: int) -> str:
     cost = c["cost"]
     spent = (f"{cost['prepare_seconds']:.1f} s preparing the editor, {cost['edit_seconds']:.1f} s editing"
              if c["kind"] == "edit" else f"{cost['train_seconds']:.1f} s {'erasing' if c['kind'] == 'erase' else 'training'}")
-    module = c["kind"] == "edit" and c.get("method_states")  # a module editor (GRACE, T-Patcher): its state
+    module = _module_change(c)  # a module editor (GRACE, T-Patcher) or a LLaMA-Adapter: its state
     changed = "trainable params" if c["kind"] != "edit" else "numbers in its module's state" if module else \
         "numbers in the patch"
     stored = f"state {cost['state_bytes']:,} bytes" if module else f"patch {cost['patch_bytes']:,} bytes"
     lines.append(f"  cost       {cost['wall_seconds']:.1f} s wall ({spent}), peak RSS "
                  f"{cost['peak_rss_mb']:.0f} MiB, {cost['trainable_params']:,} {changed}, {stored}")
-    if "own_before" in c:
+    if "own_before" in c and "score" in c["own_before"]:  # an adapt change, or its revert: the task's metric
+        own = c["own_before"]
+        whose = "its task" if c["kind"] == "adapt" else f"change {c['reverts']}'s task"
+        lines.append(f"  scores     on {whose}, {own['task']}: {own['metric']} on {own['n']} held-out items (%), "
+                     f"before -> after")
+        lines.append(f"    {own['metric']:24s} {_arrow(100 * own['score'], 100 * c['own_after']['score'])}")
+    elif "own_before" in c:
         whose = "its own requests" if c["kind"] == "edit" else f"change {c['reverts']}'s requests"
         lines.append(f"  scores     on {whose} (token-level %, EasyEdit), before -> after")
         for key, after in c["own_after"].items():

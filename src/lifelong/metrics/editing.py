@@ -53,7 +53,9 @@ import hashlib
 import json
 import math
 import re
+import warnings
 from collections import Counter
+from collections.abc import Callable
 from contextlib import contextmanager
 from contextvars import ContextVar
 from dataclasses import dataclass
@@ -269,21 +271,32 @@ def as_chat(tokenizer, prompt: str) -> str:
 
 @torch.no_grad()
 def generate(model, tokenizer, prompts: list[str], max_new_tokens: int = 50, batch_size: int = 16,
-             top_k: int | None = None, seed: int = 0, chat: bool = False, tokens: bool = False) -> list:
+             top_k: int | None = None, seed: int = 0, chat: bool = False, tokens: bool = False,
+             max_length: int | None = None, warn: Callable[[str], None] | None = None) -> list:
     """Continuations of `prompts` (greedy, or top-k sampling under `seed`), left-padded batches; with
     `chat`, each prompt is the user's turn of the chat template (`as_chat`). `tokens`: token ids instead
-    of text (the continuation stops at the end-of-sequence token)."""
+    of text (the continuation stops at the end-of-sequence token). With `max_length` (the model's context,
+    families.lm.context_length), a prompt longer than `max_length - max_new_tokens` tokens keeps only its last
+    ones, and `warn` (default: warnings.warn) says how many were cut."""
     device, out = _device(model), []
-    side = tokenizer.padding_side
-    tokenizer.padding_side = "left"
     texts = [as_chat(tokenizer, p) for p in prompts] if chat else list(prompts)
+    limit = None if max_length is None else max_length - max_new_tokens
+    if limit is not None:
+        if limit < 1:
+            raise ValueError(f"max_new_tokens={max_new_tokens} leaves no room for a prompt in a context of {max_length}")
+        cut = sum(len(tokenizer(t, add_special_tokens=False)["input_ids"]) > limit for t in texts)
+        if cut:
+            (warn or _warn)(f"{cut} prompt(s) longer than the model's context ({max_length} tokens, {max_new_tokens} of "
+                            f"them kept for the answer): cut from the left to their last {limit} tokens")
+    side, truncation_side = tokenizer.padding_side, tokenizer.truncation_side
+    tokenizer.padding_side = tokenizer.truncation_side = "left"
     was_training = model.training
     model.eval()
     try:
         torch.manual_seed(seed)
         for start in range(0, len(texts), batch_size):
             enc = tokenizer(texts[start : start + batch_size], return_tensors="pt", padding=True,
-                            add_special_tokens=False).to(device)
+                            add_special_tokens=False, truncation=limit is not None, max_length=limit).to(device)
             ids = model.generate(**enc, max_new_tokens=max_new_tokens, do_sample=top_k is not None, top_k=top_k,
                                  pad_token_id=tokenizer.pad_token_id)
             new = ids[:, enc["input_ids"].shape[1]:]
@@ -293,9 +306,13 @@ def generate(model, tokenizer, prompts: list[str], max_new_tokens: int = 50, bat
             else:
                 out += tokenizer.batch_decode(new, skip_special_tokens=True)
     finally:
-        tokenizer.padding_side = side
+        tokenizer.padding_side, tokenizer.truncation_side = side, truncation_side
         model.train(was_training)
     return out
+
+
+def _warn(message: str) -> None:
+    warnings.warn(message, stacklevel=3)
 
 
 def fluency(model, tokenizer, prompts: list[str], max_new_tokens: int = 50, **kwargs) -> float:

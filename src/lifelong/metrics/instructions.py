@@ -12,7 +12,8 @@
 
 A task's score is the mean over its test examples, in [0, 1]. `evaluate_task` generates each answer
 greedily (metrics.editing.generate, left-padded batches) from the prompt of data.instructions.prompt_text,
-plain or through the chat template, so the untouched model is scored both ways.
+plain or through the chat template, so the untouched model is scored both ways. A prompt longer than the
+model's context (less the answer's tokens) keeps its last tokens, with a warning.
 """
 
 from __future__ import annotations
@@ -23,6 +24,7 @@ from functools import lru_cache
 
 from lifelong.data.instructions import Example, InstructionTask, prompt_text
 from lifelong.errors import DataNotFoundError
+from lifelong.families.lm import context_length
 from lifelong.metrics.editing import generate
 
 MAX_NEW_TOKENS = {"rouge_l": 24, "accuracy": 12, "exact_match": 12}  # enough for a headline / a label / a name
@@ -83,14 +85,15 @@ def score(task: InstructionTask, example: Example, prediction: str) -> float:
 
 
 def evaluate_task(model, tokenizer, task: InstructionTask, chat: bool = False, batch_size: int = 16,
-                  max_new_tokens: int | None = None, examples: tuple[Example, ...] | None = None) -> dict:
-    """The model's mean score on `examples` (default the task's test split), with each prediction."""
+                  max_new_tokens: int | None = None, examples: tuple[Example, ...] | None = None, warn=None) -> dict:
+    """The model's mean score on `examples` (default the task's test split), with each prediction. A prompt
+    longer than the model's context keeps its last tokens (metrics.editing.generate; `warn` says so)."""
     examples = task.test if examples is None else examples
     if not examples:
         raise ValueError(f"{task.name}: no examples to evaluate")
     prompts = [prompt_text(e, tokenizer, chat=chat) for e in examples]
     predictions = generate(model, tokenizer, prompts, max_new_tokens=max_new_tokens or MAX_NEW_TOKENS[task.metric],
-                           batch_size=batch_size)
+                           batch_size=batch_size, max_length=context_length(model), warn=warn)
     scores = [score(task, e, p) for e, p in zip(examples, predictions)]
     result = {"task": task.name, "metric": task.metric, "chat": chat, "n": len(scores),
               "score": sum(scores) / len(scores)}

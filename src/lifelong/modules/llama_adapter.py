@@ -39,6 +39,7 @@ Deviations from the paper:
 from __future__ import annotations
 
 import math
+import re
 
 import torch
 import torch.nn.functional as F
@@ -47,6 +48,16 @@ from torch import nn
 PEFT_TYPES = ("llama", "mistral")  # model types whose adaption prompts peft implements as the paper does
 OWN_TYPES = ("gpt2",)              # model types written here
 PROMPT, GATE = "adaption_prompt", "adaption_gate"  # the parameter names (peft's): what trains, what a patch holds
+
+
+# peft's adaption prompt wraps each adapted attention module and holds the original as `.model`: inside such a
+# layer, parameter names gain that hop (`model.layers.3.self_attn.model.q_proj.weight`)
+_ADAPTED_HOP = re.compile(r"\.self_attn\.model\.")
+
+
+def plain_parameter_name(name: str) -> str:
+    """A parameter's name in the model without adaption prompts (what a weight patch is keyed by)."""
+    return _ADAPTED_HOP.sub(".self_attn.", name)
 
 
 def supported_types() -> tuple[str, ...]:
