@@ -41,7 +41,7 @@ from lifelong.edit import editor_params
 from lifelong.edit.protocol import apply_all, make_editor
 from lifelong.errors import ConfigError, LedgerCorruptError
 from lifelong.families import get_family, ledger_families
-from lifelong.families.diffusion import check_sampling
+from lifelong.families.diffusion import DEFAULT_ETA, check_sampling
 from lifelong.learn.driver import check_adapters, load_run_config, run_experiment
 from lifelong.ledger import adapters, changes, edits, erasures, personal, views
 from lifelong.ledger.core import Ledger
@@ -228,13 +228,15 @@ def chat(prompt: str, model: str | None = None, *, ledger: str | Path | None = N
 
 
 def erase(root: str | Path, concept: str, method: str = "esd-x", *, anchor: str | None = None,
-          preserve: Sequence[str] | None = None, knobs: dict | None = None, seed: int = 0, judge: bool = True) -> int:
+          preserve: Sequence[str] | None = None, knobs: dict | None = None, seed: int = 0, judge: bool = True,
+          nsfw: bool = False) -> int:
     """One erase change of the diffusion ledger `root`: `method` (esd-x, esd-u, ac, uce) makes prompts naming
     `concept` stop producing it; returns the change's id. `anchor`: what the concept should give instead
     (default: a generic phrase of its kind; ESD ignores it); `preserve`: prompts UCE keeps (default: the
-    other concepts of its kind); `judge=False` erases a concept the judge does not know."""
+    other concepts of its kind); `judge=False` erases a concept the judge does not know; `nsfw=True` judges the
+    erasure by the NSFW classifier (nudity on a Stable Diffusion model: the ledger's `nsfw` probe)."""
     return erasures.erase(root, concept, method, anchor=anchor, preserve=tuple(preserve) if preserve is not None else None,
-                          knobs=knobs, seed=seed, judge=judge)
+                          knobs=knobs, seed=seed, judge=judge, nsfw=nsfw)
 
 
 def personalize(root: str | Path, images: str | Path, token: str, class_word: str = "", method: str = "ti", *,
@@ -254,13 +256,14 @@ def merge(root: str | Path, changes: Sequence[int], method: str = "custom-diffus
 
 def generate(prompt: str, n: int = 16, seed: int = 0, steps: int = 25, guidance: float | None = None,
              model: str = "embedded", out: str | Path = "grid.png", ledger: str | Path | None = None,
-             eta: float = 0.0) -> tuple[np.ndarray, Path]:
+             eta: float | None = None) -> tuple[np.ndarray, Path]:
     """`n` images of `prompt` from the text-to-image `model` (the diffusion family's names: embedded, a
-    train_t2i.py checkpoint, a StableDiffusionPipeline folder or hub id), seeded DDIM with `steps` steps and
-    classifier-free `guidance` (None: the model's own, 3 embedded, 7.5 Stable Diffusion), or the current model
-    of the diffusion ledger `ledger` (after its erasures): uint8 (n, H, W, 3),
-    and the path of their grid saved as the PNG `out`. A progress bar follows the denoising steps."""
-    check_sampling([prompt], n, steps, guidance)  # bad input fails before the model loads
+    train_t2i.py checkpoint, a StableDiffusionPipeline folder or hub id), seeded, `steps` steps of DDIM with
+    `eta` (None: DEFAULT_ETA, ancestral) and classifier-free `guidance` (None: the model's own, 3 embedded, 7.5
+    Stable Diffusion), or the current model of the diffusion ledger `ledger` (after its erasures): uint8
+    (n, H, W, 3), and the path of their grid saved as the PNG `out`. A progress bar follows the denoising steps."""
+    eta = DEFAULT_ETA if eta is None else eta
+    check_sampling([prompt], n, steps, guidance, eta)  # bad input fails before the model loads
     if ledger is not None:
         book = Ledger.open(ledger)
         book.require_operation("generate")

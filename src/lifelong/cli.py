@@ -215,7 +215,7 @@ def add_ledger_commands(sub) -> None:
     init.add_argument("--probe", action="append", metavar="SOURCE[:KEY=VALUE,...]",
                       help="a probe: a data source's test set, e.g. mnist or fashion-mnist:invert=true (repeatable; "
                       "default: the five mtil-mini sources); diffusion: a concept the judge knows, e.g. object/sneaker "
-                      "(default: 12 concepts of every kind)")
+                      "(default: 12 concepts of every kind), or nsfw (the open_nsfw classifier's rate on nudity prompts)")
     init.add_argument("--probe-items", type=int, help="test images per probe (default 500); diffusion: seeded samples "
                       "per concept (default 16); lm: held-out fact "
                       "prompts (default 50)")
@@ -564,8 +564,8 @@ def add_generate_command(sub) -> None:
     gen.add_argument("--model", default="embedded", help="embedded (the project's model, default), a "
                      "scripts/train_t2i.py .safetensors checkpoint, a StableDiffusionPipeline folder or hub id, "
                      "tiny-embedded / tiny-sd (random, tests)")
-    gen.add_argument("--eta", type=float, default=0.0, help="DDIM's eta: 0 deterministic (default), 1 fresh noise at "
-                     "every step (ancestral; seeded too)")
+    gen.add_argument("--eta", type=float, default=None, help="DDIM's eta: 1 fresh noise at every step (ancestral, "
+                     "DDPM's sampler, seeded too; the default), 0 deterministic DDIM (draws the embedded model badly)")
     gen.add_argument("--ledger", type=Path, metavar="DIR", help="sample the current model of this diffusion ledger "
                      "(after its erasures) instead of --model")
     gen.add_argument("--out", type=Path, default=Path("grid.png"), help="the PNG grid to write (default grid.png)")
@@ -588,6 +588,9 @@ def add_generate_command(sub) -> None:
     erase.add_argument("--seed", type=int, default=0)
     erase.add_argument("--no-judge", action="store_true", help="erase a concept the judge does not know (its own rate "
                        "is then not measured; the other probes and the judge-FD are)")
+    erase.add_argument("--nsfw", action="store_true", help="judge the erasure with the open_nsfw classifier (nudity on "
+                       "a Stable Diffusion model, e.g. --concept nudity): the ledger's nsfw probe (`init --probe nsfw`; "
+                       "added at this change if missing) is its own; the project's judge is not asked")
     erase.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="method knobs, e.g. iterations=100 lr=5e-5")
 
 
@@ -595,7 +598,8 @@ def cmd_generate(args) -> int:
     images, out = api.generate(args.prompt, n=args.n, seed=args.seed, steps=args.steps, guidance=args.guidance,
                                model=args.model, out=args.out, ledger=args.ledger, eta=args.eta)
     n, h, w, _ = images.shape
-    print(f"wrote {out}: {n} image(s) of {args.prompt!r}, {w}x{h} each (seed {args.seed}, {args.steps} DDIM steps)")
+    sampler = "deterministic DDIM" if args.eta == 0 else "ancestral" if args.eta in (None, 1) else f"DDIM eta {args.eta}"
+    print(f"wrote {out}: {n} image(s) of {args.prompt!r}, {w}x{h} each (seed {args.seed}, {args.steps} steps, {sampler})")
     return 0
 
 
@@ -613,7 +617,7 @@ examples:
 
 def cmd_erase(args) -> int:
     n = api.erase(args.dir, args.concept, args.method, anchor=args.anchor, preserve=args.preserve,
-                  knobs=api.parse_knobs(args.overrides), seed=args.seed, judge=not args.no_judge)
+                  knobs=api.parse_knobs(args.overrides), seed=args.seed, judge=not args.no_judge, nsfw=args.nsfw)
     print_change(args.dir, n)
     return 0
 

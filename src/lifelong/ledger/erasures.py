@@ -35,14 +35,17 @@ from lifelong.ledger.core import Ledger
 from lifelong.ledger.patch import patch_from_model, patch_numel
 from lifelong.ledger.probes import (
     DEFAULT_CONCEPTS,
+    NSFW,
     concept_probe,
     concept_probes,
+    nsfw_probe,
     run_concept_probes,
     samples_path,
     unique_name,
 )
 from lifelong.ledger.store import LedgerLock
 from lifelong.metrics.cost import PeakMemory, count_parameters
+from lifelong.metrics.nsfw import load_nsfw_classifier
 
 
 def create_diffusion_ledger(root: str | Path, name: str = "embedded", concepts=None, n: int = 16,
@@ -61,11 +64,17 @@ def create_diffusion_ledger(root: str | Path, name: str = "embedded", concepts=N
 
 def erase(root: str | Path, concept: str, method: str = "esd-x", *, anchor: str | None = None,
           preserve: tuple[str, ...] | None = None, knobs: dict | None = None, seed: int = 0, judge: bool = True,
-          progress: bool = True) -> int:
-    """One erase change on the ledger at `root`; returns its id. Everything is checked before any work."""
+          nsfw: bool = False, progress: bool = True) -> int:
+    """One erase change on the ledger at `root`; returns its id. Everything is checked before any work.
+
+    `nsfw`: the erasure is judged by the NSFW classifier (nudity on a Stable Diffusion model): the concept is
+    erased by its name, the project's judge is not asked, and the ledger's `nsfw` probe (added at this change
+    when it has none) is the change's own."""
     ledger = Ledger.open(root)
     ledger.require_operation("erase")
-    request = erase_request(concept, anchor, preserve, judge=judge, seed=seed)
+    request = erase_request(concept, anchor, preserve, judge=judge and not nsfw, seed=seed)
+    if nsfw:
+        load_nsfw_classifier()  # a missing package fails here, before any work
     params = eraser_params(method, knobs)
     eraser = eraser_class(method)(params)
     if method == "ac" and not request.anchor.strip():
@@ -73,7 +82,7 @@ def erase(root: str | Path, concept: str, method: str = "esd-x", *, anchor: str 
     with LedgerLock(Path(root), "lifelong erase"):
         ledger = Ledger.open(root)
         n = ledger.next_id()
-        own, new_probes = _own_probe(ledger, request, n)
+        own, new_probes = _own_nsfw_probe(ledger, n) if nsfw else _own_probe(ledger, request, n)
         t_start = time.perf_counter()
         model = ledger.materialize()  # erasers of module changes in effect re-attached
         before = ledger.current_scores()
@@ -108,6 +117,15 @@ def erase(root: str | Path, concept: str, method: str = "esd-x", *, anchor: str 
                      "patch_numel": size, "total_params": count_parameters(model)[1]},
         }
         return ledger.commit(record, patch, states, new_probes=new_probes)
+
+
+def _own_nsfw_probe(ledger: Ledger, n: int):
+    """(the ledger's NSFW probe, [a new one when it has none])."""
+    for probe in ledger.probes:
+        if probe.kind == "nsfw":
+            return probe.name, []
+    spec = ledger.probes[0]
+    return NSFW, [nsfw_probe(n=len(spec.prompts) or 16, seed=spec.seed, steps=spec.steps, origin=f"change {n}")]
 
 
 def _own_probe(ledger: Ledger, request, n: int):

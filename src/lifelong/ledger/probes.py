@@ -58,6 +58,7 @@ from lifelong.metrics.judge import (
     load_judge,
     predicted_concepts,
 )
+from lifelong.metrics.nsfw import NUDITY_PROMPTS, load_nsfw_classifier, nsfw_rate
 
 # The held-out zero-shot suite a new ledger gets when `lifelong init` names no probe: the test sets of
 # the five mtil-mini sources, as that stream uses them.
@@ -247,6 +248,7 @@ DEFAULT_CONCEPTS = ("object/sneaker", "object/sandal", "object/ankle boot", "obj
                     "digit/7", "letter/A/calligraphic/black", "letter/R/serif/red", "clipart/flower",
                     "clipart/house", "clipart/fruit")
 JUDGE_FD = "judge-FD"
+NSFW = "nsfw"  # the probe name (and `--probe` value) of the NSFW probe
 REAL_PER_CONCEPT = 200  # real test images per concept behind the judge-FD probe
 
 
@@ -260,10 +262,13 @@ class ConceptProbe:
     scores differ only by their weights.
     kind "frechet": the judge-FD (FID-style Frechet distance on the judge's penultimate features, not
     Inception-FID) between the images of every concept probe and up to REAL_PER_CONCEPT real test images of
-    each of their concepts: how far the generated distribution is from the real one (lower is closer)."""
+    each of their concepts: how far the generated distribution is from the real one (lower is closer).
+    kind "nsfw": one image per prompt as for "concept", scored by the open_nsfw classifier (metrics/nsfw.py):
+    the % it calls NSFW. For erasing nudity from a Stable Diffusion model (`lifelong init --probe nsfw`,
+    `lifelong erase --concept nudity --nsfw`); its samples are never kept for the report."""
 
     name: str
-    kind: str  # "concept" or "frechet"
+    kind: str  # "concept", "frechet" or "nsfw"
     prompts: tuple[str, ...] = ()
     targets: tuple[str, ...] = ()
     seed: int = 0
@@ -293,10 +298,19 @@ def concept_probe(name: str, concepts, n: int = 16, seed: int = 0, steps: int = 
                         steps=steps, origin=origin)
 
 
+def nsfw_probe(name: str = NSFW, prompts: tuple[str, ...] = NUDITY_PROMPTS, n: int = 16, seed: int = 0,
+               steps: int = 25, origin: str = "init") -> ConceptProbe:
+    """A probe of `n` images of `prompts` (cycled) scored by the NSFW classifier."""
+    return ConceptProbe(name=name, kind="nsfw", prompts=tuple(prompts[i % len(prompts)] for i in range(n)), seed=seed,
+                        steps=steps, origin=origin)
+
+
 def concept_probes(concepts=DEFAULT_CONCEPTS, n: int = 16, seed: int = 0, steps: int = 25) -> list[ConceptProbe]:
-    """A probe per concept (named by it), then the judge-FD over all of them."""
-    probes = [concept_probe(name, (name,), n, seed, steps) for name in dict.fromkeys(concepts)]
-    return probes + [ConceptProbe(name=JUDGE_FD, kind="frechet", seed=seed)]
+    """A probe per concept (named by it), then the judge-FD over all of them; the name `nsfw` is the NSFW probe."""
+    names = list(dict.fromkeys(concepts))
+    probes = [concept_probe(name, (name,), n, seed, steps) for name in names if name != NSFW]
+    judged = [ConceptProbe(name=JUDGE_FD, kind="frechet", seed=seed)] if probes else []
+    return probes + judged + ([nsfw_probe(n=n, seed=seed, steps=steps)] if NSFW in names else [])
 
 
 def concept_probe_images(model, probe: ConceptProbe, batch_size: int = 64):
@@ -319,6 +333,11 @@ def run_concept_probes(model, probes: list[ConceptProbe], judge=None, keep: Path
     if keep is not None:
         concept = [p for p in probes if p.kind == "concept"]
         save_probe_samples(keep, {p.name: im[:SAMPLES_KEPT] for p, im in zip(concept, images)})
+    nsfw = [p for p in probes if p.kind == "nsfw"]
+    if nsfw:
+        classifier = load_nsfw_classifier()
+        for probe in nsfw:
+            scores[probe.name] = nsfw_rate(concept_probe_images(model, probe), classifier)
     for probe in (p for p in probes if p.kind == "frechet"):
         if images:
             real, _ = captioned.concept_images(list(dict.fromkeys(targets)), "test", per_concept=REAL_PER_CONCEPT,
