@@ -141,11 +141,13 @@ def adapter_state(model) -> dict[str, torch.Tensor]:
 
 def train_adapter(model, tokenizer, task: InstructionTask, spec: AdapterSpec,
                   settings: TrainSettings = TrainSettings(), init: dict[str, torch.Tensor] | None = None,
-                  warn: Callable[[str], None] | None = None) -> AdapterRun:
+                  warn: Callable[[str], None] | None = None,
+                  regularizer: Callable[[torch.nn.Module], torch.Tensor] | None = None) -> AdapterRun:
     """Attach `spec`'s adapter to `model` (in place) and train it on `task.train` for `settings.steps` steps.
 
     `init`: a LLaMA-Adapter's tensors to start from (`AttachedAdapter.state_dict()` of the one this run
-    continues) instead of the zero-gate start. `warn` gets the warning about prompts cut to the context."""
+    continues) instead of the zero-gate start. `warn` gets the warning about prompts cut to the context.
+    `regularizer(adapted)`, when given, is added to every step's loss (O-LoRA's term: adapt/continual.py)."""
     if not task.train:
         raise ConfigError(f"{task.name}: no training examples")
     lr = settings.lr if settings.lr is not None else DEFAULT_LR[spec.kind]
@@ -172,6 +174,8 @@ def train_adapter(model, tokenizer, task: InstructionTask, spec: AdapterSpec,
             start = time.perf_counter()
             batch = target_batch(tokenizer, [prompts[i] for i in idx], [targets[i] for i in idx], device, max_length)
             loss = adapted(input_ids=batch.input_ids, attention_mask=batch.attention_mask, labels=batch.labels).loss
+            if regularizer is not None:
+                loss = loss + regularizer(adapted)
             check_finite(loss, spec.kind, step)
             opt.zero_grad(set_to_none=True)
             loss.backward()
