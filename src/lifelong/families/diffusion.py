@@ -4,7 +4,8 @@ It offers what erasure and personalization need: the cross-attention K/V project
 (`cross_attention_kv`, changed by UCE and Ablating Concepts), the token embeddings (`token_embeddings`,
 trained by Textual Inversion), prompt states (`encode`, kept in memory for fixed prompts), the UNet's
 prediction and training loss (`noise_prediction`, `denoising_loss`), seeded sampling (`sample`), LoRA
-through peft (`add_lora`) and a diffusers export (`export`). `build_pipeline(name)` builds "embedded"
+through peft (`add_lora` on the UNet, `add_text_lora` on the text encoder's attention projections) and a
+diffusers export (`export`). `build_pipeline(name)` builds "embedded"
 (the project's pixel-space model of diffusion_arch: src/lifelong/assets/t2i_ema_fp16.safetensors, else
 the checkpoints/t2i/final_ema_fp16.safetensors scripts/train_t2i.py writes), a train_t2i.py .safetensors
 file (its EMA weights), a StableDiffusionPipeline folder (an `export` too) or hub id, and "tiny-embedded" /
@@ -54,6 +55,8 @@ SD_GUIDANCE = 7.5  # StableDiffusionPipeline's default
 DEFAULT_ETA = 1.0  # ancestral sampling (DDPM's posterior noise at each DDIM step); 0: deterministic DDIM
 EXPORT_MANIFEST = "lifelong_t2i.json"  # what diffusers' folder does not say: the text mask, the default guidance
 LORA_TARGETS = ("to_q", "to_k", "to_v", "to_out.0")  # every attention projection, self and cross
+# The text encoder's self-attention projections: CLIP's (Stable Diffusion) and BERT's (the embedded model's MiniLM).
+TEXT_LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "out_proj", "query", "key", "value", "attention.output.dense")
 HUB_ID = re.compile(r"^[\w.-]+/[\w.-]+$")
 
 
@@ -304,9 +307,11 @@ class TextToImage(nn.Module):
 
     # -- adapters and export
 
-    def add_lora(self, rank: int = 4, alpha: float = 4.0, targets: tuple[str, ...] = LORA_TARGETS) -> None:
+    def add_lora(self, rank: int = 4, alpha: float = 4.0, targets: tuple[str, ...] = LORA_TARGETS,
+                 init: str | bool = "gaussian") -> None:
         """LoRA (peft, through diffusers' `add_adapter`) on the UNet's modules named `targets`, initialised
-        as diffusers' LoRA training scripts do (A Gaussian, B zero); afterwards only LoRA parameters train."""
+        as diffusers' LoRA training scripts do (`init` "gaussian": A Gaussian, B zero; True: peft's default, A
+        Kaiming-uniform, B zero); afterwards only LoRA parameters train."""
         from peft import LoraConfig  # heavy optional dependency, imported at first use
 
         names = [name for name, _ in self.unet.named_modules()]
@@ -315,8 +320,31 @@ class TextToImage(nn.Module):
             raise ConfigError(f"LoRA targets {unmatched} match no UNet module; its attention projections are "
                               f"{', '.join(LORA_TARGETS)} (self-attention attn1, cross-attention attn2)")
         self.unet.requires_grad_(False)
-        self.unet.add_adapter(LoraConfig(r=rank, lora_alpha=alpha, init_lora_weights="gaussian",
+        self.unet.add_adapter(LoraConfig(r=rank, lora_alpha=alpha, init_lora_weights=init,
                                          target_modules=list(targets)))
+
+    def text_attention_projections(self) -> dict[str, nn.Linear]:
+        """The text encoder's self-attention projections (TEXT_LORA_TARGETS: query, key, value, output), by module
+        name in the text encoder; under LoRA, the wrapped base Linear."""
+        return {name: getattr(module, "base_layer", module) for name, module in self.text_encoder.named_modules()
+                if any(name == t or name.endswith("." + t) for t in TEXT_LORA_TARGETS)}
+
+    def add_text_lora(self, rank: int = 4, alpha: float = 4.0, init: str | bool = True) -> None:
+        """LoRA (peft, through transformers' `add_adapter`) on every self-attention projection of the text encoder
+        (`text_attention_projections`), A Kaiming-uniform and B zero by default; afterwards only those LoRA
+        parameters of the text encoder train, and `encode` recomputes the states while they do (freeze the text
+        encoder again and `clear_cache()` after training)."""
+        from peft import LoraConfig  # heavy optional dependency, imported at first use
+
+        names = list(self.text_attention_projections())
+        targets = [t for t in TEXT_LORA_TARGETS if any(n == t or n.endswith("." + t) for n in names)]
+        if not targets:
+            raise ConfigError(f"the text encoder ({type(self.text_encoder).__name__}) has none of the attention "
+                              f"projections LoRA is put on ({', '.join(TEXT_LORA_TARGETS)})")
+        self.text_encoder.requires_grad_(False)
+        self.text_encoder.add_adapter(LoraConfig(r=rank, lora_alpha=alpha, init_lora_weights=init,
+                                                 target_modules=targets))
+        self.clear_cache()
 
     def export(self, folder: str | Path) -> Path:
         """A StableDiffusionPipeline folder (model_index.json, unet/, text_encoder/, tokenizer/, scheduler/,
