@@ -18,8 +18,9 @@ from PIL import Image
 from lifelong.data.captioned import heldout_subject_pool
 from lifelong.errors import ConfigError
 from lifelong.families.diffusion import tiny_embedded
-from lifelong.personalize import PERSONALIZERS, PersonalizeRequest, build_personalizer, check_token
+from lifelong.personalize import PERSONALIZERS, PersonalizeRequest, build_personalizer, check_token, new_tokens
 from lifelong.personalize.custom_diffusion import kv_parameters, merge_kv
+from lifelong.personalize.mix_of_show import fuse, fusion_prompts, output_error
 from lifelong.personalize.textual_inversion import TEMPLATES
 
 # Small settings for the tiny model (the defaults are for the embedded one).
@@ -28,6 +29,7 @@ TINY_KNOBS = {
     "dreambooth": {"steps": 40, "lr": 1e-3, "class_images": 8, "ddim_steps": 4},
     "dreambooth-lora": {"steps": 40, "lr": 1e-2, "class_images": 8, "ddim_steps": 4},
     "custom-diffusion": {"steps": 40, "lr": 1e-2, "reg_images": 8, "ddim_steps": 4},
+    "mix-of-show": {"steps": 30, "lr": 1e-2, "text_lr": 1e-2, "embedding_lr": 5e-2},
 }
 TOKEN = "<my-bug>"
 # How far the subject's fixed-draw loss must fall. Textual Inversion trains one 8-wide embedding row of the
@@ -56,8 +58,15 @@ def request_(base, bugs):
     return PersonalizeRequest(resized(bugs, base.image_size), TOKEN, "bug")
 
 
+def tokens_of(method: str, token: str) -> list[str]:
+    return new_tokens(build_personalizer(method), token)
+
+
 def prompt_of(method: str, request: PersonalizeRequest) -> str:
-    return TEMPLATES[0].format(request.token) if method == "ti" else request.instance_prompt
+    if method == "ti":
+        return TEMPLATES[0].format(request.token)
+    tokens = tokens_of(method, request.token)
+    return " ".join(["a", *tokens]) if len(tokens) > 1 else request.instance_prompt  # Mix-of-Show: "a <t1> <t2>"
 
 
 @torch.no_grad()
@@ -82,10 +91,12 @@ def predictions(model, prompt: str, seed: int = 0) -> torch.Tensor:
 
 
 def untrained(base, method: str, request: PersonalizeRequest):
-    """The model before training, with the method's new token added as the method initialises it."""
+    """The model before training, with the method's new tokens added as the method initialises them (Mix-of-Show's
+    random first token: the mean row)."""
     model = copy.deepcopy(base)
-    if build_personalizer(method).adds_token:
-        model.add_tokens([request.token], initializers=[request.class_word])
+    tokens = tokens_of(method, request.token)
+    if tokens:
+        model.add_tokens(tokens, initializers=["", request.class_word] if len(tokens) > 1 else [request.class_word])
     return model
 
 
@@ -106,8 +117,8 @@ def test_a_method_lowers_the_subjects_denoising_loss(base, request_, method):
 @pytest.mark.parametrize("method", list(PERSONALIZERS))
 def test_a_method_is_seeded_and_trains_only_what_it_claims(base, request_, method):
     """TI: the new token's embedding row alone; DreamBooth: UNet weights alone; its LoRA variant: LoRA factors
-    alone (no UNet weight moves); Custom Diffusion: the cross-attention K/V and the new row. Same seed, same
-    numbers."""
+    alone (no UNet weight moves); Custom Diffusion: the cross-attention K/V and the new row; Mix-of-Show: its two
+    rows and LoRA factors in the text encoder and the UNet (no weight moves). Same seed, same numbers."""
     table = "text_encoder.embeddings.word_embeddings.weight"
     kv = set(kv_parameters(base))
     vocab = len(base.token_embeddings().weight)
@@ -127,11 +138,14 @@ def test_a_method_is_seeded_and_trains_only_what_it_claims(base, request_, metho
             assert not resized_table and moved and all(n.startswith("unet.") for n in moved) and not added
         elif method == "dreambooth-lora":
             assert not resized_table and not moved and added and all("lora_" in n for n in added)
+        elif method == "mix-of-show":
+            assert resized_table and not moved and all("lora_" in n for n in added)
+            assert {n.split(".")[0] for n in added} == {"unet", "text_encoder"}
         else:
             assert resized_table and moved and moved <= kv and not added, sorted(moved - kv)[:3]
-        if resized_table:
-            assert after[table].shape[0] == vocab + 1 and not torch.equal(
-                after[table][vocab], before[table][model.token_ids(request_.class_word)[0]]), "the new row never trained"
+        if resized_table:  # the last new row started as the class word's
+            assert after[table].shape[0] == vocab + len(tokens_of(method, request_.token)) and not torch.equal(
+                after[table][-1], before[table][model.token_ids(request_.class_word)[0]]), "the new row never trained"
         runs.append({n: after[n].clone() for n in moved | added | ({table} if resized_table else set())})
     assert runs[0].keys() == runs[1].keys()
     assert all(torch.equal(runs[0][n], runs[1][n]) for n in runs[0]), f"{method} is not seeded"
@@ -185,6 +199,33 @@ def test_the_closed_form_merge_meets_its_constraints_and_stays_near_the_base_els
     assert (reg @ (merged - w0["k"]).T).norm() < (reg @ (naive - w0["k"]).T).norm()
 
 
+def test_gradient_fusion_fits_each_concepts_outputs_on_its_own_inputs():
+    """Mix-of-Show's fused W = argmin sum_i ||W X_i - W_i X_i||^2 (+ eps ||W - W_0||^2). Concepts whose inputs span
+    disjoint subspaces are each reproduced exactly, and W stays W_0 on directions no concept's input reaches (as the
+    official L-BFGS from W_0 does); the naive sum W_0 + sum dW_i and the weight-fusion mean W_0 + mean dW_i are
+    not. Overlapping inputs: the fused W has the least total error."""
+    g = torch.Generator().manual_seed(0)
+    w0 = torch.randn(6, 10, generator=g)
+    own = [w0 + 0.3 * torch.randn(6, 10, generator=g) for _ in range(2)]
+    basis = torch.linalg.qr(torch.randn(10, 10, generator=g))[0]  # orthonormal columns
+    inputs = [torch.randn(20, 3, generator=g) @ basis[:, :3].T, torch.randn(20, 3, generator=g) @ basis[:, 3:6].T]
+    grams = [x.double().T @ x.double() for x in inputs]  # X_i X_i^T of input rows (20, 10)
+    w = fuse(w0, own, grams)
+    summed, mean = w0 + sum(o - w0 for o in own), w0 + sum(o - w0 for o in own) / 2
+    for x, o in zip(inputs, own):
+        scale = (x @ o.T).norm()
+        assert (x @ w.T - x @ o.T).norm() < 1e-4 * scale
+        assert (x @ summed.T - x @ o.T).norm() > 0.1 * scale and (x @ mean.T - x @ o.T).norm() > 0.1 * scale
+    assert torch.allclose(w @ basis[:, 6:], w0 @ basis[:, 6:], atol=1e-4)  # off every concept's inputs: W_0
+    inputs = [torch.randn(30, 10, generator=g) * torch.linspace(2, 0.1, 10) for _ in range(2)]  # overlapping
+    grams = [x.double().T @ x.double() for x in inputs]
+    errors = {name: sum(output_error(candidate, o, gi) for o, gi in zip(own, grams))
+              for name, candidate in (("fused", fuse(w0, own, grams)), ("sum", summed), ("mean", mean))}
+    assert errors["fused"] < 0.9 * min(errors["sum"], errors["mean"]), errors
+    x = inputs[0]
+    assert abs(output_error(summed, own[0], grams[0]) - float((x @ summed.T - x @ own[0].T).norm() ** 2)) < 1e-3
+
+
 def test_token_checks(base):
     assert check_token(base, TOKEN, new_token=True) == []
     with pytest.raises(ConfigError, match="already in the vocabulary"):
@@ -199,7 +240,8 @@ def test_token_checks(base):
 
 LEDGER_PROBES = ["--probe", "object/sneaker", "--probe-items", "2"]
 CLI_KNOBS = {"ti": ["steps=5", "lr=0.05"], "custom-diffusion": ["steps=5", "lr=0.01", "reg_images=2", "ddim_steps=2"],
-             "dreambooth-lora": ["steps=5", "lr=0.01", "class_images=2", "ddim_steps=2"]}
+             "dreambooth-lora": ["steps=5", "lr=0.01", "class_images=2", "ddim_steps=2"],
+             "mix-of-show": ["steps=5", "lr=0.01", "text_lr=0.01", "embedding_lr=0.05"]}
 
 
 @pytest.fixture(scope="module")
@@ -221,7 +263,7 @@ def ledger_root(tmp_path_factory):
     return root
 
 
-@pytest.mark.parametrize("method", ["ti", "custom-diffusion", "dreambooth-lora"])
+@pytest.mark.parametrize("method", ["ti", "custom-diffusion", "dreambooth-lora", "mix-of-show"])
 def test_personalize_then_revert_gives_the_base_back(ledger_root, subject_folder, tmp_path, capsys, method):
     from lifelong.cli import main
     from lifelong.families.diffusion import fingerprint
@@ -239,17 +281,18 @@ def test_personalize_then_revert_gives_the_base_back(ledger_root, subject_folder
     assert change["kind"] == "personalize" and change["request"]["n_images"] == 5
     personal = ledger.materialize()
     base = ledger.base_model()
-    adds = build_personalizer(method).adds_token
-    assert change["tokens"] == ([TOKEN] if adds else [])
-    assert (len(personal.tokenizer) == len(base.tokenizer) + 1) == adds
-    assert not torch.equal(predictions(personal, f"a {TOKEN} bug"), predictions(base, f"a {TOKEN} bug"))
+    tokens = tokens_of(method, TOKEN)
+    assert change["tokens"] == tokens and len(personal.tokenizer) == len(base.tokenizer) + len(tokens)
+    prompt = " ".join(["a", *tokens, "bug"]) if tokens else f"a {TOKEN} bug"
+    assert not torch.equal(predictions(personal, prompt), predictions(base, prompt))
     if method == "ti":
         assert ledger.patch(1) == {}  # the new row is the whole change
     assert main(["revert", str(root), "1"]) == 0
     ledger = Ledger.open(root)
     assert ledger.change(2)["exact"]
     now = ledger.materialize()
-    assert len(now.tokenizer) == len(base.tokenizer) and (now.token_ids(TOKEN) != personal.token_ids(TOKEN)) == adds
+    assert len(now.tokenizer) == len(base.tokenizer)
+    assert all(now.token_ids(t) != personal.token_ids(t) for t in tokens) and now.token_ids(TOKEN) == base.token_ids(TOKEN)
     after, original = dict(now.named_parameters()), dict(base.named_parameters())
     assert after.keys() == original.keys()
     assert all(torch.allclose(after[n], original[n], atol=1e-6) for n in original)
@@ -351,3 +394,73 @@ def test_merging_two_custom_diffusion_changes_keeps_each_concepts_mapping(ledger
     assert main(["revert", str(root), "3"]) == 0
     back = dict(Ledger.open(root).materialize().named_parameters())
     assert all(torch.allclose(back[n], p, atol=1e-5) for n, p in summed.named_parameters())
+
+
+def test_merging_two_mix_of_show_changes_fits_each_concepts_layers(ledger_root, subject_folder, tmp_path, capsys):
+    """`lifelong merge --method mix-of-show` (gradient fusion): on the text encoder's layers the ED-LoRAs moved,
+    each concept's inputs (its fusion prompts through its own text encoder, collected here by hooks) are mapped by
+    the fused weights closer to what its own change alone maps them to than by the naive sum of both changes; on
+    the cross-attention K/V, likewise for the fused text encoder's states. Wrong merges are one message and exit
+    2; reverting the merge gives the sum back exactly; lora-add records W_0 + the mean of the deltas."""
+    from lifelong.cli import main
+    from lifelong.ledger.core import Ledger
+    from lifelong.ledger.patch import apply_patch, negate
+    from lifelong.personalize.custom_diffusion import text_features
+
+    root = tmp_path / "ledger"
+    shutil.copytree(ledger_root, root)
+    for token in (TOKEN, "<my-beetle>"):
+        assert main(["personalize", str(root), "--images", str(subject_folder), "--token", token, "--class", "bug",
+                     "--method", "mix-of-show", *CLI_KNOBS["mix-of-show"]]) == 0
+    assert main(["merge", str(root), "--changes", "1,2", "--method", "mix-of-show"]) == 0
+    ledger = Ledger.open(root)
+    change = ledger.change(3)
+    assert change["method"] == "mix-of-show-merge" and change["merges"] == [1, 2] and change["tokens"] == []
+    stats = change["stats"]
+    assert all(stats[f"{stage}_error_fused"] < stats[f"{stage}_error_sum"] for stage in ("text_encoder", "cross_kv", "unet"))
+    layers = [key.partition("::")[2] for key in ledger.patch(3)]
+    text_layers = [n for n in layers if n.startswith("text_encoder.")]
+    kv_layers = [n for n in layers if n.endswith(("attn2.to_k.weight", "attn2.to_v.weight"))]
+    assert text_layers and kv_layers and any(".attn1." in n for n in layers)
+    merged, summed = ledger.materialize(), ledger.materialize(upto=2)
+    fused_w, sum_w = dict(merged.named_parameters()), dict(summed.named_parameters())
+    for n, other in ((1, 2), (2, 1)):
+        alone = ledger.materialize(upto=2)  # both concepts' tokens, the weights of change n alone
+        apply_patch(alone, negate(ledger.patch(other)))
+        own_w = dict(alone.named_parameters())
+        prompts = fusion_prompts(ledger.change(n)["tokens"])
+        seen = {}
+        hooks = [alone.get_submodule(name.removesuffix(".weight")).register_forward_hook(
+            lambda module, args, out, name=name: seen.setdefault(name, args[0].detach())) for name in text_layers]
+        states = alone.encode(prompts)
+        for hook in hooks:
+            hook.remove()
+        inputs = {name: seen[name][states.mask.bool()] for name in text_layers}  # (rows, in): the real tokens
+        c = text_features(merged, prompts)  # what the fused K/V read: the fused text encoder's states
+        inputs.update({name: c for name in kv_layers})
+        for group in (text_layers, kv_layers):
+            err_fused = sum(float((inputs[m] @ (fused_w[m] - own_w[m]).detach().T).norm() ** 2) for m in group)
+            err_sum = sum(float((inputs[m] @ (sum_w[m] - own_w[m]).detach().T).norm() ** 2) for m in group)
+            assert err_fused < 0.8 * err_sum, f"change {n}, {group[0]}...: fused {err_fused:.3g}, naive sum {err_sum:.3g}"
+    manifest = (root / "ledger.json").read_bytes()
+    for changes, method, message in (("1", "mix-of-show", "at least two changes"),
+                                     ("1,3", "mix-of-show", "not a mix-of-show personalization"),
+                                     ("1,2", "custom-diffusion", "not a custom-diffusion personalization"),
+                                     ("1,2", "mix-of-show", "change 3 already merges")):
+        capsys.readouterr()
+        assert main(["merge", str(root), "--changes", changes, "--method", method]) == 2
+        err = capsys.readouterr().err
+        assert message in err and err.count("error:") == 1, err
+    assert (root / "ledger.json").read_bytes() == manifest
+    assert main(["revert", str(root), "3"]) == 0
+    ledger = Ledger.open(root)
+    assert ledger.change(4)["exact"]
+    back = dict(ledger.materialize().named_parameters())
+    assert all(torch.allclose(back[m], p, atol=1e-5) for m, p in summed.named_parameters())
+    assert main(["merge", str(root), "--changes", "1,2", "--method", "lora-add"]) == 0
+    mean = dict(Ledger.open(root).materialize().named_parameters())
+    alone = [ledger.materialize(upto=2) for _ in range(2)]
+    apply_patch(alone[0], negate(ledger.patch(2)))
+    apply_patch(alone[1], negate(ledger.patch(1)))
+    halves = [dict(a.named_parameters()) for a in alone]
+    assert all(torch.allclose(mean[m], (halves[0][m] + halves[1][m]) / 2, atol=1e-5) for m in layers)

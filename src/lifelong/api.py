@@ -242,7 +242,7 @@ def erase(root: str | Path, concept: str, method: str = "esd-x", *, anchor: str 
 def personalize(root: str | Path, images: str | Path, token: str, class_word: str = "", method: str = "ti", *,
                 knobs: dict | None = None, seed: int = 0, warn=None) -> int:
     """One personalize change of the diffusion ledger `root`: `method` (ti, dreambooth, dreambooth-lora,
-    custom-diffusion) teaches the model the subject of the images in the folder `images` under `token`
+    custom-diffusion, mix-of-show) teaches the model the subject of the images in the folder `images` under `token`
     ("<my-style>"; `class_word`: its class, e.g. "letter"); returns the change's id. `warn(message)` gets the
     warnings (an identifier naming a known concept, resized or skipped images)."""
     return personal.personalize(root, images, token, class_word, method, knobs=knobs, seed=seed, warn=warn)
@@ -250,7 +250,9 @@ def personalize(root: str | Path, images: str | Path, token: str, class_word: st
 
 def merge(root: str | Path, changes: Sequence[int], method: str = "custom-diffusion") -> int:
     """One change of the diffusion ledger `root` that merges its personalize changes `changes` with `method`
-    (custom-diffusion: the closed-form constrained merge of their cross-attention K/V); returns its id."""
+    (custom-diffusion: the closed-form constrained merge of their cross-attention K/V; mix-of-show: gradient
+    fusion of every layer their ED-LoRAs moved; lora-add: the base plus the mean of their LoRA deltas); returns its
+    id."""
     return personal.merge(root, list(changes), method)
 
 

@@ -633,6 +633,9 @@ examples:
   lifelong generate --ledger my-t2i --prompt "a <my-style> letter" --out mine.png
   lifelong revert my-t2i 1                      the subject (and its token) out again
   lifelong merge my-t2i --changes 1,2 --method custom-diffusion     two concepts in one set of K/V weights
+  lifelong personalize my-t2i --images dogs/ --token "<my-dog>" --class dog --method mix-of-show
+                                                prompts then name it "<my-dog1> <my-dog2>"
+  lifelong merge my-t2i --changes 3,4 --method mix-of-show          two ED-LoRAs fused layer by layer
 """
 
 
@@ -647,12 +650,14 @@ def add_personalize_command(sub) -> None:
     p.add_argument("--images", required=True, type=Path, metavar="FOLDER", help="3-20 images of the subject (any "
                    "size: centre-cropped and resized to the model's)")
     p.add_argument("--token", required=True, help="the identifier prompts will use, e.g. '<my-style>' (a new "
-                   "vocabulary token for ti and custom-diffusion; dreambooth writes it into the prompt as is)")
+                   "vocabulary token for ti and custom-diffusion; mix-of-show adds two, '<my-style1>' and "
+                   "'<my-style2>'; dreambooth writes it into the prompt as is)")
     p.add_argument("--class", dest="class_word", default="", help="the subject's class, e.g. letter (the class "
                    "prompt of dreambooth's prior preservation and custom-diffusion's regularization images)")
     p.add_argument("--method", default="ti", choices=list(PERSONALIZERS), help="ti (default): Textual Inversion, one "
                    "new token embedding; dreambooth: the UNet with prior preservation; dreambooth-lora: the same "
-                   "through LoRA; custom-diffusion: cross-attention K/V and a new token")
+                   "through LoRA; custom-diffusion: cross-attention K/V and a new token; mix-of-show: ED-LoRA, "
+                   "two new tokens and LoRA on the text encoder and the UNet")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="method knobs, e.g. steps=100 lr=1e-3")
 
@@ -660,10 +665,13 @@ def add_personalize_command(sub) -> None:
                        description="Merge the personalize changes CHANGES of the diffusion ledger DIR (in effect) with "
                        "METHOD and record the result as a change: custom-diffusion solves, per cross-attention K/V "
                        "projection, the closed-form constrained merge (each concept's prompt features mapped as its "
-                       "own change maps them, the base kept on regularization prompts).")
+                       "own change maps them, the base kept on regularization prompts); mix-of-show fuses every "
+                       "layer the ED-LoRAs moved (gradient fusion: each concept's layer inputs mapped as its own "
+                       "change maps them, in least squares); lora-add: the base plus the mean of the LoRA deltas "
+                       "(the weight-fusion baseline).")
     m.add_argument("dir", type=Path, help="a diffusion ledger")
     m.add_argument("--changes", required=True, help="comma-separated change ids, e.g. 3,5")
-    m.add_argument("--method", default="custom-diffusion", choices=["custom-diffusion"])
+    m.add_argument("--method", default="custom-diffusion", choices=["custom-diffusion", "mix-of-show", "lora-add"])
 
 
 def cmd_personalize(args) -> int:

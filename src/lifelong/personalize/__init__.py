@@ -12,7 +12,13 @@ import importlib
 
 from lifelong.config import from_dict
 from lifelong.errors import ConfigError
-from lifelong.personalize.base import PersonalizeRequest, PersonalizerProtocol, check_token, read_images
+from lifelong.personalize.base import (
+    PersonalizeRequest,
+    PersonalizerProtocol,
+    check_token,
+    new_tokens,
+    read_images,
+)
 
 # name -> ("module:Class", the knobs that make this variant)
 PERSONALIZERS: dict[str, tuple[str, dict]] = {
@@ -20,6 +26,7 @@ PERSONALIZERS: dict[str, tuple[str, dict]] = {
     "dreambooth": ("lifelong.personalize.dreambooth:DreamBooth", {"lora": False}),
     "dreambooth-lora": ("lifelong.personalize.dreambooth:DreamBooth", {"lora": True}),
     "custom-diffusion": ("lifelong.personalize.custom_diffusion:CustomDiffusion", {}),
+    "mix-of-show": ("lifelong.personalize.mix_of_show:MixOfShow", {}),
 }
 
 
@@ -49,4 +56,4 @@ def build_personalizer(name: str, knobs: dict | None = None):
 
 
 __all__ = ["PERSONALIZERS", "PersonalizeRequest", "PersonalizerProtocol", "build_personalizer", "check_token",
-           "personalizer_class", "personalizer_params", "read_images"]
+           "new_tokens", "personalizer_class", "personalizer_params", "read_images"]

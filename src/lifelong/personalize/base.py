@@ -11,8 +11,9 @@ from a few images, in place:
 
 A method that adds a token (`adds_token = True`: Textual Inversion's placeholder, Custom Diffusion's
 modifier token) puts `request.token` into the tokenizer and a new row into the text encoder's token
-embeddings (`TextToImage.add_tokens`); the ledger records the row and the token (ledger/personal.py),
-besides the patch of the weights it moved.
+embeddings (`TextToImage.add_tokens`); one that adds several for one identifier (Mix-of-Show's "<tok1>",
+"<tok2>") names them with a `new_tokens(token)` method. The ledger records the rows and the tokens
+(ledger/personal.py), besides the patch of the weights it moved.
 """
 
 from __future__ import annotations
@@ -78,6 +79,15 @@ class PersonalizerProtocol(Protocol):
     adds_token: ClassVar[bool]  # True: request.token becomes a new vocabulary token with its own embedding row
 
     def personalize(self, model, request: PersonalizeRequest, seed: int = 0, progress: bool = False) -> dict[str, float]: ...
+
+
+def new_tokens(personalizer, token: str) -> list[str]:
+    """The vocabulary tokens `personalizer` adds for the identifier `token`: none, the token itself (Textual
+    Inversion, Custom Diffusion), or those its own `new_tokens` names (Mix-of-Show's pair "<tok1>", "<tok2>")."""
+    if not personalizer.adds_token:
+        return []
+    own = getattr(personalizer, "new_tokens", None)
+    return list(own(token)) if own is not None else [token]
 
 
 # --- reading a user's folder -------------------------------------------------------------------------------
