@@ -77,3 +77,25 @@ def test_embedded_smollm2_knows_paris():
     assert tok.decode(out[0, batch.input_ids.shape[1]:]).startswith(" Paris")
     again, _ = build_lm("embedded")  # second call: from the converted folder
     assert torch.equal(again.lm_head.weight, model.lm_head.weight)
+
+
+def test_a_folder_converted_from_gguf_exports(tmp_path):
+    # the embedded LM's converted folder kept the GGUF quantization_config (its weights are plain fp32), and
+    # transformers refused save_pretrained on what it loaded: `lifelong export` of an lm ledger failed
+    import json
+
+    from lifelong.families.lm import export_pretrained
+
+    model, tok = tiny_lm("llama")
+    model.save_pretrained(tmp_path / "converted")
+    tok.save_pretrained(tmp_path / "converted")
+    config = json.loads((tmp_path / "converted" / "config.json").read_text())
+    config["quantization_config"] = {"dequantize": False, "gguf_file": "x.gguf", "quant_method": "gguf"}
+    (tmp_path / "converted" / "config.json").write_text(json.dumps(config))
+    loaded, loaded_tok = build_lm(str(tmp_path / "converted"))
+    export_pretrained(loaded, loaded_tok, tmp_path / "out")
+    assert "quantization_config" not in json.loads((tmp_path / "out" / "config.json").read_text())
+    again, _ = build_lm(str(tmp_path / "out"))
+    ids = torch.tensor([[1, 2, 3]])
+    with torch.no_grad():
+        assert torch.equal(again(ids).logits, model(ids).logits)

@@ -367,8 +367,9 @@ def cmd_export(args) -> int:
         if args.out is not None or args.upto is not None:
             raise ConfigError("give either OUT [--upto N] (the model) or --peft OUT [--change N] (an adapter), not both")
         out, n = api.export_peft(args.dir, args.peft, change=args.change)
-        print(f"exported the adapter of change {n} to {out} (peft); load it with `PeftModel.from_pretrained(model, "
-              f"{str(out)!r})` on the ledger's model before change {n}, or `lifelong chat --adapter {out}`")
+        print(f"exported the adapter of change {n} to {out} (peft): it goes on the ledger's model before change {n} "
+              f"(`lifelong export {args.dir} FOLDER --upto {n - 1}` writes that model): `PeftModel.from_pretrained(model, "
+              f"{str(out)!r})`, or `lifelong chat --model FOLDER --adapter {out}`")
         return 0
     if args.out is None:
         raise ConfigError("export needs OUT (the folder to write the model to), or --peft OUT for an adapter")

@@ -125,9 +125,23 @@ def build_lm(name: str = "embedded", dtype: torch.dtype = torch.float32):
     folder = embedded_lm_folder() if name == "embedded" else name
     model = AutoModelForCausalLM.from_pretrained(folder, dtype=dtype)
     tokenizer = AutoTokenizer.from_pretrained(folder)
+    _drop_gguf_marker(model)
     _ensure_pad(tokenizer, model)
     model.eval()
     return model, tokenizer
+
+
+def _drop_gguf_marker(model) -> None:
+    """A folder converted from a GGUF file (the embedded LM's, before this was done at conversion) keeps the GGUF
+    `quantization_config` though its weights are plain fp32; transformers then refuses `save_pretrained` ("quantized
+    with gguf and is not serializable"), which `lifelong export` of an lm ledger needs. The marker is dropped."""
+    quant = getattr(model.config, "quantization_config", None)
+    method = quant.get("quant_method") if isinstance(quant, dict) else getattr(quant, "quant_method", None)
+    if str(getattr(method, "value", method)) != "gguf":
+        return
+    del model.config.quantization_config
+    model.hf_quantizer = None
+    model.is_quantized = False
 
 
 def embedded_gguf() -> Path:
@@ -158,6 +172,7 @@ def _convert_gguf(gguf: Path, folder: Path) -> None:
         raise DataNotFoundError(f"reading {gguf.name} needs the gguf package: pip install gguf==0.19.0 ({e})") from e
     model = AutoModelForCausalLM.from_config(loaded.config, dtype=torch.float32)
     model.load_state_dict(loaded.state_dict())
+    _drop_gguf_marker(model)  # dequantized: plain fp32 weights, saved without the GGUF quantization_config
     _ensure_pad(tokenizer, model)
     folder.parent.mkdir(parents=True, exist_ok=True)
     tmp = folder.with_name(f".{folder.name}.{os.getpid()}.tmp")
