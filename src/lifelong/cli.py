@@ -23,6 +23,8 @@ from lifelong.learn import METHODS
 from lifelong.ledger.adapters import EVAL_ITEMS as ADAPT_EVAL_ITEMS
 from lifelong.ledger.adapters import METHODS as ADAPT_METHODS
 from lifelong.personalize import PERSONALIZERS
+from lifelong.personalize.bench import load_bench_config as load_personalize_bench_config
+from lifelong.personalize.bench import run_bench as run_personalize_bench
 from lifelong.runtime import tune_allocator
 
 CONFIG_DIR = Path(__file__).resolve().parent / "configs"
@@ -447,12 +449,15 @@ def add_edit_commands(sub) -> None:
                            "judged on the final model), with time and peak memory per edit; writes runs/<name>/results.json, "
                            "summary.md and metrics_vs_T.png. Keys: see lifelong/edit/bench.py (EditBenchConfig).",
                            epilog=EDIT_EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
-    bench.add_argument("what", choices=["edit", "erase"], help="the benchmark to run: edit (the editing T-sweep) or "
-                       "erase (every eraser on the same concepts: efficacy, locality, scale, cost; see "
-                       "lifelong/erase/bench.py, EraseBenchConfig)")
+    bench.add_argument("what", choices=["edit", "erase", "personalize"], help="the benchmark to run: edit (the editing "
+                       "T-sweep), erase (every eraser on the same concepts: efficacy, locality, scale, cost; see "
+                       "lifelong/erase/bench.py, EraseBenchConfig) or personalize (every personalizer on held-out "
+                       "subjects: subject and prompt fidelity, prior preservation, merges, cost; see "
+                       "lifelong/personalize/bench.py, PersonalizeBenchConfig)")
     bench.add_argument("config", nargs="?", type=Path, help="a YAML config (default: the built-in defaults)")
-    bench.add_argument("--methods", help="comma-separated editors or erasers (default: all)")
-    bench.add_argument("--quick", action="store_true", help="erase: a smoke run (esd-x and uce on one concept, few samples)")
+    bench.add_argument("--methods", help="comma-separated editors, erasers or personalizers (default: all)")
+    bench.add_argument("--quick", action="store_true", help="erase: a smoke run (esd-x and uce on one concept, few samples); "
+                       "personalize: ti and custom-diffusion on two subjects, a few steps and samples, one merge")
     bench.add_argument("--concepts", help="erase: comma-separated concepts (default: sneaker,calligraphic,flower)")
     bench.add_argument("--T", help="comma-separated edit counts for the lifelong protocol (default: 1,10,100,1000)")
     bench.add_argument("--split", choices=["zsre", "counterfact"], help="the request set (default: zsre)")
@@ -497,6 +502,8 @@ def cmd_edit(args) -> int:
 
 def cmd_bench_edit(args) -> int:
     overrides = list(args.overrides)
+    if args.config is not None and "=" in str(args.config) and not args.config.exists():  # KEY=VALUE, no config
+        overrides, args.config = [str(args.config), *overrides], None
     if args.methods:
         overrides.append(f"methods=[{args.methods}]")
     if args.what == "erase":
@@ -507,8 +514,14 @@ def cmd_bench_edit(args) -> int:
         out = run_erase_bench(load_erase_bench_config(args.config, overrides, quick=args.quick))
         print((out / "summary.md").read_text() + f"\nwrote {out}")
         return 0
+    if args.what == "personalize":
+        if args.T or args.split or args.concepts:
+            raise ConfigError("--T, --split and --concepts belong to `bench edit` and `bench erase`")
+        out = run_personalize_bench(load_personalize_bench_config(args.config, overrides, quick=args.quick))
+        print((out / "summary.md").read_text() + f"\nwrote {out}")
+        return 0
     if args.quick or args.concepts:
-        raise ConfigError("--quick and --concepts belong to `bench erase`")
+        raise ConfigError("--quick belongs to `bench erase` and `bench personalize`, --concepts to `bench erase`")
     if args.T:
         overrides.append(f"T=[{args.T}]")
     if args.split:

@@ -44,7 +44,6 @@ from pathlib import Path
 
 import torch
 
-from lifelong.data import captioned
 from lifelong.errors import ConfigError, LedgerError
 from lifelong.ledger.core import TOKENS, Ledger
 from lifelong.ledger.erasures import commit_revert
@@ -61,8 +60,8 @@ from lifelong.personalize import (
     read_images,
 )
 from lifelong.personalize.base import MIN_IMAGES
-from lifelong.personalize.custom_diffusion import kv_parameters, merge_kv, text_features
-from lifelong.personalize.mix_of_show import gradient_fusion
+from lifelong.personalize.custom_diffusion import default_reg_prompts, kv_parameters, merge_kv, text_features
+from lifelong.personalize.mix_of_show import gradient_fusion, weight_fusion
 
 # merge method -> the personalize methods whose changes it merges
 MERGE_METHODS = {"custom-diffusion": ("custom-diffusion",), "mix-of-show": ("mix-of-show",),
@@ -238,8 +237,7 @@ def merge(root: str | Path, change_ids: list[int], method: str = "custom-diffusi
         model = ledger.materialize()
         with PeakMemory() as memory:
             if method == "custom-diffusion":
-                reg_prompts = tuple(reg_prompts or (captioned.train_captions(c)[0]
-                                                    for c in captioned.training_concepts()))
+                reg_prompts = tuple(reg_prompts or default_reg_prompts())
                 patch, knobs, stats = _custom_diffusion_merge(ledger, model, ids, reg_prompts)
             else:
                 patch, knobs, stats = _lora_merge(ledger, model, ids, method)
@@ -308,7 +306,8 @@ def _lora_merge(ledger: Ledger, model, ids: list[int], method: str, fusion_steps
     current = {name: params[name].detach().clone() for name in names}
     summed = {name: sum(d[name] for d in deltas if name in d) for name in names}
     if method == "lora-add":
-        patch = {f"delta::{name}": -(1 - 1 / len(ids)) * summed[name] for name in names}
+        fused = weight_fusion({name: current[name] - summed[name] for name in names}, deltas)
+        patch = {f"delta::{name}": fused[name] - current[name] for name in names}
         return patch, {"weight": 1 / len(ids)}, {"layers": float(len(names))}
     with torch.no_grad():
         for name in names:

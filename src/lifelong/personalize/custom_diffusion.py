@@ -42,6 +42,7 @@ from dataclasses import dataclass
 import torch
 from tqdm import tqdm
 
+from lifelong.data import captioned
 from lifelong.loop import check_finite, mean_ends
 from lifelong.personalize.base import (
     PersonalizeRequest,
@@ -143,6 +144,12 @@ def text_features(model, prompts: list[str]) -> torch.Tensor:
     if states.mask is None:
         return hidden.reshape(-1, hidden.shape[-1])
     return hidden[states.mask.bool()]
+
+
+def default_reg_prompts() -> tuple[str, ...]:
+    """The merge's regularization prompts for the embedded model: the first training caption of every concept it
+    was trained on (the official takes 1000 LAION captions)."""
+    return tuple(captioned.train_captions(c)[0] for c in captioned.training_concepts())
 
 
 @torch.no_grad()

@@ -195,6 +195,15 @@ def fuse(w0: torch.Tensor, finetuned: list[torch.Tensor], grams: list[torch.Tens
     return w.to(w0.dtype)
 
 
+@torch.no_grad()
+def weight_fusion(w0: dict[str, torch.Tensor], deltas: list[dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
+    """The weight-fusion baseline of Mix-of-Show's paper and code (Weight_Fusion_EDLoRA.py): every layer some
+    delta names at W = W_0 + (1/k) sum_i dW_i (a concept that did not move a layer adds 0 there). `w0` name ->
+    W_0, `deltas[i]` name -> dW_i; returns name -> W for every layer of the deltas."""
+    names = sorted(set().union(*deltas))
+    return {n: w0[n] + sum(d[n] for d in deltas if n in d) / len(deltas) for n in names}
+
+
 def output_error(w: torch.Tensor, target: torch.Tensor, gram: torch.Tensor) -> float:
     """|| W X - W_i X ||_F^2 from the Gram matrix G = X X^T: tr((W - W_i) G (W - W_i)^T)."""
     d = (w - target).double()

@@ -6,6 +6,7 @@ A results folder is recognised by its results.json:
     edit-bench   `lifelong bench edit` (per method, "lifelong" rows by T): every row, and each headline metric
                  against T (method x T)
     erase-bench  `lifelong bench erase` ("settings" and "rows"): every row
+    personalize-bench  `lifelong bench personalize` (the same, and "bench": "personalize"): every row
     results      anything else with a results.json: its rows of scalars
 Every PNG in the folder is embedded, and summary.md is shown as written.
 """
@@ -168,8 +169,9 @@ def results_page(folder: str | os.PathLike[str]) -> Page:
         return _learn(folder, results)
     if isinstance(methods, dict) and "requests" in results:
         return _edit_bench(folder, results)
-    if "settings" in results and isinstance(results.get("rows"), dict):
-        return _rows_page(folder, results, "erase-bench", [{"row": k, **v} for k, v in results["rows"].items()])
+    if "settings" in results and isinstance(results.get("rows"), dict):  # "bench": which (the erase bench names none)
+        kind = f"{results.get('bench', 'erase')}-bench"
+        return _rows_page(folder, results, kind, [{"row": k, **v} for k, v in results["rows"].items()])
     rows = [{"row": k, **v} for k, v in results.items() if isinstance(v, dict)]
     return _rows_page(folder, results, "results", rows or [results])
 
