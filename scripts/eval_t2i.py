@@ -123,7 +123,7 @@ def summarise(state: dict, concepts, judge, work: Path, seconds: float) -> dict:
     features = {c.name: load_file(str(work / f"features_{per[c.name]['index']:03d}.safetensors"))["features"] for c in concepts}
     return {
         "what": "the embedded text-to-image model judged by lifelong.metrics.judge (trained on real images only)",
-        "command": " ".join(["OMP_NUM_THREADS=2 .venv/bin/python scripts/eval_t2i.py", *sys.argv[1:]]),
+        "command": " ".join([f"OMP_NUM_THREADS={torch.get_num_threads()} .venv/bin/python scripts/eval_t2i.py", *sys.argv[1:]]),
         "settings": state["settings"],
         "concepts": len(concepts),
         "average": averages,
