@@ -58,7 +58,7 @@ from lifelong.data.instructions import TASKS, load_task
 from lifelong.errors import ConfigError, LedgerError
 from lifelong.families.lm import attention_projections, decoder_layers, lm_fingerprint
 from lifelong.ledger.core import Ledger
-from lifelong.ledger.edits import edits_in_effect
+from lifelong.ledger.edits import edits_in_effect, revert_record
 from lifelong.ledger.patch import apply_patch
 from lifelong.ledger.probes import instruction_probe, run_fact_probes, unique_name
 from lifelong.ledger.store import LedgerLock
@@ -173,23 +173,8 @@ def revert_adapt(ledger: Ledger, n: int, strategy: str) -> int:
         patch, how, exact = ledger.take_out(n, model, tokenizer, attached, strategy, "an adapt change")
     after = run_fact_probes(model, tokenizer, ledger.probes, edits)
     probe = next(p for p in ledger.probes if p.name == change["data"]["probe"])
-    record = {
-        "id": ledger.next_id(),
-        "kind": "revert",
-        "reverts": n,
-        "strategy": how,  # restore: the method's previous state back in effect
-        "replayed": [],
-        "exact": exact,  # False: later changes in effect were made on top of change n
-        "method": "-",
-        "label": "-",
-        "data": {"task": f"change {n}", "classes": []},
-        "own_before": own_score(probe, before),
-        "own_after": own_score(probe, after),
-        "probes_before": before,
-        "probes_after": after,
-        "cost": {"train_seconds": 0.0, "wall_seconds": time.perf_counter() - t_start, "peak_rss_mb": memory.peak_mb,
-                 "trainable_params": 0, "total_params": count_parameters(model)[1]},
-    }
+    record = revert_record(ledger, n, how, exact, (own_score(probe, before), own_score(probe, after)), (before, after),
+                           model, time.perf_counter() - t_start, memory.peak_mb)
     return ledger.commit(record, patch, {})
 
 

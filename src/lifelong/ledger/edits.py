@@ -153,27 +153,37 @@ def revert_edit(ledger: Ledger, n: int, strategy: str) -> int:
     before = run_fact_probes(model, tokenizer, ledger.probes, others)
     with PeakMemory() as memory:
         patch, how, exact = ledger.take_out(n, model, tokenizer, attached, strategy, "an edit")
-    record = {
-        "id": ledger.next_id(),
-        "kind": "revert",
-        "reverts": n,
-        "strategy": how,  # restore: the method's previous state back in effect
-        "replayed": [],
-        "exact": exact,  # False: later edits in effect were made on top of change n
-        "method": "-",
-        "label": "-",
-        "data": {"task": f"change {n}", "classes": []},
-        "own_before": own_before,
-        "own_after": _score(model, tokenizer, target),
-        "probes_before": before,
-        "probes_after": run_fact_probes(model, tokenizer, ledger.probes, others),
-        "cost": {"train_seconds": 0.0, "wall_seconds": time.perf_counter() - t_start, "peak_rss_mb": memory.peak_mb,
-                 "trainable_params": 0, "total_params": count_parameters(model)[1]},
-    }
+    after = run_fact_probes(model, tokenizer, ledger.probes, others)
+    record = revert_record(ledger, n, how, exact, (own_before, _score(model, tokenizer, target)), (before, after),
+                           model, time.perf_counter() - t_start, memory.peak_mb)
     return ledger.commit(record, patch, {})
 
 
 # ----------------------------------------------------------------------------- pieces
+
+def revert_record(ledger: Ledger, n: int, how: str, exact: bool, own: tuple[dict, dict], probes: tuple[dict, dict],
+                  model, wall_seconds: float, peak_mb: float) -> dict:
+    """The record of an lm ledger's revert of change `n` (an edit or an adapt change): `how` it was taken out
+    ("restore": the method's previous state back in effect; "subtract": the negated patch), `exact` (False: later
+    changes in effect were made on top of change n), its own scores and the probes, each (before, after)."""
+    return {
+        "id": ledger.next_id(),
+        "kind": "revert",
+        "reverts": n,
+        "strategy": how,
+        "replayed": [],
+        "exact": exact,
+        "method": "-",
+        "label": "-",
+        "data": {"task": f"change {n}", "classes": []},
+        "own_before": own[0],
+        "own_after": own[1],
+        "probes_before": probes[0],
+        "probes_after": probes[1],
+        "cost": {"train_seconds": 0.0, "wall_seconds": wall_seconds, "peak_rss_mb": peak_mb,
+                 "trainable_params": 0, "total_params": count_parameters(model)[1]},
+    }
+
 
 def continue_from(old, new) -> None:
     """Move a module editor's state from `old` (re-attached by materialize) to `new` (this change's knobs)."""
