@@ -234,3 +234,14 @@ def test_vpt_prompts_get_gradients_from_the_loss(clip):
     loss = F.cross_entropy(clip(h, clip.class_embeddings(("cat", "dog"))), torch.tensor([0, 1]))
     loss.backward()
     assert clip.image_trunk.prompts.embeddings.grad.abs().sum() > 0
+
+
+def test_moe_adapters_refuses_a_prompted_model(clip):
+    """MoE-Adapters freezes the model and trains its own experts: VPT's prompts would silently stay frozen."""
+    from lifelong.config import MethodConfig
+    from lifelong.errors import ConfigError
+    from lifelong.learn import build_method
+
+    method = build_method(MethodConfig(name="moe_adapters"))
+    with pytest.raises(ConfigError, match="adapter.kind: none"):
+        method.prepare(prompted(clip, deep=False))

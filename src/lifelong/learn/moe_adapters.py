@@ -60,6 +60,7 @@ from torch import nn
 from lifelong.errors import ConfigError
 from lifelong.learn.common import Batch, TaskData
 from lifelong.modules.moe_adapter import MixtureOfAdapters, TaskAutoencoder, load_balancing_loss
+from lifelong.modules.vpt import is_prompt_parameter
 
 
 @dataclass(frozen=True)
@@ -172,7 +173,7 @@ class MoEAdapters:
         return [*mixtures(model), model.moe_selector]
 
     def prepare(self, model) -> None:
-        if any("lora_" in name for name, _ in model.named_parameters()):
+        if any("lora_" in name or is_prompt_parameter(name) for name, _ in model.named_parameters()):
             raise ConfigError("moe_adapters brings its own adapters and freezes the model: set adapter.kind: none")
         model.requires_grad_(False)
         if not hasattr(model, "moe_selector"):
