@@ -55,8 +55,8 @@ def trim_heap() -> None:
 def fast_bf16(device: str = "cpu") -> bool:
     """Whether bfloat16 autocast makes matmuls faster on `device` rather than slower: a CUDA GPU that
     supports bf16, or a CPU with bf16 instructions (AVX512-BF16 or AMX). Elsewhere PyTorch emulates bf16: on
-    an AVX2-only AMD EPYC the embedded text-to-image UNet's forward at batch 64 took 45-49 s under bf16
-    autocast against 2.0-2.8 s in fp32 (one thread), so sampling defaults fall back to fp32 there."""
+    an AVX2-only AMD EPYC it was many times slower than fp32 for the embedded text-to-image UNet (as
+    scripts/train_t2i.py's docstring records for training), so sampling defaults fall back to fp32 there."""
     if device.startswith("cuda"):
         import torch
 

@@ -27,7 +27,7 @@ the concept's words. Here:
     words it is given, which may be several.
   - `start_guidance` defaults to the embedded model's sampling guidance (3, as the official).
   - x_t is drawn under bfloat16 autocast (`sample_bf16`) where bf16 is fast (a CPU with AVX512-BF16 or AMX,
-    a GPU: runtime.fast_bf16; about 2x faster there, 20x slower where it is emulated): it only picks where
+    a GPU: runtime.fast_bf16; about 2x faster there, many times slower where it is emulated): it only picks where
     the loss is applied, and drawing it is most of an iteration's time; the targets and the trained
     prediction stay fp32.
   - x_t is drawn with deterministic DDIM (eta 0) as in the official code, not with the ancestral sampler
