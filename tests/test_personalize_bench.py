@@ -4,6 +4,7 @@ bench itself measures."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 
 import numpy as np
@@ -183,3 +184,56 @@ def test_the_measures_see_the_subject_in_its_real_images_and_not_elsewhere():
     assert prior["class_rate"] == 100 and prior["subject_rate"] > 75
     prior, _ = measure.prior(Painter("serif"), gothic)
     assert prior["class_rate"] == 100 and prior["subject_rate"] < 10
+
+
+def _user_folder(tmp_path, n=5):
+    """n real gothic renders as PNG files of another size: a user's own folder."""
+    from PIL import Image
+
+    folder = tmp_path / "my-letters"
+    folder.mkdir()
+    for i, image in enumerate(real_images(SUBJECTS["gothic"], "test", n)[:n]):
+        Image.fromarray(image).resize((48, 48)).save(folder / f"{i:02d}.png")
+    (folder / "notes.txt").write_text("not an image")
+    return folder
+
+
+def test_a_users_own_folder_is_a_subject_with_fidelity_and_no_judge_rates(tmp_path, capsys):
+    from lifelong.cli import main
+
+    folder = _user_folder(tmp_path)
+    out = tmp_path / "runs"
+    assert main(["bench", "personalize", f"output_dir={out}", *TINY, "subjects=[bug]", "methods=[ti]", "merges=[]",
+                 "--images", str(folder), "--token", "<my-style>", "--class", "letter"]) == 0
+    results = json.loads((out / "personalize-bench" / "results.json").read_text())
+    assert results["settings"]["subjects"] == ["bug", "user"] and len(results["settings"]["user_images_sha256"]) == 64
+    row = results["rows"]["ti|user"]
+    assert row["prompt"] == "a <my-style> letter"
+    assert row["subject_fidelity"]["judge_rate"] is None and row["prompt_fidelity"] == {"rate": None}
+    assert -1 <= row["subject_fidelity"]["judge"] <= 1 and -1 <= row["real_vs_real"]["probe_judge"] <= 1
+    assert row["prior"]["class_rate"] is not None and row["prior"]["subject_rate"] is None  # "letter": judged
+    assert "| ti | user |" in (out / "personalize-bench" / "summary.md").read_text()
+    held_out = real_images(load_bench_config(None, [f"user_images={folder}"]).subjects_by_name()["user"], "test")
+    assert len(held_out) == 1  # every fourth of the 5 readable images; the text file skipped
+
+
+@pytest.mark.parametrize("files, message", [(2, "at least 4 images"), (None, "no such folder")])
+def test_a_user_folder_it_cannot_use_fails_with_one_message(tmp_path, capsys, files, message):
+    from lifelong.cli import main
+
+    folder = _user_folder(tmp_path, files) if files else tmp_path / "missing"
+    assert main(["bench", "personalize", f"output_dir={tmp_path / 'runs'}", "--images", str(folder)]) == 2
+    err = capsys.readouterr().err
+    assert message in err and err.count("error:") == 1, err
+    assert not (tmp_path / "runs").exists()
+
+
+def test_rows_of_an_older_bench_are_kept_when_only_unused_new_fields_were_added():
+    from lifelong.personalize.bench import PersonalizeBenchConfig, same_settings
+
+    current = json.loads(json.dumps(dataclasses.asdict(PersonalizeBenchConfig())))
+    older = {k: v for k, v in current.items() if not k.startswith("user_")}
+    assert same_settings(older, current, PersonalizeBenchConfig())
+    assert not same_settings(older, {**current, "user_images": "x"}, PersonalizeBenchConfig())
+    assert not same_settings({**older, "n": 4}, current, PersonalizeBenchConfig()) and not same_settings(
+        None, current, PersonalizeBenchConfig())

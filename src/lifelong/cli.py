@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import json
 import sys
 from pathlib import Path
 
@@ -459,6 +460,10 @@ def add_edit_commands(sub) -> None:
     bench.add_argument("--quick", action="store_true", help="erase: a smoke run (esd-x and uce on one concept, few samples); "
                        "personalize: ti and custom-diffusion on two subjects, a few steps and samples, one merge")
     bench.add_argument("--concepts", help="erase: comma-separated concepts (default: sneaker,calligraphic,flower)")
+    bench.add_argument("--images", metavar="DIR", help="personalize: a folder of 4-20 images of your own subject, added "
+                       "as the subject \"user\" (every fourth image held out for its fidelity scores)")
+    bench.add_argument("--token", help="personalize: your subject's identifier (default <my-subject>)")
+    bench.add_argument("--class", dest="class_word", help="personalize: your subject's class word (letter, dog, ...)")
     bench.add_argument("--T", help="comma-separated edit counts for the lifelong protocol (default: 1,10,100,1000)")
     bench.add_argument("--split", choices=["zsre", "counterfact"], help="the request set (default: zsre)")
     bench.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="e.g. single_n=10 time_budget_s=600 knobs.wise.steps=30")
@@ -517,9 +522,17 @@ def cmd_bench_edit(args) -> int:
     if args.what == "personalize":
         if args.T or args.split or args.concepts:
             raise ConfigError("--T, --split and --concepts belong to `bench edit` and `bench erase`")
+        if args.images:
+            overrides.append(f"user_images={json.dumps(str(args.images))}")
+        elif args.token or args.class_word:
+            raise ConfigError("--token and --class name the subject of --images DIR: give the folder too")
+        overrides += [f"user_token={json.dumps(args.token)}"] * bool(args.token)
+        overrides += [f"user_class={json.dumps(args.class_word)}"] * bool(args.class_word)
         out = run_personalize_bench(load_personalize_bench_config(args.config, overrides, quick=args.quick))
         print((out / "summary.md").read_text() + f"\nwrote {out}")
         return 0
+    if args.images or args.token or args.class_word:
+        raise ConfigError("--images, --token and --class belong to `bench personalize`")
     if args.quick or args.concepts:
         raise ConfigError("--quick belongs to `bench erase` and `bench personalize`, --concepts to `bench erase`")
     if args.T:

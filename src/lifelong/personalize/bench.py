@@ -3,9 +3,13 @@
 The subjects are real images the model never saw (`SUBJECTS`, from lifelong.data.captioned's held-out pools):
 "gothic", a type style (URW Gothic capitals A B C E in black ink; "gothic-red" and "gothic-blue" the same in
 red and blue), and "bug", a clip-art category (openclipart bugs). Each is taught from `n_images` images of its
-train split; its test split is the held-out real images. For each method and subject a fresh copy of the model
-is personalized (`seed`), then measured with seeded samples (`n` per prompt set, `steps` of the model's default
-sampler, ancestral):
+train split; its test split is the held-out real images. "user" is a user's own folder (`user_images`, `--images
+DIR`; `user_token`, `user_class`): every fourth image (by name) is held out as its test split, the rest teach it;
+the judge does not know it, so its rows have the two fidelity scores and, where the class word names concepts the
+judge knows ("letter", "bug"), the class rate, but no judge rate of the subject and no prompt fidelity.
+
+For each method and subject a fresh copy of the model is personalized (`seed`), then measured with seeded samples
+(`n` per prompt set, `steps` of the model's default sampler, ancestral):
 
     subject fidelity   samples of the subject's prompt ("a <token> letter"; Mix-of-Show "a <tok1> <tok2>") against
                        its held-out real images: the mean pairwise cosine of the judge's features (the DINO-style
@@ -62,7 +66,7 @@ from lifelong.metrics.judge import concept_parts, frechet_distance, judge_featur
 from lifelong.metrics.personalization import mean_pairwise_cosine
 from lifelong.metrics.probe_judge import load_probe_judge
 from lifelong.personalize import PersonalizeRequest, build_personalizer, new_tokens, personalizer_params
-from lifelong.personalize.base import MIN_IMAGES
+from lifelong.personalize.base import MIN_IMAGES, read_images
 from lifelong.personalize.custom_diffusion import default_reg_prompts, kv_parameters, merge_kv, text_features
 from lifelong.personalize.mix_of_show import gradient_fusion, weight_fusion
 from lifelong.report.pages import write_run_report
@@ -90,6 +94,7 @@ class Subject:
     shows: str
     class_shows: str
     composed: tuple[tuple[str, str], ...]
+    folder: str = ""  # a user's own subject: its images' folder (shows, class_shows may then be "": not judged)
 
     @property
     def class_prompt(self) -> str:
@@ -112,6 +117,24 @@ SUBJECTS = {
     "gothic-red": _gothic("gothic-red", "red", "<qrm>"),
     "gothic-blue": _gothic("gothic-blue", "blue", "<jxf>"),
 }
+USER_MIN_IMAGES = MIN_IMAGES + 1  # a user's folder: at least MIN_IMAGES to teach from and one held out
+CLASS_PATTERNS = {"letter": "letter/*", "digit": "digit/*", "drawing": "clipart/*", "clip art": "clipart/*"}
+
+
+def user_subject(folder: str, token: str, class_word: str) -> Subject:
+    """The subject "user": a user's folder of images, taught as `token`; its class judged where the judge knows it."""
+    known = CLASS_PATTERNS.get(class_word.lower()) or next(
+        (c.name for c in captioned.find_concepts(class_word) if c.kind != "letter-style"), "") if class_word else ""
+    return Subject("user", (), token, class_word, class_word or token, "", known, (), folder=folder)
+
+
+def user_images_digest(folder: str, size: int = 32) -> str:
+    import hashlib
+
+    images, _ = read_images(folder, size, min_images=USER_MIN_IMAGES)
+    return hashlib.sha256(np.ascontiguousarray(images).tobytes()).hexdigest()
+
+
 # merge -> the personalization method whose separately taught concepts it merges
 MERGES = {"custom-diffusion": "custom-diffusion", "lora-add": "mix-of-show", "mix-of-show": "mix-of-show"}
 QUICK = {"n": 4, "steps": 10, "methods": ("ti", "custom-diffusion"), "merges": ("custom-diffusion",), "merge_k": (2,),
@@ -134,19 +157,36 @@ class PersonalizeBenchConfig:
     bf16: bool = field(default_factory=fast_bf16)  # sample under bf16 autocast where it is fast (runtime.fast_bf16)
     seed: int = 0
     knobs: dict = field(default_factory=dict)  # {method: {knob: value}}, validated by the method's Params
+    user_images: str = ""  # a folder of 4-20 images of a user's own subject: adds the subject "user"
+    user_token: str = "<my-subject>"  # its identifier (a made-up word)
+    user_class: str = ""  # its class word ("letter", "dog"): the class prompt, a new token's initializer
+
+    def subjects_by_name(self) -> dict[str, Subject]:
+        """SUBJECTS, and "user" when a folder is given."""
+        if not self.user_images:
+            return dict(SUBJECTS)
+        return {**SUBJECTS, "user": user_subject(self.user_images, self.user_token, self.user_class)}
 
 
 def load_bench_config(path: str | Path | None, overrides=(), quick: bool = False) -> PersonalizeBenchConfig:
     raw = read_raw(path, list(overrides))
     if quick:
         raw = {**QUICK, **raw, "name": raw.get("name", "personalize-bench-quick")}
+    if raw.get("user_images") and "user" not in raw.get("subjects", PersonalizeBenchConfig.subjects):
+        raw["subjects"] = [*raw.get("subjects", PersonalizeBenchConfig.subjects), "user"]
     config = from_dict(PersonalizeBenchConfig, raw, "")
+    if config.user_images:
+        read_images(config.user_images, 32, min_images=USER_MIN_IMAGES)  # a folder it cannot use fails before any work
+        if not config.user_token.strip() or any(c.isspace() for c in config.user_token):
+            raise ConfigError(f"user_token {config.user_token!r}: one made-up word without spaces, e.g. '<my-subject>'")
+    known = config.subjects_by_name()
     for method in dict.fromkeys([*config.methods, *config.knobs]):
         personalizer_params(method, config.knobs.get(method))  # an unknown method or knob fails before any work
     for key in ("subjects", "merge_subjects"):
-        unknown = [s for s in getattr(config, key) if s not in SUBJECTS]
+        unknown = [s for s in getattr(config, key) if s not in known]
         if unknown:
-            raise ConfigError(f"{key}: unknown subject(s) {', '.join(unknown)}; choose from {', '.join(SUBJECTS)}")
+            hint = "" if config.user_images else " (\"user\" needs user_images=DIR, --images DIR)"
+            raise ConfigError(f"{key}: unknown subject(s) {', '.join(unknown)}; choose from {', '.join(known)}{hint}")
     unknown = [m for m in config.merges if m not in MERGES]
     if unknown:
         raise ConfigError(f"merges: unknown {', '.join(unknown)}; choose from {', '.join(MERGES)}")
@@ -160,11 +200,16 @@ def load_bench_config(path: str | Path | None, overrides=(), quick: bool = False
 
 # --- the subject's images and what a personalized model holds -------------------------------------------------
 
-def real_images(subject: Subject, split: str, n: int | None = None, seed: int = 0) -> np.ndarray:
-    """uint8 (N, 32, 32, 3) real images of the subject from `split`: all, or about `n` spread over its concepts."""
+def real_images(subject: Subject, split: str, n: int | None = None, seed: int = 0, size: int = 32) -> np.ndarray:
+    """uint8 (N, size, size, 3) real images of the subject from `split`: all, or about `n` spread over its concepts
+    (a user's folder: every fourth image by name is "test", the others "train", read at `size`)."""
+    if subject.folder:
+        images, _ = read_images(subject.folder, size, min_images=USER_MIN_IMAGES)
+        test = np.arange(len(images)) % 4 == 3
+        return images[test if split == "test" else ~test][:n]
     per = None if n is None else max(1, n // len(subject.concepts))
     images, _ = captioned.concept_images(list(subject.concepts), split, per_concept=per, seed=seed)
-    return images
+    return at_size(images, size)
 
 
 def at_size(images: np.ndarray, size: int) -> np.ndarray:
@@ -262,7 +307,10 @@ def identifier(tokens: list[str], subject: Subject) -> tuple[str, str]:
     return subject.token, f"{subject.token} {subject.class_word}"
 
 
-def rate(seen: list[str], pattern: str) -> float:
+def rate(seen: list[str], pattern: str) -> float | None:
+    """The judge's rate (%) of `pattern` in `seen`; None for a pattern the judge cannot check ("")."""
+    if not pattern:
+        return None
     return 100.0 * float(np.mean([fnmatchcase(s, pattern) for s in seen]))
 
 
@@ -284,7 +332,7 @@ class Measure:
                 "probe_judge": judge_features(self.probe, images).numpy()}
 
     def real_features(self, subject: Subject) -> dict[str, np.ndarray]:
-        if subject.name not in self._real_features:
+        if subject.name not in self._real_features:  # (one user subject per bench: its folder is in the settings)
             self._real_features[subject.name] = self.features(real_images(subject, "test"))
         return self._real_features[subject.name]
 
@@ -296,7 +344,10 @@ class Measure:
             "judge_rate": rate(predicted_concepts(self.judge, images), subject.shows)}
 
     def composed(self, model, subject: Subject, ident: str, phrase: str) -> dict[str, float]:
-        """Prompt fidelity (%): the judge sees exactly the composed concept; and each of its parts (what, style, ink)."""
+        """Prompt fidelity (%): the judge sees exactly the composed concept; and each of its parts (what, style, ink).
+        A subject the judge does not know (a user's) has none: {"rate": None}."""
+        if not subject.composed:
+            return {"rate": None}
         prompts = [t.format(id=ident, subject=phrase) for t, _ in subject.composed]
         wanted = [subject.composed[i % len(prompts)][1] for i in range(self.config.n)]
         seen = predicted_concepts(self.judge, self.sample(model, prompts))
@@ -327,8 +378,10 @@ def run_bench(config: PersonalizeBenchConfig) -> Path:
     out = Path(config.output_dir) / config.name
     results_path = out / "results.json"
     settings = json.loads(json.dumps(dataclasses.asdict(config)))  # as results.json holds it (lists, not tuples)
+    if config.user_images:  # a changed folder is another subject: its rows are not reused
+        settings["user_images_sha256"] = user_images_digest(config.user_images)
     results = json.loads(results_path.read_text()) if results_path.is_file() else {}
-    if results.get("settings") != settings:
+    if not same_settings(results.get("settings"), settings, PersonalizeBenchConfig()):
         results = {"bench": "personalize", "settings": settings, "versions": versions(), "rows": {}}
     rows = results["rows"]
 
@@ -339,6 +392,7 @@ def run_bench(config: PersonalizeBenchConfig) -> Path:
     model = build_pipeline(config.model)
     base_weights = {n: w.clone() for n, w in plain_weights(model).items()}
     measure = Measure(config)
+    subjects = config.subjects_by_name()
     merged_subjects = list(config.merge_subjects[: max(config.merge_k)]) if config.merges and config.merge_k else []
     needed = [*config.subjects, *[s for s in merged_subjects if s not in config.subjects]]
 
@@ -347,7 +401,7 @@ def run_bench(config: PersonalizeBenchConfig) -> Path:
         features = out / f"base_class_features_{name}.npy"
         if key in rows and features.is_file():
             continue
-        subject = SUBJECTS[name]
+        subject = subjects[name]
         t0 = time.perf_counter()
         prior, class_images = measure.prior(model, subject)
         train = measure.features(real_images(subject, "train", config.n_images, config.seed))
@@ -366,9 +420,9 @@ def run_bench(config: PersonalizeBenchConfig) -> Path:
         key, path = f"{method}|{name}", out / "concepts" / f"{method}__{name}.safetensors"
         if key in rows and (path.is_file() or not keep):
             return
-        subject = SUBJECTS[name]
+        subject = subjects[name]
         personalizer = build_personalizer(method, config.knobs.get(method))
-        images = at_size(real_images(subject, "train", config.n_images, config.seed), model.image_size)
+        images = real_images(subject, "train", config.n_images, config.seed, size=model.image_size)
         request = PersonalizeRequest(images, subject.token, subject.class_word)
         taught = copy.deepcopy(model)
         with PeakMemory() as memory:
@@ -419,30 +473,55 @@ def run_bench(config: PersonalizeBenchConfig) -> Path:
                 seconds = time.perf_counter() - t0
             per = {}
             for name, concept in zip(names, concepts):
-                now = measure.concept(merged, SUBJECTS[name], concept.tokens)
+                now = measure.concept(merged, subjects[name], concept.tokens)
                 alone = rows[f"{method}|{name}"]
                 per[name] = {"merged": {k: now[k] for k in ("subject_fidelity", "prompt_fidelity")},
                              "alone": {k: alone[k] for k in ("subject_fidelity", "prompt_fidelity")},
-                             "drop": {**{m: alone["subject_fidelity"][m] - v for m, v in now["subject_fidelity"].items()},
-                                      "prompt_rate": alone["prompt_fidelity"]["rate"] - now["prompt_fidelity"]["rate"]}}
+                             "drop": {**{m: _minus(alone["subject_fidelity"][m], v) for m, v in now["subject_fidelity"].items()},
+                                      "prompt_rate": _minus(alone["prompt_fidelity"]["rate"], now["prompt_fidelity"]["rate"])}}
             rows[key] = {"merge": merge, "method": method, "k": k, "subjects": names, "concepts": per,
-                         "mean_drop": {m: float(np.mean([c["drop"][m] for c in per.values()])) for m in
+                         "mean_drop": {m: _mean([c["drop"][m] for c in per.values()]) for m in
                                        ("judge", "probe_judge", "judge_rate", "prompt_rate")},
                          "cost": {"merge_seconds": seconds, "peak_rss_mb": memory.peak_mb}, "stats": stats}
             save_rows()
             print(f"{merge}-merge of {', '.join(names)}: mean drop " + ", ".join(
-                f"{m} {v:.3g}" for m, v in rows[key]["mean_drop"].items()), flush=True)
+                f"{m} {_fmt(v, '.3g')}" for m, v in rows[key]["mean_drop"].items()), flush=True)
     save_rows()
     print(f"report: {write_run_report(out)}")
     return out
 
 
+def same_settings(stored: dict | None, current: dict, defaults) -> bool:
+    """Whether rows stored under `stored` settings answer `current`: equal, but for keys `stored` lacks (an older
+    bench's results) whose current value is the default (a field added since, unused)."""
+    if stored is None:
+        return False
+    default = json.loads(json.dumps(dataclasses.asdict(defaults)))
+    missing = {k for k in current if k not in stored}
+    return all(k in default and current[k] == default[k] for k in missing) and \
+        {k: v for k, v in current.items() if k not in missing} == stored
+
+
+def _minus(a: float | None, b: float | None) -> float | None:
+    return None if a is None or b is None else a - b
+
+
+def _mean(values: list) -> float | None:
+    kept = [v for v in values if v is not None]
+    return float(np.mean(kept)) if kept else None
+
+
+def _fmt(value: float | None, spec: str) -> str:
+    """`value` formatted, or "-" where the judge could not check it (a user's subject)."""
+    return "-" if value is None else format(value, spec)
+
+
 def _line(row: dict) -> str:
     f, p, c = row["subject_fidelity"], row["prior"], row["cost"]
     return (f"{row['method']:16s} {row['subject']:11s} fidelity judge {f['judge']:.3f} (class "
-            f"{row['subject_fidelity_base']['judge']:.3f}), subject {f['judge_rate']:5.1f}% | prompt "
-            f"{row['prompt_fidelity']['rate']:5.1f}% | class {p['class_rate']:5.1f}% (was "
-            f"{row['prior_base']['class_rate']:5.1f}), FD {p['judge_fd_to_base']:.2f} | {c['train_seconds']:.0f} s")
+            f"{row['subject_fidelity_base']['judge']:.3f}), subject {_fmt(f['judge_rate'], '5.1f')}% | prompt "
+            f"{_fmt(row['prompt_fidelity']['rate'], '5.1f')}% | class {_fmt(p['class_rate'], '5.1f')}% (was "
+            f"{_fmt(row['prior_base']['class_rate'], '5.1f')}), FD {p['judge_fd_to_base']:.2f} | {c['train_seconds']:.0f} s")
 
 
 def summary(results: dict) -> str:
@@ -464,9 +543,10 @@ def summary(results: dict) -> str:
             continue
         f, fb, p, pb, c = r["subject_fidelity"], r["subject_fidelity_base"], r["prior"], r["prior_base"], r["cost"]
         lines.append(f"| {r['method']} | {r['subject']} | {f['judge']:.3f} ({fb['judge']:.3f}) | {f['probe_judge']:.3f} "
-                     f"({fb['probe_judge']:.3f}) | {f['judge_rate']:.1f} ({fb['judge_rate']:.1f}) | "
-                     f"{r['prompt_fidelity']['rate']:.1f} ({r['prompt_fidelity_base']['rate']:.1f}) | "
-                     f"{p['class_rate']:.1f} ({pb['class_rate']:.1f}) | {p['subject_rate']:.1f} ({pb['subject_rate']:.1f}) | "
+                     f"({fb['probe_judge']:.3f}) | {_fmt(f['judge_rate'], '.1f')} ({_fmt(fb['judge_rate'], '.1f')}) | "
+                     f"{_fmt(r['prompt_fidelity']['rate'], '.1f')} ({_fmt(r['prompt_fidelity_base']['rate'], '.1f')}) | "
+                     f"{_fmt(p['class_rate'], '.1f')} ({_fmt(pb['class_rate'], '.1f')}) | "
+                     f"{_fmt(p['subject_rate'], '.1f')} ({_fmt(pb['subject_rate'], '.1f')}) | "
                      f"{p['judge_fd_to_base']:.2f} | {c['train_seconds']:.1f} | {c['peak_rss_mb']:.0f} | "
                      f"{c['trainable_params']:,} | {c['patch_bytes']:,} |")
     ceilings = [(k.split("|")[1], r["real_vs_real"]) for k, r in rows.items() if k.startswith("base|")]
@@ -485,7 +565,8 @@ def summary(results: dict) -> str:
                 lines.append(f"| {r['merge']} | {r['method']} | {r['k']} | {name} | "
                              f"{m['subject_fidelity']['judge']:.3f} ({a['subject_fidelity']['judge']:.3f}) | "
                              f"{m['subject_fidelity']['probe_judge']:.3f} ({a['subject_fidelity']['probe_judge']:.3f}) | "
-                             f"{m['subject_fidelity']['judge_rate']:.1f} ({a['subject_fidelity']['judge_rate']:.1f}) | "
-                             f"{m['prompt_fidelity']['rate']:.1f} ({a['prompt_fidelity']['rate']:.1f}) | "
+                             f"{_fmt(m['subject_fidelity']['judge_rate'], '.1f')} "
+                             f"({_fmt(a['subject_fidelity']['judge_rate'], '.1f')}) | "
+                             f"{_fmt(m['prompt_fidelity']['rate'], '.1f')} ({_fmt(a['prompt_fidelity']['rate'], '.1f')}) | "
                              f"{r['cost']['merge_seconds']:.1f} |")
     return "\n".join(lines) + "\n"
