@@ -393,6 +393,13 @@ def test_the_erase_bench_writes_its_table_and_resumes(tmp_path):
     assert "| uce | sneaker |" in (out / "summary.md").read_text()
     run_bench(config)  # every row done: nothing is recomputed (the rows would differ in their timings)
     assert json.loads((out / "results.json").read_text())["rows"] == rows
+    more = load_bench_config(None, [*overrides, "methods=[uce]", "concepts=[sneaker,flower]", "scale=[]"])
+    again = json.loads((run_bench(more) / "results.json").read_text())["rows"]  # another selection: rows kept
+    assert again["uce|sneaker"] == rows["uce|sneaker"] and again["esd-x|sneaker"] == rows["esd-x|sneaker"]
+    assert set(again["original"]["efficacy"]) == {"sneaker", "flower"} and "uce|flower" in again
+    assert again["original"]["locality"] == rows["original"]["locality"]
+    fewer = load_bench_config(None, [*overrides, "n=2", "methods=[uce]", "scale=[]"])
+    assert set(json.loads((run_bench(fewer) / "results.json").read_text())["rows"]) == {"original", "uce|sneaker"}
     with pytest.raises(ConfigError, match="unknown erasure method"):
         load_bench_config(None, ["methods=[esd]"])
     assert sorted(load_bench_config(None, []).methods) == sorted(ERASERS)  # the default bench runs every method

@@ -228,8 +228,9 @@ def test_a_user_folder_it_cannot_use_fails_with_one_message(tmp_path, capsys, fi
     assert not (tmp_path / "runs").exists()
 
 
-def test_rows_of_an_older_bench_are_kept_when_only_unused_new_fields_were_added():
-    from lifelong.personalize.bench import PersonalizeBenchConfig, same_settings
+def test_rows_of_an_older_bench_are_kept_when_only_unused_new_fields_or_the_selection_changed():
+    from lifelong.config import same_settings
+    from lifelong.personalize.bench import SELECTION, PersonalizeBenchConfig
 
     current = json.loads(json.dumps(dataclasses.asdict(PersonalizeBenchConfig())))
     older = {k: v for k, v in current.items() if not k.startswith("user_")}
@@ -237,3 +238,6 @@ def test_rows_of_an_older_bench_are_kept_when_only_unused_new_fields_were_added(
     assert not same_settings(older, {**current, "user_images": "x"}, PersonalizeBenchConfig())
     assert not same_settings({**older, "n": 4}, current, PersonalizeBenchConfig()) and not same_settings(
         None, current, PersonalizeBenchConfig())
+    fewer = {**older, "methods": ["ti"], "subjects": ["bug"]}
+    assert same_settings(fewer, current, PersonalizeBenchConfig(), ignore=SELECTION)
+    assert not same_settings(fewer, current, PersonalizeBenchConfig())

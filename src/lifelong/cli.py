@@ -459,7 +459,7 @@ def add_edit_commands(sub) -> None:
     bench.add_argument("--methods", help="comma-separated editors, erasers or personalizers (default: all)")
     bench.add_argument("--quick", action="store_true", help="erase: a smoke run (esd-x and uce on one concept, few samples); "
                        "personalize: ti and custom-diffusion on two subjects, a few steps and samples, one merge")
-    bench.add_argument("--concepts", help="erase: comma-separated concepts (default: sneaker,calligraphic,flower)")
+    bench.add_argument("--concepts", help="erase: comma-separated concepts (default: sneaker,sans,flower)")
     bench.add_argument("--images", metavar="DIR", help="personalize: a folder of 4-20 images of your own subject, added "
                        "as the subject \"user\" (every fourth image held out for its fidelity scores)")
     bench.add_argument("--token", help="personalize: your subject's identifier (default <my-subject>)")

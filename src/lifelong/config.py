@@ -290,3 +290,17 @@ def to_dict(config: Any) -> Any:
     if isinstance(config, dict):
         return {k: to_dict(v) for k, v in config.items()}
     return config
+
+
+def same_settings(stored: dict | None, current: dict, defaults: Any, ignore: tuple[str, ...] = ()) -> bool:
+    """Whether a bench's rows stored under `stored` settings (as JSON holds them) answer `current`: equal but for
+    the keys in `ignore` (what selects rows, not how a row is measured), and for keys `stored` lacks (an older
+    bench's results) whose current value is the default of `defaults` (a config field added since, unused)."""
+    if stored is None:
+        return False
+    default = to_dict(defaults)
+    missing = {k for k in current if k not in stored and k not in ignore}
+    if not all(k in default and current[k] == default[k] for k in missing):
+        return False
+    skip = missing | set(ignore)
+    return {k: v for k, v in current.items() if k not in skip} == {k: v for k, v in stored.items() if k not in skip}

@@ -57,7 +57,7 @@ from safetensors import safe_open
 from safetensors.torch import save
 
 from lifelong.atomic import atomic_write_bytes, atomic_write_json, atomic_write_text
-from lifelong.config import from_dict, read_raw
+from lifelong.config import from_dict, read_raw, same_settings
 from lifelong.data import captioned
 from lifelong.errors import ConfigError
 from lifelong.families.diffusion import build_pipeline
@@ -135,6 +135,7 @@ def user_images_digest(folder: str, size: int = 32) -> str:
     return hashlib.sha256(np.ascontiguousarray(images).tobytes()).hexdigest()
 
 
+SELECTION = ("methods", "subjects", "merges", "merge_k")  # settings that choose rows, not how one is measured
 # merge -> the personalization method whose separately taught concepts it merges
 MERGES = {"custom-diffusion": "custom-diffusion", "lora-add": "mix-of-show", "mix-of-show": "mix-of-show"}
 QUICK = {"n": 4, "steps": 10, "methods": ("ti", "custom-diffusion"), "merges": ("custom-diffusion",), "merge_k": (2,),
@@ -381,8 +382,9 @@ def run_bench(config: PersonalizeBenchConfig) -> Path:
     if config.user_images:  # a changed folder is another subject: its rows are not reused
         settings["user_images_sha256"] = user_images_digest(config.user_images)
     results = json.loads(results_path.read_text()) if results_path.is_file() else {}
-    if not same_settings(results.get("settings"), settings, PersonalizeBenchConfig()):
+    if not same_settings(results.get("settings"), settings, PersonalizeBenchConfig(), ignore=SELECTION):
         results = {"bench": "personalize", "settings": settings, "versions": versions(), "rows": {}}
+    results["settings"] = settings  # rows measured the same way are kept when only the selection changed
     rows = results["rows"]
 
     def save_rows():
@@ -489,17 +491,6 @@ def run_bench(config: PersonalizeBenchConfig) -> Path:
     save_rows()
     print(f"report: {write_run_report(out)}")
     return out
-
-
-def same_settings(stored: dict | None, current: dict, defaults) -> bool:
-    """Whether rows stored under `stored` settings answer `current`: equal, but for keys `stored` lacks (an older
-    bench's results) whose current value is the default (a field added since, unused)."""
-    if stored is None:
-        return False
-    default = json.loads(json.dumps(dataclasses.asdict(defaults)))
-    missing = {k for k in current if k not in stored}
-    return all(k in default and current[k] == default[k] for k in missing) and \
-        {k: v for k, v in current.items() if k not in missing} == stored
 
 
 def _minus(a: float | None, b: float | None) -> float | None:
