@@ -162,11 +162,12 @@ def test_uce_without_its_erase_term_changes_nothing(base):
 
 def test_uce_maps_the_erased_states_onto_the_anchors(base):
     """The closed form's defining property: for every edited projection W, W c_i ~ W_old c*_i on the erased
-    prompt's (aligned) token states, while W c_j ~ W_old c_j on the preserved prompt's."""
+    prompt's (aligned) token states, while W c_j ~ W_old c_j on the preserved prompt's (without "", whose states
+    the tiny random encoder puts close to the erased prompt's: the two constraints would then pull apart)."""
     from lifelong.erase.uce import _aligned_states
 
     model = copy.deepcopy(base)
-    build_eraser("uce", {"lamb": 1e-3, "preserve_scale": 1.0}).erase(model, RED)
+    build_eraser("uce", {"lamb": 1e-3, "preserve_scale": 1.0, "keep_unconditional": False}).erase(model, RED)
     c, c_star = _aligned_states(base, RED.prompts[0], RED.anchor, "all")
     keep = _aligned_states(base, OTHER, OTHER, "all")[0]
     old, new = base.cross_attention_kv(), model.cross_attention_kv()
@@ -403,3 +404,16 @@ def test_the_erase_bench_writes_its_table_and_resumes(tmp_path):
     with pytest.raises(ConfigError, match="unknown erasure method"):
         load_bench_config(None, ["methods=[esd]"])
     assert sorted(load_bench_config(None, []).methods) == sorted(ERASERS)  # the default bench runs every method
+
+
+def test_uce_keeps_the_unconditional_prediction_that_guidance_reads(base):
+    """The official retains "" in every edit: classifier-free guidance reads its prediction in every sample, so
+    an edit that moves it changes every concept. Without it (keep_unconditional=False) "" moves more. (On the
+    random tiny encoder the states of "" lie close to the erased prompt's, so at the official scales the two
+    terms pull against each other: ~0.7x here, not 0.)"""
+    moved = {}
+    for keep in (True, False):
+        model = copy.deepcopy(base)
+        build_eraser("uce", {"keep_unconditional": keep}).erase(model, RED)
+        moved[keep] = float((predictions(model, "") - predictions(base, "")).norm())
+    assert moved[True] < 0.8 * moved[False], moved

@@ -10,11 +10,14 @@ c_j of preserved prompts keep W_old c_j, and W stays near W_old:
 
 Several concepts are erased at once by adding their terms (the paper's multi-concept case).
 
-Official recipe (rohitgandikota/unified-concept-editing, train-scripts/train-erase.py, `edit_model`):
-lamb 0.1, erase_scale 1, preserve_scale max(0.1, 1 / #preserved), both K and V edited (`with_to_k`),
-technique "replace" (v* = W_old c*), the anchor " " for erasure. Which token states: from the last
-token of the erased prompt to the end of the sequence, aligned from the end with the anchor's states
-from its last token on (CLIP's causal states carry the prompt in its last token and after). Here:
+Official recipe (rohitgandikota/unified-concept-editing, train-scripts/train_erase.py: `edit_model` as its
+`__main__` calls it): lamb 0.5 (the function's own default, 0.1, is not what the script runs), erase_scale 1,
+the retained texts [""] + the preserved concepts (the empty prompt always: it is the unconditional branch of
+classifier-free guidance, so its keys and values hold every sample's layout), preserve_scale
+max(0.1, 1 / #retained), both K and V edited (`with_to_k`), technique "replace" (v* = W_old c*), the anchor
+" " for erasure. Which token states: for an erased prompt, from its last token to the end of the sequence,
+aligned from the end with the anchor's states from its last token on (CLIP's causal states carry the prompt
+in its last token and after); for a retained text, every position. Here:
   - with a text encoder read under an attention mask (the embedded model: all-MiniLM-L6-v2), only the
     positions the UNet reads are used (up to [SEP]); the masked padding is never attended to, so
     constraining its keys and values would only dilute the edit. Without a mask (Stable Diffusion) the
@@ -37,9 +40,10 @@ from lifelong.erase.base import EraseRequest
 
 @dataclass(frozen=True)
 class Params:
-    lamb: float = 0.1              # weight of ||W - W_old||^2
+    lamb: float = 0.5              # weight of ||W - W_old||^2 (the official script's)
     erase_scale: float = 1.0
-    preserve_scale: float | None = None  # None: max(0.1, 1 / number of preserved prompts), as the official
+    preserve_scale: float | None = None  # None: max(0.1, 1 / number of retained prompts, "" included), as the official
+    keep_unconditional: bool = True  # retain "" (the official always does); False: only the request's preserved
     with_to_k: bool = True         # edit the keys as well as the values
     positions: str = "all"         # "last" (official, for causal text encoders) or "all" read positions
 
@@ -93,8 +97,8 @@ class UCE:
         p = self.params
         together = requests or [request]
         pairs = [_aligned_states(model, old, r.anchor or " ", p.positions) for r in together for old in r.prompts]
-        preserved = list(dict.fromkeys(q for r in together for q in r.preserve))
-        keep = [_aligned_states(model, q, q, p.positions)[0] for q in preserved]
+        preserved = list(dict.fromkeys([""] * p.keep_unconditional + [q for r in together for q in r.preserve]))
+        keep = [_aligned_states(model, q, q, "all")[0] for q in preserved]  # retained texts: every read position
         preserve_scale = p.preserve_scale if p.preserve_scale is not None else max(0.1, 1 / max(len(preserved), 1))
         layers = {n: m for n, m in model.cross_attention_kv().items() if p.with_to_k or n.endswith("to_v")}
         c_all = torch.cat([c for c, _ in pairs])  # (n_e, d)
