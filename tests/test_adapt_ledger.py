@@ -265,7 +265,7 @@ def test_adapter_training_cuts_long_prompts_with_a_warning(ledgers):
     assert any("longer than the model's context (256 tokens): each keeps its last tokens" in m for m in messages)
 
 
-def test_chat_image_is_refused_saying_why(tmp_path, capsys):
+def test_chat_image_without_a_vision_module_is_refused_saying_why(tmp_path, capsys):
     text = tmp_path / "notes.png"
     text.write_text("not an image")
     assert main(["chat", "--model", "tiny-llama", "--image", str(text), "what is this?"]) == 2
@@ -274,7 +274,7 @@ def test_chat_image_is_refused_saying_why(tmp_path, capsys):
     Image.new("RGB", (8, 8)).save(picture)
     assert main(["chat", "--model", "tiny-llama", "--image", str(picture), "what is this?"]) == 2
     err = capsys.readouterr().err
-    assert "a PNG image of 8x8" in err and "needs the multimodal adapter (issue 17 item 3)" in err
+    assert "a PNG image of 8x8" in err and "seeing needs a vision module: --adapter FILE" in err
 
 
 def test_export_peft_needs_an_adapt_change(ledgers, tmp_path, capsys):

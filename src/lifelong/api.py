@@ -33,7 +33,8 @@ import numpy as np
 import yaml
 from PIL import Image
 
-from lifelong.adapt.chat import answer, check_image, load_adapter
+from lifelong.adapt.chat import answer, check_vision_request, load_adapter
+from lifelong.adapt.seeing import answer_about_image
 from lifelong.atomic import atomic_write_bytes, atomic_write_text
 from lifelong.config import ModelConfig, RunConfig, apply_override
 from lifelong.data.edit_requests import EditRequest, Probe
@@ -207,10 +208,9 @@ def chat(prompt: str, model: str | None = None, *, ledger: str | Path | None = N
     """The greedy answer of a causal LM to `prompt` (through its chat template when it has one): `model` (default
     the embedded SmolLM2-135M-Instruct), or the current model of the lm ledger `ledger`, with the peft adapter
     folder `adapter` on it when given (refused when built for another model). A prompt longer than the model's
-    context keeps its last tokens (`warn(message)` says so). `image`: refused, saying why (no multimodal adapter
-    yet)."""
-    if image is not None:
-        check_image(image)
+    context keeps its last tokens (`warn(message)` says so). `image`: a picture to ask about, which needs `adapter` to
+    be a vision module file (adapt/seeing.py: a multimodal adapter or a bridge, trained on this model)."""
+    vision = check_vision_request(image, adapter)
     if ledger is not None and model is not None:
         raise ConfigError(f"--model: a ledger's model is fixed at `lifelong init` (see `lifelong log {ledger}`); give "
                           "--model or --ledger")
@@ -222,6 +222,8 @@ def chat(prompt: str, model: str | None = None, *, ledger: str | Path | None = N
     else:
         name = model or "embedded"
         lm, tokenizer = get_family("lm").build(ModelConfig(family="lm", name=name))
+    if vision:
+        return answer_about_image(lm, tokenizer, adapter, image, prompt, name, max_new_tokens, warn=warn)
     if adapter is not None:
         lm = load_adapter(lm, adapter, name)
     return answer(lm, tokenizer, prompt, max_new_tokens, warn=warn)

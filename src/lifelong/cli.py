@@ -553,11 +553,11 @@ def add_chat_command(sub) -> None:
     chat.add_argument("prompt", help="what to ask")
     chat.add_argument("--model", help="embedded (SmolLM2-135M-Instruct, the default), a hub id or a folder")
     chat.add_argument("--ledger", type=Path, metavar="DIR", help="use the current model of this lm ledger instead")
-    chat.add_argument("--adapter", type=Path, metavar="PEFT_DIR", help="a peft adapter folder (`lifelong export DIR "
-                      "--peft OUT` writes one)")
+    chat.add_argument("--adapter", type=Path, metavar="PEFT_DIR|FILE", help="a peft adapter folder (`lifelong export "
+                      "DIR --peft OUT` writes one), or a vision module file to use with --image")
     chat.add_argument("--max-new-tokens", type=int, default=128, help="the longest answer in tokens (default 128)")
-    chat.add_argument("--image", type=Path, metavar="PATH", help="an image to ask about: needs the multimodal adapter, "
-                      "which does not exist yet (refused, saying so)")
+    chat.add_argument("--image", type=Path, metavar="PATH", help="an image to ask about, through the vision module "
+                      "--adapter FILE (a multimodal LLaMA-Adapter or a bridge, saved by benchmarks/adapters_vision.py)")
 
 
 CHAT_EPILOG = """\
@@ -565,6 +565,7 @@ examples:
   lifelong chat "What is the capital of Peru?"
   lifelong chat --ledger my-lm "What is the topic of this news article? ..."
   lifelong export my-lm --peft topic-adapter/ && lifelong chat --adapter topic-adapter/ "..."
+  lifelong chat --adapter runs/adapters_vision/bridge.safetensors --image shoe.png "What is shown in this image?"
 """
 
 

@@ -11,8 +11,11 @@ it is refused on any other model, naming both. Without that file, peft's `base_m
 compared with the model's name (a folder by its resolved path), and a checkpoint whose shapes do not fit is
 refused too.
 
-Images: nothing here sees them yet; `check_image` says what a given path is, and that seeing needs the
-multimodal adapter (issue 17 item 3).
+Images: `--image PATH` with `--adapter FILE`, a vision module (the multimodal LLaMA-Adapter or the bridge of
+adapt/seeing.py, one safetensors file that benchmarks/adapters_vision.py saves): the image goes through the image
+tower it was trained with, and the module feeds it to the LM (`answer_about_image`). A path that is not an image
+is refused with one message (`check_image`), so is an image without a vision module, and a module trained on
+another LM (naming both fingerprints).
 """
 
 from __future__ import annotations
@@ -23,6 +26,7 @@ from pathlib import Path
 
 from PIL import Image, UnidentifiedImageError
 
+from lifelong.adapt.seeing import is_vision_module
 from lifelong.errors import ConfigError
 from lifelong.families.lm import context_length, lm_fingerprint
 from lifelong.metrics.editing import generate
@@ -30,19 +34,31 @@ from lifelong.metrics.editing import generate
 PEFT_META = "lifelong.json"  # what `lifelong export --peft` writes beside peft's files
 
 
-def check_image(path: str | Path) -> None:
-    """Refuse `--image` (always, for now), saying whether `path` is an image at all."""
+def check_image(path: str | Path) -> str:
+    """What the image at `path` is ("a PNG image of 8x8"); a clear error when it is no file or not an image."""
     path = Path(path)
     if not path.is_file():
         raise ConfigError(f"--image {path}: no such file")
     try:
         with Image.open(path) as im:
             im.verify()
-            kind = f"a {im.format} image of {im.width}x{im.height}"
-    except (UnidentifiedImageError, OSError, SyntaxError) as e:
+            return f"a {im.format} image of {im.width}x{im.height}"
+    except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as e:
         raise ConfigError(f"--image {path} is not an image ({type(e).__name__}: {e})") from None
-    raise ConfigError(f"--image {path} is {kind}, but chat cannot see images yet: seeing needs the multimodal "
-                      "adapter (issue 17 item 3), which lifelong does not have yet; ask without --image")
+
+
+def check_vision_request(image: str | Path | None, adapter: str | Path | None) -> bool:
+    """Whether this chat sees an image through a vision module; refused when only one of the two is given."""
+    vision = adapter is not None and is_vision_module(adapter)
+    if image is not None:
+        kind = check_image(image)
+        if not vision:
+            raise ConfigError(f"--image {image} is {kind}, but seeing needs a vision module: --adapter FILE, a "
+                              "multimodal adapter or bridge file (benchmarks/adapters_vision.py saves both); "
+                              f"{'a peft adapter folder only reads text' if adapter is not None else 'none was given'}")
+    elif vision:
+        raise ConfigError(f"--adapter {adapter} is a vision module: give the image to ask about, --image PATH")
+    return vision
 
 
 def load_adapter(model, folder: str | Path, model_name: str):

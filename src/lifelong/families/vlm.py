@@ -127,6 +127,14 @@ class DualEncoder(nn.Module):
         """(N, ...) stem output -> (N, D) L2-normalised image embeddings."""
         return F.normalize(self.image_projection(self.image_trunk(stem_out)), dim=-1)
 
+    @torch.no_grad()
+    def image_features(self, stem_out: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(pooled (N, F), spatial (N, S, F)): the image tower's global feature (what `image_embeddings`
+        projects) and the feature map it pools, as S tokens (EfficientNet: the h*w cells of the head conv's map;
+        CLIP: CLS and the patch tokens). What a language model's vision adapter reads (adapt/seeing.py)."""
+        spatial = self.image_trunk.feature_tokens(stem_out)  # (N, S, F)
+        return self.image_trunk.pool(spatial), spatial
+
     # -- text ---------------------------------------------------------------------------------
     def _text_frozen(self) -> bool:
         return not any(p.requires_grad for p in self.text_encoder.parameters())
@@ -265,10 +273,18 @@ class EfficientNetTrunk(nn.Module):
         self.conv_head, self.bn1, self.act = net._conv_head, net._bn1, net._swish
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.pool(self.feature_tokens(x))  # (N, 1280)
+
+    def feature_tokens(self, x: torch.Tensor) -> torch.Tensor:
+        """The head conv's map before the global pool, as tokens: (N, h*w, 1280)."""
         for block in self.blocks:
             x = block(x)
         x = self.act(self.bn1(self.conv_head(x)))  # (N, 1280, h, w)
-        return x.mean(dim=(2, 3))  # (N, 1280)
+        return x.flatten(2).transpose(1, 2)  # (N, h*w, 1280)
+
+    @staticmethod
+    def pool(tokens: torch.Tensor) -> torch.Tensor:
+        return tokens.mean(dim=1)  # global average pool: (N, h*w, 1280) -> (N, 1280)
 
 
 class MeanPoolTextEncoder(nn.Module):
@@ -310,11 +326,19 @@ class ClipVisionTrunk(nn.Module):
         self.prompts: VisualPrompts | None = None  # VPT (modules/vpt.py), set by DualEncoder.add_vpt
 
     def forward(self, h: torch.Tensor) -> torch.Tensor:
+        return self.pool(self.feature_tokens(h))  # (N, H)
+
+    def feature_tokens(self, h: torch.Tensor) -> torch.Tensor:
+        """CLS, the prompts of VPT if any, then the patch tokens, each post-LayerNorm'd: (N, 1 + K + P, H)."""
         for i, layer in enumerate(self.layers):
             if self.prompts is not None:
                 h = self.prompts(h, i)  # VPT: K prompt tokens after CLS (inserted at layer 0, replaced above)
             h = layer(h, None)
-        return self.post_layernorm(h[:, 0])  # (N, H)
+        return self.post_layernorm(h)  # LayerNorm is per token: the CLS row is post_layernorm(h[:, 0])
+
+    @staticmethod
+    def pool(tokens: torch.Tensor) -> torch.Tensor:
+        return tokens[:, 0]  # CLIP's pooled output is the CLS token
 
 
 class ClipTextEncoder(nn.Module):

@@ -132,15 +132,20 @@ def _gpt2_adaption(attn: nn.Module, args: tuple, kwargs: dict, output: tuple) ->
     """GPT2Attention's forward hook: its output plus W_o [g * softmax(Q K_p^T / sqrt(d)) V_p]."""
     hidden = args[0] if args else kwargs["hidden_states"]  # (B, T, C): the block's ln_1 output
     out, *rest = output
-    prompt, gate = getattr(attn, PROMPT), getattr(attn, GATE)
+    return (out + gpt2_prompt_term(attn, hidden, getattr(attn, PROMPT), getattr(attn, GATE)), *rest)
+
+
+def gpt2_prompt_term(attn: nn.Module, hidden: torch.Tensor, prompt: torch.Tensor, gate: torch.Tensor) -> torch.Tensor:
+    """W_o [g * softmax(Q K_p^T / sqrt(d)) V_p] of a GPT2Attention for its input `hidden` (B, T, C) and prompts
+    `prompt` (1, K, C), or (B, K, C) when each sequence has its own (the multimodal adapter's)."""
     b, t, c = hidden.shape
     k_len, h, d = prompt.shape[1], attn.num_heads, attn.head_dim
     w, bias = attn.c_attn.weight, attn.c_attn.bias  # Conv1D: x @ w + bias, w (C, 3C) = [W_q | W_k | W_v]
     q = (hidden @ w[:, :c] + bias[:c]).view(b, t, h, d).transpose(1, 2)  # (B, H, T, d)
-    _, k, v = (prompt @ w + bias).split(c, dim=2)  # (1, K, C) each
-    k = k.view(1, k_len, h, d).transpose(1, 2)  # (1, H, K, d)
-    v = v.view(1, k_len, h, d).transpose(1, 2)  # (1, H, K, d)
+    _, k, v = (prompt @ w + bias).split(c, dim=2)  # (1 or B, K, C) each
+    k = k.view(-1, k_len, h, d).transpose(1, 2)  # (1 or B, H, K, d)
+    v = v.view(-1, k_len, h, d).transpose(1, 2)  # (1 or B, H, K, d)
     scores = q @ k.transpose(2, 3) / math.sqrt(d)  # (B, H, T, K)
     probs = gate * F.softmax(scores.float(), dim=-1).to(q.dtype)  # the prompts' own softmax, gated
     added = (probs @ v).transpose(1, 2).reshape(b, t, c)  # (B, T, C), heads concatenated as in the word path
-    return (out + added @ attn.c_proj.weight, *rest)  # W_o without its bias
+    return added @ attn.c_proj.weight  # W_o without its bias

@@ -1,0 +1,203 @@
+"""Seeing (adapt/seeing.py): the multimodal LLaMA-Adapter and the query bridge on tiny models.
+
+The zero-init test alone would pass for a module that ignores the image, so the others open the gates and check
+the image changes the output, that with the visual term switched off the adapter is the text-only LLaMA-Adapter
+exactly, and that both modules learn a task only the image can answer (and do not when the images are shuffled).
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from PIL import Image
+from transformers import GPT2LMHeadModel, LlamaForCausalLM
+
+from lifelong.adapt.instruct import TrainSettings
+from lifelong.adapt.seeing import (
+    VisionSpec,
+    answer_images,
+    build_module,
+    count_for,
+    equal_budget,
+    load_vision_module,
+    save_vision_module,
+    score_answers,
+    train_seeing,
+    vision_fingerprint,
+)
+from lifelong.cli import main
+from lifelong.config import ModelConfig
+from lifelong.errors import ConfigError
+from lifelong.families.lm import tiny_lm
+from lifelong.families.vlm import build_vlm
+from lifelong.modules.llama_adapter import adaption_parameters, add_llama_adapter
+
+ARCHS = ("llama", "gpt2")
+FEATURES = 16
+ADAPTER = VisionSpec("multimodal-adapter", adapter_len=4, adapter_layers=2)
+BRIDGE = VisionSpec("bridge", width=32, num_queries=4)
+LR = {"multimodal-adapter": 3e-2, "bridge": 3e-3}
+NAMES = ("Berlin", "Canada", "Africa", "Brazil")  # one token each in the tiny tokenizer, after a space
+
+
+def inputs(tokenizer):
+    return tokenizer(["The capital of France is", "A quick brown fox jumps"], return_tensors="pt", padding=True)
+
+
+def logits(lm, batch, module=None, features=None):
+    with torch.no_grad():
+        if module is None:
+            return lm(**batch).logits
+        with module.seeing(features):
+            return lm(**batch).logits
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_multimodal_adapter_starts_exactly_at_the_base_then_sees(arch):
+    lm, tok = tiny_lm(arch)
+    batch = inputs(tok)
+    base = logits(lm, batch)
+    adapter = build_module(ADAPTER, lm, FEATURES)
+    images = torch.randn(2, FEATURES)
+    assert torch.equal(logits(lm, batch, adapter, images), base)  # g_l = 0: bit-identical whatever the image
+    with torch.no_grad():
+        adapter.gates.fill_(0.7)
+    seen = logits(lm, batch, adapter, images)
+    assert not torch.allclose(seen, base, atol=1e-4)
+    assert not torch.allclose(logits(lm, batch, adapter, torch.randn(2, FEATURES)), seen, atol=1e-4)  # the image counts
+    with pytest.raises(RuntimeError, match="has no image"):
+        lm(**batch)
+    adapter.detach()
+    assert torch.equal(logits(lm, batch), base)
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_without_its_visual_term_it_is_the_text_llama_adapter(arch):
+    """I_p = 0 (the LayerNorm's affine zeroed): the same prompts and gates give the text-only adapter's logits (peft's
+    AdaptedAttention for Llama, modules/llama_adapter.py's GPT-2 hook), so the per-image attention is that equation."""
+    lm, tok = tiny_lm(arch)
+    batch = inputs(tok)
+    adapter = build_module(ADAPTER, lm, FEATURES)
+    with torch.no_grad():
+        adapter.gates.copy_(torch.tensor([0.5, -0.8]))
+        adapter.visual_norm.weight.zero_()
+        adapter.visual_norm.bias.zero_()
+    ours = logits(lm, batch, adapter, torch.randn(2, FEATURES))
+    adapter.detach()
+    text = add_llama_adapter(lm, ADAPTER.adapter_len, ADAPTER.adapter_layers)
+    with torch.no_grad():
+        prompts, gates = iter(adapter.prompts), iter(adapter.gates)
+        for name, q in adaption_parameters(text).items():  # in layer order: prompt then gate of each layer
+            q.copy_(next(prompts).view_as(q) if name.endswith("prompt") else next(gates).view_as(q))
+    torch.testing.assert_close(ours, logits(text, batch), rtol=1e-5, atol=1e-5)
+
+
+def test_equal_budget_and_counts():
+    specs = equal_budget(576, 1280, adapter_len=10, adapter_layers=8, num_queries=8, blocks=1)
+    counts = {kind: count_for(spec, 576, 1280) for kind, spec in specs.items()}
+    assert counts["multimodal-adapter"] == 8 * (10 * 576 + 1) + 1280 * 576 + 3 * 576
+    assert abs(counts["bridge"] / counts["multimodal-adapter"] - 1) < 0.1, counts
+    lm, _ = tiny_lm("llama")
+    for spec in (ADAPTER, BRIDGE):
+        module = build_module(spec, lm, FEATURES)
+        assert count_for(spec, 64, FEATURES) == sum(q.numel() for q in module.parameters() if q.requires_grad)
+        assert not any(q.requires_grad for q in lm.parameters())
+
+
+def selective_lm(arch: str):
+    """A tiny random LM whose attention can select: at the default init (std 0.02) every query attends almost
+    uniformly and each position mostly predicts its own token back, which no input-side soft prompt can overturn;
+    at std 0.2 attention picks positions, as in a trained LM."""
+    lm, tok = tiny_lm(arch, n_layers=2)
+    lm.config.initializer_range = 0.2
+    torch.manual_seed(0)
+    return (LlamaForCausalLM if arch == "llama" else GPT2LMHeadModel)(lm.config).eval(), tok
+
+
+def image_task(n: int = 96):
+    """Four kinds of "image" (a class centre plus noise, as pooled and spatial features) named by one word each."""
+    g = torch.Generator().manual_seed(0)
+    centres = torch.randn(len(NAMES), FEATURES, generator=g) * 2
+    labels = torch.randint(0, len(NAMES), (n,), generator=g)
+    pooled = centres[labels] + 0.5 * torch.randn(n, FEATURES, generator=g)
+    spatial = pooled[:, None, :] + 0.1 * torch.randn(n, 4, FEATURES, generator=g)  # (N, 4 tokens, F)
+    return pooled, spatial, [NAMES[i] for i in labels]
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+@pytest.mark.parametrize("spec", [ADAPTER, BRIDGE], ids=lambda s: s.kind)
+def test_learns_what_only_the_image_decides(spec, arch):
+    pooled, spatial, answers = image_task()
+    settings = TrainSettings(steps=60, batch_size=16, chat=False, lr=LR[spec.kind])
+    scores = {}
+    for blind in (False, True):  # the control: every image, in training and test, replaced by one mean image
+        p, s = (pooled.mean(0).expand_as(pooled), spatial.mean(0).expand_as(spatial)) if blind else (pooled, spatial)
+        lm, tok = selective_lm(arch)
+        run = train_seeing(lm, tok, spec, p[:64], s[:64], answers[:64], settings)
+        predictions = answer_images(lm, tok, run.module, p[64:], s[64:], max_new_tokens=1)
+        scores[blind] = score_answers(predictions, answers[64:])["exact_match"]
+    most_common = max(answers[64:].count(name) for name in NAMES) / len(answers[64:])
+    assert scores[False] >= 0.9, scores  # measured 0.97-1.0 (chance 0.25)
+    assert scores[True] <= most_common, scores  # blind, the best it can do is one answer for all
+
+
+def test_a_saved_module_answers_the_same_and_only_on_its_model(tmp_path):
+    pooled, spatial, answers = image_task(24)
+    lm, tok = tiny_lm("llama")
+    vision = ModelConfig(name="tiny-embedded", resolution=32)
+    for spec in (ADAPTER, BRIDGE):
+        run = train_seeing(lm, tok, spec, pooled, spatial, answers, TrainSettings(steps=2, batch_size=8, chat=False))
+        before = answer_images(lm, tok, run.module, pooled[:4], spatial[:4], max_new_tokens=3)
+        if hasattr(run.module, "detach"):
+            run.module.detach()
+        file = save_vision_module(tmp_path / f"{spec.kind}.safetensors", run, spec.kind, lm, "tiny-llama", vision,
+                                  "0" * 64, chat=False)
+        fresh, _ = tiny_lm("llama")
+        module, meta = load_vision_module(file, fresh, "tiny-llama")
+        assert meta["kind"] == spec.kind and meta["chat"] is False
+        assert answer_images(fresh, tok, module, pooled[:4], spatial[:4], max_new_tokens=3) == before
+        other, _ = tiny_lm("llama", seed=1)
+        with pytest.raises(ConfigError, match="built for another base model: 'tiny-llama' .*SHA-256"):
+            load_vision_module(file, other, "another")
+
+
+@pytest.fixture(scope="module")
+def vision_file(tmp_path_factory):
+    """A (barely trained) bridge for the tiny Llama that `lifelong chat --model tiny-llama` builds, on the tiny
+    embedded image tower."""
+    lm, tok = tiny_lm("llama")
+    vision = ModelConfig(name="tiny-embedded", resolution=32)
+    vlm = build_vlm(vision)
+    images = torch.randint(0, 255, (8, 32, 32, 3), dtype=torch.uint8).numpy()
+    pooled, spatial = vlm.image_features(vlm.encode_stem(images))
+    run = train_seeing(lm, tok, BRIDGE, pooled, spatial, ["Berlin"] * 8, TrainSettings(steps=2, batch_size=4, chat=False))
+    return save_vision_module(tmp_path_factory.mktemp("vision") / "bridge.safetensors", run, "bridge", lm,
+                              "tiny-llama", vision, vision_fingerprint(vlm), chat=False)
+
+
+def test_chat_answers_about_an_image_through_a_vision_module(vision_file, tmp_path, capsys):
+    picture = tmp_path / "cat.png"
+    Image.new("RGBA", (20, 12), (200, 30, 30, 128)).save(picture)
+    assert main(["chat", "--model", "tiny-llama", "--adapter", str(vision_file), "--image", str(picture),
+                 "--max-new-tokens", "3", "What is shown in this image?"]) == 0
+    captured = capsys.readouterr()
+    assert captured.out.endswith("\n") and "Traceback" not in captured.err  # one answer line (barely trained: any text)
+
+
+def test_chat_image_bad_input(vision_file, tmp_path, capsys):
+    text = tmp_path / "notes.png"
+    text.write_text("not an image")
+    assert main(["chat", "--model", "tiny-llama", "--adapter", str(vision_file), "--image", str(text), "what?"]) == 2
+    err = capsys.readouterr().err
+    assert "--image" in err and "is not an image (UnidentifiedImageError" in err and "Traceback" not in err
+    assert main(["chat", "--model", "tiny-llama", "--adapter", str(vision_file), "--image", str(tmp_path / "no.png"),
+                 "what?"]) == 2
+    assert "no such file" in capsys.readouterr().err
+    assert main(["chat", "--model", "tiny-llama", "--adapter", str(vision_file), "what is this?"]) == 2
+    assert "is a vision module: give the image to ask about, --image PATH" in capsys.readouterr().err
+    assert main(["chat", "--model", "tiny-gpt2", "--adapter", str(vision_file), "--image", str(text), "what?"]) == 2
+    assert "is not an image" in capsys.readouterr().err  # the image is checked before any model loads
+    picture = tmp_path / "cat.png"
+    Image.new("RGB", (8, 8)).save(picture)
+    assert main(["chat", "--model", "tiny-gpt2", "--adapter", str(vision_file), "--image", str(picture), "what?"]) == 2
+    assert "was built for another base model: 'tiny-llama'" in capsys.readouterr().err
