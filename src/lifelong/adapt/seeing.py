@@ -355,7 +355,7 @@ def load_vision_module(path: str | Path, lm, lm_name: str) -> tuple[torch.nn.Mod
     config = json.loads(meta["config"])
     lm.requires_grad_(False)
     if meta["kind"] == "multimodal-adapter":
-        module = MultimodalAdapter(**{k: v for k, v in config.items()}).attach(lm)
+        module = MultimodalAdapter(**config).attach(lm)
     else:
         module = QueryBridge(**config)
     module.load_state_dict(tensors)
