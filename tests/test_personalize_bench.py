@@ -48,6 +48,7 @@ def test_the_bench_writes_every_metric_resumes_and_merges(tmp_path, capsys):
         assert row["cost"]["train_seconds"] > 0 and row["cost"]["trainable_params"] > 0
         assert row["cost"]["patch_bytes"] > 0 and np.isfinite(row["cost"]["peak_rss_mb"])
         assert all(-1 <= v <= 1 for k, v in row["subject_fidelity"].items() if k != "judge_rate")
+    assert rows["base|gothic"]["prior"]["judge_fd_floor"] > 0 and "judge-FD floor" in (out / "summary.md").read_text()
     assert set(rows["ti|gothic"]["prompt_fidelity"]) == {"rate", "what", "style", "ink"}  # the letter's heads too
     assert set(rows["ti|bug"]["prompt_fidelity"]) == {"rate", "what"}
     assert rows["ti|gothic"]["prompt"] == "a <vkt> letter" and rows["mix-of-show|bug"]["prompt"] == "a <bzw1> <bzw2>"
@@ -77,6 +78,7 @@ def test_the_bench_writes_every_metric_resumes_and_merges(tmp_path, capsys):
     assert "step" not in trained.err and "fidelity" not in trained.out and "mean drop" not in trained.out  # no training
     (out / "concepts" / "custom-diffusion__bug.safetensors").unlink()
     del rows["custom-diffusion-merge|k=2"]
+    floor = rows["base|bug"]["prior"].pop("judge_fd_floor")  # a bench from before the floor: it is added, same seeds
     results = json.loads((out / "results.json").read_text())
     results["rows"] = rows
     (out / "results.json").write_text(json.dumps(results))
@@ -85,6 +87,7 @@ def test_the_bench_writes_every_metric_resumes_and_merges(tmp_path, capsys):
     trained = capsys.readouterr()
     assert trained.err.count("Custom Diffusion of <bzw>:   0%") == 1 and "<vkt>" not in trained.err
     assert again["custom-diffusion|bug"] == rows["custom-diffusion|bug"]
+    assert again["base|bug"]["prior"]["judge_fd_floor"] == pytest.approx(floor)
     assert set(again) == set(rows) | {"custom-diffusion-merge|k=2"}
 
 
