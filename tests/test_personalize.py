@@ -464,3 +464,27 @@ def test_merging_two_mix_of_show_changes_fits_each_concepts_layers(ledger_root, 
     apply_patch(alone[1], negate(ledger.patch(1)))
     halves = [dict(a.named_parameters()) for a in alone]
     assert all(torch.allclose(mean[m], (halves[0][m] + halves[1][m]) / 2, atol=1e-5) for m in layers)
+
+
+def test_custom_diffusion_regularizes_on_real_class_images_where_the_data_has_them(base, bugs):
+    """Custom Diffusion's official real prior, offline: real images of the class from the embedded model's training
+    data (the judge reads them as that class), used when the model draws at their size; drawn by the model
+    otherwise, and refused by name when asked for real images the data lacks."""
+    from lifelong.metrics.judge import load_judge, predicted_concepts
+    from lifelong.personalize.base import real_class_images
+    from lifelong.personalize.custom_diffusion import CustomDiffusion, Params
+
+    at32 = copy.deepcopy(base)
+    at32.unet.register_to_config(sample_size=32)  # convolutional: the tiny UNet draws 32 px as well
+    x0 = real_class_images(at32, "drawing", 8, seed=0)
+    seen = predicted_concepts(load_judge(), at32.decode(x0))
+    assert x0.shape == (8, 3, 32, 32) and sum(s.startswith("clipart/") for s in seen) >= 6, seen
+    assert real_class_images(base, "drawing", 8, seed=0) is None and real_class_images(at32, "dog", 8, 0) is None
+    letters = PersonalizeRequest(bugs[:4], TOKEN, "letter")
+    stats = CustomDiffusion(Params(steps=2, reg_images=4)).personalize(copy.deepcopy(at32), letters)
+    assert stats["real_prior"] == 1.0
+    stats = CustomDiffusion(Params(steps=2, reg_images=4, ddim_steps=2)).personalize(
+        copy.deepcopy(base), PersonalizeRequest(resized(bugs[:4], base.image_size), TOKEN, "letter"))
+    assert stats["real_prior"] == 0.0  # a 16-px model: drawn by the model
+    with pytest.raises(ValueError, match="no real images of the class 'dog'"):
+        CustomDiffusion(Params(reg_source="real")).regularization_images(at32, PersonalizeRequest(bugs[:4], TOKEN, "dog"), 0)

@@ -452,6 +452,21 @@ def find_concepts(text: str) -> list[Concept]:
     return found
 
 
+CLASS_WORDS = {"letter": "letter-style", "digit": "digit", "handwritten digit": "digit", "drawing": "clipart",
+               "clip art": "clipart", "clip-art": "clipart", "piece of clothing": "object", "clothing": "object"}
+
+
+def class_concepts(class_word: str) -> list[Concept]:
+    """The training concepts a class word covers: every concept of a kind ("letter", "digit", "drawing",
+    "piece of clothing"), or those `find_concepts` names ("bag", "flower"); [] for a class the data lacks."""
+    key = " ".join(class_word.lower().split())
+    training = training_concepts()
+    if key in CLASS_WORDS:
+        return [c for c in training if c.kind == CLASS_WORDS[key]]
+    names = {c.name for c in training}
+    return [c for c in find_concepts(key) if c.name in names]
+
+
 def concept_kind_word(concept: Concept) -> str:
     """A generic phrase for the kind of `concept`: the default anchor an erasure maps it onto."""
     return {"object": "a piece of clothing", "digit": "a handwritten digit", "letter-style": "a letter",

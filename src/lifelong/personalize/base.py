@@ -172,6 +172,19 @@ def class_images(model, prompt: str, n: int, seed: int, steps: int) -> torch.Ten
     return model.encode_images(model.sample([prompt], n=n, seed=seed, steps=steps))
 
 
+def real_class_images(model, class_word: str, n: int, seed: int) -> torch.Tensor | None:
+    """x0 of `n` real images of the class (seeded, spread over the concepts it covers) from the data the embedded
+    model was trained on (lifelong.data.captioned), the offline stand-in for Custom Diffusion's retrieval of real
+    class images (`--real_prior`); None when the data has no such class or the model draws at another size."""
+    concepts = captioned.class_concepts(class_word) if class_word else []
+    if not concepts or model.image_size != captioned.SIZE:
+        return None
+    per = max(1, -(-n // len(concepts)))
+    images, _ = captioned.concept_images([c.name for c in concepts], "train", per_concept=per, seed=seed)
+    order = np.random.default_rng(seed).permutation(len(images))[:n]
+    return model.encode_images(images[order])
+
+
 def freeze_all(model) -> None:
     model.unet.requires_grad_(False)
     model.text_encoder.requires_grad_(False)
