@@ -17,10 +17,15 @@ tower's weights and the images' bytes), so a training step runs only the LM and 
 The task (`image_questions`): "What is shown in this image?" about real images that install offline, answered
 by the class name: Fashion-MNIST (10 garments), MNIST digits ("seven"), both dark on light (`invert`, as the
 project's streams feed the ImageNet tower), and the animals of Debian's openclipart-png (bird, mammal, fish,
-insect, dinosaur); each source's fixed train/test split (data.sources). The loss is the mean NLL of the answer
-tokens (the answer, then the end-of-sequence token; the prompt's tokens masked), with the LM's output layer
-applied only at the positions that predict an answer token (the same loss, without 49k-word logits for every
-prompt position). The score is the greedy answer's exact match / contains (metrics.instructions), what a user of
+insect, dinosaur); each source's fixed train/test split (data.sources). And about data.captioned's rendered capital
+letters (A B C E G K R S in 6 type styles and 4 inks; its training and test renders are different draws): "What colour
+is the letter?" (the ink: black, red, green, blue) and "Which letter is this?", both about the same images, so the
+question alone decides which answer. One module learns every question type, its batches mixing them.
+
+The loss is the mean NLL of the answer tokens (the answer, then the end-of-sequence token; the prompt's tokens
+masked), with the LM's output layer applied only at the positions that predict an answer token (the same loss,
+without 49k-word logits for every prompt position). The score is the greedy answer's exact match / contains
+(metrics.instructions; the letter "A" compared unnormalised, see `score_answers`), what a user of
 `lifelong chat --image` sees. AdamW, weight decay 0.02, cosine schedule with 10% linear warm-up (as
 adapt/instruct.py).
 
@@ -34,6 +39,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import string
 import time
 import warnings
 from collections.abc import Callable
@@ -52,24 +58,30 @@ from lifelong.adapt.instruct import TrainSettings
 from lifelong.atomic import atomic_write_bytes
 from lifelong.cache import cached, content_key
 from lifelong.config import ModelConfig
+from lifelong.data.captioned import letter_pool
 from lifelong.data.instructions import Example, prompt_text
 from lifelong.data.sources import load_source
+from lifelong.data.splits import subsample_indices
 from lifelong.errors import ConfigError
 from lifelong.families.lm import context_length, lm_fingerprint, target_batch
 from lifelong.families.vlm import DualEncoder, build_vlm
 from lifelong.fingerprint import tensor_digest
 from lifelong.loop import batch_order, check_finite, cosine_with_warmup, mean_ends
 from lifelong.metrics.cost import PeakMemory
-from lifelong.metrics.instructions import contains, exact_match
+from lifelong.metrics.instructions import contains, exact_match, first_line, normalize
 from lifelong.modules.multimodal_adapter import MultimodalAdapter
 from lifelong.modules.query_bridge import QueryBridge, width_for_budget
 
 KINDS = ("multimodal-adapter", "bridge")
 DEFAULT_LR = {"multimodal-adapter": 9e-3, "bridge": 2e-3}  # LLaMA-Adapter's lr; the bridge's chosen for short runs
-QUESTION = "What is shown in this image?"
+# question type -> the question: "what" about every source's images, "colour" and "letter" about the rendered letters
+QUESTIONS = {"what": "What is shown in this image?", "colour": "What colour is the letter?",
+             "letter": "Which letter is this?"}
+QUESTION = QUESTIONS["what"]
 PLAIN = "Question: {}\nAnswer:"  # the prompt without the chat template (short: a CPU step costs per token)
-# (source, options): what `image_questions` asks about by default
+# (source, options): the images `image_questions` asks "what" about by default
 SOURCES = (("fashion-mnist", {"invert": True}), ("mnist", {"invert": True}), ("openclipart", {"group": "animals"}))
+LETTER_QUESTIONS = ("colour", "letter")  # what `image_questions` asks about each rendered letter by default
 FORMAT = "lifelong-vision-module/1"  # the metadata tag of a saved module
 
 
@@ -77,29 +89,69 @@ FORMAT = "lifelong-vision-module/1"  # the metadata tag of a saved module
 
 @dataclass(frozen=True)
 class ImageQuestions:
-    """One split of the image-question task: the images of each source (sizes differ between sources) and the
-    answer of every image, in the same order."""
+    """One split of the image-question task: the images of each source (sizes differ between sources), and the
+    questions about them, each with its image, type and answer. One image may be asked several questions (a
+    rendered letter: its colour and which letter), so only the question decides the answer."""
 
     parts: tuple[np.ndarray, ...]     # per source: (N_s, H_s, W_s, 3) uint8
-    answers: tuple[str, ...]          # sum(N_s) answers: the class name
-    class_names: tuple[str, ...]      # every answer of the task (what CLIP's zero-shot chooses from)
-    sources: tuple[str, ...]          # per image: its source
+    images: tuple[int, ...]           # per question: its image's row in the parts concatenated
+    kinds: tuple[str, ...]            # per question: its type, a key of QUESTIONS
+    answers: tuple[str, ...]          # per question: the class name, the ink's name, the letter
+    sources: tuple[str, ...]          # per question: its image's source
+    choices: dict[str, tuple[str, ...]]  # per question type: every answer of it (what CLIP's zero-shot chooses from)
 
     def __len__(self) -> int:
         return len(self.answers)
 
+    @property
+    def questions(self) -> tuple[str, ...]:
+        return tuple(QUESTIONS[k] for k in self.kinds)
+
+    def image(self, i: int) -> np.ndarray:
+        """(H, W, 3) uint8: the image question i is about."""
+        row = self.images[i]
+        for part in self.parts:
+            if row < len(part):
+                return part[row]
+            row -= len(part)
+        raise IndexError(i)
+
+    def of_kind(self, kind: str) -> list[int]:
+        """The positions of the questions of type `kind`."""
+        return [i for i, k in enumerate(self.kinds) if k == kind]
+
 
 def image_questions(split: str, items_per_source: int | None = None, seed: int = 0,
-                    sources: tuple[tuple[str, dict], ...] = SOURCES) -> ImageQuestions:
-    """The fixed `split` of every source, each subsampled to `items_per_source` images keeping class proportions."""
-    parts, answers, names, origin = [], [], [], []
+                    sources: tuple[tuple[str, dict], ...] = SOURCES,
+                    letter_questions: tuple[str, ...] = LETTER_QUESTIONS) -> ImageQuestions:
+    """The fixed `split` of every source, each subsampled to `items_per_source` images keeping class proportions,
+    asked "what is shown"; then, when `letter_questions` names any, as many of data.captioned's letter renders of
+    `split` (8 letters x 6 type styles x 4 inks; the test renders are other draws than the training ones), each
+    asked every question of `letter_questions` ("colour": the ink's name, "letter": the letter)."""
+    unknown = [k for k in letter_questions if k not in ("colour", "letter")]
+    if unknown:
+        raise ConfigError(f"letter questions {unknown} are not 'colour' or 'letter'")
+    parts, images, kinds, answers, origin, choices = [], [], [], [], [], {}
     for name, options in sources:
         data = load_source(name, split, max_items=items_per_source, seed=seed, **options)
+        images += range(sum(map(len, parts)), sum(map(len, parts)) + len(data.labels))
         parts.append(data.images)
+        kinds += ["what"] * len(data.labels)
         answers += [data.class_names[i] for i in data.labels]
-        names += [c for c in data.class_names if c not in names]
+        choices["what"] = tuple(dict.fromkeys([*choices.get("what", ()), *data.class_names]))
         origin += [name] * len(data.labels)
-    return ImageQuestions(tuple(parts), tuple(answers), tuple(names), tuple(origin))
+    if letter_questions:
+        pixels, ids, concepts = letter_pool(split)
+        keep = subsample_indices(ids, items_per_source, seed)
+        first = sum(map(len, parts))
+        parts.append(pixels[keep])
+        for kind in letter_questions:  # the concept's attribute of that name
+            images += range(first, first + len(keep))
+            kinds += [kind] * len(keep)
+            answers += [concepts[i].attribute(kind) for i in ids[keep]]
+            choices[kind] = tuple(dict.fromkeys(c.attribute(kind) for c in concepts))
+            origin += ["letters"] * len(keep)
+    return ImageQuestions(tuple(parts), tuple(images), tuple(kinds), tuple(answers), tuple(origin), choices)
 
 
 # ----------------------------------------------------------------------------- the frozen image tower, cached
@@ -131,9 +183,11 @@ def image_features(vlm: DualEncoder, images: np.ndarray, batch_size: int = 128,
 
 
 def question_features(vlm: DualEncoder, task: ImageQuestions) -> tuple[torch.Tensor, torch.Tensor]:
+    """(pooled (Q, F), spatial (Q, S, F)): the features of each question's image, each image through the tower once."""
     tower = vision_fingerprint(vlm)
     pooled, spatial = zip(*(image_features(vlm, part, tower=tower) for part in task.parts))
-    return torch.cat(pooled), torch.cat(spatial)
+    rows = torch.tensor(task.images)
+    return torch.cat(pooled)[rows], torch.cat(spatial)[rows]
 
 
 # ----------------------------------------------------------------------------- the modules
@@ -234,15 +288,17 @@ class SeeingRun:
 
 def train_seeing(lm, tokenizer, spec: VisionSpec, pooled: torch.Tensor, spatial: torch.Tensor,
                  answers: list[str] | tuple[str, ...], settings: TrainSettings = TrainSettings(),
-                 question: str = QUESTION) -> SeeingRun:
-    """Build `spec`'s module for the frozen `lm` and train it to answer `question` about image i (features
-    pooled[i], spatial[i]) with answers[i], for `settings.steps` steps."""
-    if not len(answers) or len(answers) != len(pooled) or len(pooled) != len(spatial):
-        raise ConfigError(f"{len(answers)} answers for {len(pooled)} pooled and {len(spatial)} spatial features")
+                 questions: str | list[str] | tuple[str, ...] = QUESTION) -> SeeingRun:
+    """Build `spec`'s module for the frozen `lm` and train it to answer questions[i] (one string: the same question
+    for all) about image i (features pooled[i], spatial[i]) with answers[i], for `settings.steps` steps."""
+    questions = [questions] * len(answers) if isinstance(questions, str) else list(questions)
+    if not len(answers) or not len(answers) == len(questions) == len(pooled) == len(spatial):
+        raise ConfigError(f"{len(answers)} answers to {len(questions)} questions for {len(pooled)} pooled and "
+                          f"{len(spatial)} spatial features")
     lr = settings.lr if settings.lr is not None else DEFAULT_LR[spec.kind]
     module = build_module(spec, lm, pooled.shape[-1], seed=settings.seed)
     params = [q for q in module.parameters() if q.requires_grad]
-    prompt = question_prompt(tokenizer, question, settings.chat)
+    prompts = {q: question_prompt(tokenizer, q, settings.chat) for q in set(questions)}
     targets = [" " + a + (tokenizer.eos_token or "") for a in answers]  # after "Answer:" (chat: after the turn's "\n")
     opt = torch.optim.AdamW(params, lr=lr, weight_decay=settings.weight_decay)
     sched = torch.optim.lr_scheduler.LambdaLR(
@@ -253,7 +309,7 @@ def train_seeing(lm, tokenizer, spec: VisionSpec, pooled: torch.Tensor, spatial:
     with PeakMemory() as mem:
         for step, idx in enumerate(batch_order(len(answers), settings.batch_size, settings.steps, settings.seed)):
             start = time.perf_counter()
-            batch = target_batch(tokenizer, [prompt] * len(idx), [targets[i] for i in idx])
+            batch = target_batch(tokenizer, [prompts[questions[i]] for i in idx], [targets[i] for i in idx])
             loss = answer_loss(lm, module, batch.input_ids, batch.attention_mask, batch.labels, pooled[idx], spatial[idx])
             check_finite(loss, spec.kind, step)
             opt.zero_grad(set_to_none=True)
@@ -304,10 +360,17 @@ def answer_images(lm, tokenizer, module, pooled: torch.Tensor, spatial: torch.Te
 
 
 def score_answers(predictions: list[str], answers: tuple[str, ...] | list[str]) -> dict[str, float]:
-    """Exact match and contains (metrics.instructions) of the greedy answers, means over the images."""
-    n = len(answers)
-    return {"exact_match": sum(exact_match(p, (a,)) for p, a in zip(predictions, answers)) / n,
-            "contains": sum(contains(p, (a,)) for p, a in zip(predictions, answers)) / n}
+    """Exact match and contains (metrics.instructions) of the greedy answers, means over the images. An answer that
+    SQuAD's normalisation empties (the letter "A", dropped as an article, which would match any empty answer) is
+    compared without it: the first line's words, punctuation dropped and case kept, are exactly it / include it."""
+    def scores(p: str, a: str) -> tuple[float, float]:
+        if normalize(a):
+            return exact_match(p, (a,)), contains(p, (a,))
+        words = "".join(" " if ch in string.punctuation else ch for ch in first_line(p)).split()
+        return float(words == [a]), float(a in words)
+
+    pairs = [scores(p, a) for p, a in zip(predictions, answers, strict=True)]
+    return {"exact_match": sum(e for e, _ in pairs) / len(pairs), "contains": sum(c for _, c in pairs) / len(pairs)}
 
 
 def _warn(message: str) -> None:
@@ -317,11 +380,12 @@ def _warn(message: str) -> None:
 # ----------------------------------------------------------------------------- one file per trained module
 
 def save_vision_module(path: str | Path, run_or_module, kind: str, lm, lm_name: str, vision: ModelConfig,
-                       tower: str, chat: bool, question: str = QUESTION) -> Path:
-    """The module's tensors as safetensors (no pickle), with what loading it needs in the metadata."""
+                       tower: str, chat: bool, questions: tuple[str, ...] | list[str] = (QUESTION,)) -> Path:
+    """The module's tensors as safetensors (no pickle), with what loading it needs in the metadata, and the
+    questions it was trained to answer."""
     module = getattr(run_or_module, "module", run_or_module)
     meta = {"format": FORMAT, "kind": kind, "config": json.dumps(module.config), "chat": json.dumps(chat),
-            "question": question, "lm": lm_name, "lm_sha256": lm_fingerprint(lm),
+            "questions": json.dumps(list(questions)), "lm": lm_name, "lm_sha256": lm_fingerprint(lm),
             "vision": json.dumps({"name": vision.name, "resolution": vision.resolution}), "vision_sha256": tower}
     return atomic_write_bytes(Path(path), save(module_state(module), meta))
 
@@ -361,6 +425,7 @@ def load_vision_module(path: str | Path, lm, lm_name: str) -> tuple[torch.nn.Mod
     module.load_state_dict(tensors)
     module.requires_grad_(False).eval()
     meta["chat"], meta["vision"] = json.loads(meta["chat"]), json.loads(meta["vision"])
+    meta["questions"] = json.loads(meta["questions"]) if "questions" in meta else [meta.get("question", QUESTION)]
     return module, meta
 
 

@@ -393,6 +393,19 @@ def load_pool(split: str) -> tuple[np.ndarray, np.ndarray, list[Concept]]:
     return pool["images"].numpy(), pool["concept_ids"].numpy(), training_concepts()
 
 
+def letter_pool(split: str) -> tuple[np.ndarray, np.ndarray, list[Concept]]:
+    """The letter-style renders of `split` alone, the very pixels `load_pool(split)` holds for them (rendered
+    without decoding the other kinds): images, concept ids indexing `concepts` = the 192 letter concepts."""
+    if split not in ("train", "test"):
+        raise ValueError(f"split must be 'train' or 'test', not {split!r}")
+    styles = [(s, *v) for s, v in FONT_STYLES.items()]
+    fonts = [f for *_, files in styles for f in files]
+    _require(fonts)
+    key = content_key("letters", split, _settings(), _file_manifest(fonts))
+    pool = cached("t2i-pool", key, lambda: _as_tensors(*_letters(split, styles, 0)))
+    return pool["images"].numpy(), pool["concept_ids"].numpy(), _letter_concepts(styles)
+
+
 def heldout_subject_pool(subject: str, split: str) -> tuple[np.ndarray, np.ndarray, list[Concept]]:
     """Images of a held-out subject, never in the training pool: "gothic-font" (the 8 letters x 4 inks
     in URW Gothic) or "bug" (openclipart animals/bugs). Same return layout as `load_pool`."""
