@@ -162,32 +162,43 @@ def train_adapter(model, tokenizer, task: InstructionTask, spec: AdapterSpec,
     if cut:
         (warn or _warn)(f"{task.name}: {cut} of {len(prompts)} training prompt(s) with their answer are longer than the "
                         f"model's context ({max_length} tokens): each keeps its last tokens")
+    device = params[0].device
+    run = AdapterRun(adapted, spec, settings, sum(q.numel() for q in params), 0)
+
+    def loss_of(idx: list[int]) -> torch.Tensor:
+        batch = target_batch(tokenizer, [prompts[i] for i in idx], [targets[i] for i in idx], device, max_length)
+        loss = adapted(input_ids=batch.input_ids, attention_mask=batch.attention_mask, labels=batch.labels).loss
+        return loss + regularizer(adapted) if regularizer is not None else loss
+
+    run_steps(run, adapted, params, lr, settings, len(prompts), loss_of, spec.kind)
+    run.patch_bytes = len(save(adapter_state(adapted)))
+    return run
+
+
+def run_steps(run, module: torch.nn.Module, params: list, lr: float, settings: TrainSettings, n_examples: int,
+              loss_of: Callable[[list[int]], torch.Tensor], name: str) -> None:
+    """The adapters' one training loop: AdamW on `params` with cosine warmup, `settings.steps` seeded batches of
+    example indices, each step's `loss_of(indices)` checked finite; fills `run`'s losses, seconds per step (the
+    first, warming up, left out) and peak memory. `module` trains in train mode and ends in eval mode."""
     opt = torch.optim.AdamW(params, lr=lr, weight_decay=settings.weight_decay)
     sched = torch.optim.lr_scheduler.LambdaLR(
         opt, cosine_with_warmup(max(1, round(settings.warmup * settings.steps)), settings.steps))
-    device = params[0].device
-    run = AdapterRun(adapted, spec, settings, sum(q.numel() for q in params), 0)
     times = []
-    adapted.train()
+    module.train()
     with PeakMemory() as mem:
-        for step, idx in enumerate(batch_order(len(prompts), settings.batch_size, settings.steps, settings.seed)):
+        for step, idx in enumerate(batch_order(n_examples, settings.batch_size, settings.steps, settings.seed)):
             start = time.perf_counter()
-            batch = target_batch(tokenizer, [prompts[i] for i in idx], [targets[i] for i in idx], device, max_length)
-            loss = adapted(input_ids=batch.input_ids, attention_mask=batch.attention_mask, labels=batch.labels).loss
-            if regularizer is not None:
-                loss = loss + regularizer(adapted)
-            check_finite(loss, spec.kind, step)
+            loss = loss_of(idx)
+            check_finite(loss, name, step)
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
             sched.step()
             times.append(time.perf_counter() - start)
             run.losses.append(loss.item())
-    adapted.eval()
+    module.eval()
     run.seconds_per_step = sum(times[1:]) / max(1, len(times) - 1)
     run.peak_mb, run.delta_mb = mem.peak_mb, mem.delta_mb
-    run.patch_bytes = len(save(adapter_state(adapted)))
-    return run
 
 
 def _warn(message: str) -> None:

@@ -40,7 +40,6 @@ from __future__ import annotations
 import hashlib
 import json
 import string
-import time
 import warnings
 from collections.abc import Callable
 from contextlib import nullcontext
@@ -54,7 +53,7 @@ from PIL import Image, UnidentifiedImageError
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import save
 
-from lifelong.adapt.instruct import TrainSettings
+from lifelong.adapt.instruct import TrainSettings, run_steps
 from lifelong.atomic import atomic_write_bytes
 from lifelong.cache import cached, content_key
 from lifelong.config import ModelConfig
@@ -66,8 +65,7 @@ from lifelong.errors import ConfigError
 from lifelong.families.lm import context_length, lm_fingerprint, target_batch
 from lifelong.families.vlm import DualEncoder, build_vlm
 from lifelong.fingerprint import tensor_digest
-from lifelong.loop import batch_order, check_finite, cosine_with_warmup, mean_ends
-from lifelong.metrics.cost import PeakMemory
+from lifelong.loop import mean_ends
 from lifelong.metrics.instructions import contains, exact_match, first_line, normalize
 from lifelong.modules.multimodal_adapter import MultimodalAdapter
 from lifelong.modules.query_bridge import QueryBridge, width_for_budget
@@ -300,27 +298,13 @@ def train_seeing(lm, tokenizer, spec: VisionSpec, pooled: torch.Tensor, spatial:
     params = [q for q in module.parameters() if q.requires_grad]
     prompts = {q: question_prompt(tokenizer, q, settings.chat) for q in set(questions)}
     targets = [" " + a + (tokenizer.eos_token or "") for a in answers]  # after "Answer:" (chat: after the turn's "\n")
-    opt = torch.optim.AdamW(params, lr=lr, weight_decay=settings.weight_decay)
-    sched = torch.optim.lr_scheduler.LambdaLR(
-        opt, cosine_with_warmup(max(1, round(settings.warmup * settings.steps)), settings.steps))
     run = SeeingRun(module, spec, settings, sum(q.numel() for q in params), 0)
-    times = []
-    module.train()
-    with PeakMemory() as mem:
-        for step, idx in enumerate(batch_order(len(answers), settings.batch_size, settings.steps, settings.seed)):
-            start = time.perf_counter()
-            batch = target_batch(tokenizer, [prompts[questions[i]] for i in idx], [targets[i] for i in idx])
-            loss = answer_loss(lm, module, batch.input_ids, batch.attention_mask, batch.labels, pooled[idx], spatial[idx])
-            check_finite(loss, spec.kind, step)
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
-            sched.step()
-            times.append(time.perf_counter() - start)
-            run.losses.append(loss.item())
-    module.eval()
-    run.seconds_per_step = sum(times[1:]) / max(1, len(times) - 1)
-    run.peak_mb, run.delta_mb = mem.peak_mb, mem.delta_mb
+
+    def loss_of(idx: list[int]) -> torch.Tensor:
+        batch = target_batch(tokenizer, [prompts[questions[i]] for i in idx], [targets[i] for i in idx])
+        return answer_loss(lm, module, batch.input_ids, batch.attention_mask, batch.labels, pooled[idx], spatial[idx])
+
+    run_steps(run, module, params, lr, settings, len(answers), loss_of, spec.kind)
     run.patch_bytes = len(save(module_state(module)))
     return run
 
