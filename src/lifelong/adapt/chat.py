@@ -24,9 +24,7 @@ import json
 from collections.abc import Callable
 from pathlib import Path
 
-from PIL import Image, UnidentifiedImageError
-
-from lifelong.adapt.seeing import is_vision_module
+from lifelong.adapt.seeing import is_vision_module, open_image
 from lifelong.errors import ConfigError
 from lifelong.families.lm import context_length, lm_fingerprint
 from lifelong.metrics.editing import generate
@@ -36,15 +34,8 @@ PEFT_META = "lifelong.json"  # what `lifelong export --peft` writes beside peft'
 
 def check_image(path: str | Path) -> str:
     """What the image at `path` is ("a PNG image of 8x8"); a clear error when it is no file or not an image."""
-    path = Path(path)
-    if not path.is_file():
-        raise ConfigError(f"--image {path}: no such file")
-    try:
-        with Image.open(path) as im:
-            im.verify()
-            return f"a {im.format} image of {im.width}x{im.height}"
-    except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as e:
-        raise ConfigError(f"--image {path} is not an image ({type(e).__name__}: {e})") from None
+    im = open_image(path)
+    return f"a {im.format} image of {im.width}x{im.height}"
 
 
 def check_vision_request(image: str | Path | None, adapter: str | Path | None) -> bool:

@@ -43,7 +43,7 @@ import string
 import warnings
 from collections.abc import Callable
 from contextlib import nullcontext
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import numpy as np
@@ -53,7 +53,7 @@ from PIL import Image, UnidentifiedImageError
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import save
 
-from lifelong.adapt.instruct import TrainSettings, run_steps
+from lifelong.adapt.instruct import AdapterRun, TrainSettings, run_steps
 from lifelong.atomic import atomic_write_bytes
 from lifelong.cache import cached, content_key
 from lifelong.config import ModelConfig
@@ -65,7 +65,6 @@ from lifelong.errors import ConfigError
 from lifelong.families.lm import context_length, lm_fingerprint, target_batch
 from lifelong.families.vlm import DualEncoder, build_vlm
 from lifelong.fingerprint import tensor_digest
-from lifelong.loop import mean_ends
 from lifelong.metrics.instructions import contains, exact_match, first_line, normalize
 from lifelong.modules.multimodal_adapter import MultimodalAdapter
 from lifelong.modules.query_bridge import QueryBridge, width_for_budget
@@ -265,23 +264,12 @@ def question_prompt(tokenizer, question: str = QUESTION, chat: bool = False) -> 
     return prompt_text(Example(question, "", "", (), ""), tokenizer, chat=True) if chat else PLAIN.format(question)
 
 
-@dataclass
-class SeeingRun:
-    module: torch.nn.Module
-    spec: VisionSpec
-    settings: TrainSettings
-    trainable: int
-    patch_bytes: int
-    losses: list[float] = field(default_factory=list)
-    seconds_per_step: float = float("nan")  # mean over the steps after the first
-    peak_mb: float = float("nan")           # peak RSS during training
-    delta_mb: float = float("nan")          # peak RSS minus RSS at its start
+class SeeingRun(AdapterRun):
+    """A training run of a vision module: AdapterRun's record, whose `model` is the module (the LM stays bare)."""
 
-    def summary(self) -> dict:
-        first, last = mean_ends(self.losses)
-        return {"spec": asdict(self.spec), "settings": asdict(self.settings), "trainable": self.trainable,
-                "patch_bytes": self.patch_bytes, "seconds_per_step": self.seconds_per_step, "peak_mb": self.peak_mb,
-                "delta_mb": self.delta_mb, "loss_first": first, "loss_last": last}
+    @property
+    def module(self) -> torch.nn.Module:
+        return self.model
 
 
 def train_seeing(lm, tokenizer, spec: VisionSpec, pooled: torch.Tensor, spatial: torch.Tensor,
@@ -413,17 +401,22 @@ def load_vision_module(path: str | Path, lm, lm_name: str) -> tuple[torch.nn.Mod
     return module, meta
 
 
-def read_image(path: str | Path) -> np.ndarray:
-    """(1, H, W, 3) uint8 RGB of an image file (transparency composited on white); a clear error when it is not one."""
+def open_image(path: str | Path) -> Image.Image:
+    """The decoded image at `path` (`--image`); one clear error when it is no file or not an image."""
     path = Path(path)
     if not path.is_file():
         raise ConfigError(f"--image {path}: no such file")
     try:
-        with Image.open(path) as im:
-            im.load()
-            rgba = im.convert("RGBA")
+        im = Image.open(path)
+        im.load()  # decodes the pixels and closes the file (one frame)
+        return im
     except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as e:
         raise ConfigError(f"--image {path} is not an image ({type(e).__name__}: {e})") from None
+
+
+def read_image(path: str | Path) -> np.ndarray:
+    """(1, H, W, 3) uint8 RGB of an image file (transparency composited on white); a clear error when it is not one."""
+    rgba = open_image(path).convert("RGBA")
     white = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
     return np.asarray(Image.alpha_composite(white, rgba).convert("RGB"))[None]
 

@@ -97,7 +97,8 @@ class UCE:
         p = self.params
         together = requests or [request]
         pairs = [_aligned_states(model, old, r.anchor or " ", p.positions) for r in together for old in r.prompts]
-        preserved = list(dict.fromkeys([""] * p.keep_unconditional + [q for r in together for q in r.preserve]))
+        retained = [""] if p.keep_unconditional else []
+        preserved = list(dict.fromkeys(retained + [q for r in together for q in r.preserve]))
         keep = [_aligned_states(model, q, q, "all")[0] for q in preserved]  # retained texts: every read position
         preserve_scale = p.preserve_scale if p.preserve_scale is not None else max(0.1, 1 / max(len(preserved), 1))
         layers = {n: m for n, m in model.cross_attention_kv().items() if p.with_to_k or n.endswith("to_v")}

@@ -94,7 +94,6 @@ class CustomDiffusion:
 
     def __init__(self, params: Params = Params()):
         self.params = params
-        self._real = False
 
     def personalize(self, model, request: PersonalizeRequest, seed: int = 0, progress: bool = False) -> dict[str, float]:
         return self.personalize_jointly(model, [request], seed, progress)
@@ -108,7 +107,10 @@ class CustomDiffusion:
             raise ValueError("Custom Diffusion's regularization images need the subject's class (--class letter), "
                              "or prior_loss_weight=0")
         generator = torch.Generator().manual_seed(seed)
-        regs = [self.regularization_images(model, r, seed + i) if prior else None for i, r in enumerate(requests)]
+        regs = [self.regularization_images(model, r, seed + i) if prior else (None, False)
+                for i, r in enumerate(requests)]
+        real_prior = sum(real for _, real in regs) / len(regs)  # the share of concepts regularized on real images
+        regs = [x0 for x0, _ in regs]
         token_ids = model.add_tokens([r.token for r in requests], initializers=[r.class_word for r in requests])
         freeze_all(model)
         weight = model.token_embeddings().weight
@@ -143,20 +145,21 @@ class CustomDiffusion:
             freeze_all(model)
             model.clear_cache()
         first, last = mean_ends(losses)
-        return {"loss_start": first, "loss_end": last, "steps": float(p.steps), "real_prior": float(prior and self._real),
+        return {"loss_start": first, "loss_end": last, "steps": float(p.steps), "real_prior": real_prior,
                 "trainable_params": float(sum(q.numel() for q in kv) + weight.shape[1] * len(requests))}
 
-
-    def regularization_images(self, model, request: PersonalizeRequest, seed: int) -> torch.Tensor:
-        """x0 of the class's regularization images, by `reg_source` (see the module docstring)."""
+    def regularization_images(self, model, request: PersonalizeRequest, seed: int) -> tuple[torch.Tensor, bool]:
+        """(x0 of the class's regularization images by `reg_source` (see the module docstring), whether they are
+        real)."""
         p = self.params
         real = None if p.reg_source == "generated" else real_class_images(model, request.class_word, p.reg_images, seed)
         if real is None and p.reg_source == "real":
             raise ValueError(f"no real images of the class {request.class_word!r} in the model's training data "
                              "(letter, digit, drawing, a clip-art or Fashion-MNIST class, at the embedded model's "
                              "size); use reg_source=generated")
-        self._real = real is not None
-        return real if real is not None else class_images(model, request.class_prompt, p.reg_images, seed, p.ddim_steps)
+        if real is not None:
+            return real, True
+        return class_images(model, request.class_prompt, p.reg_images, seed, p.ddim_steps), False
 
 
 # --- the closed-form merge ------------------------------------------------------------------------------------
