@@ -4,12 +4,16 @@ The stream is loaded and the frozen image stem is run over every image once; eve
 starts from a fresh copy of the same pretrained model and reuses those stem outputs. The ledger's
 learn changes (`lifelong learn`) and `lifelong run --ledger` go through the same pieces: `check_run`,
 `build_model`, `prepare_trainable`, `build_method` and the one loop (`lifelong.loop`).
+
+A stopped run continues: every finished (method, task order) row is written to rows/<method>/order_<k>.json
+with the settings and data it was measured under, and a rerun of the same config keeps it.
 """
 
 from __future__ import annotations
 
 import copy
 import dataclasses
+import json
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -73,27 +77,54 @@ def run_experiment(config: RunConfig) -> Path:
         for r, (stream, stem) in enumerate(zip(streams, stems)):
             which = f", order {r + 1}/{len(streams)}: {' -> '.join(t.name for t in stream.tasks)}" if len(streams) > 1 else ""
             say(f"== {label}: {len(stream.tasks)} tasks x {mconfig.train.steps_per_task} steps, lr {mconfig.train.lr:g}{which}")
-            model = copy.deepcopy(base)
-            prepare_trainable(model, config.model, mc.adapter or config.adapter, seed=config.seed)
-            method = build_method(mc)
-            checkpoints = out / "checkpoints" / label / (f"order_{r + 1}" if len(streams) > 1 else "")
-            with PeakMemory() as memory:
-                result = run_stream(model, method, stream, stem, mconfig, checkpoints, log_dir=out / "logs",
-                                    log_name=f"{label}" + (f"/order_{r + 1}" if len(streams) > 1 else ""))
-            trainable, total = count_parameters(model)
-            row = {"tasks": [t.name for t in stream.tasks], **summarize(result.accuracy_matrix)}
-            if stream.scenario == "class":
-                row["avg_incremental_accuracy"], row["final_seen_accuracy"] = average_incremental_accuracy(result.seen_accuracy)
-            row.update(trainable_params=trainable, total_params=total, train_seconds=result.train_seconds,
-                       eval_seconds=result.eval_seconds, peak_rss_mb=memory.peak_mb)
+            done_file = out / "rows" / label / f"order_{r + 1}.json"
+            settings = row_settings(mconfig, mc, stream)
+            row, matrix = finished_row(done_file, settings)
+            if row is not None:
+                say(f"   kept from {done_file} (same settings and data; delete it to train again)")
+            else:
+                model = copy.deepcopy(base)
+                prepare_trainable(model, config.model, mc.adapter or config.adapter, seed=config.seed)
+                method = build_method(mc)
+                checkpoints = out / "checkpoints" / label / (f"order_{r + 1}" if len(streams) > 1 else "")
+                with PeakMemory() as memory:
+                    result = run_stream(model, method, stream, stem, mconfig, checkpoints, log_dir=out / "logs",
+                                        log_name=f"{label}" + (f"/order_{r + 1}" if len(streams) > 1 else ""))
+                trainable, total = count_parameters(model)
+                row = {"tasks": [t.name for t in stream.tasks], **summarize(result.accuracy_matrix)}
+                if stream.scenario == "class":
+                    row["avg_incremental_accuracy"], row["final_seen_accuracy"] = average_incremental_accuracy(result.seen_accuracy)
+                row.update(trainable_params=trainable, total_params=total, train_seconds=result.train_seconds,
+                           eval_seconds=result.eval_seconds, peak_rss_mb=memory.peak_mb)
+                matrix = result.accuracy_matrix
+                if main:
+                    atomic_write_json(done_file, {"settings": settings, "row": row, "accuracy_matrix": matrix.tolist()})
             rows.append(row)
-            matrices.append(result.accuracy_matrix)
+            matrices.append(matrix)
             say(f"   Avg {row['avg']:.1f}  Last {row['last']:.1f}  max forgetting {row['max_forgetting']:.1f}  "
-                  f"ZS degradation {row['zero_shot_degradation']:.1f}  ({result.train_seconds:.0f} s)")
+                  f"ZS degradation {row['zero_shot_degradation']:.1f}  ({row['train_seconds']:.0f} s)")
         runs.append(MethodRun(label, matrices, rows, aggregate(label, rows)))
     if main:
         write_results(out, config, streams, runs, processes=make_accelerator().num_processes)
     return out
+
+
+def row_settings(config: RunConfig, method, stream: Stream) -> dict:
+    """What one (method, task order) row depends on: the run's settings but its name and output place, the
+    method's section, and the fingerprints of the ordered tasks' data."""
+    settings = {k: v for k, v in to_dict(config).items() if k not in ("name", "output_dir", "methods", "orders")}
+    return {**settings, "method": to_dict(method),
+            "tasks": [[t.name, t.train.fingerprint, t.test.fingerprint] for t in stream.tasks]}
+
+
+def finished_row(path: Path, settings: dict) -> tuple[dict | None, np.ndarray | None]:
+    """The row and accuracy matrix a stopped `lifelong run` already measured under the same settings, if any."""
+    if not path.is_file():
+        return None, None
+    stored = json.loads(path.read_text())
+    if stored.get("settings") != json.loads(json.dumps(settings)):
+        return None, None
+    return stored["row"], np.asarray(stored["accuracy_matrix"], dtype=float)
 
 
 def ordered_streams(config: RunConfig) -> list[Stream]:

@@ -1,0 +1,31 @@
+"""A stopped `lifelong run` continues: finished (method, order) rows are kept, a changed setting trains again."""
+
+import json
+
+from lifelong.learn import driver
+from lifelong.learn.driver import load_run_config, run_experiment
+
+TINY = ["model.name=tiny-embedded", "model.resolution=32", "model.trainable_blocks=2", "stream.name=tiny",
+        "train.steps_per_task=3", "train.batch_size=8", "train.lr=1e-3", "methods=[finetune, lwf]",
+        "train.log_with=none"]
+
+
+def test_a_rerun_keeps_finished_rows_and_retrains_what_changed(tmp_path, monkeypatch):
+    out = run_experiment(load_run_config(None, [*TINY, f"output_dir={tmp_path}", "name=r"]))
+    first = json.loads((out / "results.json").read_text())["methods"]
+    assert (out / "rows" / "lwf" / "order_1.json").is_file()
+
+    trained = []
+    real = driver.run_stream
+    monkeypatch.setattr(driver, "run_stream", lambda *a, **k: trained.append(a[1]) or real(*a, **k))
+    # the run stopped during lwf: its row is gone, finetune's is kept
+    (out / "rows" / "lwf" / "order_1.json").unlink()
+    again = json.loads((run_experiment(load_run_config(None, [*TINY, f"output_dir={tmp_path}", "name=r"]))
+                        / "results.json").read_text())["methods"]
+    assert [type(m).__name__ for m in trained] == ["LwF"]
+    assert again["finetune"]["accuracy_matrix"] == first["finetune"]["accuracy_matrix"]
+    assert again["lwf"]["accuracy_matrix"] == first["lwf"]["accuracy_matrix"]  # retrained from the same seed
+
+    trained.clear()  # another step count is another measurement: nothing is kept
+    run_experiment(load_run_config(None, [*TINY, f"output_dir={tmp_path}", "name=r", "train.steps_per_task=2"]))
+    assert len(trained) == 2
