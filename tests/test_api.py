@@ -65,6 +65,17 @@ def test_a_bad_editor_knob_is_one_message_and_exit_2(capsys):
     assert code == 2 and "mask_ratio must be in (0, 1], got 3" in err and "Traceback" not in err
 
 
+@pytest.mark.parametrize("command, message", [
+    (["edit", "--prompt", "The capital of France is", "--target", "Lyon", "--method", "grace", "--batch"],
+     "--batch: grace edits one request at a time; editors with batch editing: ft_l, ft_m, lora, mend, memit"),
+    (["bench", "erase", "--batch", "10"], "--T, --split and --batch belong to `bench edit`"),
+])
+def test_batch_editing_is_refused_where_it_does_not_apply_before_any_model_loads(command, message, capsys):
+    code = main(command)
+    err = capsys.readouterr().err
+    assert code == 2 and message in err and "Traceback" not in err
+
+
 def test_export_refuses_a_ledger_that_verify_refuses(tmp_path):
     root = tmp_path / "led"
     lifelong.init(root, **TINY)
@@ -112,3 +123,12 @@ def test_an_image_folder_task_is_named_after_its_folder(tmp_path):
 def test_learn_refuses_overrides_of_the_fixed_model(tmp_path):
     with pytest.raises(ConfigError, match="a ledger's model is fixed"):
         lifelong.learn(tmp_path, "digits", overrides=["model.name=embedded"])
+
+
+def test_bench_edit_batch_flag_is_the_batch_protocol(monkeypatch):
+    import lifelong.cli as cli
+
+    seen = []
+    monkeypatch.setattr(cli, "run_bench", seen.append)
+    assert main(["bench", "edit", "--methods", "memit,ft_m", "--T", "1", "--batch", "10,100"]) == 0
+    assert seen[0].batch_sizes == (10, 100) and seen[0].T == (1,) and seen[0].methods == ("memit", "ft_m")

@@ -79,12 +79,29 @@ def test_ft_m_edit_is_one_change_with_its_requests_cost_and_probes(ledger_dir):
     assert c["requests"][0]["locality"][0]["answer"]  # filled with the model's own answer before the edit
     assert c["own_before"]["reliability_token"] < c["own_after"]["reliability_token"] == 1.0
     assert c["own_before"]["locality_token"] == 1.0  # judged against the model before the change
+    # and by greedy generation: the edited model now says " Tokyo"; before the edit it did not
+    assert c["own_before"]["reliability_gen_contains"] == 0.0 and c["own_after"]["reliability_gen_contains"] == 1.0
+    assert c["own_before"]["locality_gen"] == 1.0
     assert set(c["probes_before"]) == set(c["probes_after"]) == {HELDOUT_FACTS}  # no earlier edits yet
     cost = c["cost"]
     assert cost["patch_bytes"] > 0 and cost["peak_rss_mb"] > 0 and cost["edit_seconds"] > 0
     assert cost["trainable_params"] == 64 * 128  # one down_proj (d=64, d_ff=128)
     assert all(k.startswith("delta::") for k in ledger.patch(1))
     assert ledger.verify() == []
+
+
+def test_a_batch_edit_change_writes_every_request_in_one_update(ledger_dir, monkeypatch):
+    cls = editor_class("ft_m")
+    calls = []
+    real = cls.apply_batch
+    monkeypatch.setattr(cls, "apply", lambda self, r: pytest.fail("--batch must not edit one request at a time"))
+    monkeypatch.setattr(cls, "apply_batch", lambda self, rs: calls.append(len(rs)) or real(self, rs))
+    n = edit(ledger_dir, "ft_m", [EDIT, EDIT2], {**FT_M, "steps": 60}, batch=True)
+    c = Ledger.open(ledger_dir).change(n)
+    assert calls == [2] and c["data"]["batch"] is True
+    assert c["own_after"]["reliability_token"] == 1.0 > c["own_before"]["reliability_token"]
+    with pytest.raises(ConfigError, match="grace edits one request at a time; editors with batch editing: .*memit"):
+        edit(ledger_dir, "grace", [EDIT], GRACE, batch=True)
 
 
 def test_materialize_is_the_edited_model_and_revert_gives_f0_back(ledger_dir, base_folder):

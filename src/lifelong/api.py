@@ -38,8 +38,8 @@ from lifelong.adapt.seeing import answer_about_image
 from lifelong.atomic import atomic_write_bytes, atomic_write_text
 from lifelong.config import ModelConfig, RunConfig, apply_override
 from lifelong.data.edit_requests import EditRequest, Probe
-from lifelong.edit import editor_params
-from lifelong.edit.protocol import apply_all, make_editor
+from lifelong.edit import check_batch, editor_params
+from lifelong.edit.protocol import apply_all, evaluate, make_editor
 from lifelong.errors import ConfigError, LedgerCorruptError
 from lifelong.families import get_family, ledger_families
 from lifelong.families.diffusion import DEFAULT_ETA, check_sampling
@@ -49,7 +49,7 @@ from lifelong.ledger.core import Ledger
 from lifelong.ledger.probes import DEFAULT_PROBES, run_probes, unique_name
 from lifelong.ledger.probes import Probe as ImageProbe
 from lifelong.ledger.runs import run_into_ledgers
-from lifelong.metrics.editing import base_predictions, score_requests
+from lifelong.metrics.editing import base_generations, base_predictions
 from lifelong.metrics.editing import generate as greedy_answers
 from lifelong.report import pages as report_pages
 from lifelong.report import site
@@ -158,30 +158,35 @@ def parse_knobs(items: Sequence[str]) -> dict:
 
 
 def edit(requests: EditRequest | Sequence[EditRequest], method: str = "wise", *, model: str | None = None,
-         ledger: str | Path | None = None, knobs: dict | None = None) -> dict:
-    """Apply edit requests in order with `method`.
+         ledger: str | Path | None = None, knobs: dict | None = None, batch: bool = False) -> dict:
+    """Apply edit requests in order with `method` (`batch`: all in one update, for editors with batch editing:
+    ft_l, ft_m, lora, mend, memit).
 
     With `ledger`: the edits become one change of that lm ledger; returns {"change": id}. Without: on
     `model` (default: the embedded SmolLM2), returning the greedy answers before and after and the editing
-    metrics: {"answers": [(prompt, before, after)], "scores": {...}, "cost": {...}}."""
+    metrics, teacher-forced and by greedy generation after the chat template (`*_gen_*`, `locality_gen`):
+    {"answers": [(prompt, before, after)], "scores": {...}, "cost": {...}}."""
     requests = [requests] if isinstance(requests, EditRequest) else list(requests)
     if not requests:
         raise ConfigError("an edit needs at least one request")
+    if batch:
+        check_batch(method)
     if ledger is not None:
         if model is not None:
             raise ConfigError(f"--model: a ledger's model is fixed at `lifelong init` (see `lifelong log {ledger}`)")
-        return {"change": edits.edit(ledger, method, requests, knobs)}
+        return {"change": edits.edit(ledger, method, requests, knobs, batch=batch)}
     editor_params(method, knobs)  # an unknown editor or a bad knob fails before the model loads
     lm, tokenizer = get_family("lm").build(ModelConfig(family="lm", name=model or "embedded"))
     requests = edits.with_answers(lm, tokenizer, requests)
     prompts = [p for r in requests for p in (r.prompt, *r.paraphrases, *(q.prompt for q in r.locality))]
     before = greedy_answers(lm, tokenizer, prompts, max_new_tokens=8)
     base = base_predictions(lm, tokenizer, requests)
+    base_gen = base_generations(lm, tokenizer, requests, chat=True)
     editor = make_editor(method, lm, tokenizer, knobs)
-    cost = apply_all(editor, requests, desc=method)
+    cost = apply_all(editor, requests, desc=method, batch=batch)
     after = greedy_answers(lm, tokenizer, prompts, max_new_tokens=8)
-    return {"answers": list(zip(prompts, before, after)), "scores": score_requests(lm, tokenizer, requests, base),
-            "cost": cost}
+    return {"answers": list(zip(prompts, before, after)),
+            "scores": evaluate(lm, tokenizer, requests, base, base_gen, chat=True), "cost": cost}
 
 
 def adapt(root: str | Path, task: str, method: str = "llama-adapter", *, steps: int = 100, lr: float | None = None,

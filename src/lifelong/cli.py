@@ -413,9 +413,11 @@ examples:
   lifelong edit --prompt "The capital of France is" --target Lyon --subject France
   lifelong edit --method grace --prompt "The capital of France is" --target Lyon --paraphrase "France's capital is"
   lifelong edit --requests my_edits.json --method wise steps=30        (EasyEdit ZsRE/CounterFact JSON too)
+  lifelong edit --requests my_edits.json --method memit --batch        (every request in one update)
   lifelong edit --ledger my-lm --method ft_l --prompt "The capital of France is" --target Lyon
   lifelong bench edit --methods ft_l,grace,wise --T 1,10,100
   lifelong bench edit configs/edit_bench.yaml single_n=10
+  lifelong bench edit --methods memit,ft_m --T 1 --batch 10,100,1000
 
 The default model is SmolLM2-135M-Instruct (embedded; converted once from its GGUF file to a cached
 safetensors folder); --model takes a hub id or a folder of any transformers causal LM. Editor knobs
@@ -424,10 +426,12 @@ are KEY=VALUE (e.g. layer=20 lr=0.5); `lifelong edit --list` prints every editor
 
 
 def add_edit_commands(sub) -> None:
-    edit = sub.add_parser("edit", help="edit facts of a causal LM (FT-L, FT-M, LoRA, MEND, T-Patcher, GRACE, WISE, ROME) and show the effect",
-                          description="Apply knowledge edits in sequence to a causal LM and print, before and after, the greedy "
-                          "answers to the edit prompts, their paraphrases and unrelated (locality) prompts, plus every "
-                          "editing metric (EasyEdit token-level and CounterFact conventions).",
+    edit = sub.add_parser("edit", help="edit facts of a causal LM (FT-L, FT-M, LoRA, MEND, T-Patcher, GRACE, WISE, ROME, "
+                          "MEMIT) and show the effect",
+                          description="Apply knowledge edits in sequence (or, with --batch, in one update) to a causal LM and "
+                          "print, before and after, the greedy answers to the edit prompts, their paraphrases and unrelated "
+                          "(locality) prompts, plus every editing metric (EasyEdit token-level and CounterFact conventions, "
+                          "and by greedy generation after the chat template: *_gen_exact, *_gen_contains, locality_gen).",
                           epilog=EDIT_EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
     edit.add_argument("--method", default="wise", help="the editor (default: wise); see --list")
     edit.add_argument("--model", help="embedded (SmolLM2-135M-Instruct, the default), a hub id or a folder")
@@ -441,6 +445,8 @@ def add_edit_commands(sub) -> None:
     edit.add_argument("--locality", action="append", default=[], help="an unrelated prompt whose answer must not change (repeatable)")
     edit.add_argument("--requests", type=Path, help="edit requests from a file: lifelong JSON, EasyEdit ZsRE, ROME or EasyEdit CounterFact, or KnowEdit JSON")
     edit.add_argument("--limit", type=int, default=None, help="only the first N requests of --requests")
+    edit.add_argument("--batch", action="store_true", help="write every request in one update (batch editing: "
+                      "ft_l, ft_m, lora, mend, memit) instead of one after another")
     edit.add_argument("--list", action="store_true", help="list the editors and their knobs, then exit")
     edit.add_argument("overrides", nargs="*", metavar="KNOB=VALUE", help="editor knobs, e.g. steps=30 layer=20")
 
@@ -466,6 +472,8 @@ def add_edit_commands(sub) -> None:
     bench.add_argument("--class", dest="class_word", help="personalize: your subject's class word (letter, dog, ...)")
     bench.add_argument("--T", help="comma-separated edit counts for the lifelong protocol (default: 1,10,100,1000)")
     bench.add_argument("--split", choices=["zsre", "counterfact"], help="the request set (default: zsre)")
+    bench.add_argument("--batch", metavar="B,B,...", help="edit: the batch protocol, each B edits written in one update "
+                       "by every editor with batch editing, e.g. --batch 10,100,1000 (= batch_sizes=[...])")
     bench.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="e.g. single_n=10 time_budget_s=600 knobs.wise.steps=30")
 
 
@@ -493,12 +501,14 @@ def cmd_edit(args) -> int:
         requests = [EditRequest(prompt=args.prompt, target_new=target, subject=subject,
                                 paraphrases=tuple(args.paraphrase),
                                 locality=tuple(Probe(p, "") for p in args.locality))]
-    result = api.edit(requests, args.method, model=args.model, ledger=args.ledger, knobs=knobs)
+    result = api.edit(requests, args.method, model=args.model, ledger=args.ledger, knobs=knobs, batch=args.batch)
     if args.ledger is not None:
         print_change(args.ledger, result["change"])
         return 0
     cost = result["cost"]
-    print(f"{args.method}: {len(requests)} edit(s), {cost['seconds_per_edit']:.2f} s per edit, peak RSS {cost['peak_rss_mb']:.0f} MiB")
+    how = " in one batch" if args.batch else ""
+    print(f"{args.method}: {len(requests)} edit(s){how}, {cost['seconds_per_edit']:.2f} s per edit, "
+          f"peak RSS {cost['peak_rss_mb']:.0f} MiB")
     for prompt, b, a in result["answers"]:
         print(f"  {prompt!r}\n      before: {b!r}\n      after:  {a!r}")
     print("  " + "  ".join(f"{k} {v:.2f}" for k, v in result["scores"].items() if isinstance(v, float)))
@@ -512,16 +522,16 @@ def cmd_bench_edit(args) -> int:
     if args.methods:
         overrides.append(f"methods=[{args.methods}]")
     if args.what == "erase":
-        if args.T or args.split:
-            raise ConfigError("--T and --split belong to `bench edit`")
+        if args.T or args.split or args.batch:
+            raise ConfigError("--T, --split and --batch belong to `bench edit`")
         if args.concepts:
             overrides.append(f"concepts=[{args.concepts}]")
         out = run_erase_bench(load_erase_bench_config(args.config, overrides, quick=args.quick))
         print((out / "summary.md").read_text() + f"\nwrote {out}")
         return 0
     if args.what == "personalize":
-        if args.T or args.split or args.concepts:
-            raise ConfigError("--T, --split and --concepts belong to `bench edit` and `bench erase`")
+        if args.T or args.split or args.batch or args.concepts:
+            raise ConfigError("--T, --split, --batch and --concepts belong to `bench edit` and `bench erase`")
         if args.images:
             overrides.append(f"user_images={json.dumps(str(args.images))}")
         elif args.token or args.class_word:
@@ -535,6 +545,8 @@ def cmd_bench_edit(args) -> int:
         raise ConfigError("--images, --token and --class belong to `bench personalize`")
     if args.quick or args.concepts:
         raise ConfigError("--quick belongs to `bench erase` and `bench personalize`, --concepts to `bench erase`")
+    if args.batch:
+        overrides.append(f"batch_sizes=[{args.batch}]")
     if args.T:
         overrides.append(f"T=[{args.T}]")
     if args.split:

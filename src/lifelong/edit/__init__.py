@@ -44,8 +44,15 @@ def editor_params(name: str, knobs: dict | None = None, where: str = "editor"):
         raise ConfigError(f"{where} {name}: {e}") from None
 
 
+def check_batch(name: str) -> None:
+    """`name` can write many requests in one update (`apply_batch`), or a ConfigError says which editors can."""
+    if not editor_class(name).batch:
+        raise ConfigError(f"--batch: {name} edits one request at a time; editors with batch editing: "
+                          f"{', '.join(n for n in EDITORS if editor_class(n).batch)}")
+
+
 def build_editor(name: str, model, tokenizer, knobs: dict | None = None) -> Editor:
     return editor_class(name)(model, tokenizer, editor_params(name, knobs))
 
 
-__all__ = ["EDITORS", "EditRequest", "Editor", "Probe", "build_editor", "editor_class", "editor_params"]
+__all__ = ["EDITORS", "EditRequest", "Editor", "Probe", "build_editor", "check_batch", "editor_class", "editor_params"]

@@ -7,9 +7,9 @@ An edit change applies its requests in sequence (the lifelong protocol) to the l
 and records: the method and its resolved knobs, the requests, the patch (or module state), the cost
 (wall time, the editor's preparation and edit time, peak RSS, the numbers in the patch or state, their
 bytes), the scores of its
-own requests before and after (`own_before`, `own_after`: every metric of `score_requests`, locality
-judged against the model just before the change, whose greedy answers fill probes given without
-one), and the ledger's probes before and after, where "edits in effect" covers the earlier edits.
+own requests before and after (`own_before`, `own_after`: every metric of `score_requests` and, by greedy
+generation after the chat template, of `generation_scores`; locality judged against the model just before
+the change, whose greedy answers fill probes given without one), and the ledger's probes before and after, where "edits in effect" covers the earlier edits.
 
 Weight editors change weights in place: ft_l, ft_m, rome, mend (dense deltas of the matrices they wrote) and
 lora (peft's factors, B @ A). Their patch is additive like any other, so materialize, revert (the
@@ -40,8 +40,8 @@ import torch
 
 from lifelong.config import ModelConfig
 from lifelong.data.edit_requests import Probe
-from lifelong.edit import EDITORS, editor_class, editor_params
-from lifelong.edit.protocol import make_editor
+from lifelong.edit import EDITORS, check_batch, editor_class, editor_params
+from lifelong.edit.protocol import evaluate, make_editor
 from lifelong.edit.requests import request_from_dict
 from lifelong.errors import ConfigError, LedgerError
 from lifelong.ledger.core import Ledger
@@ -49,7 +49,7 @@ from lifelong.ledger.patch import apply_patch, patch_from_model, patch_numel
 from lifelong.ledger.probes import lm_probes, run_fact_probes, without_locality
 from lifelong.ledger.store import LedgerLock
 from lifelong.metrics.cost import PeakMemory, count_parameters
-from lifelong.metrics.editing import base_predictions, generate, score_requests
+from lifelong.metrics.editing import base_generations, base_predictions, generate, score_requests
 
 RECORDABLE = ("weights", "module")  # an editor's `records`: a weight patch, or the state of the modules it adds
 
@@ -78,12 +78,15 @@ def check_editor(method: str, knobs: dict | None) -> None:
 
 
 def edit(root: str | Path, method: str, requests: list, knobs: dict | None = None,
-         train_requests: list | None = None) -> int:
-    """Record one edit change: `requests` applied in order by `method` to the current model; its id."""
+         train_requests: list | None = None, batch: bool = False) -> int:
+    """Record one edit change: `requests` applied in order by `method` to the current model (`batch`: in one
+    `apply_batch`); its id."""
 
     if not requests:
         raise ConfigError("an edit change needs at least one request")
     check_editor(method, knobs)
+    if batch:
+        check_batch(method)
     root = Path(root)
     Ledger.open(root).require_operation("edit")
     with LedgerLock(root, "lifelong edit"):
@@ -92,8 +95,9 @@ def edit(root: str | Path, method: str, requests: list, knobs: dict | None = Non
         model, tokenizer, attached = ledger.materialize_with_editors()
         requests = with_answers(model, tokenizer, requests)
         base = base_predictions(model, tokenizer, requests)  # f_{k-1}: what the edits' locality is judged against
+        base_gen = base_generations(model, tokenizer, requests, chat=True)
         earlier = edits_in_effect(ledger)
-        own_before = score_requests(model, tokenizer, requests, base)
+        own_before = evaluate(model, tokenizer, requests, base, base_gen, chat=True)
         before = run_fact_probes(model, tokenizer, ledger.probes, earlier)
 
         params = {k: p.detach().clone() for k, p in model.named_parameters()}
@@ -103,7 +107,7 @@ def edit(root: str | Path, method: str, requests: list, knobs: dict | None = Non
             if method in attached:  # continue the codebook / neurons of the method's latest change
                 continue_from(attached.pop(method), editor)
             t1 = time.perf_counter()
-            stats = [editor.apply(r) for r in requests]
+            stats = [editor.apply_batch(requests)] if batch else [editor.apply(r) for r in requests]
             t2 = time.perf_counter()
         if editor.records == "module":
             patch, states = {}, {method: editor.state_dict()}
@@ -116,7 +120,7 @@ def edit(root: str | Path, method: str, requests: list, knobs: dict | None = Non
             apply_patch(model, patch, where=f"change {ledger.next_id()}")  # so the scores are of the recorded model
             size = patch_numel(patch)
 
-        own_after = score_requests(model, tokenizer, requests, base)
+        own_after = evaluate(model, tokenizer, requests, base, base_gen, chat=True)
         after = run_fact_probes(model, tokenizer, ledger.probes, earlier)
         record = {
             "id": ledger.next_id(),
@@ -124,7 +128,7 @@ def edit(root: str | Path, method: str, requests: list, knobs: dict | None = Non
             "method": method,
             "label": method,
             "knobs": dataclasses.asdict(editor.params),
-            "data": {"task": summary(requests), "requests": len(requests)},
+            "data": {"task": summary(requests), "requests": len(requests), "batch": batch},
             "requests": [dataclasses.asdict(r) for r in requests],
             "edit_stats": stats,
             "own_before": own_before,
