@@ -67,7 +67,7 @@ def test_a_bad_editor_knob_is_one_message_and_exit_2(capsys):
 
 @pytest.mark.parametrize("command, message", [
     (["edit", "--prompt", "The capital of France is", "--target", "Lyon", "--method", "grace", "--batch"],
-     "--batch: grace edits one request at a time; editors with batch editing: ft_l, ft_m, lora, mend, memit"),
+     "--batch: grace edits one request at a time; editors with batch editing: ft_l, ft_m, lora, mend, memit, alphaedit"),
     (["bench", "erase", "--batch", "10"], "--T, --split and --batch belong to `bench edit`"),
 ])
 def test_batch_editing_is_refused_where_it_does_not_apply_before_any_model_loads(command, message, capsys):

@@ -160,7 +160,7 @@ def parse_knobs(items: Sequence[str]) -> dict:
 def edit(requests: EditRequest | Sequence[EditRequest], method: str = "wise", *, model: str | None = None,
          ledger: str | Path | None = None, knobs: dict | None = None, batch: bool = False) -> dict:
     """Apply edit requests in order with `method` (`batch`: all in one update, for editors with batch editing:
-    ft_l, ft_m, lora, mend, memit).
+    ft_l, ft_m, lora, mend, memit, alphaedit).
 
     With `ledger`: the edits become one change of that lm ledger; returns {"change": id}. Without: on
     `model` (default: the embedded SmolLM2), returning the greedy answers before and after and the editing

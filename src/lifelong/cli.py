@@ -427,7 +427,7 @@ are KEY=VALUE (e.g. layer=20 lr=0.5); `lifelong edit --list` prints every editor
 
 def add_edit_commands(sub) -> None:
     edit = sub.add_parser("edit", help="edit facts of a causal LM (FT-L, FT-M, LoRA, MEND, T-Patcher, GRACE, WISE, ROME, "
-                          "MEMIT) and show the effect",
+                          "MEMIT, AlphaEdit) and show the effect",
                           description="Apply knowledge edits in sequence (or, with --batch, in one update) to a causal LM and "
                           "print, before and after, the greedy answers to the edit prompts, their paraphrases and unrelated "
                           "(locality) prompts, plus every editing metric (EasyEdit token-level and CounterFact conventions, "
@@ -446,7 +446,7 @@ def add_edit_commands(sub) -> None:
     edit.add_argument("--requests", type=Path, help="edit requests from a file: lifelong JSON, EasyEdit ZsRE, ROME or EasyEdit CounterFact, or KnowEdit JSON")
     edit.add_argument("--limit", type=int, default=None, help="only the first N requests of --requests")
     edit.add_argument("--batch", action="store_true", help="write every request in one update (batch editing: "
-                      "ft_l, ft_m, lora, mend, memit) instead of one after another")
+                      "ft_l, ft_m, lora, mend, memit, alphaedit) instead of one after another")
     edit.add_argument("--list", action="store_true", help="list the editors and their knobs, then exit")
     edit.add_argument("overrides", nargs="*", metavar="KNOB=VALUE", help="editor knobs, e.g. steps=30 layer=20")
 

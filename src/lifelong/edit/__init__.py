@@ -24,6 +24,7 @@ EDITORS = {
     "wise": "lifelong.edit.wise:WISE",
     "rome": "lifelong.edit.rome:ROME",
     "memit": "lifelong.edit.memit:MEMIT",  # batch editing over several layers
+    "alphaedit": "lifelong.edit.alpha_edit:AlphaEdit",  # MEMIT with null-space projected updates
 }
 
 

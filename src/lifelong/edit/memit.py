@@ -118,20 +118,18 @@ class MEMIT(Editor):
         errors = []
         for j, (module, cov) in enumerate(zip(self.modules, covs)):
             (keys, _), (_, hidden) = read_at(self.model, tok, [module, top], texts, positions)
-            keys = keys.view(len(requests), n_pre, -1)                              # (B, P, in)
-            k = 0.5 * (keys[:, 0] + keys[:, 1:].mean(1)) if n_pre > 1 else keys[:, 0]  # (B, in)
+            k = self.request_keys(keys, len(requests), n_pre)                      # (B, in)
             residual = z - hidden[bare]                                            # (B, D)
             errors.append(float(residual.norm(dim=1).mean()))
             residual = residual / (len(self.layers) - j)                           # this layer's share
-            K, R = k.double().T, residual.double().T                               # (in, B), (D, B)
-            A = p.mom2_update_weight * cov.double() + K @ K.T                      # (in, in)
-            update = R @ torch.linalg.solve(A, K).T                                # (D, in) = R K^T A^-1
+            update = self.layer_update(j, k.double().T, residual.double().T, cov)  # (D, in)
             weight = linear_weight(module)
             with torch.no_grad():
                 weight.add_(update.to(weight.dtype))
             self.last_updates.append(update)
             self.last_keys.append(k)
             self.last_residuals.append(residual)
+        self.after_batch(texts, positions, len(requests), n_pre)
         return {"requests": float(len(requests)), "nll_before": float(fit.nll_before.mean()),
                 "nll_v": float(fit.nll_after.mean()), "steps": float(fit.steps.mean()),
                 "delta_norm": float(fit.delta.norm(dim=1).mean()), "z_error_first": errors[0],
@@ -144,6 +142,20 @@ class MEMIT(Editor):
         self.last_updates, self.last_keys, self.last_residuals = [], [], []
 
     # ------------------------------------------------------------------ pieces
+
+    @staticmethod
+    def request_keys(keys: torch.Tensor, n_requests: int, n_pre: int) -> torch.Tensor:
+        """(B, in): each request's key, the mean of its bare prompt's key and its prefixed prompts' mean key."""
+        keys = keys.view(n_requests, n_pre, -1)                                    # (B, P, in)
+        return 0.5 * (keys[:, 0] + keys[:, 1:].mean(1)) if n_pre > 1 else keys[:, 0]
+
+    def layer_update(self, j: int, K: torch.Tensor, R: torch.Tensor, cov: torch.Tensor) -> torch.Tensor:
+        """Delta_l = R K^T (lambda C + K K^T)^-1 for the j-th critical layer; K (in, B), R (D, B) in float64."""
+        A = self.params.mom2_update_weight * cov.double() + K @ K.T               # (in, in), symmetric
+        return R @ torch.linalg.solve(A, K).T                                      # (D, in)
+
+    def after_batch(self, texts: list[str], positions: list[int], n_requests: int, n_pre: int) -> None:
+        """A hook after every batch is written (AlphaEdit remembers the batch's keys here)."""
 
     def prefixes(self) -> list[str]:
         if self._prefixes is None:
