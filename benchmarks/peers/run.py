@@ -106,7 +106,7 @@ def main(argv: list[str] | None = None) -> dict:
     tmp.write_text(json.dumps(results, indent=1) + "\n")
     tmp.replace(args.out)
     print(table(results))
-    print(f"\nwritten: {args.out}")
+    print(f"\n{results['total_seconds'] / 60:.1f} min in all; written: {args.out}")
     if args.work_dir is None:
         shutil.rmtree(work, ignore_errors=True)
     return results
@@ -196,7 +196,8 @@ def checks(runs: list[dict], fingerprints: dict) -> dict:
 
 
 def compare(runs: list[dict], backbones: list[str], methods: list[str]) -> tuple[list[dict], dict]:
-    """Per backbone x method (mean over seeds): both sides' costs and metrics, the speed-ups, the accuracy gap."""
+    """Per backbone x method, over the seeds: each side's median cost and metrics, and the per-seed
+    speed-ups (Avalanche's run / lifelong's run of the same seed) and accuracy gaps as median, min and max."""
     rows = []
     for backbone in backbones:
         for method in methods:
@@ -205,34 +206,51 @@ def compare(runs: list[dict], backbones: list[str], methods: list[str]) -> tuple
                 mine = [r for r in runs if (r["framework"], r["backbone"], r["method"]) == (framework, backbone, method)]
                 if mine:
                     side[framework] = {
-                        "wall_seconds": mean(r["wall_seconds"] for r in mine),
-                        "experiment_seconds": mean(r["seconds"]["experiment"] for r in mine),
-                        "experiment_cpu_seconds": mean(r["seconds"]["experiment_cpu"] for r in mine),
+                        "wall_seconds": spread(r["wall_seconds"] for r in mine),
+                        "experiment_seconds": spread(r["seconds"]["experiment"] for r in mine),
+                        "experiment_cpu_seconds": spread(r["seconds"]["experiment_cpu"] for r in mine),
                         "peak_rss_mb": max(r["peak_rss_mb"] for r in mine),
-                        "final_accuracy": mean(r["final_accuracy"] for r in mine),
-                        "forgetting_avalanche": mean(r["forgetting_avalanche"] for r in mine),
-                        "forgetting_chaudhry": mean(r["forgetting_chaudhry"] for r in mine),
-                        "seeds": len(mine),
+                        "final_accuracy": spread(r["final_accuracy"] for r in mine),
+                        "forgetting_avalanche": spread(r["forgetting_avalanche"] for r in mine),
+                        "forgetting_chaudhry": spread(r["forgetting_chaudhry"] for r in mine),
+                        "seeds": sorted(r["seed"] for r in mine),
                     }
             row = {"backbone": backbone, "method": method, **side}
-            if len(side) == 2:
-                a, ll = side["avalanche"], side["lifelong"]
-                row.update(speedup_wall=a["wall_seconds"] / ll["wall_seconds"],
-                           speedup_experiment=a["experiment_seconds"] / ll["experiment_seconds"],
-                           speedup_experiment_cpu=a["experiment_cpu_seconds"] / ll["experiment_cpu_seconds"],
-                           accuracy_gap=ll["final_accuracy"] - a["final_accuracy"])
+            pairs = [(a, ll) for ll in runs for a in runs
+                     if (ll["framework"], a["framework"]) == ("lifelong", "avalanche")
+                     and (ll["backbone"], ll["method"]) == (backbone, method)
+                     and (a["backbone"], a["method"], a["seed"]) == (backbone, method, ll["seed"])]
+            if pairs:
+                row.update(
+                    speedup_wall=spread(a["wall_seconds"] / ll["wall_seconds"] for a, ll in pairs),
+                    speedup_experiment=spread(a["seconds"]["experiment"] / ll["seconds"]["experiment"] for a, ll in pairs),
+                    speedup_experiment_cpu=spread(a["seconds"]["experiment_cpu"] / ll["seconds"]["experiment_cpu"]
+                                                  for a, ll in pairs),
+                    accuracy_gap_per_seed=spread(ll["final_accuracy"] - a["final_accuracy"] for a, ll in pairs),
+                    # equal accuracy "over seeds": the gap between the two sides' median final accuracies
+                    accuracy_gap=side["lifelong"]["final_accuracy"]["median"] - side["avalanche"]["final_accuracy"]["median"],
+                    shortest_run_experiment_seconds=min(min(a["seconds"]["experiment"], ll["seconds"]["experiment"])
+                                                        for a, ll in pairs),
+                    shortest_run_wall_seconds=min(min(a["wall_seconds"], ll["wall_seconds"]) for a, ll in pairs),
+                    seeds=len(pairs),
+                )
             rows.append(row)
     summary = {}
     paired = [r for r in rows if "speedup_wall" in r]
     for key in ("speedup_wall", "speedup_experiment", "speedup_experiment_cpu"):
-        per = {b: geomean(r[key] for r in paired if r["backbone"] == b) for b in backbones}
-        summary[key] = {"geometric_mean": geomean(r[key] for r in paired) if paired else None, "per_backbone": per}
+        per = {b: geomean(r[key]["median"] for r in paired if r["backbone"] == b) for b in backbones}
+        summary[key] = {"geometric_mean_of_medians": geomean(r[key]["median"] for r in paired) if paired else None,
+                        "per_backbone": per}
     if paired:
         summary["max_abs_accuracy_gap"] = max(abs(r["accuracy_gap"]) for r in paired)
-        summary["target"] = "lifelong >= 2x faster at equal final accuracy (within 1 point)"
+        summary["target"] = ("lifelong >= 2x faster (median over seeds of the per-seed speed-up) at equal final "
+                             "accuracy (the two sides' median final accuracies within 1 point)")
         for key in ("speedup_experiment", "speedup_experiment_cpu"):
-            summary[f"meeting_target_by_{key}"] = sum(r[key] >= 2 and abs(r["accuracy_gap"]) <= 1 for r in paired)
-        summary["runs"] = len(paired)
+            summary[f"meeting_target_by_{key}"] = sum(r[key]["median"] >= 2 and abs(r["accuracy_gap"]) <= 1 for r in paired)
+            summary[f"at_2x_by_{key}"] = sum(r[key]["median"] >= 2 for r in paired)
+        summary["rows"] = len(paired)
+        summary["shortest_run_experiment_seconds"] = min(r["shortest_run_experiment_seconds"] for r in paired)
+        summary["shortest_run_wall_seconds"] = min(r["shortest_run_wall_seconds"] for r in paired)
     return rows, summary
 
 
@@ -242,9 +260,10 @@ def command_line() -> str:
     return " ".join(["python", str(shown), *sys.argv[1:]])
 
 
-def mean(values) -> float:
-    values = list(values)
-    return float(np.mean(values))
+def spread(values) -> dict:
+    """Median, min and max of the values (one per seed), and the values themselves."""
+    values = [float(v) for v in values]
+    return {"median": float(np.median(values)), "min": min(values), "max": max(values), "values": values}
 
 
 def geomean(values) -> float | None:
@@ -253,20 +272,29 @@ def geomean(values) -> float | None:
 
 
 def table(results: dict) -> str:
-    """A markdown table: one row per backbone x method x framework."""
-    head = ("| backbone | method | framework | experiment (s) | experiment CPU (s) | wall (s) | peak RSS (MiB) | "
-            "final acc | forgetting (Avalanche) | forgetting (Chaudhry) | speed-up: experiment / CPU / wall |")
-    lines = [head, "|" + "---|" * 3 + "--:|" * 8]
+    """A markdown table, one row per backbone x method: medians over the seeds, [min-max] for the
+    speed-ups and accuracies; each cost and metric cell is lifelong / Avalanche."""
+    head = ("| backbone | method | seeds | experiment CPU (s) | **speed-up (CPU)** [min-max] | experiment (s) | "
+            "speed-up (experiment) [min-max] | wall (s) | peak RSS (MiB) | final accuracy [min-max] | "
+            "forgetting (Avalanche) | forgetting (Chaudhry) |")
+    lines = [head, "|" + "---|" * 2 + "--:|" * 10]
+
+    def pair(row, key, digits=1):
+        return " / ".join(f"{row[f][key]['median']:.{digits}f}" if isinstance(row[f][key], dict) else f"{row[f][key]:.0f}"
+                          for f in FRAMEWORKS)
+
+    def ratio(s):
+        return f"{s['median']:.2f}x [{s['min']:.2f}-{s['max']:.2f}]"
+
     for row in results["comparison"]:
-        for framework in FRAMEWORKS:
-            if framework not in row:
-                continue
-            s = row[framework]
-            speed = (f"{row['speedup_experiment']:.2f}x / {row['speedup_experiment_cpu']:.2f}x / {row['speedup_wall']:.2f}x"
-                     if framework == "lifelong" and "speedup_wall" in row else "")
-            lines.append(f"| {row['backbone']} | {row['method']} | {framework} | {s['experiment_seconds']:.1f} | "
-                         f"{s['experiment_cpu_seconds']:.1f} | {s['wall_seconds']:.1f} | {s['peak_rss_mb']:.0f} | {s['final_accuracy']:.1f} | "
-                         f"{s['forgetting_avalanche']:.1f} | {s['forgetting_chaudhry']:.1f} | {speed} |")
+        if "speedup_wall" not in row:
+            continue
+        acc = " / ".join(f"{row[f]['final_accuracy']['median']:.1f} [{row[f]['final_accuracy']['min']:.1f}-"
+                         f"{row[f]['final_accuracy']['max']:.1f}]" for f in FRAMEWORKS)
+        lines.append(f"| {row['backbone']} | {row['method']} | {row['seeds']} | {pair(row, 'experiment_cpu_seconds')} | "
+                     f"**{ratio(row['speedup_experiment_cpu'])}** | {pair(row, 'experiment_seconds')} | "
+                     f"{ratio(row['speedup_experiment'])} | {pair(row, 'wall_seconds')} | {pair(row, 'peak_rss_mb')} | {acc} | "
+                     f"{pair(row, 'forgetting_avalanche')} | {pair(row, 'forgetting_chaudhry')} |")
     return "\n".join(lines)
 
 
