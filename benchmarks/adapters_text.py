@@ -52,6 +52,20 @@ def versions() -> dict:
             "python": platform.python_version()}
 
 
+def write_record(out: Path, record: dict, started: float, load_before: tuple[float, ...]) -> dict:
+    """`record` plus how it was made (the command, the date, wall seconds, the machine's load before and after,
+    versions), written atomically as JSON to `out`; the adapter benchmarks' one record format."""
+    record = {**record, "command": " ".join([Path(sys.argv[0]).name, *sys.argv[1:]]),
+              "date": datetime.now(timezone.utc).isoformat(timespec="seconds"), "wall_seconds": time.time() - started,
+              "machine": {"cpus": os.cpu_count(), "torch_threads": torch.get_num_threads(),
+                          "loadavg_before": load_before, "loadavg_after": os.getloadavg()},
+              "versions": versions()}
+    out.parent.mkdir(parents=True, exist_ok=True)
+    atomic_write_bytes(out, (json.dumps(record, indent=2) + "\n").encode())
+    print(f"wrote {out} ({record['wall_seconds']:.0f} s)")
+    return record
+
+
 def scored(result: dict, examples, keep: int) -> dict:
     """An evaluation without the bulk of its predictions (the first `keep` beside their references)."""
     out = {k: v for k, v in result.items() if k != "predictions"}
@@ -106,19 +120,9 @@ def main() -> int:
               f"loss {row['loss_first']:.3f} -> {row['loss_last']:.3f}", flush=True)
         del model, run
 
-    record = {
+    write_record(args.out, {
         "task": args.task, "metric": task.metric, "train_items": len(task.train), "test_items": len(task.test),
-        "budget": budget, "specs": {k: asdict(v) for k, v in specs.items()}, "results": results,
-        "command": " ".join([Path(sys.argv[0]).name, *sys.argv[1:]]),
-        "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-        "wall_seconds": time.time() - started,
-        "machine": {"cpus": os.cpu_count(), "torch_threads": torch.get_num_threads(),
-                    "loadavg_before": load_before, "loadavg_after": os.getloadavg()},
-        "versions": versions(),
-    }
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    atomic_write_bytes(args.out, (json.dumps(record, indent=2) + "\n").encode())
-    print(f"wrote {args.out} ({record['wall_seconds']:.0f} s)")
+        "budget": budget, "specs": {k: asdict(v) for k, v in specs.items()}, "results": results}, started, load_before)
     return 0
 
 

@@ -39,12 +39,10 @@ One torch thread whatever the environment says. Writes benchmarks/results/adapte
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import sys
 import time
 from dataclasses import asdict
-from datetime import datetime, timezone
 from pathlib import Path
 
 import numpy as np
@@ -66,14 +64,13 @@ from lifelong.adapt.seeing import (
     vision_fingerprint,
 )
 from lifelong.adapt.seeing import answer_images as answer
-from lifelong.atomic import atomic_write_bytes
 from lifelong.config import ModelConfig
 from lifelong.families.lm import build_lm
 from lifelong.families.vlm import build_vlm
 from lifelong.metrics.editing import generate
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from adapters_text import versions  # noqa: E402  (the text half's helpers)
+from adapters_text import write_record  # noqa: E402  (the text half's helpers)
 
 ROOT = Path(__file__).resolve().parents[1]
 OUT = ROOT / "benchmarks" / "results" / "adapters_vision.json"
@@ -230,7 +227,7 @@ def main() -> int:
             run.module.detach()  # the multimodal adapter's hooks off: the next module sees the bare LM
         del run
 
-    record = {
+    write_record(args.out, {
         "question": QUESTIONS["what"], "questions": {q: QUESTIONS[q] for q in kinds_asked}, "chat_template": args.chat,
         "train_items": len(train.of_kind("what")), "test_items": len(by_kind["what"]),  # the "what" questions
         "train_questions": {q: len(train.of_kind(q)) for q in kinds_asked},
@@ -240,16 +237,7 @@ def main() -> int:
                     for s in dict.fromkeys(test.sources)},
         "budget": budget, "specs": {k: asdict(v) for k, v in specs.items()},
         "feature_seconds": feature_seconds, "baselines": baselines, "results": results,
-        "command": " ".join([Path(sys.argv[0]).name, *sys.argv[1:]]),
-        "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-        "wall_seconds": time.time() - started,
-        "machine": {"cpus": os.cpu_count(), "torch_threads": torch.get_num_threads(),
-                    "loadavg_before": load_before, "loadavg_after": os.getloadavg()},
-        "versions": versions(),
-    }
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    atomic_write_bytes(args.out, (json.dumps(record, indent=2) + "\n").encode())
-    print(f"wrote {args.out} ({record['wall_seconds']:.0f} s)")
+    }, started, load_before)
     return 0
 
 

@@ -13,19 +13,19 @@ One torch thread. Writes benchmarks/results/instructions_baseline.json (or --out
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import sys
 import time
-from datetime import datetime, timezone
 from pathlib import Path
 
 import torch
 
-from lifelong.atomic import atomic_write_bytes
 from lifelong.data.instructions import TASKS, load_task
 from lifelong.families.lm import build_lm
 from lifelong.metrics.instructions import evaluate_task
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from adapters_text import write_record  # noqa: E402  (the adapter benchmarks' record format)
 
 ROOT = Path(__file__).resolve().parents[1]
 OUT = ROOT / "benchmarks" / "results" / "instructions_baseline.json"
@@ -53,13 +53,7 @@ def main() -> int:
             extra = f"  contains {r['contains']:.3f}" if "contains" in r else ""
             print(f"{name:14s} {'chat ' if chat else 'plain'}  {task.metric} {r['score']:.3f}{extra}  "
                   f"({len(task.test)} items, {row['eval_seconds']:.0f} s)", flush=True)
-    record = {"model": args.model, "test_items": args.test_items, "rows": rows,
-              "command": " ".join([Path(sys.argv[0]).name, *sys.argv[1:]]),
-              "date": datetime.now(timezone.utc).isoformat(timespec="seconds"), "wall_seconds": time.time() - started,
-              "machine": {"cpus": os.cpu_count(), "torch_threads": torch.get_num_threads(),
-                          "loadavg_before": load_before, "loadavg_after": os.getloadavg()}}
-    atomic_write_bytes(args.out, (json.dumps(record, indent=2) + "\n").encode())
-    print(f"wrote {args.out} ({record['wall_seconds']:.0f} s)")
+    write_record(args.out, {"model": args.model, "test_items": args.test_items, "rows": rows}, started, load_before)
     return 0
 
 
