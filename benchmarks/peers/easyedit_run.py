@@ -63,6 +63,8 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results" / "easyedit_peer.json")
     ap.add_argument("--work-dir", type=Path, default=None, help="model copy, requests, caches (default: a temp dir)")
     ap.add_argument("--easyedit-python", type=Path, default=EASYEDIT_PYTHON)
+    ap.add_argument("--reuse", action="store_true",
+                    help="take a (method, framework) result already in --work-dir instead of running it again")
     args = ap.parse_args(argv)
     methods = [m for m in args.methods.split(",") if m]
     if not args.easyedit_python.exists():
@@ -72,12 +74,17 @@ def main(argv: list[str] | None = None) -> dict:
     started = time.time()
     load_start = os.getloadavg()
 
-    prepared = prepare(work, args.n, methods)
+    prepared = prepare(work, args.n, methods)  # the same files again for the same arguments
     runs: dict[str, dict[str, dict]] = {}
     for k, method in enumerate(methods):
         order = ("lifelong", "easyedit") if k % 2 == 0 else ("easyedit", "lifelong")
         runs[method] = {}
         for framework in order:
+            done = work / f"{method}-{framework}.json"
+            if args.reuse and done.exists():
+                print(f"[{method}] {framework}: reusing {done}", flush=True)
+                runs[method][framework] = json.loads(done.read_text()) | {"reused_from": str(done)}
+                continue
             print(f"[{method}] {framework} ...", flush=True)
             runs[method][framework] = run_side(framework, method, work, args.easyedit_python)
     comparison = {m: compare(runs[m]) for m in methods}

@@ -22,6 +22,9 @@ config has 5e-4; its current Llama configs turn the constraint off: give <= 0).
 Deviations: only the weight trains (EasyEdit's GPT-2 name match also catches `c_proj.bias`). `apply`
 edits one request; `apply_batch` trains on several at once (EasyEdit's `batch_size`; the loss is the
 mean over requests of each one's loss), the ball around the weights before the batch.
+
+Two speed-ups that change no number: the decoder blocks below the edited one run once per edit (their
+input and weights are the same in every pass), and the output layer runs only at the last prompt position.
 """
 
 from __future__ import annotations
@@ -32,6 +35,7 @@ import torch
 
 from lifelong.data.edit_requests import EditRequest
 from lifelong.edit.base import Editor
+from lifelong.edit.wise import replay_lower_layers
 from lifelong.families.lm import ffn_out, frozen, resolve_layer
 
 
@@ -50,12 +54,22 @@ def prompt_last_nll(model, input_ids: torch.Tensor, targets: torch.Tensor,
     """-(1/k) sum_j log p(t_j | prompt): every target token scored at the prompt's last position.
     One prompt: input_ids (1, P), targets (k,). A batch: input_ids and attention_mask (B, P) right-padded,
     last (B,) each prompt's last position, targets (N,) all target tokens and target_rows (N,) the row of
-    each; the loss is then the mean over prompts of each one's mean."""
-    if last is None:
-        logits = model(input_ids=input_ids).logits[0, -1].float()   # (V,) the next-token logits after the prompt
-        return -torch.log_softmax(logits, dim=-1)[targets].mean()
+    each; the loss is then the mean over prompts of each one's mean. The output layer (49k-way on SmolLM2)
+    runs only at the last positions: the loss reads no other logits."""
     rows = torch.arange(len(input_ids), device=input_ids.device)
-    logits = model(input_ids=input_ids, attention_mask=attention_mask).logits[rows, last].float()  # (B, V)
+    if last is None:
+        last = torch.full_like(rows, input_ids.shape[1] - 1)
+
+    def keep_last(_module, args):
+        return (args[0][rows, last],)                                   # (B, P, D) -> (B, D)
+
+    hook = model.get_output_embeddings().register_forward_pre_hook(keep_last)
+    try:
+        logits = model(input_ids=input_ids, attention_mask=attention_mask).logits.float()  # (B, V) next-token logits
+    finally:
+        hook.remove()
+    if target_rows is None:
+        return -torch.log_softmax(logits[0], dim=-1)[targets].mean()
     token_lp = torch.log_softmax(logits, dim=-1)[target_rows, targets]                       # (N,)
     per_row = token_lp.new_zeros(len(rows)).index_add(0, target_rows, token_lp) / torch.bincount(target_rows)
     return -per_row.mean()
@@ -108,7 +122,9 @@ class FTL(Editor):
         start = self.weight.detach().clone()                         # W_s: this edit's ball is around it
         opt = torch.optim.Adam([self.weight], lr=p.lr)
         steps = 0
-        with frozen(self.model):  # every other parameter frozen, flags restored after
+        # every other parameter frozen (flags restored after); the blocks below the edited one see the same
+        # prompts in every pass and do not change, so they run once (`replay_lower_layers`)
+        with frozen(self.model), replay_lower_layers(self.model, self.layer):
             self.weight.requires_grad_(True)
             try:
                 with torch.no_grad():
