@@ -14,7 +14,8 @@ EWC, LwF, replay), their hyperparameters and the seeds. This driver
    to the next, so that a change in machine load hits both;
 3. checks that both sides saw the same data (fingerprints) and the same initial model (logits on 8 test
    images), computes the metrics of every accuracy matrix with lifelong.metrics.continual, and writes
-   benchmarks/results/peers.json (command, machine, versions, settings, every run, the comparison).
+   benchmarks/results/peers.json (command, machine, versions, settings, every run, the comparison:
+   per row, each side's medians over the seeds and the per-seed speed-ups as median, min and max).
 
 Times: `wall` is the whole process (interpreter start, imports, everything); `experiment` starts after
 the imports (torch, the framework) and covers loading the data, preprocessing (lifelong: the frozen stem's
