@@ -403,12 +403,17 @@ def train_task(model, method, data: TaskData, train_cfg: TrainConfig, *, seed: i
     optimizer = torch.optim.AdamW(params, lr=train_cfg.lr, weight_decay=train_cfg.weight_decay, fused=True)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, cosine_with_warmup(train_cfg.warmup_steps, train_cfg.steps_per_task))
     # One process: `step_loss` is the method's loss as is. Several (accelerate launch): it is wrapped in
-    # DistributedDataParallel, which all-reduces (averages) the gradients in backward. The optimizer and the
-    # scheduler stay plain torch objects: Accelerate's wrappers add nothing this loop uses (no gradient
-    # accumulation, no loss scaler, split batches: one scheduler step per step), but its optimizer's step
-    # searches sys.path for the `lomo_optim` package twice per call and its zero_grad inspects a signature,
-    # which cost a fifth of a small MLP's step on a CPU (benchmarks/peers).
-    step_loss = accelerator.prepare(MethodLoss(model, method, data))
+    # DistributedDataParallel, which all-reduces (averages) the gradients in backward. Without mixed precision
+    # the optimizer and the scheduler stay plain torch objects: Accelerate's wrappers then add nothing this loop
+    # uses (no gradient accumulation, no loss scaler, split batches: one scheduler step per step), but its
+    # optimizer's step searches sys.path for the `lomo_optim` package twice per call and its zero_grad inspects a
+    # signature, which cost a fifth of a small MLP's step on a CPU (benchmarks/peers). With mixed precision
+    # (`accelerate launch --mixed_precision fp16`) they are wrapped: the fp16 loss scaler's unscale and skip live
+    # in Accelerate's optimizer.
+    if accelerator.mixed_precision == "no":
+        step_loss = accelerator.prepare(MethodLoss(model, method, data))
+    else:
+        step_loss, optimizer, scheduler = accelerator.prepare(MethodLoss(model, method, data), optimizer, scheduler)
     order = batch_order(len(data.inputs), train_cfg.batch_size, train_cfg.steps_per_task, seed=seed)
     rank, world = accelerator.process_index, accelerator.num_processes
     losses = saved.restore(model, method, optimizer, scheduler) if saved is not None else []
