@@ -23,7 +23,7 @@ import torch
 from tqdm.auto import tqdm
 
 from lifelong.data.edit_requests import EditRequest
-from lifelong.edit import build_editor, check_batch
+from lifelong.edit import build_editor
 from lifelong.edit.requests import build_requests
 from lifelong.loop import finish_trackers, make_accelerator, tracker_scalars
 from lifelong.metrics.cost import PeakMemory
@@ -68,8 +68,7 @@ def apply_all(editor, requests: list[EditRequest], desc: str = "", budget_s: flo
     """Apply `requests` in order (`batch`: in one `apply_batch`, for editors with batch editing); returns the
     edit time (s) and the peak RSS (MiB) over the edits. Raises OverBudget once the edits have taken more than
     `budget_s` seconds."""
-    if batch:
-        check_batch(editor.name)
+    if batch:  # (an editor without batch editing raises in apply_batch; the CLI and API refuse it before loading)
         with PeakMemory() as memory:
             t0 = time.perf_counter()
             stats = editor.apply_batch(requests)
