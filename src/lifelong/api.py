@@ -240,7 +240,7 @@ def erase(root: str | Path, concept: str, method: str = "esd-x", *, anchor: str 
     """One erase change of the diffusion ledger `root`: `method` (esd-x, esd-u, ac, uce) makes prompts naming
     `concept` stop producing it; returns the change's id. `anchor`: what the concept should give instead
     (default: a generic phrase of its kind; ESD ignores it); `preserve`: prompts UCE keeps (default: the
-    other concepts of its kind); `judge=False` erases a concept the judge does not know; `nsfw=True` judges the
+    other concepts of its kind and the instance prompts of the personal concepts in effect); `judge=False` erases a concept the judge does not know; `nsfw=True` judges the
     erasure by the NSFW classifier (nudity on a Stable Diffusion model: the ledger's `nsfw` probe)."""
     return erasures.erase(root, concept, method, anchor=anchor, preserve=tuple(preserve) if preserve is not None else None,
                           knobs=knobs, seed=seed, judge=judge, nsfw=nsfw)

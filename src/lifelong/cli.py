@@ -624,7 +624,8 @@ def add_generate_command(sub) -> None:
     erase.add_argument("--anchor", help="what the concept should give instead (ac, uce; default: a generic phrase of "
                        "its kind, e.g. 'a piece of clothing'; uce without it: the empty prompt)")
     erase.add_argument("--preserve", action="append", metavar="PROMPT", help="a prompt whose output must stay (uce; "
-                       "repeatable; default: the other concepts of the same kind)")
+                       "repeatable; default: the other concepts of the same kind and the instance prompt of every personal concept "
+                       "in effect, e.g. 'a <my-shoe> shoe')")
     erase.add_argument("--seed", type=int, default=0)
     erase.add_argument("--no-judge", action="store_true", help="erase a concept the judge does not know (its own rate "
                        "is then not measured; the other probes and the judge-FD are)")
