@@ -17,7 +17,9 @@ The same modules also learn two questions about data.captioned's rendered capita
 styles and 4 inks, 32 px, dark ink on white): "What colour is the letter?" (black, red, green, blue) and "Which letter
 is this?", both asked about each of the same `--train-per-source` training renders and `--test-per-source` test
 renders (captioned's test split: other draws of size, rotation and offset), so only the question tells which answer
-is wanted. Training batches mix the three question types; each type is scored on its own test questions.
+is wanted. And "How many digits are there?" about as many scenes of 1 to 4 real MNIST digits on a 2 x 2 grid
+(adapt.seeing.counting_pool; "one" to "four"). Training batches mix the four question types; each type is scored on
+its own test questions.
 
 Beside them, on the same test images, per question type: the untouched LM (the same question, no image: what it
 says without seeing), CLIP-style zero-shot of the embedded dual encoder over the type's answers (its
@@ -99,7 +101,11 @@ def pick(values, idx: list[int]) -> list:
 
 
 # what CLIP's zero-shot calls each question type's answers: its templates then read "a photo of a red letter."
-ZERO_SHOT_NAMES = {"what": "{}", "colour": "{} letter", "letter": "letter {}"}
+ZERO_SHOT_NAMES = {"what": "{}", "colour": "{} letter", "letter": "letter {}", "count": "{} digits"}
+
+
+def zero_shot_name(kind: str, answer: str) -> str:
+    return "one digit" if (kind, answer) == ("count", "one") else ZERO_SHOT_NAMES[kind].format(answer)
 
 
 def clip_baselines(vlm, train, test, train_pooled, test_pooled) -> dict:
@@ -113,7 +119,7 @@ def clip_baselines(vlm, train, test, train_pooled, test_pooled) -> dict:
         names = test.choices[kind]
         truth, sources = pick(test.answers, te), pick(test.sources, te)
         with torch.no_grad():
-            class_emb = vlm.class_embeddings([ZERO_SHOT_NAMES[kind].format(n) for n in names])
+            class_emb = vlm.class_embeddings([zero_shot_name(kind, n) for n in names])
             # the pooled feature is the trunk's output: the dual encoder's image embedding is its projection
             image_emb = torch.nn.functional.normalize(vlm.image_projection(test_pooled[te]), dim=-1)
             zero_shot = [names[i] for i in (image_emb @ class_emb.T).argmax(1).tolist()]
@@ -126,7 +132,7 @@ def clip_baselines(vlm, train, test, train_pooled, test_pooled) -> dict:
             s: float(np.mean([p == a for p, a, t in zip(pred, truth, sources) if t == s]))
             for s in dict.fromkeys(sources)}
         out[kind] = {"zero_shot": {"accuracy": acc(zero_shot), "per_source": by_source(zero_shot),
-                                   "class_names": [ZERO_SHOT_NAMES[kind].format(n) for n in names]},
+                                   "class_names": [zero_shot_name(kind, n) for n in names]},
                      "linear_probe": {"accuracy": acc(probed), "per_source": by_source(probed)}}
     # the top level keeps the "what is shown" questions' numbers, as before the letter questions came
     return {"zero_shot": out["what"]["zero_shot"] | {"templates": list(vlm.templates)},

@@ -247,7 +247,7 @@ def test_letter_questions_are_about_real_renders(monkeypatch):
     different answers, and no test image among the training ones."""
     monkeypatch.setitem(captioned.LETTER_RENDERS, "train", 2)
     monkeypatch.setitem(captioned.LETTER_RENDERS, "test", 1)
-    train, test = (image_questions(split, 96, sources=()) for split in ("train", "test"))
+    train, test = (image_questions(split, 96, sources=(), counting=False) for split in ("train", "test"))
     for task in (train, test):
         assert set(task.kinds) == {"colour", "letter"} and set(task.sources) == {"letters"}
         assert task.choices == {"colour": tuple(captioned.INK_COLOURS), "letter": captioned.LETTERS}
@@ -277,3 +277,28 @@ def test_the_letter_a_is_not_an_article():
     """SQuAD's normalisation drops "A" as an article, so an empty answer would match it: compared unnormalised."""
     assert score_answers(["A", "", "a", "The A.", "B.", "the red"], ["A", "A", "A", "A", "B", "red"]) == {
         "exact_match": 3 / 6, "contains": 4 / 6}
+
+
+def test_counting_scenes_hold_as_many_real_digits_as_their_answer():
+    """Each scene's answer is the number of its 2 x 2 cells that hold ink, the counts are balanced, the digits are
+    MNIST's of the same split, and the test scenes are other draws than the training ones."""
+    from lifelong.adapt.seeing import NUMBER_WORDS, counting_pool
+    from lifelong.data.sources import load_source
+
+    train, _ = counting_pool("train", 16)
+    scenes, answers = counting_pool("test", 16)
+    assert scenes.shape == (16, 56, 56, 3) and set(answers) == set(NUMBER_WORDS)
+    assert all(answers.count(w) == 4 for w in NUMBER_WORDS)
+    digits = {d.tobytes() for d in load_source("mnist", "test", invert=True).images}
+    for scene, answer in zip(scenes, answers):
+        cells = [scene[r:r + 28, c:c + 28] for r in (0, 28) for c in (0, 28)]
+        inked = [cell for cell in cells if cell.min() < 128]
+        assert len(inked) == NUMBER_WORDS.index(answer) + 1
+        assert all(cell.tobytes() in digits for cell in inked)  # a real test digit, pasted whole
+        assert all((cell == 255).all() for cell in cells if cell.min() >= 128)  # the rest blank
+    assert not {s.tobytes() for s in scenes} & {s.tobytes() for s in train}
+    again, _ = counting_pool("test", 16)
+    assert np.array_equal(again, scenes)  # seeded
+    task = image_questions("test", 8, sources=(), letter_questions=())
+    assert set(task.kinds) == {"count"} and task.choices == {"count": NUMBER_WORDS}
+    assert task.questions[0] == "How many digits are there?"

@@ -20,7 +20,10 @@ project's streams feed the ImageNet tower), and the animals of Debian's openclip
 insect, dinosaur); each source's fixed train/test split (data.sources). And about data.captioned's rendered capital
 letters (A B C E G K R S in 6 type styles and 4 inks; its training and test renders are different draws): "What colour
 is the letter?" (the ink: black, red, green, blue) and "Which letter is this?", both about the same images, so the
-question alone decides which answer. One module learns every question type, its batches mixing them.
+question alone decides which answer. And "How many digits are there?" about 1 to 4 real MNIST digits of the split,
+pasted into random cells of a 2 x 2 grid on white (`counting_pool`: no source here has countable objects of its own,
+so the scenes are composed; the digits are real, the answer is "one" to "four"). One module learns every question
+type, its batches mixing them.
 
 The loss is the mean NLL of the answer tokens (the answer, then the end-of-sequence token; the prompt's tokens
 masked), with the LM's output layer applied only at the positions that predict an answer token (the same loss,
@@ -73,12 +76,14 @@ KINDS = ("multimodal-adapter", "bridge")
 DEFAULT_LR = {"multimodal-adapter": 9e-3, "bridge": 2e-3}  # LLaMA-Adapter's lr; the bridge's chosen for short runs
 # question type -> the question: "what" about every source's images, "colour" and "letter" about the rendered letters
 QUESTIONS = {"what": "What is shown in this image?", "colour": "What colour is the letter?",
-             "letter": "Which letter is this?"}
+             "letter": "Which letter is this?", "count": "How many digits are there?"}
 QUESTION = QUESTIONS["what"]
 PLAIN = "Question: {}\nAnswer:"  # the prompt without the chat template (short: a CPU step costs per token)
 # (source, options): the images `image_questions` asks "what" about by default
 SOURCES = (("fashion-mnist", {"invert": True}), ("mnist", {"invert": True}), ("openclipart", {"group": "animals"}))
 LETTER_QUESTIONS = ("colour", "letter")  # what `image_questions` asks about each rendered letter by default
+NUMBER_WORDS = ("one", "two", "three", "four")  # the counting question's answers: 1-4 digits on a 2 x 2 grid
+SPLIT_SEEDS = {"train": 0, "test": 1}  # the counting scenes' draws differ between splits
 FORMAT = "lifelong-vision-module/1"  # the metadata tag of a saved module
 
 
@@ -118,13 +123,31 @@ class ImageQuestions:
         return [i for i, k in enumerate(self.kinds) if k == kind]
 
 
+def counting_pool(split: str, n: int, seed: int = 0) -> tuple[np.ndarray, tuple[str, ...]]:
+    """n scenes of 1 to 4 real MNIST digits of `split` (dark on white) in random cells of a 2 x 2 grid of 28-px
+    cells, (n, 56, 56, 3) uint8, and their counts in words; the counts cycle 1, 2, 3, 4 (balanced), the cells and
+    digits drawn by a generator seeded with `seed` and the split (a test scene never reuses a training digit: the
+    splits are disjoint)."""
+    digits = load_source("mnist", split, invert=True).images  # (N, 28, 28, 3), white background
+    rng = np.random.default_rng([seed, SPLIT_SEEDS[split]])
+    cell = digits.shape[1]
+    scenes = np.full((n, 2 * cell, 2 * cell, 3), 255, dtype=np.uint8)
+    counts = [i % len(NUMBER_WORDS) + 1 for i in range(n)]
+    for scene, k in zip(scenes, counts):
+        for where, which in zip(rng.choice(4, k, replace=False), rng.choice(len(digits), k, replace=False)):
+            row, col = divmod(int(where), 2)
+            scene[row * cell:(row + 1) * cell, col * cell:(col + 1) * cell] = digits[which]
+    return scenes, tuple(NUMBER_WORDS[k - 1] for k in counts)
+
+
 def image_questions(split: str, items_per_source: int | None = None, seed: int = 0,
                     sources: tuple[tuple[str, dict], ...] = SOURCES,
-                    letter_questions: tuple[str, ...] = LETTER_QUESTIONS) -> ImageQuestions:
+                    letter_questions: tuple[str, ...] = LETTER_QUESTIONS, counting: bool = True) -> ImageQuestions:
     """The fixed `split` of every source, each subsampled to `items_per_source` images keeping class proportions,
     asked "what is shown"; then, when `letter_questions` names any, as many of data.captioned's letter renders of
     `split` (8 letters x 6 type styles x 4 inks; the test renders are other draws than the training ones), each
-    asked every question of `letter_questions` ("colour": the ink's name, "letter": the letter)."""
+    asked every question of `letter_questions` ("colour": the ink's name, "letter": the letter); then, with
+    `counting`, as many scenes of `counting_pool` asked "how many digits" (120 when `items_per_source` is None)."""
     unknown = [k for k in letter_questions if k not in ("colour", "letter")]
     if unknown:
         raise ConfigError(f"letter questions {unknown} are not 'colour' or 'letter'")
@@ -148,6 +171,15 @@ def image_questions(split: str, items_per_source: int | None = None, seed: int =
             answers += [concepts[i].attribute(kind) for i in ids[keep]]
             choices[kind] = tuple(dict.fromkeys(c.attribute(kind) for c in concepts))
             origin += ["letters"] * len(keep)
+    if counting:
+        scenes, counts = counting_pool(split, items_per_source or 120, seed)
+        first = sum(map(len, parts))
+        parts.append(scenes)
+        images += range(first, first + len(scenes))
+        kinds += ["count"] * len(scenes)
+        answers += counts
+        choices["count"] = NUMBER_WORDS
+        origin += ["counting"] * len(scenes)
     return ImageQuestions(tuple(parts), tuple(images), tuple(kinds), tuple(answers), tuple(origin), choices)
 
 
