@@ -19,6 +19,12 @@ without one), never a Python loop over samples.
 
 Deviations: F is estimated on `fisher_samples` (256) training images drawn with a seed per task, not the
 whole training set. Avalanche's penalty has no 1/2: its `ewc_lambda` is reg_weight / 2 here.
+
+Convention, against Avalanche (`EWCPlugin.compute_importances`): Avalanche squares the gradient of each
+mini-batch's mean loss on the true labels and averages those over the batches, so its F is the empirical Fisher
+of batch means, about 1/B of the per-sample one for gradients that do not agree (B the batch size), and its
+penalty is correspondingly weaker at the same lambda. Here F is per sample, as the paper defines it. Measured in
+benchmarks/peers (EfficientNet, the same lambda): EWC ends 5.3 points more accurate than Avalanche's.
 """
 
 from __future__ import annotations
