@@ -30,10 +30,14 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from cpu_efficiency import demo_step  # noqa: E402  (benchmarks/ is not a package)
 from loop_overhead import machine  # noqa: E402
 
-from lifelong.loop import batch_order  # noqa: E402
 from lifelong.atomic import atomic_write_json  # noqa: E402
-from lifelong.runtime import versions  # noqa: E402
-from lifelong.runtime import M_MMAP_THRESHOLD, M_TOP_PAD, M_TRIM_THRESHOLD  # noqa: E402
+from lifelong.loop import batch_order  # noqa: E402
+from lifelong.runtime import (  # noqa: E402
+    M_MMAP_THRESHOLD,
+    M_TOP_PAD,
+    M_TRIM_THRESHOLD,
+    versions,  # noqa: E402
+)
 
 RESULTS = Path(__file__).resolve().parent / "results"
 SETTINGS = {"off": (128 << 10, 128 << 10, 128 << 10), "on": (1 << 30, 1 << 30, 256 << 20)}  # mmap, trim, top pad

@@ -52,20 +52,23 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from loop_overhead import machine, median_ci, quartiles  # noqa: E402  (the sibling benchmark's helpers)
 
+from lifelong.atomic import atomic_write_json  # noqa: E402
 from lifelong.config import MethodConfig, to_dict  # noqa: E402
-from lifelong.learn.driver import load_run_config  # noqa: E402
 from lifelong.data.reference import reference_texts  # noqa: E402
 from lifelong.data.streams import PRESETS, build_stream  # noqa: E402
 from lifelong.errors import ConfigError, LifelongError  # noqa: E402
+from lifelong.families import prepare_trainable  # noqa: E402
 from lifelong.families.vlm import build_vlm  # noqa: E402
 from lifelong.learn import build_method  # noqa: E402
 from lifelong.learn.common import TaskData  # noqa: E402
+from lifelong.learn.driver import load_run_config  # noqa: E402
 from lifelong.learn.finetune import Finetune  # noqa: E402
-from lifelong.loop import batch_order, targets_in  # noqa: E402
+from lifelong.loop import (  # noqa: E402
+    batch_order,
+    compute_stem_features,  # noqa: E402
+    targets_in,
+)
 from lifelong.metrics.cost import count_parameters  # noqa: E402
-from lifelong.atomic import atomic_write_json  # noqa: E402
-from lifelong.loop import compute_stem_features  # noqa: E402
-from lifelong.families import prepare_trainable  # noqa: E402
 from lifelong.runtime import versions  # noqa: E402
 
 TARGET = 3.0  # per-step teacher / cached teacher, per training step

@@ -43,17 +43,22 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from loop_overhead import machine, one_task_stream  # noqa: E402  (benchmarks/ is not a package)
 
+from lifelong.atomic import atomic_write_json  # noqa: E402
 from lifelong.config import to_dict  # noqa: E402
-from lifelong.learn.driver import load_run_config  # noqa: E402
+from lifelong.families import prepare_trainable  # noqa: E402
 from lifelong.families.vlm import build_vlm  # noqa: E402
 from lifelong.learn import build_method  # noqa: E402
 from lifelong.learn.common import TaskData  # noqa: E402
-from lifelong.loop import batch_order, targets_in  # noqa: E402
-from lifelong.atomic import atomic_write_json  # noqa: E402
-from lifelong.loop import compute_stem_features  # noqa: E402
-from lifelong.families import prepare_trainable  # noqa: E402
-from lifelong.runtime import versions  # noqa: E402
-from lifelong.runtime import tune_allocator  # noqa: E402
+from lifelong.learn.driver import load_run_config  # noqa: E402
+from lifelong.loop import (  # noqa: E402
+    batch_order,
+    compute_stem_features,  # noqa: E402
+    targets_in,
+)
+from lifelong.runtime import (
+    tune_allocator,  # noqa: E402
+    versions,  # noqa: E402
+)
 
 RESULTS = Path(__file__).resolve().parent / "results"
 

@@ -47,18 +47,17 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
+from lifelong.atomic import atomic_write_json
 from lifelong.config import RunConfig, to_dict
-from lifelong.learn.driver import load_run_config
 from lifelong.data.base import Stream
 from lifelong.data.streams import PRESETS, build_stream
 from lifelong.errors import ConfigError, LifelongError
+from lifelong.families import prepare_trainable
 from lifelong.families.vlm import build_vlm
 from lifelong.learn import build_method
-from lifelong.loop import run_stream, targets_in
+from lifelong.learn.driver import load_run_config
+from lifelong.loop import compute_stem_features, run_stream, targets_in
 from lifelong.metrics.cost import count_parameters
-from lifelong.atomic import atomic_write_json
-from lifelong.loop import compute_stem_features
-from lifelong.families import prepare_trainable
 from lifelong.runtime import versions
 
 TARGET = 1.10  # loop / bare, per step

@@ -169,10 +169,10 @@ def main(argv: list[str] | None = None) -> int:
     if args.start < TRAIN_START:
         ap.error(f"--start {args.start} overlaps MEND's training requests (the first {TRAIN_START} of train)")
 
+    from lifelong.atomic import atomic_write_json
     from lifelong.edit.wise import IRRELEVANT_TEXTS
     from lifelong.families.lm import build_lm
     from lifelong.metrics.editing import cached_base_predictions, score_targets
-    from lifelong.atomic import atomic_write_json
 
     cells = json.loads(args.cells)
     out = Path(args.out)

@@ -28,6 +28,7 @@ import torch.nn.functional as F  # noqa: E402
 import yaml  # noqa: E402
 from torch import nn  # noqa: E402
 
+
 def pixels(images: np.ndarray, resolution: int, grayscale: bool) -> torch.Tensor:
     """lifelong's classifier preprocessing (families/classifier.py), written out: luminance or RGB,
     bilinear resize (align_corners=False), (x - 127) / 128."""

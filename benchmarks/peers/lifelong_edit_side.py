@@ -67,10 +67,10 @@ def main() -> None:
 
 def run(args) -> dict:
     t0 = time.perf_counter()
+    import edit_scores
     import torch
     import yaml
 
-    import edit_scores
     from lifelong.data.edit_requests import EditRequest
     from lifelong.edit.ft_l import FTL
     from lifelong.edit.memit import MEMIT

@@ -26,13 +26,17 @@ import numpy as np  # noqa: E402
 import torch  # noqa: E402
 import yaml  # noqa: E402
 
-from lifelong.learn.driver import load_run_config  # noqa: E402
 from lifelong.data.base import ImageDataset, Stream, Task  # noqa: E402
-from lifelong.learn import build_method  # noqa: E402
-from lifelong.loop import run_stream  # noqa: E402
-from lifelong.learn.driver import build_model  # noqa: E402
-from lifelong.loop import compute_stem_features  # noqa: E402
 from lifelong.families import prepare_trainable  # noqa: E402
+from lifelong.learn import build_method  # noqa: E402
+from lifelong.learn.driver import (
+    build_model,  # noqa: E402
+    load_run_config,  # noqa: E402
+)
+from lifelong.loop import (
+    compute_stem_features,  # noqa: E402
+    run_stream,  # noqa: E402
+)
 
 # Each shared setting in lifelong's terms. Avalanche's EWC adds lambda * sum F (theta - theta*)^2 (no 1/2)
 # and its LwF alpha * KL at temperature T (no T^2), where lifelong's add (reg_weight / 2) * ... and
