@@ -259,6 +259,36 @@ def test_ft_m_respects_the_norm_constraint(tiny):
     assert 0.009 < change <= 0.01 + 1e-7
 
 
+@pytest.mark.parametrize("arch", ARCHS)
+def test_ft_m_speedups_change_no_number(tiny, arch):
+    """FT-M's edit with the lower blocks replayed and the output layer at the target positions only equals the
+    plain loop (every block, every logit) on the same batch."""
+    from lifelong.edit.base import fit_target
+    from lifelong.families.lm import ffn_out
+
+    model, tok = tiny(arch)
+    plain = copy.deepcopy(model)
+    editor = make("ft_m", model, tok, arch, norm_constraint=0.5)
+    requests = [EDIT, EditRequest(prompt="Yes I think that " + EDIT2.prompt, target_new=" euro and yen", subject="India")]
+    stats = editor.apply_batch(requests)
+    p, w = editor.params, ffn_out(plain, editor.layer).weight
+    w0 = w.detach().clone()
+    batch = target_batch(tok, [r.prompt for r in requests], [r.target_new for r in requests], w.device)
+    for q in plain.parameters():
+        q.requires_grad_(q is w)
+
+    def project():
+        with torch.no_grad():
+            w.copy_(torch.clamp(w, w0 - p.norm_constraint, w0 + p.norm_constraint))
+
+    steps = fit_target(plain, batch, [w], lr=p.lr, steps=p.steps, stop_loss=p.stop_loss, after_step=project)
+    assert stats["steps"] == steps > 0
+    torch.testing.assert_close(ffn_out(model, editor.layer).weight, w, atol=1e-5, rtol=1e-4)
+    with torch.no_grad():
+        assert stats["loss_after"] == pytest.approx(target_nll(plain, batch).item(), abs=1e-4)
+    assert all(q.requires_grad for q in model.parameters())  # every flag back
+
+
 def test_ft_l_ball_is_around_the_weights_before_each_edit(tiny):
     """EasyEdit's clamp: each edit stays within eps of the weights it started from, so two edits may
     move a weight up to 2 eps from f_0."""

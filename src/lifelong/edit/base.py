@@ -91,13 +91,13 @@ class Editor:
 
 
 def fit_target(model, batch: dict[str, torch.Tensor], params: list[torch.Tensor], *, lr: float, steps: int,
-               stop_loss: float, after_step=None) -> int:
-    """Adam on `params` to lower the target NLL of `batch`: at most `steps` updates, stopping as soon as
-    the loss is below `stop_loss`; `after_step()` runs after every update (e.g. a projection back into
-    a norm ball). Returns the number of updates made."""
+               stop_loss: float, after_step=None, loss_fn=target_nll) -> int:
+    """Adam on `params` to lower the target NLL of `batch` (`loss_fn(model, batch)`): at most `steps` updates,
+    stopping as soon as the loss is below `stop_loss`; `after_step()` runs after every update (e.g. a
+    projection back into a norm ball). Returns the number of updates made."""
     opt = torch.optim.Adam(params, lr=lr)
     for step in range(steps):
-        loss = target_nll(model, batch)
+        loss = loss_fn(model, batch)
         if loss.item() < stop_loss:
             return step  # this pass only measured
         opt.zero_grad(set_to_none=True)
