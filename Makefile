@@ -5,7 +5,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test test-all setup system-data heads bench results results-long clean
+.PHONY: demo test test-all setup system-data heads bench results results-long results-refset clean
 
 demo: $(STAMP) system-data
 	$(BIN)/lifelong demo
@@ -52,6 +52,10 @@ results: $(STAMP) system-data
 # The longer stream (10 tasks: mtil-mini + 5 openclipart groups), one order (configs/mtil_long.yaml).
 results-long: $(STAMP) system-data
 	$(BIN)/lifelong run configs/mtil_long.yaml
+
+# ZSCL and Select-and-Distill on the photo crops alone, against make results' photos+openclipart rows.
+results-refset: $(STAMP) system-data
+	$(BIN)/lifelong run configs/mtil_refset.yaml
 
 clean:
 	rm -rf $(VENV) runs .pytest_cache
