@@ -29,3 +29,30 @@ def test_a_rerun_keeps_finished_rows_and_retrains_what_changed(tmp_path, monkeyp
     trained.clear()  # another step count is another measurement: nothing is kept
     run_experiment(load_run_config(None, [*TINY, f"output_dir={tmp_path}", "name=r", "train.steps_per_task=2"]))
     assert len(trained) == 2
+
+
+def test_finished_writes_the_measured_methods_and_trains_nothing(tmp_path, monkeypatch, capsys):
+    """`lifelong run CONFIG --finished`: the results of the methods whose every order is measured, nothing
+    trained, the rest named; with none measured, one message and exit 2."""
+    from lifelong.cli import main
+
+    config = [*TINY, f"output_dir={tmp_path}", "name=r", "orders=2"]
+    out = run_experiment(load_run_config(None, config))
+    full = json.loads((out / "results.json").read_text())["methods"]
+    (out / "rows" / "lwf" / "order_2.json").unlink()  # stopped during lwf's second order
+
+    def no_training(*args, **kwargs):
+        raise AssertionError("--finished trained a row")
+
+    monkeypatch.setattr(driver, "run_stream", no_training)
+    cfg = tmp_path / "r.yaml"
+    cfg.write_text(f"name: r\noutput_dir: {tmp_path}\norders: 2\n")
+    assert main(["run", str(cfg), *TINY, "--finished"]) == 0
+    printed = capsys.readouterr().out
+    assert "not in the results" in printed and "lwf" in printed.split("not in the results")[1]
+    kept = json.loads((out / "results.json").read_text())["methods"]
+    assert list(kept) == ["finetune"] and kept["finetune"]["per_order"] == full["finetune"]["per_order"]
+    for f in (out / "rows").rglob("*.json"):
+        f.unlink()
+    assert main(["run", str(cfg), *TINY, "--finished"]) == 2
+    assert "has every task order measured" in capsys.readouterr().err

@@ -59,12 +59,17 @@ __all__ = ["EditRequest", "Ledger", "Probe", "adapt", "chat", "edit", "erase", "
            "verify"]
 
 
-def run(config: str | Path | RunConfig | None, overrides: Sequence[str] = (), ledger: str | Path | None = None) -> Path:
+def run(config: str | Path | RunConfig | None, overrides: Sequence[str] = (), ledger: str | Path | None = None,
+        finished: bool = False) -> Path:
     """Train every method of a run config over its stream; returns runs/<name>/ (results.json, report.html, ...).
 
-    With `ledger`, every task of every method is recorded as a change of the ledger `ledger/<method>`."""
+    With `ledger`, every task of every method is recorded as a change of the ledger `ledger/<method>`. With
+    `finished`, nothing trains: the results are written from the rows a stopped run already measured (the methods
+    with every task order finished)."""
     cfg = config if isinstance(config, RunConfig) else load_run_config(config, list(overrides))
-    return run_into_ledgers(cfg, Path(ledger)) if ledger is not None else run_experiment(cfg)
+    if ledger is not None:
+        return run_into_ledgers(cfg, Path(ledger))
+    return run_experiment(cfg, finished_only=finished)
 
 
 def init(root: str | Path, family: str = "vlm", model: str = "embedded", *, probes: Sequence[str | dict] | None = None,

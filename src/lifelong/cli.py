@@ -86,6 +86,8 @@ def main(argv: list[str] | None = None) -> int:
     run.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="e.g. train.lr=1e-4 methods.0.reg_weight=10")
     run.add_argument("--ledger", type=Path, metavar="DIR", help="record every task as a change of the ledger "
                      "DIR/<method> (task-incremental streams); rerun the same command to continue an interrupted run")
+    run.add_argument("--finished", action="store_true", help="train nothing: write the results, table and figures "
+                     "of the methods whose every task order a stopped run already measured (rows/), and list the rest")
 
     demo = sub.add_parser("demo", help="the main job: every method on mtil-mini with the embedded model, one table",
                           description=f"Run the shipped demo config ({CONFIG_DIR / 'demo.yaml'}): finetune, LwF, EWC, WiSE-FT "
@@ -126,7 +128,7 @@ def main(argv: list[str] | None = None) -> int:
         args.overrides = list(args.overrides) + extra
     try:
         if args.command == "run":
-            return cmd_run(args.config, args.overrides, args.ledger)
+            return cmd_run(args.config, args.overrides, args.ledger, args.finished)
         if args.command == "demo":
             return cmd_run(CONFIG_DIR / "demo.yaml", args.overrides)
         if args.command == "report":
@@ -160,8 +162,11 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
-def cmd_run(config_path: Path, overrides: list[str], ledger: Path | None = None) -> int:
-    api.run(config_path, overrides, ledger)
+def cmd_run(config_path: Path, overrides: list[str], ledger: Path | None = None, finished: bool = False) -> int:
+    if finished and ledger is not None:
+        raise ConfigError("--finished reads the rows of a run's output folder; a --ledger run keeps its results in "
+                          "the ledgers (lifelong log DIR/<method>)")
+    api.run(config_path, overrides, ledger, finished=finished)
     return 0
 
 

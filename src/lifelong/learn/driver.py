@@ -50,8 +50,11 @@ def build_model(config: ModelConfig, stream: Stream):
     return model
 
 
-def run_experiment(config: RunConfig) -> Path:
-    """Run every configured method on the stream; write results, tables and figures; return the run dir."""
+def run_experiment(config: RunConfig, finished_only: bool = False) -> Path:
+    """Run every configured method on the stream; write results, tables and figures; return the run dir.
+
+    `finished_only`: train nothing; the results hold the methods whose every task order is already in rows/
+    (same settings and data), and the others are listed as missing."""
     check_run(config)
     check_adapters(config, config.model)
     # Under `accelerate launch` every process trains (DDP) and evaluates its share; one writes and prints.
@@ -65,11 +68,12 @@ def run_experiment(config: RunConfig) -> Path:
 
     streams = ordered_streams(config)
     base = build_model(config.model, streams[0])
-    stems = [compute_stem_features(base, stream, config.train.eval_batch_size) for stream in streams]
+    stems = [None if finished_only else compute_stem_features(base, stream, config.train.eval_batch_size)
+             for stream in streams]
     if main:
         atomic_write_json(out / "data.json", describe_stream(streams[0]))
 
-    runs = []
+    runs, missing = [], []
     for mc in config.methods:
         label = mc.display_name
         mconfig = dataclasses.replace(config, train=method_train(config, mc))  # the method's own train overrides
@@ -82,6 +86,9 @@ def run_experiment(config: RunConfig) -> Path:
             row, matrix = finished_row(done_file, settings)
             if row is not None:
                 say(f"   kept from {done_file} (same settings and data; delete it to train again)")
+            elif finished_only:
+                say(f"   not measured yet ({done_file}): {label} is left out of the results")
+                break
             else:
                 model = copy.deepcopy(base)
                 prepare_trainable(model, config.model, mc.adapter or config.adapter, seed=config.seed)
@@ -103,7 +110,15 @@ def run_experiment(config: RunConfig) -> Path:
             matrices.append(matrix)
             say(f"   Avg {row['avg']:.1f}  Last {row['last']:.1f}  max forgetting {row['max_forgetting']:.1f}  "
                   f"ZS degradation {row['zero_shot_degradation']:.1f}  ({row['train_seconds']:.0f} s)")
+        if len(rows) < len(streams):
+            missing.append(label)
+            continue
         runs.append(MethodRun(label, matrices, rows, aggregate(label, rows)))
+    if missing:
+        say(f"\nnot in the results (a task order not measured yet; `lifelong run` without --finished trains them): "
+            f"{', '.join(missing)}")
+    if not runs:
+        raise ConfigError(f"no method of {config.name} has every task order measured in {out / 'rows'} yet")
     if main:
         write_results(out, config, streams, runs, processes=make_accelerator().num_processes)
     return out
