@@ -11,6 +11,7 @@ from __future__ import annotations
 import copy
 import dataclasses
 import time
+from pathlib import Path
 
 import pytest
 import torch
@@ -30,12 +31,18 @@ The currency of Japan is the yen. The currency of France is the euro. The curren
 Lyon is a city in France. Osaka is a city in Japan. Toronto is located in the country of Canada."""
 
 
-def trained_tiny_llama(steps: int = 60, arch: str = "llama"):
-    """The tiny Llama (or `arch`) after `steps` Adam steps on FACTS (deterministic, a few seconds).
+FIXTURES = Path(__file__).parent / "fixtures"
+
+
+def train_tiny_facts(arch: str = "llama", steps: int = 60):
+    """The tiny Llama (or `arch`) after `steps` Adam steps on FACTS (deterministic on one CPU, a few seconds):
+    how tests/fixtures/make_tiny_facts.py made the shipped weights.
 
     Trained on one thread whatever the machine's setting: at lr 1e-2 the float-summation order of two
     threads gives another model after 60 steps (on the tiny GPT-2, one on which a MEMIT batch edit of
-    "The currency of India is the" -> " yen" fails), so the tests would depend on OMP_NUM_THREADS."""
+    "The currency of India is the" -> " yen" fails). Another CPU's kernels round differently too, and 60
+    steps amplify that into another model (an AVX512 and an AVX2-only CPU gave models on which the same
+    MEMIT settings did and did not hold): hence the shipped weights."""
     model, tok = tiny_lm(arch, seed=0)
     sentences = [s.strip().rstrip(".") + "." for s in FACTS.replace("\n", " ").split(". ") if s.strip()]
     enc = tok(sentences, add_special_tokens=False, padding=True, return_tensors="pt")
@@ -54,6 +61,20 @@ def trained_tiny_llama(steps: int = 60, arch: str = "llama"):
         torch.set_num_threads(threads)
     model.eval()
     model.zero_grad(set_to_none=True)
+    return model, tok
+
+
+def trained_tiny_llama(arch: str = "llama"):
+    """The tiny Llama (or `arch`) trained on FACTS, loaded from tests/fixtures/tiny_facts_<arch>.safetensors so
+    that every machine tests the same weights (train_tiny_facts' docstring says why)."""
+    from safetensors.torch import load_model
+
+    path = FIXTURES / f"tiny_facts_{arch}.safetensors"
+    if not path.is_file():
+        raise FileNotFoundError(f"{path} is missing: `python tests/fixtures/make_tiny_facts.py` writes it")
+    model, tok = tiny_lm(arch, seed=0)
+    load_model(model, str(path))
+    model.eval()
     return model, tok
 
 

@@ -6,7 +6,6 @@ The registry-wide contract (reset, seed, bad input, batch of one = one apply) is
 from __future__ import annotations
 
 import copy
-from pathlib import Path
 
 import pytest
 import torch
@@ -19,28 +18,21 @@ from lifelong.edit.memit import Params as MemitParams
 from lifelong.families.lm import decoder_layers, ffn_out, linear_weight
 
 # As for ROME's tiny test: the subject at the prompt's end (tiny models barely move the subject's
-# representation to the last token), a larger clamp and step size for the tiny FFN outputs.
-MEMIT_TINY = MemitParams(layers=(1, 2), v_lr=1.0, clamp_norm_factor=20.0, cov_tokens=2048, prefix_lengths=(3,),
-                         prefixes_per_length=2, mom2_update_weight=1000.0)
+# representation to the last token), a larger clamp and step size for the tiny FFN outputs. Three relations,
+# not two requests on one template: on the shipped tiny Llama the keys of "The capital of France is" and "The
+# capital of Japan is" at layers 1-2 have cosine 1.000, and no linear update maps one key to two values.
+# The settings were chosen on the shipped weights (tests/fixtures/tiny_facts_*.safetensors); edits hold there
+# for v_lr 1-2 and 60-100 value steps alike.
+MEMIT_TINY = MemitParams(layers=(2, 3), v_lr=1.0, v_steps=60, clamp_norm_factor=20.0, cov_tokens=2048,
+                         prefix_lengths=(3,), prefixes_per_length=2, mom2_update_weight=1000.0)
 REQUESTS = [EditRequest(prompt="The capital of France is", target_new=" Madrid", subject="France is"),
-            EditRequest(prompt="The capital of Japan is", target_new=" Ottawa", subject="Japan is"),
+            EditRequest(prompt="Toronto is located in the country of", target_new=" Japan", subject="country of"),
             EditRequest(prompt="The currency of India is the", target_new=" yen", subject="India is the")]
 # Prompts about no edited subject or answer: in this 12-sentence world most facts touch an edit
-# ("Lyon is a city in" -> France, whose capital is edited; "Toronto is located in the country of" moves
-# toward " Japan" after Japan -> Ottawa).
-# The tiny GPT-2 (60 steps) also moves an out-of-world sentence ("She said that the weather was": KL 7.7,
-# its keys at function words all alike), so it is held to the unrelated fact only.
+# ("Lyon is a city in" -> France, whose capital is edited).
+# The tiny GPT-2 also moves an out-of-world sentence ("She said that the weather was": its keys at function
+# words all alike), so it is held to the unrelated fact only.
 UNRELATED = {"llama": ("Osaka is a city in", "She said that the weather was"), "gpt2": ("Osaka is a city in",)}
-
-
-# The tiny fact-trained LMs come out as other models on another CPU (float rounding of other kernels, amplified by
-# training): the settings below were found on an AVX512 CPU, where these tests pass. On an AVX2-only AMD EPYC
-# (2026-12-07) the trained models differ, and there the batch edit of France -> Madrid does not hold (llama: NLL
-# 6.90 -> 7.41; gpt2: 2.57 -> 1.73, not the argmax) and the three value fits run all 40 steps. Known, not fixed:
-# the fix is to ship the tiny LMs as test fixtures so every machine tests the same weights.
-AVX512 = Path("/proc/cpuinfo").is_file() and "avx512f" in Path("/proc/cpuinfo").read_text()
-TUNED_ON_AVX512 = pytest.mark.xfail(not AVX512, strict=False, reason="tiny fact-trained LMs differ by CPU; "
-                                    "MEMIT_TINY was tuned on an AVX512 CPU (see the comment above)")
 
 
 @pytest.fixture(scope="module", params=("llama", "gpt2"))
@@ -60,7 +52,6 @@ def next_token_logprobs(model, tok, prompts) -> torch.Tensor:
                                               -1) for p in prompts])  # (N, V)
 
 
-@TUNED_ON_AVX512
 def test_memit_batch_edits_hold_unrelated_barely_move_and_reset_is_exact(tiny):
     model, tok, arch = tiny
     unrelated = UNRELATED[arch]
@@ -106,7 +97,6 @@ def test_memit_update_solves_the_covariance_weighted_least_squares(tiny, layers)
         assert torch.linalg.matrix_rank(change).item() <= len(REQUESTS)
 
 
-@TUNED_ON_AVX512
 def test_fit_values_together_equals_one_at_a_time(tiny, monkeypatch):
     """The B deltas optimised in one batch (rows of different lengths, requests that stop at different
     steps) equal those of B separate runs: rows never interact, Adam is elementwise, a stopped request
