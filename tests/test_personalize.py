@@ -28,6 +28,7 @@ TINY_KNOBS = {
     "ti": {"steps": 60, "lr": 5e-2},
     "dreambooth": {"steps": 40, "lr": 1e-3, "class_images": 8, "ddim_steps": 4},
     "dreambooth-lora": {"steps": 40, "lr": 1e-2, "class_images": 8, "ddim_steps": 4},
+    "dreambooth-no-prior": {"steps": 40, "lr": 1e-3},
     "custom-diffusion": {"steps": 40, "lr": 1e-2, "reg_images": 8, "ddim_steps": 4},
     "mix-of-show": {"steps": 30, "lr": 1e-2, "text_lr": 1e-2, "embedding_lr": 5e-2},
 }
@@ -134,7 +135,7 @@ def test_a_method_is_seeded_and_trains_only_what_it_claims(base, request_, metho
         assert torch.equal(after[table][:vocab], before[table]), f"{method} moved existing token embeddings"
         if method == "ti":
             assert resized_table and not moved and not added
-        elif method == "dreambooth":
+        elif method in ("dreambooth", "dreambooth-no-prior"):
             assert not resized_table and moved and all(n.startswith("unet.") for n in moved) and not added
         elif method == "dreambooth-lora":
             assert not resized_table and not moved and added and all("lora_" in n for n in added)
@@ -166,10 +167,11 @@ def test_dreambooths_prior_term_keeps_the_class_apart_from_the_subject(base, req
     noise.)"""
     for seed in (0, 1):
         gap = {}
-        for weight in (0.0, 1.0):
+        for weight, method in ((0.0, "dreambooth-no-prior"), (1.0, "dreambooth")):  # the registered ablation: lambda 0
             model = copy.deepcopy(base)
-            build_personalizer("dreambooth", {**TINY_KNOBS["dreambooth"], "prior_loss_weight": weight}).personalize(
-                model, request_, seed=seed)
+            knobs = {k: v for k, v in TINY_KNOBS["dreambooth"].items() if method == "dreambooth" or k in ("steps", "lr")}
+            stats = build_personalizer(method, knobs).personalize(model, request_, seed=seed)
+            assert ("prior_loss_start" in stats) == (weight > 0)  # no class images drawn, no prior term, without it
             gap[weight] = float((predictions(model, request_.class_prompt) - predictions(model, request_.instance_prompt)).norm())
         assert gap[0.0] < 0.6 * gap[1.0], f"seed {seed}: class-subject gap without the prior term {gap[0.0]:.3f}, with {gap[1.0]:.3f}"
 

@@ -254,9 +254,9 @@ def erase(root: str | Path, concept: str, method: str = "esd-x", *, anchor: str 
 def personalize(root: str | Path, images: str | Path, token: str, class_word: str = "", method: str = "ti", *,
                 knobs: dict | None = None, seed: int = 0, warn=None) -> int:
     """One personalize change of the diffusion ledger `root`: `method` (ti, dreambooth, dreambooth-lora,
-    custom-diffusion, mix-of-show) teaches the model the subject of the images in the folder `images` under `token`
-    ("<my-style>"; `class_word`: its class, e.g. "letter"); returns the change's id. `warn(message)` gets the
-    warnings (an identifier naming a known concept, resized or skipped images)."""
+    dreambooth-no-prior, custom-diffusion, mix-of-show) teaches the model the subject of the images in the folder
+    `images` under `token` ("<my-style>"; `class_word`: its class, e.g. "letter"); returns the change's id.
+    `warn(message)` gets the warnings (an identifier naming a known concept, resized or skipped images)."""
     return personal.personalize(root, images, token, class_word, method, knobs=knobs, seed=seed, warn=warn)
 
 

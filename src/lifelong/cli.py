@@ -702,8 +702,9 @@ def add_personalize_command(sub) -> None:
                    "prompt of dreambooth's prior preservation and custom-diffusion's regularization images)")
     p.add_argument("--method", default="ti", choices=list(PERSONALIZERS), help="ti (default): Textual Inversion, one "
                    "new token embedding; dreambooth: the UNet with prior preservation; dreambooth-lora: the same "
-                   "through LoRA; custom-diffusion: cross-attention K/V and a new token; mix-of-show: ED-LoRA, "
-                   "two new tokens and LoRA on the text encoder and the UNet")
+                   "through LoRA; dreambooth-no-prior: the UNet without it (the paper's ablation); custom-diffusion: "
+                   "cross-attention K/V and a new token; mix-of-show: ED-LoRA, two new tokens and LoRA on the text "
+                   "encoder and the UNet")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="method knobs, e.g. steps=100 lr=1e-3")
 

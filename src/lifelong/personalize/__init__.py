@@ -25,6 +25,8 @@ PERSONALIZERS: dict[str, tuple[str, dict]] = {
     "ti": ("lifelong.personalize.textual_inversion:TextualInversion", {}),
     "dreambooth": ("lifelong.personalize.dreambooth:DreamBooth", {"lora": False}),
     "dreambooth-lora": ("lifelong.personalize.dreambooth:DreamBooth", {"lora": True}),
+    # the paper's ablation: no class images, no prior term (what drifts, Sec. 4.3)
+    "dreambooth-no-prior": ("lifelong.personalize.dreambooth:DreamBooth", {"lora": False, "prior_loss_weight": 0.0}),
     "custom-diffusion": ("lifelong.personalize.custom_diffusion:CustomDiffusion", {}),
     "mix-of-show": ("lifelong.personalize.mix_of_show:MixOfShow", {}),
 }

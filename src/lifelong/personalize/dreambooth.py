@@ -7,7 +7,8 @@ plus class-specific prior preservation on images x_pr the frozen model drew from
     L = E || eps - eps_theta(x_t, t, "a [V] [class]") ||^2  +  lambda E || eps' - eps_theta(x'_t, t', "a [class]") ||^2
 
 The second term keeps what the model draws for the class (against language drift and overfitting);
-`prior_loss_weight` lambda = 0 turns it off.
+`prior_loss_weight` lambda = 0 turns it off (registered as dreambooth-no-prior: the paper's ablation, which
+draws no class images).
 
 Official recipe (diffusers examples/dreambooth/train_dreambooth.py, the reference implementation the
 authors point to; train_dreambooth_lora.py for LoRA): identifier "sks", `num_class_images` 100 (paper:
