@@ -169,8 +169,7 @@ def test_dreambooths_prior_term_keeps_the_class_apart_from_the_subject(base, req
         gap = {}
         for weight, method in ((0.0, "dreambooth-no-prior"), (1.0, "dreambooth")):  # the registered ablation: lambda 0
             model = copy.deepcopy(base)
-            knobs = {k: v for k, v in TINY_KNOBS["dreambooth"].items() if method == "dreambooth" or k in ("steps", "lr")}
-            stats = build_personalizer(method, knobs).personalize(model, request_, seed=seed)
+            stats = build_personalizer(method, TINY_KNOBS[method]).personalize(model, request_, seed=seed)
             assert ("prior_loss_start" in stats) == (weight > 0)  # no class images drawn, no prior term, without it
             gap[weight] = float((predictions(model, request_.class_prompt) - predictions(model, request_.instance_prompt)).norm())
         assert gap[0.0] < 0.6 * gap[1.0], f"seed {seed}: class-subject gap without the prior term {gap[0.0]:.3f}, with {gap[1.0]:.3f}"
