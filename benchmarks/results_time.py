@@ -2,9 +2,11 @@
 
     python benchmarks/results_time.py                            # the whole run (the 90-minute target)
     python benchmarks/results_time.py --config configs/demo.yaml # any run config
+    python benchmarks/results_time.py --jobs 1                   # one process with every thread
 
 `make results` keeps the committed rows and trains only the missing ones, so it says nothing about how long
-the run takes. This runs the same config (`lifelong run CONFIG output_dir=TMP`) with no rows to start from,
+the run takes. This runs the same command (`lifelong run CONFIG --jobs N output_dir=TMP`; N = 2 as `make results`)
+with no rows to start from,
 and records the child's wall time, user/system CPU time and peak RSS (getrusage), the machine (CPUs, torch
 threads, load average before and after: a loaded machine makes the figure an upper bound), each method's
 train and eval seconds summed over its orders, each order's row (metrics and seconds), and the run's summary.md,
@@ -20,6 +22,7 @@ import datetime
 import json
 import os
 import resource
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -39,12 +42,16 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--config", type=Path, default=ROOT / "configs" / "mtil_all.yaml")
     parser.add_argument("--target-minutes", type=float, default=90.0)
+    parser.add_argument("--jobs", type=int, default=2, help="worker processes, as `lifelong run --jobs` (make results: 2)")
+    parser.add_argument("--keep", type=Path, metavar="DIR", help="also copy the timed run's rows/ into DIR/rows (e.g. "
+                        "benchmarks/runs/mtil-all, so that `make results` writes the table of the timed run)")
     parser.add_argument("--out", type=Path, default=RESULTS / "results_time.json")
     args = parser.parse_args(argv)
     load_before = os.getloadavg()
     started = datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
     with tempfile.TemporaryDirectory(prefix="results-time-") as tmp:
-        cmd = [sys.executable, "-m", "lifelong.cli", "run", str(args.config), f"output_dir={tmp}"]
+        cmd = [sys.executable, "-m", "lifelong.cli", "run", str(args.config), "--jobs", str(args.jobs),
+               f"output_dir={tmp}"]
         before = resource.getrusage(resource.RUSAGE_CHILDREN)
         t0 = time.perf_counter()
         log = Path(tmp) / "run.log"  # progress bars over 90 minutes: to a file, not into this process's memory
@@ -57,6 +64,9 @@ def main(argv: list[str] | None = None) -> int:
         (run_dir,) = [p for p in Path(tmp).iterdir() if (p / "results.json").exists()]
         results = json.loads((run_dir / "results.json").read_text())
         summary_md = (run_dir / "summary.md").read_text()
+        if args.keep is not None:
+            shutil.rmtree(args.keep / "rows", ignore_errors=True)
+            shutil.copytree(run_dir / "rows", args.keep / "rows")
     methods = {}
     for label, m in results["methods"].items():
         rows = m["per_order"]
@@ -70,13 +80,14 @@ def main(argv: list[str] | None = None) -> int:
         "config": str(args.config.relative_to(ROOT) if args.config.is_absolute() else args.config),
         "started": started,
         "machine": machine(),
+        "jobs": args.jobs,
         "load_average_before": load_before,
         "load_average_after": os.getloadavg(),
         "wall_seconds": wall,
         "wall_minutes": wall / 60,
         "user_seconds": after.ru_utime - before.ru_utime,
         "system_seconds": after.ru_stime - before.ru_stime,
-        "peak_rss_mb": after.ru_maxrss / 1024,
+        "peak_rss_mb": after.ru_maxrss / 1024,  # the largest single process (one worker), not their sum
         "target_minutes": args.target_minutes,
         "within_target": wall / 60 <= args.target_minutes,
         "methods": methods,

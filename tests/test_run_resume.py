@@ -56,3 +56,39 @@ def test_finished_writes_the_measured_methods_and_trains_nothing(tmp_path, monke
         f.unlink()
     assert main(["run", str(cfg), *TINY, "--finished"]) == 2
     assert "has every task order measured" in capsys.readouterr().err
+
+
+def test_jobs_trains_every_row_once_in_workers_and_matches_one_process(tmp_path):
+    """`lifelong run --jobs 2`: two worker processes share the rows (each trained by exactly one), the results
+    equal a one-process run's at the workers' thread count, and the per-invocation claims are cleaned up."""
+    import torch
+
+    from lifelong.learn.jobs import run_jobs
+
+    config = [*TINY, "orders=2", "methods=[finetune, lwf, ewc]"]
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # the workers' count on a 2-core machine: float reductions split the same way
+    try:
+        one = run_experiment(load_run_config(None, [*config, f"output_dir={tmp_path / 'one'}", "name=r"]))
+    finally:
+        torch.set_num_threads(threads)
+    cfg = load_run_config(None, [*config, f"output_dir={tmp_path / 'jobs'}", "name=r"])
+    out = run_jobs(cfg, 2, poll_seconds=0.2)
+    logs = [(out / "logs" / f"worker_{n}.log").read_text() for n in (1, 2)]
+    seen = [log.count("== ") for log in logs]
+    # each row trained by one worker; the other skips it as claimed, or as kept when the row is already written
+    skipped = [log.count("another worker trains it") + log.count("kept from") for log in logs]
+    trained = [log.count("   Avg ") - log.count("kept from") for log in logs]  # a kept row prints its Avg too
+    assert seen == [6, 6] and sum(skipped) == 6 and sum(trained) == 6
+    assert not list((out / "claims").iterdir())
+    expect = json.loads((one / "results.json").read_text())["methods"]
+    got = json.loads((out / "results.json").read_text())["methods"]
+    assert list(got) == list(expect)
+    for name in expect:
+        assert [o["accuracy_matrix"] for o in got[name]["per_order"]] == \
+            [o["accuracy_matrix"] for o in expect[name]["per_order"]]
+
+
+def test_a_claim_is_taken_once(tmp_path):
+    assert driver.claim(tmp_path / "lwf" / "order_1")
+    assert not driver.claim(tmp_path / "lwf" / "order_1")

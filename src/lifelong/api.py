@@ -44,6 +44,7 @@ from lifelong.errors import ConfigError, LedgerCorruptError
 from lifelong.families import get_family, ledger_families
 from lifelong.families.diffusion import DEFAULT_ETA, check_sampling
 from lifelong.learn.driver import check_adapters, load_run_config, run_experiment
+from lifelong.learn.jobs import run_jobs
 from lifelong.ledger import adapters, changes, edits, erasures, personal, views
 from lifelong.ledger.core import Ledger
 from lifelong.ledger.probes import DEFAULT_PROBES, run_probes, unique_name
@@ -60,15 +61,21 @@ __all__ = ["EditRequest", "Ledger", "Probe", "adapt", "chat", "edit", "erase", "
 
 
 def run(config: str | Path | RunConfig | None, overrides: Sequence[str] = (), ledger: str | Path | None = None,
-        finished: bool = False) -> Path:
+        finished: bool = False, jobs: int = 1) -> Path:
     """Train every method of a run config over its stream; returns runs/<name>/ (results.json, report.html, ...).
 
     With `ledger`, every task of every method is recorded as a change of the ledger `ledger/<method>`. With
     `finished`, nothing trains: the results are written from the rows a stopped run already measured (the methods
-    with every task order finished)."""
+    with every task order finished). `jobs` > 1: that many worker processes train the rows at once, each with
+    cores/jobs threads (lifelong.learn.jobs)."""
     cfg = config if isinstance(config, RunConfig) else load_run_config(config, list(overrides))
+    if jobs != 1 and (ledger is not None or finished):
+        raise ConfigError("--jobs trains a run's rows in worker processes; it does not combine with "
+                          + ("--ledger" if ledger is not None else "--finished (which trains nothing)"))
     if ledger is not None:
         return run_into_ledgers(cfg, Path(ledger))
+    if jobs != 1:
+        return run_jobs(cfg, jobs)
     return run_experiment(cfg, finished_only=finished)
 
 

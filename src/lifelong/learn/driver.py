@@ -14,6 +14,7 @@ from __future__ import annotations
 import copy
 import dataclasses
 import json
+import os
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -50,11 +51,13 @@ def build_model(config: ModelConfig, stream: Stream):
     return model
 
 
-def run_experiment(config: RunConfig, finished_only: bool = False) -> Path:
+def run_experiment(config: RunConfig, finished_only: bool = False, claims: Path | None = None) -> Path:
     """Run every configured method on the stream; write results, tables and figures; return the run dir.
 
     `finished_only`: train nothing; the results hold the methods whose every task order is already in rows/
-    (same settings and data), and the others are listed as missing."""
+    (same settings and data), and the others are listed as missing. `claims`: run as one of several worker
+    processes (`lifelong run --jobs`, lifelong.learn.jobs): train only the rows this process claims first in
+    that folder, write those rows, and leave the results to the process that started the workers."""
     check_run(config)
     check_adapters(config, config.model)
     # Under `accelerate launch` every process trains (DDP) and evaluates its share; one writes and prints.
@@ -89,6 +92,9 @@ def run_experiment(config: RunConfig, finished_only: bool = False) -> Path:
             elif finished_only:
                 say(f"   not measured yet ({done_file}): {label} is left out of the results")
                 break
+            elif claims is not None and not claim(claims / label / f"order_{r + 1}"):
+                say("   another worker trains it")
+                continue
             else:
                 model = copy.deepcopy(base)
                 prepare_trainable(model, config.model, mc.adapter or config.adapter, seed=config.seed)
@@ -114,6 +120,8 @@ def run_experiment(config: RunConfig, finished_only: bool = False) -> Path:
             missing.append(label)
             continue
         runs.append(MethodRun(label, matrices, rows, aggregate(label, rows)))
+    if claims is not None:
+        return out
     if missing:
         say(f"\nnot in the results (a task order not measured yet; `lifelong run` without --finished trains them): "
             f"{', '.join(missing)}")
@@ -122,6 +130,18 @@ def run_experiment(config: RunConfig, finished_only: bool = False) -> Path:
     if main:
         write_results(out, config, streams, runs, processes=make_accelerator().num_processes)
     return out
+
+
+def claim(path: Path) -> bool:
+    """True for the one process that creates `path` first (an exclusive create: atomic on a local file system)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
+    except FileExistsError:
+        return False
+    os.write(fd, str(os.getpid()).encode())
+    os.close(fd)
+    return True
 
 
 def row_settings(config: RunConfig, method, stream: Stream) -> dict:
