@@ -31,7 +31,7 @@ from lifelong.metrics.instructions import evaluate_task
 
 TASK = "rt-sentiment"
 RUN = dict(steps=30, batch_size=4, items=4, eval_items=4)
-LR = {"llama-adapter": 0.2, "lora": 0.05}
+LR = {"llama-adapter": 0.2, "lora": 0.05, "prefix": 0.2}
 FT_M = dict(layer=2, lr=0.05, norm_constraint=0.5)  # test_ledger_edit's knobs for the tiny model
 EDIT = EditRequest(prompt="The capital of France is", target_new=" Tokyo", subject="France")
 TEXT = ["Is this movie review positive or negative? A quiet, lovely film", "The capital of France is Paris"]
@@ -85,7 +85,7 @@ def run_adapt(root, method, **kw):
     return adapt(root, TASK, method, lr=LR[method], **{**RUN, **kw})
 
 
-@pytest.mark.parametrize("method", ["llama-adapter", "lora"])
+@pytest.mark.parametrize("method", ["llama-adapter", "lora", "prefix"])
 def test_adapt_change_records_its_task_score_probes_and_cost(ledgers, method):
     root = ledgers["llama"]
     base, tok = Ledger.open(root).materialize_with_tokenizer()
@@ -178,7 +178,8 @@ def test_probes_cross_edits_and_adapters_and_a_second_llama_adapter_continues_th
     assert ledger.change(n)["probes_after"][TASK] == ledger.change(3)["probes_after"][TASK]
 
 
-@pytest.mark.parametrize("arch,method", [("llama", "lora"), ("llama", "llama-adapter"), ("gpt2", "lora")])
+@pytest.mark.parametrize("arch,method", [("llama", "lora"), ("llama", "llama-adapter"), ("gpt2", "lora"),
+                                         ("llama", "prefix"), ("gpt2", "prefix")])
 def test_peft_export_loads_back_to_the_ledgers_model(ledgers, tmp_path, arch, method):
     from peft import PeftModel
 
@@ -209,8 +210,7 @@ def snapshot(root: Path) -> dict:
 @pytest.mark.parametrize("args,message", [
     (["--task", "imdb"], "unknown instruction task 'imdb'; the tasks: bbc-headlines, bbc-topic, rt-sentiment, "
                          "country-facts"),
-    (["--task", TASK, "--method", "prefix"], "unknown adapter method 'prefix'; a ledger records: llama-adapter, lora"),
-    (["--task", TASK, "--method", "ia3"], "unknown adapter method 'ia3'"),
+    (["--task", TASK, "--method", "ia3"], "unknown adapter method 'ia3'; a ledger records: llama-adapter, lora, prefix"),
     (["--task", TASK, "--steps", "0"], "--steps must be >= 1, got 0"),
 ])
 def test_cli_adapt_refuses_bad_input_writing_nothing(ledgers, capsys, args, message):
@@ -285,3 +285,41 @@ def test_export_peft_needs_an_adapt_change(ledgers, tmp_path, capsys):
     assert main(["export", str(root), "--peft", str(tmp_path / "p"), "--change", "1"]) == 2
     assert "change 1 is an edit change, not an adapt change" in capsys.readouterr().err
     assert not (tmp_path / "p").exists()
+
+
+@pytest.mark.parametrize("arch", ["llama", "gpt2"])
+def test_a_prefix_is_a_module_reattached_on_materialize_continued_and_reverted_bit_identically(ledgers, arch):
+    root = ledgers[arch]
+    model, tok = Ledger.open(root).materialize_with_tokenizer()
+    before = logits(model, tok)
+    run_adapt(root, "prefix")
+    ledger = Ledger.open(root)
+    c = ledger.change(1)
+    assert ledger.patch(1) == {} and ledger.module_states() == {"prefix": 1} and c["adapter"]["records"] == "module"
+    assert list(ledger.state_of(1, "prefix")) == ["prompt_embeddings"]
+    adapted = logits(ledger.materialize(), tok)
+    assert (adapted - before).abs().max() > 1e-3  # materialize puts the prefix back
+    # the recorded score is the materialized model's (the prefix survives generate's cache)
+    probe = ledger.probes[-1]
+    assert evaluate_task(ledger.materialize(), tok, probe.instruction_task())["score"] == c["own_after"]["score"]
+    with pytest.raises(Exception, match="prefix \\(change 1\\)"):
+        ledger.export(root.parent / "plain")
+    run_adapt(root, "prefix", steps=5)  # continues the first
+    ledger = Ledger.open(root)
+    assert ledger.change(2)["adapter"]["continues"] == 1 and ledger.module_states() == {"prefix": 2}
+    revert(root, 2)
+    assert torch.equal(logits(Ledger.open(root).materialize(), tok), adapted)  # change 1's prefix back
+    revert(root, 1)
+    ledger = Ledger.open(root)
+    assert torch.equal(logits(ledger.materialize(), tok), before) and ledger.module_states() == {}
+
+
+def test_one_module_adapter_at_a_time(ledgers):
+    root = ledgers["llama"]
+    run_adapt(root, "prefix", steps=2)
+    files = snapshot(root)
+    with pytest.raises(Exception, match="cannot go on a model that holds a prefix \\(change 1\\)"):
+        run_adapt(root, "llama-adapter", steps=2)
+    assert snapshot(root) == files
+    run_adapt(root, "lora", steps=2)  # a LoRA folds into the weights: it goes on a prefixed model
+    assert Ledger.open(root).module_states() == {"prefix": 1}

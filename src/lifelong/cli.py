@@ -296,7 +296,7 @@ def add_ledger_commands(sub) -> None:
     adapt.add_argument("dir", type=Path, help="an lm ledger (`lifelong init DIR --family lm`)")
     adapt.add_argument("--task", required=True, help="the instruction task: " + ", ".join(INSTRUCTION_TASKS))
     adapt.add_argument("--method", default="llama-adapter", help="llama-adapter (default; a later one continues the one "
-                       "in effect) or lora")
+                       "in effect), lora (folded into the weights) or prefix (prefix tuning; a later one continues it)")
     adapt.add_argument("--steps", type=int, default=TrainSettings.steps, help=f"training steps (default {TrainSettings.steps})")
     adapt.add_argument("--lr", type=float, help="learning rate (default: the method's, " + ", ".join(
         f"{k} {v:g}" for k, v in DEFAULT_LR.items() if k in ADAPT_METHODS) + ")")

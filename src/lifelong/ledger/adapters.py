@@ -24,6 +24,11 @@ How each adapter is recorded:
                     materialize (Ledger.attach), a later llama-adapter change continues training that one, and a
                     revert takes it off (Ledger.take_out: the base was never written, so the model is exactly
                     the one before it). A plain transformers export is refused while one is in effect.
+    prefix          a module in the same way: its state is peft's `prompt_embeddings` (N, layers * 2 * kv dim);
+                    materialize puts the prefixes on the model in place (modules/prefix.py: an attention
+                    function that prepends them, positions shifted by N, as peft's model computes), a later
+                    prefix change continues that one, a revert takes it off. One module adapter at a time: a
+                    prefix is refused while a LLaMA-Adapter is in effect, and the other way round.
 
 A peft folder (adapter_config.json + adapter_model.safetensors, and lifelong.json: the ledger, the change and
 the SHA-256 of the model the adapter was trained on) loads with `PeftModel.from_pretrained(model, OUT)` onto
@@ -44,13 +49,14 @@ from safetensors.torch import save_file
 
 from lifelong.adapt.chat import PEFT_META
 from lifelong.adapt.instruct import (
-    KINDS,
+    MODULE_KINDS,
     AdapterSpec,
     AttachedAdapter,
     TrainSettings,
-    adapter_tensors,
     lora_weights,
+    module_tensors,
     peft_config,
+    take_off,
     train_adapter,
 )
 from lifelong.atomic import atomic_write_json
@@ -63,9 +69,9 @@ from lifelong.ledger.patch import apply_patch
 from lifelong.ledger.probes import instruction_probe, run_fact_probes, unique_name
 from lifelong.ledger.store import LedgerLock
 from lifelong.metrics.cost import PeakMemory, count_parameters
-from lifelong.modules.llama_adapter import plain_parameter_name, remove_llama_adapter
+from lifelong.modules.llama_adapter import plain_parameter_name
 
-METHODS = ("llama-adapter", "lora")  # the adapters a ledger records (prefix tuning: not yet)
+METHODS = ("llama-adapter", "lora", "prefix")  # the adapters a ledger records
 FACTORS = "lora-factors"  # a LoRA change's method state: peft's factors (its weights are in the patch)
 EVAL_ITEMS = 40
 
@@ -76,9 +82,7 @@ def check_adapt(task: str, method: str, steps: int, lr: float | None, batch_size
     if task not in TASKS:
         raise ConfigError(f"unknown instruction task {task!r}; the tasks: {', '.join(TASKS)}")
     if method not in METHODS:
-        other = " (prefix tuning is not recordable in a ledger yet: `adapt.instruct` trains it outside one)" \
-            if method in KINDS else ""
-        raise ConfigError(f"unknown adapter method {method!r}; a ledger records: {', '.join(METHODS)}{other}")
+        raise ConfigError(f"unknown adapter method {method!r}; a ledger records: {', '.join(METHODS)}")
     for name, value in (("--steps", steps), ("--batch-size", batch_size), ("--eval-items", eval_items),
                         ("--items", 1 if items is None else items)):
         if value < 1:
@@ -110,7 +114,13 @@ def adapt(root: str | Path, task: str, method: str = "llama-adapter", *, steps: 
         earlier = edits_in_effect(ledger)
         before = run_fact_probes(model, tokenizer, probes, earlier)
 
-        # A llama-adapter change continues the one in effect (its spec and tensors), taken off the model first
+        # A module adapter change continues the one of its method in effect (its spec and tensors), taken off the
+        # model first; the other module adapter kind in effect refuses it (the two do not stack here)
+        others = {m: n for m, n in ledger.module_states().items() if m in MODULE_KINDS and m != method}
+        if method in MODULE_KINDS and others:
+            m, n = next(iter(others.items()))
+            raise ConfigError(f"a {method} change cannot go on a model that holds a {m} (change {n}): one module "
+                              f"adapter at a time; revert change {n} first, or train a lora")
         continues = ledger.module_states().get(method)
         prior = attached.pop(method, None)
         spec = prior.spec if prior is not None else default_spec(method, model)
@@ -123,9 +133,9 @@ def adapt(root: str | Path, task: str, method: str = "llama-adapter", *, steps: 
             t0 = time.perf_counter()
             run = train_adapter(model, tokenizer, data, spec, settings, init=init, warn=warn)
             t1 = time.perf_counter()
-        if method == "llama-adapter":
-            patch, states = {}, {method: adapter_tensors(model)}
-            remove_llama_adapter(run.model)
+        if method in MODULE_KINDS:
+            patch, states = {}, {method: module_tensors(run.model, spec)}
+            take_off(run.model, spec)
             AttachedAdapter(model, spec, states[method])  # the recorded adapter, as materialize attaches it
         else:
             deltas, factors = lora_weights(run.model)  # the LoRA layers come off; the weights are as before
@@ -140,7 +150,7 @@ def adapt(root: str | Path, task: str, method: str = "llama-adapter", *, steps: 
             "label": method,
             "knobs": {"spec": dataclasses.asdict(spec), "settings": dataclasses.asdict(settings)},
             "data": {"task": task, "items": len(data.train), "probe": probe.name, "eval_items": probe.test_items},
-            "adapter": {"records": "module" if method == "llama-adapter" else "weights",
+            "adapter": {"records": "module" if method in MODULE_KINDS else "weights",
                         "model_type": model.config.model_type, "trained_on_sha256": trained_on,
                         "continues": continues},
             "losses": run.losses,
@@ -191,6 +201,8 @@ def export_peft(root: str | Path, out: str | Path, change: int | None = None) ->
         raise ConfigError(f"cannot export into {out}: it exists and is not an empty folder")
     if spec.kind == "lora":
         tensors = ledger.state_of(c["id"], FACTORS)
+    elif spec.kind == "prefix":  # peft's key as it is: the prompt encoder's table
+        tensors = ledger.state_of(c["id"], spec.kind)
     else:  # peft's keys: its PeftModel's names, `base_model.model.` + the plain model's
         tensors = {f"base_model.model.{name}": t for name, t in ledger.state_of(c["id"], spec.kind).items()}
     config.base_model_name_or_path = ledger.manifest["base"]["name"]

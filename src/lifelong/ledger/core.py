@@ -348,7 +348,8 @@ class Ledger:
         modules = self.module_states(upto)
         if modules:
             held = ", ".join(f"{method} (change {n})" for method, n in modules.items())
-            peft = "; `--peft OUT` writes a LLaMA-Adapter alone, as a peft folder" if set(modules) & set(MODULE_KINDS) else ""
+            peft = "; `--peft OUT` writes a LLaMA-Adapter or prefix alone, as a peft folder" \
+                if set(modules) & set(MODULE_KINDS) else ""
             raise LedgerError(f"the model {f'after change {upto}' if upto is not None else 'now'} holds modules that a "
                               f"{self.family} export cannot: {held}; revert those changes (or export an earlier "
                               f"change with --upto) to export the weights alone{peft}")
