@@ -92,3 +92,15 @@ def test_jobs_trains_every_row_once_in_workers_and_matches_one_process(tmp_path)
 def test_a_claim_is_taken_once(tmp_path):
     assert driver.claim(tmp_path / "lwf" / "order_1")
     assert not driver.claim(tmp_path / "lwf" / "order_1")
+
+
+def test_a_failed_worker_is_reported_with_its_log(tmp_path):
+    import pytest
+
+    from lifelong.errors import WorkerError
+    from lifelong.learn.jobs import run_jobs
+
+    cfg = load_run_config(None, [*TINY, f"output_dir={tmp_path}", "name=r", f"model.name={tmp_path / 'no-such-model'}"])
+    with pytest.raises(WorkerError, match="2 of 2 workers failed") as raised:
+        run_jobs(cfg, 2, poll_seconds=0.2)
+    assert "worker_1.log" in str(raised.value) and "no-such-model" in str(raised.value)

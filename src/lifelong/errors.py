@@ -37,3 +37,9 @@ class LedgerCorruptError(LedgerError):
 
 class UnsafeFileError(LifelongError):
     """A file would need unrestricted pickle loading (which can run arbitrary code) and the user did not opt in."""
+
+
+class WorkerError(LifelongError):
+    """A worker process of `lifelong run --jobs` failed; the message holds the end of its log and names the file."""
+
+    exit_code = 1

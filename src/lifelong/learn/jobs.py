@@ -32,7 +32,7 @@ from tqdm.auto import tqdm
 
 from lifelong.atomic import atomic_write_text
 from lifelong.config import RunConfig, to_dict
-from lifelong.errors import ConfigError
+from lifelong.errors import ConfigError, WorkerError
 from lifelong.learn.driver import load_run_config, run_experiment
 from lifelong.loop import make_accelerator
 
@@ -57,18 +57,20 @@ def run_jobs(config: RunConfig, jobs: int, poll_seconds: float = 2.0) -> Path:
     logs = out / "logs"
     logs.mkdir(parents=True, exist_ok=True)
     print(f"{jobs} workers x {threads} thread(s); their output: {logs}/worker_<n>.log")
+    # progress: rows written since the start, of those not on disk at the start (an earlier run's rows are kept
+    # unless their settings changed: then they train again and the count passes the total)
+    files = [out / "rows" / m.display_name / f"order_{k}.json" for m in config.methods for k in range(1, config.orders + 1)]
+    started, missing = time.time(), sum(not f.is_file() for f in files)
     workers = []
     try:
         for n in range(1, jobs + 1):
             with (logs / f"worker_{n}.log").open("w") as log:
                 workers.append(subprocess.Popen([sys.executable, "-c", WORKER, str(claims)],
                                                 stdout=log, stderr=subprocess.STDOUT, env=env))
-        # rows written since the start; rows kept from an earlier run are not trained again and do not count
-        started, rows = time.time(), out / "rows"
-        with tqdm(total=len(config.methods) * config.orders, desc="rows trained", unit="row") as bar:
+        with tqdm(total=missing, desc="rows trained", unit="row") as bar:
             while any(w.poll() is None for w in workers):
                 time.sleep(poll_seconds)
-                bar.update(sum(1 for f in rows.glob("*/order_*.json") if f.stat().st_mtime >= started) - bar.n)
+                bar.update(sum(f.is_file() and f.stat().st_mtime >= started for f in files) - bar.n)
     finally:  # interrupted: stop the workers; their finished rows are kept, the next run continues
         for w in workers:
             if w.poll() is None:
@@ -78,7 +80,8 @@ def run_jobs(config: RunConfig, jobs: int, poll_seconds: float = 2.0) -> Path:
     if failed:
         tails = "\n".join(f"--- worker {n} (exit {rc}), {logs / f'worker_{n}.log'}:\n"
                           + (logs / f"worker_{n}.log").read_text(errors="replace")[-1500:] for n, rc in failed)
-        raise RuntimeError(f"{len(failed)} of {jobs} workers failed; the rows they finished are kept\n{tails}")
+        raise WorkerError(f"{len(failed)} of {jobs} workers failed; the rows they finished are kept (rerun to continue)"
+                          f"\n{tails}")
     shutil.rmtree(claims)
     return run_experiment(config, finished_only=True)
 
