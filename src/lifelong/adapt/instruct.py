@@ -272,7 +272,7 @@ def module_tensors(adapted, spec: AdapterSpec) -> dict[str, torch.Tensor]:
         from peft import get_peft_model_state_dict
 
         return {PREFIX_STATE: get_peft_model_state_dict(adapted)[PREFIX_STATE].detach().clone()}
-    return adapter_tensors(adapted)
+    return adapter_tensors(adapted.get_base_model() if hasattr(adapted, "get_base_model") else adapted)
 
 
 def take_off(adapted, spec: AdapterSpec):
