@@ -71,18 +71,22 @@ def run_jobs(config: RunConfig, jobs: int, poll_seconds: float = 2.0) -> Path:
             while any(w.poll() is None for w in workers):
                 time.sleep(poll_seconds)
                 bar.update(sum(f.is_file() and f.stat().st_mtime >= started for f in files) - bar.n)
-    finally:  # interrupted: stop the workers; their finished rows are kept, the next run continues
+    finally:  # interrupted: stop the workers; their finished rows are kept, the next run continues (new claims)
         for w in workers:
             if w.poll() is None:
                 w.terminate()
                 w.wait()
+        shutil.rmtree(claims, ignore_errors=True)
+        try:
+            claims.parent.rmdir()  # when no other invocation holds claims there
+        except OSError:
+            pass
     failed = [(n, w.returncode) for n, w in enumerate(workers, 1) if w.returncode != 0]
     if failed:
         tails = "\n".join(f"--- worker {n} (exit {rc}), {logs / f'worker_{n}.log'}:\n"
                           + (logs / f"worker_{n}.log").read_text(errors="replace")[-1500:] for n, rc in failed)
         raise WorkerError(f"{len(failed)} of {jobs} workers failed; the rows they finished are kept (rerun to continue)"
                           f"\n{tails}")
-    shutil.rmtree(claims)
     return run_experiment(config, finished_only=True)
 
 
