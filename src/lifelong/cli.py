@@ -90,7 +90,7 @@ def main(argv: list[str] | None = None) -> int:
                      "of the methods whose every task order a stopped run already measured (rows/), and list the rest")
     run.add_argument("--jobs", type=int, default=1, metavar="N", help="train the rows (method x task order) in N "
                      "worker processes at once, each with cores/N threads, then write one table (default 1; on 2 "
-                     "cores, --jobs 2 runs make results in about 3/4 of the time: see the README)")
+                     "cores, --jobs 2 ran make results in 67.6 min against 97.1 for --jobs 1: see the README)")
 
     demo = sub.add_parser("demo", help="the main job: every method on mtil-mini with the embedded model, one table",
                           description=f"Run the shipped demo config ({CONFIG_DIR / 'demo.yaml'}): finetune, LwF, EWC, WiSE-FT "
