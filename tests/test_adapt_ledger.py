@@ -259,10 +259,11 @@ def test_chat_truncates_a_long_prompt_from_the_left_with_a_warning(capsys):
     assert captured.out.strip() or captured.out == "\n"  # an answer (possibly blank), not a crash
 
 
-def test_adapter_training_cuts_long_prompts_with_a_warning(ledgers):
+@pytest.mark.parametrize("method,context", [("lora", 256), ("prefix", 246)])  # a prefix takes 10 positions
+def test_adapter_training_cuts_long_prompts_with_a_warning(ledgers, method, context):
     messages = []
-    adapt(ledgers["gpt2"], "bbc-topic", "lora", steps=1, batch_size=2, items=2, eval_items=1, warn=messages.append)
-    assert any("longer than the model's context (256 tokens): each keeps its last tokens" in m for m in messages)
+    adapt(ledgers["gpt2"], "bbc-topic", method, steps=1, batch_size=2, items=2, eval_items=1, warn=messages.append)
+    assert any(f"longer than the model's context ({context} tokens): each keeps its last tokens" in m for m in messages)
 
 
 def test_chat_image_without_a_vision_module_is_refused_saying_why(tmp_path, capsys):

@@ -4,15 +4,8 @@ import pytest
 import torch
 
 from lifelong.families.lm import tiny_lm
+from lifelong.modules.peft_wrap import bare_model
 from lifelong.modules.prefix import add_prefix, has_prefix, prefix_key_values, remove_prefix
-
-
-def bare_of(wrapped):
-    base = wrapped.get_base_model()
-    for attr in ("peft_config", "_hf_peft_config_loaded"):
-        if attr in vars(base):
-            delattr(base, attr)
-    return base
 
 
 @pytest.mark.parametrize("arch", ["llama", "gpt2"])
@@ -36,7 +29,7 @@ def test_the_in_place_prefix_equals_peft_in_logits_and_generation_and_comes_off_
         want_tokens = wrapped.generate(input_ids=ids, attention_mask=mask, max_new_tokens=5, do_sample=False,
                                        pad_token_id=0)
     table = get_peft_model_state_dict(wrapped)["prompt_embeddings"]
-    model = bare_of(wrapped)
+    model = bare_model(wrapped)
 
     add_prefix(model, prefix_key_values(model, table, 3))
     assert has_prefix(model)

@@ -50,6 +50,7 @@ from lifelong.modules.llama_adapter import (
     plain_parameter_name,
     remove_llama_adapter,
 )
+from lifelong.modules.peft_wrap import bare_model
 from lifelong.modules.prefix import add_prefix, prefix_key_values, remove_prefix
 
 KINDS = ("llama-adapter", "lora", "prefix")
@@ -164,9 +165,7 @@ def train_adapter(model, tokenizer, task: InstructionTask, spec: AdapterSpec,
     params = [q for q in adapted.parameters() if q.requires_grad]
     prompts = [prompt_text(e, tokenizer, chat=settings.chat) for e in task.train]
     targets = [target_text(e, tokenizer) for e in task.train]
-    max_length = context_length(model)
-    if max_length and spec.kind == "prefix":  # peft's prefix takes the first N positions
-        max_length -= spec.num_virtual_tokens
+    max_length = context_length(adapted)  # a prefix takes its first positions
     cut = overlong(tokenizer, prompts, targets, max_length) if max_length else 0
     if cut:
         (warn or _warn)(f"{task.name}: {cut} of {len(prompts)} training prompt(s) with their answer are longer than the "
@@ -272,19 +271,13 @@ def module_tensors(adapted, spec: AdapterSpec) -> dict[str, torch.Tensor]:
         from peft import get_peft_model_state_dict
 
         return {PREFIX_STATE: get_peft_model_state_dict(adapted)[PREFIX_STATE].detach().clone()}
-    return adapter_tensors(adapted.get_base_model() if hasattr(adapted, "get_base_model") else adapted)
+    return adapter_tensors(adapted.get_base_model() if hasattr(adapted, "get_base_model") else adapted)  # plain names
 
 
 def take_off(adapted, spec: AdapterSpec):
     """The bare model out of a trained module adapter (its parameters never written): the LLaMA-Adapter's
     prompts removed, or peft's prefix wrapper dropped (it changes no module of the model it wraps)."""
-    if spec.kind != "prefix":
-        return remove_llama_adapter(adapted)
-    base = adapted.get_base_model()
-    for attr in ("peft_config", "_hf_peft_config_loaded"):
-        if attr in vars(base):
-            delattr(base, attr)
-    return base
+    return bare_model(adapted) if spec.kind == "prefix" else remove_llama_adapter(adapted)
 
 
 @torch.no_grad()

@@ -31,6 +31,7 @@ import torch
 from lifelong.data.edit_requests import EditRequest
 from lifelong.edit.base import Editor, fit_target
 from lifelong.families.lm import decoder_layers, ffn_out, is_transposed, target_batch, target_nll
+from lifelong.modules.peft_wrap import bare_model
 
 
 @dataclass(frozen=True)
@@ -110,8 +111,6 @@ class LoRAEdit(Editor):
         if self.peft_model is not None:
             self.peft_model.unload()  # swaps every LoRA layer for its untouched base layer
             self.peft_model = None
-            for attr in ("peft_config", "_hf_peft_config_loaded"):
-                if attr in vars(self.model):  # what peft leaves on the model it wrapped
-                    delattr(self.model, attr)
+            bare_model(self.model)  # and peft's marks off the model it wrapped
         for n, q in self.model.named_parameters():
             q.requires_grad_(self.flags[n])

@@ -45,6 +45,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from lifelong.modules.peft_wrap import bare_model
+
 PEFT_TYPES = ("llama", "mistral")  # model types whose adaption prompts peft implements as the paper does
 OWN_TYPES = ("gpt2",)              # model types written here
 PROMPT, GATE = "adaption_prompt", "adaption_gate"  # the parameter names (peft's): what trains, what a patch holds
@@ -108,10 +110,9 @@ def adaption_parameters(model: nn.Module) -> dict[str, nn.Parameter]:
 def remove_llama_adapter(model: nn.Module) -> nn.Module:
     """Take every adaption prompt off; returns the bare model (from peft's wrapper too), whose parameters
     were never written. Trainability flags are left as they are (frozen)."""
-    from peft import PeftModel  # heavy optional dependency, imported at first use
-    from peft.tuners.adaption_prompt.layer import _BaseAdaptedAttention
+    from peft.tuners.adaption_prompt.layer import _BaseAdaptedAttention  # heavy optional dependency
 
-    base = model.get_base_model() if isinstance(model, PeftModel) else model
+    base = bare_model(model)
     for parent in list(base.modules()):
         for child_name, child in list(parent.named_children()):
             if isinstance(child, _BaseAdaptedAttention):
@@ -122,9 +123,6 @@ def remove_llama_adapter(model: nn.Module) -> nn.Module:
         for name in (PROMPT, GATE):
             if name in module._parameters:
                 del module._parameters[name]
-    for attr in ("peft_config", "_hf_peft_config_loaded"):  # what peft leaves on the model it wrapped
-        if attr in vars(base):
-            delattr(base, attr)
     return base
 
 

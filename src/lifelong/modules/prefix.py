@@ -29,6 +29,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from lifelong.modules.peft_wrap import bare_model
+
 IMPLEMENTATION = "lifelong_prefix"
 KEYS, VALUES = "lifelong_prefix_keys", "lifelong_prefix_values"  # buffers of each attention module
 
@@ -49,11 +51,8 @@ def prefix_key_values(model: nn.Module, prompt_embeddings: torch.Tensor, num_vir
         layers = [(layer.keys, layer.values) for layer in cache.layers] if hasattr(cache, "layers") \
             else [tuple(kv) for kv in cache]
         return [(k.detach().clone(), v.detach().clone()) for k, v in layers]
-    finally:  # a prompt-learning wrapper leaves the model's modules alone; only its bookkeeping comes off
-        base = wrapped.get_base_model()
-        for attr in ("peft_config", "_hf_peft_config_loaded"):
-            if attr in vars(base):
-                delattr(base, attr)
+    finally:  # a prompt-learning wrapper leaves the model's modules alone; only its marks come off
+        bare_model(wrapped)
 
 
 def attention_modules(model: nn.Module) -> list[nn.Module]:
@@ -88,7 +87,11 @@ def has_prefix(model: nn.Module) -> bool:
 
 
 def prefix_length(model: nn.Module) -> int:
-    """N, the positions the model's prefix takes (0 without one): its context is N tokens shorter."""
+    """N, the positions the model's prefix takes (0 without one): its context is N tokens shorter. The prefix
+    is one put on by `add_prefix`, or that of peft's prefix-tuning wrapper (what `adapt.instruct` trains)."""
+    peft = getattr(model, "active_peft_config", None)
+    if peft is not None and str(getattr(peft, "peft_type", "")).endswith("PREFIX_TUNING"):
+        return peft.num_virtual_tokens
     return getattr(getattr(model, "base_model", None), "_lifelong_prefix_len", 0)
 
 
